@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine: creates/reuses the git-ignored virtual
+# environment .venv, installs mimlab with everything it needs (only when
+# pyproject.toml changed since the last install), then runs a job.
+#
+#   ./bootstrap.sh demo [mimlab demo options]   # pretrain + evaluate, writes runs/demo-*
+#   ./bootstrap.sh test [pytest options]        # the test suite (what .ci/run runs)
+#   ./bootstrap.sh install                      # only install
+#   ./bootstrap.sh mimlab <any mimlab command>  # run the CLI inside the venv
+set -euo pipefail
+cd "$(dirname "$0")"
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  echo "[bootstrap] creating .venv" >&2
+  "$PY" -m venv .venv
+fi
+STAMP=.venv/.mimlab-installed
+WANT="$(sha256sum pyproject.toml | cut -d' ' -f1)"
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+  echo "[bootstrap] installing mimlab and dependencies into .venv (first run takes a few minutes)" >&2
+  .venv/bin/python -m pip install -q --upgrade pip >&2 || true
+  .venv/bin/python -m pip install -q -e ".[test,clip,bench]" >&2
+  echo "$WANT" > "$STAMP"
+fi
+job="${1:-demo}"; shift || true
+case "$job" in
+  install) echo "[bootstrap] ok: $(.venv/bin/python -c 'import torch, timm, mimlab; print("torch", torch.__version__, "timm", timm.__version__, "mimlab", mimlab.__version__)')" ;;
+  demo)    exec .venv/bin/mimlab demo "$@" ;;
+  test)    exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@" ;;
+  mimlab)  exec .venv/bin/mimlab "$@" ;;
+  *) echo "usage: ./bootstrap.sh {demo|test|install|mimlab} [args...]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,1 @@
+"""Analysis tools: representation similarity (CKA) and reconstruction quality (PSNR)."""

@@ -1,0 +1,494 @@
+"""Typed configuration: dataclasses that round-trip to YAML.
+
+Every command (``pretrain``, ``finetune``, ``linprobe``, ``knn``, ...) has one top-level
+dataclass made of the sections below. A config is resolved in this order::
+
+    dataclass defaults  <-  --config file.yaml  <-  key=value overrides  <-  model preset
+
+where the model preset (``model.preset=vit_b16``) fills every model field the user did not
+set explicitly. Unknown keys fail with a did-you-mean, wrong types and impossible values fail
+with one clear line (:class:`ConfigError`) before any training starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported in one line before any work starts."""
+
+
+def doc(text: str, **kw) -> Any:
+    """Field metadata helper: ``x: int = doc("what x is", default=3)``."""
+    if "default_factory" in kw:
+        return field(default_factory=kw["default_factory"], metadata={"doc": text})
+    return field(default=kw.get("default"), metadata={"doc": text})
+
+
+# --------------------------------------------------------------------------------------
+# Model presets. tiny is the CIFAR-sized model (patch 4, 32 px); the others follow ViT.
+# --------------------------------------------------------------------------------------
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # for unit tests: a few thousand parameters
+    "micro": dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                  decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2),
+    # CIFAR-sized ViT-Tiny: 64 tokens of 4x4 px
+    "tiny": dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3,
+                 decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
+    # CIFAR-sized ViT-Small
+    "small": dict(img_size=32, patch_size=4, embed_dim=384, depth=12, num_heads=6,
+                  decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8),
+    "vit_t16": dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3,
+                    decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "vit_s16": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6,
+                    decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "vit_b16": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
+                    decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "vit_l16": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16,
+                    decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "vit_h14": dict(img_size=224, patch_size=14, embed_dim=1280, depth=32, num_heads=16,
+                    decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+}
+
+
+@dataclass
+class ModelConfig:
+    preset: Optional[str] = doc("model preset: " + ", ".join(MODEL_PRESETS) +
+                                "; fills every model field not set explicitly", default="tiny")
+    img_size: int = doc("input resolution in pixels (square)", default=32)
+    patch_size: int = doc("patch size in pixels", default=4)
+    in_chans: int = doc("number of input channels (3 for RGB, 1 for grayscale)", default=3)
+    embed_dim: int = doc("encoder width", default=192)
+    depth: int = doc("number of encoder blocks", default=12)
+    num_heads: int = doc("attention heads per encoder block", default=3)
+    mlp_ratio: float = doc("MLP hidden width / embed_dim", default=4.0)
+    drop_path: float = doc("stochastic depth rate (fine-tuning)", default=0.0)
+    decoder_embed_dim: int = doc("MAE decoder width", default=128)
+    decoder_depth: int = doc("MAE decoder blocks", default=2)
+    decoder_num_heads: int = doc("MAE decoder attention heads", default=4)
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = doc("dataset root: an ImageFolder (class sub-folders), a plain folder of "
+                              "images, a CIFAR-10 copy (train/ test/), or a Fashion-MNIST IDX "
+                              "folder; 'builtin:photos' uses natural photos bundled with "
+                              "scikit-image", default=None)
+    kind: str = doc("auto | imagefolder | folder | fmnist | photos", default="auto")
+    train_split: str = doc("sub-folder (or IDX prefix) used for training; '' = the root itself",
+                           default="train")
+    val_split: str = doc("sub-folder used for evaluation", default="test")
+    mean: Optional[list[float]] = doc("per-channel mean; null = known value for the dataset "
+                                      "or computed on the training split", default=None)
+    std: Optional[list[float]] = doc("per-channel std; null = as for mean", default=None)
+    crop_scale: list[float] = doc("RandomResizedCrop scale range", default_factory=lambda: [0.2, 1.0])
+    hflip: bool = doc("random horizontal flip during training", default=True)
+    num_workers: int = doc("data-loader worker processes", default=2)
+    limit: Optional[int] = doc("use only this many training images (seeded subset)", default=None)
+    val_limit: Optional[int] = doc("evaluate on only this many held-out images (seeded, "
+                                   "class-balanced subset; null = all)", default=None)
+    subset: str = doc("how --limit picks images: random | one_per_class | one_class", default="random")
+    repeat: int = doc("repeat a small training set this many times per epoch", default=1)
+    on_bad: str = doc("unreadable images: skip (count and log them) | error", default="skip")
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = doc("training epochs", default=10)
+    batch_size: int = doc("per-process batch size", default=128)
+    accum_steps: int = doc("gradient accumulation steps (effective batch = batch*accum*world)",
+                           default=1)
+    lr: Optional[float] = doc("absolute learning rate; null = base_lr * eff_batch / 256", default=None)
+    base_lr: float = doc("learning rate for an effective batch of 256", default=1.5e-4)
+    min_lr: float = doc("final learning rate of the cosine schedule", default=0.0)
+    warmup_epochs: float = doc("linear warm-up length in epochs", default=1.0)
+    weight_decay: float = doc("AdamW weight decay (not applied to norms, biases, tokens)",
+                              default=0.05)
+    betas: list[float] = doc("AdamW betas", default_factory=lambda: [0.9, 0.95])
+    clip_grad: Optional[float] = doc("gradient-norm clipping; null = off", default=None)
+    layer_decay: float = doc("layer-wise lr decay (fine-tuning); 1.0 = off", default=1.0)
+    fused: bool = doc("use the fused/foreach AdamW kernel where available", default=True)
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = doc("parent folder of run directories", default="runs")
+    name: Optional[str] = doc("run directory name; null = <command>-<timestamp>", default=None)
+    seed: int = doc("random seed", default=0)
+    device: str = doc("auto | cpu | cuda | cuda:N", default="auto")
+    precision: str = doc("auto | fp32 | bf16 | fp16 (autocast; fp16 uses a grad scaler)",
+                         default="auto")
+    ckpt_every: int = doc("write checkpoint-epochN every N epochs (0 = only 'last')", default=0)
+    log_every: int = doc("log metrics every N optimizer steps", default=10)
+    max_steps: Optional[int] = doc("stop after this many optimizer steps (smoke tests)", default=None)
+    resume: Optional[str] = doc("checkpoint path, or 'auto' = the run directory's last checkpoint",
+                                default=None)
+    progress: bool = doc("show a progress bar", default=True)
+    nonfinite_skip: int = doc("skip up to this many batches with a non-finite loss before stopping",
+                              default=0)
+    compile: bool = doc("wrap the model in torch.compile", default=False)
+
+
+@dataclass
+class MethodConfig:
+    """The unified view: masking + target + normalization + student + head + loss.
+
+    For issue #2 only ``mae`` is wired; the other fields are used by the methods built on it.
+    """
+    name: str = doc("method preset (mae)", default="mae")
+    mask_ratio: float = doc("fraction of patches removed, in (0, 1)", default=0.75)
+    norm_pix_loss: bool = doc("MAE: per-patch normalised pixel target", default=True)
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+@dataclass
+class FinetuneOptions:
+    pretrained: Optional[str] = doc("mimlab checkpoint to start from; null = random init", default=None)
+    num_classes: Optional[int] = doc("number of classes; null = from the dataset", default=None)
+    mixup: float = doc("mixup alpha (0 = off)", default=0.8)
+    cutmix: float = doc("cutmix alpha (0 = off)", default=1.0)
+    mix_prob: float = doc("probability of applying mixup/cutmix to a batch", default=1.0)
+    label_smoothing: float = doc("label smoothing", default=0.1)
+    label_fraction: float = doc("fraction of training labels used (class-balanced, seeded)",
+                                default=1.0)
+    eval_every: int = doc("evaluate on the held-out split every N epochs (0 = only at the end)",
+                          default=0)
+
+
+def _ft_optim() -> OptimConfig:
+    return OptimConfig(epochs=10, base_lr=1e-3, betas=[0.9, 0.999], layer_decay=0.75,
+                       warmup_epochs=1.0, weight_decay=0.05, min_lr=1e-6)
+
+
+def _ft_model() -> ModelConfig:
+    return ModelConfig(drop_path=0.1)
+
+
+@dataclass
+class FinetuneConfig:
+    model: ModelConfig = field(default_factory=_ft_model)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=_ft_optim)
+    run: RunConfig = field(default_factory=RunConfig)
+    finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
+
+
+@dataclass
+class ProbeOptions:
+    pretrained: Optional[str] = doc("mimlab checkpoint; null = random init", default=None)
+    lrs: list[float] = doc("learning rates swept in one pass on cached features",
+                           default_factory=lambda: [0.3, 0.1, 0.03, 0.01, 0.003])
+    epochs: int = doc("epochs over the cached features", default=50)
+    batch_size: int = doc("batch size over cached features", default=256)
+    weight_decay: float = doc("weight decay of the linear heads", default=0.0)
+    feature: str = doc("pooled feature: avg (mean of patch tokens) | cls", default="avg")
+    k: int = doc("k-NN: neighbours", default=20)
+    temperature: float = doc("k-NN: temperature of the weighted vote", default=0.07)
+    label_fraction: float = doc("fraction of training labels used", default=1.0)
+
+
+def _probe_data() -> DataConfig:
+    return DataConfig(hflip=False)
+
+
+@dataclass
+class ProbeConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=_probe_data)
+    run: RunConfig = field(default_factory=RunConfig)
+    probe: ProbeOptions = field(default_factory=ProbeOptions)
+
+
+# --------------------------------------------------------------------------------------
+# dict <-> dataclass
+# --------------------------------------------------------------------------------------
+def to_dict(cfg: Any) -> dict:
+    """Dataclass -> plain dict of YAML-safe values."""
+    return dataclasses.asdict(cfg)
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check/convert one value against a type annotation; raise ConfigError if impossible."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if origin is list:
+        (inner,) = typing.get_args(tp) or (Any,)
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=key + ".")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        try:
+            f = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}: expected an integer, got {value!r}") from None
+        if f != int(f):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return int(f)
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a (possibly partial) dict, strictly.
+
+    Unknown keys raise :class:`ConfigError` with the closest valid key suggested.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for k, v in data.items():
+        if k not in fields:
+            close = difflib.get_close_matches(str(k), list(fields), n=1, cutoff=0.5)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else \
+                f" (valid keys: {', '.join(prefix + f for f in fields)})"
+            raise ConfigError(f"unknown config key '{prefix}{k}'{hint}")
+        kwargs[k] = _coerce(v, hints[k], prefix + k)
+    obj = cls()  # defaults, including per-section factories
+    for k, v in kwargs.items():
+        if dataclasses.is_dataclass(hints[k]):
+            # merge partial section into the section's defaults
+            base = to_dict(getattr(obj, k))
+            base.update({kk: vv for kk, vv in data[k].items()})
+            v = from_dict(hints[k], base, prefix=prefix + k + ".")
+        setattr(obj, k, v)
+    return obj
+
+
+def _deep_update(base: dict, upd: dict) -> dict:
+    for k, v in upd.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["optim.lr=1e-3", "data.mean=[0.5]"]`` -> nested dict. Values are parsed as YAML."""
+    out: dict = {}
+    for it in items:
+        if "=" not in it:
+            raise ConfigError(f"override '{it}' is not of the form key=value (e.g. optim.epochs=5)")
+        key, val = it.split("=", 1)
+        key = key.strip().lstrip("-")
+        if not key:
+            raise ConfigError(f"override '{it}' has an empty key")
+        try:
+            parsed = yaml.safe_load(val) if val != "" else ""
+        except yaml.YAMLError:
+            parsed = val
+        cur = out
+        parts = key.split(".")
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+            if not isinstance(cur, dict):
+                raise ConfigError(f"override '{it}' conflicts with another override")
+        cur[parts[-1]] = parsed
+    return out
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e})".replace("\n", " ")) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def resolve(cls: type, yaml_path: Optional[str] = None, overrides: Optional[list[str]] = None,
+            base: Optional[dict] = None) -> Any:
+    """Defaults <- base dict <- YAML file <- overrides <- model preset; then validate."""
+    data: dict = {}
+    if base:
+        _deep_update(data, base)
+    if yaml_path:
+        _deep_update(data, load_yaml(yaml_path))
+    if overrides:
+        _deep_update(data, parse_overrides(overrides))
+    model_user = dict(data.get("model") or {}) if isinstance(data.get("model"), dict) else None
+    cfg = from_dict(cls, data)
+    if hasattr(cfg, "model"):
+        apply_model_preset(cfg.model, model_user or {})
+    validate(cfg)
+    return cfg
+
+
+def apply_model_preset(model: ModelConfig, explicit: dict) -> None:
+    """Fill the model fields the user did not set from ``model.preset``."""
+    if model.preset is None:
+        return
+    if model.preset not in MODEL_PRESETS:
+        close = difflib.get_close_matches(model.preset, list(MODEL_PRESETS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"model.preset: unknown preset '{model.preset}'{hint}; "
+                          f"choose from {', '.join(MODEL_PRESETS)}")
+    for k, v in MODEL_PRESETS[model.preset].items():
+        if k not in explicit:
+            setattr(model, k, v)
+
+
+def validate(cfg: Any) -> None:
+    """Impossible values fail here, one clear line each."""
+    m = getattr(cfg, "model", None)
+    if m is not None:
+        if m.depth < 1:
+            raise ConfigError(f"model.depth must be >= 1, got {m.depth}")
+        if m.patch_size < 1 or m.img_size < 1:
+            raise ConfigError("model.img_size and model.patch_size must be positive")
+        if m.img_size % m.patch_size:
+            raise ConfigError(f"model.img_size {m.img_size} is not divisible by model.patch_size "
+                              f"{m.patch_size}")
+        if m.embed_dim % m.num_heads:
+            raise ConfigError(f"model.embed_dim {m.embed_dim} is not divisible by model.num_heads "
+                              f"{m.num_heads}")
+        if m.decoder_embed_dim % m.decoder_num_heads:
+            raise ConfigError(f"model.decoder_embed_dim {m.decoder_embed_dim} is not divisible by "
+                              f"model.decoder_num_heads {m.decoder_num_heads}")
+        if m.in_chans < 1:
+            raise ConfigError(f"model.in_chans must be >= 1, got {m.in_chans}")
+        if not 0.0 <= m.drop_path < 1.0:
+            raise ConfigError(f"model.drop_path must be in [0, 1), got {m.drop_path}")
+    meth = getattr(cfg, "method", None)
+    if meth is not None:
+        if not 0.0 < meth.mask_ratio < 1.0:
+            raise ConfigError(f"method.mask_ratio must be in (0, 1), got {meth.mask_ratio}")
+    o = getattr(cfg, "optim", None)
+    if o is not None:
+        if o.epochs < 1:
+            raise ConfigError(f"optim.epochs must be >= 1, got {o.epochs}")
+        if o.batch_size < 1:
+            raise ConfigError(f"optim.batch_size must be >= 1, got {o.batch_size}")
+        if o.accum_steps < 1:
+            raise ConfigError(f"optim.accum_steps must be >= 1, got {o.accum_steps}")
+        if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+            raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+        if o.lr is not None and o.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
+        if not 0 < o.layer_decay <= 1:
+            raise ConfigError(f"optim.layer_decay must be in (0, 1], got {o.layer_decay}")
+    d = getattr(cfg, "data", None)
+    if d is not None:
+        if d.on_bad not in ("skip", "error"):
+            raise ConfigError(f"data.on_bad must be 'skip' or 'error', got '{d.on_bad}'")
+        if d.subset not in ("random", "one_per_class", "one_class"):
+            raise ConfigError(f"data.subset must be random | one_per_class | one_class, got "
+                              f"'{d.subset}'")
+        if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
+            raise ConfigError(f"data.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got "
+                              f"{d.crop_scale}")
+        if d.val_limit is not None and d.val_limit < 1:
+            raise ConfigError(f"data.val_limit must be >= 1, got {d.val_limit}")
+        if d.limit is not None and d.limit < 1:
+            raise ConfigError(f"data.limit must be >= 1, got {d.limit}")
+        if (d.mean is None) != (d.std is None):
+            raise ConfigError("data.mean and data.std must be given together")
+        if d.std is not None and any(s <= 0 for s in d.std):
+            raise ConfigError(f"data.std must be positive, got {d.std}")
+        if d.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
+    r = getattr(cfg, "run", None)
+    if r is not None:
+        if r.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"run.precision must be auto | fp32 | bf16 | fp16, got '{r.precision}'")
+    ft = getattr(cfg, "finetune", None)
+    if ft is not None and not 0 < ft.label_fraction <= 1:
+        raise ConfigError(f"finetune.label_fraction must be in (0, 1], got {ft.label_fraction}")
+    pr = getattr(cfg, "probe", None)
+    if pr is not None:
+        if pr.k < 1:
+            raise ConfigError(f"probe.k must be >= 1, got {pr.k}")
+        if not pr.lrs:
+            raise ConfigError("probe.lrs must list at least one learning rate")
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, doc) for every leaf field of a config dataclass (for --help)."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, prefix + f.name + ".")
+            continue
+        default = getattr(inst, f.name)
+        tn = str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
+        rows.append((prefix + f.name, tn, repr(default), f.metadata.get("doc", "")))
+    return rows

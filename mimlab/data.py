@@ -1,0 +1,497 @@
+"""Datasets by path, transforms, deterministic samplers and robust image loading.
+
+Kinds (``data.kind``; ``auto`` detects):
+  * ``imagefolder``: ``root/<class>/*.jpg`` (labelled);
+  * ``folder``: any folder of images, searched recursively (unlabelled, label -1); ``.npy``
+    arrays [H, W, C] are accepted too, so any channel count works end to end;
+  * ``fmnist``: Fashion-MNIST IDX files (``train-images-idx3-ubyte.gz`` ...), 1 channel;
+  * ``photos``: natural photos bundled with scikit-image (``builtin:photos`` or
+    ``builtin:photos:astronaut``), for single-image pretraining and offline demos.
+If ``path/<train_split>`` exists it is used as the training root (CIFAR-10 copies have
+``train/`` and ``test/``).
+
+Every sample's augmentation is seeded by (seed, epoch, index), so a run is reproducible
+whatever the number of workers or processes, and resumes exactly mid-epoch.
+"""
+from __future__ import annotations
+
+import gzip
+import logging
+import random
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import Dataset, Sampler
+from torchvision.transforms import v2 as T
+
+from .config import DataConfig
+
+log = logging.getLogger("mimlab.data")
+
+IMG_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+            ".npy"}
+KNOWN_STATS = {
+    # measured on the JPEG CIFAR-10 copy's training split with `mimlab stats`
+    "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+    "fmnist": ([0.2860], [0.3530]),
+    "imagenet": ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+}
+PHOTO_NAMES = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field")
+
+
+class DataError(RuntimeError):
+    """A problem with the user's data, with a message saying what to do."""
+
+
+class BadImageError(DataError):
+    """One file could not be read as an image."""
+
+
+# ------------------------------------------------------------------------------ loading
+def _to_uint8_array(img: Image.Image) -> np.ndarray:
+    """PIL image of any mode -> uint8 array [H, W, C] (16-bit and float scaled to 0..255)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img).astype(np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        if img.mode == "F":
+            top = max(float(a.max()), 1e-12) if a.max() > 1 else 1.0
+        a = np.clip(a / top * 255.0, 0, 255).astype(np.uint8)
+        return a[..., None]
+    a = np.array(img)  # a writable copy
+    return a[..., None] if a.ndim == 2 else a
+
+
+def load_image(path: str | Path, in_chans: int) -> torch.Tensor:
+    """Read one image file as a uint8 tensor [in_chans, H, W].
+
+    Grayscale, RGB, RGBA, palette, CMYK, 16-bit and float images are converted to the requested
+    channel count (1: luminance; 3: RGB; 4: RGBA; other counts need ``.npy`` files with that
+    many channels). Raises :class:`BadImageError` naming the file on anything unreadable.
+    """
+    p = Path(path)
+    try:
+        if p.suffix.lower() == ".npy":
+            a = np.load(p, allow_pickle=False)
+            if a.ndim == 2:
+                a = a[..., None]
+            if a.ndim != 3:
+                raise BadImageError(f"{p}: array must be [H, W, C], got shape {a.shape}")
+            if a.dtype != np.uint8:
+                a = np.clip(a, 0, 255).astype(np.uint8) if a.max() > 1 else \
+                    (np.clip(a, 0, 1) * 255).astype(np.uint8)
+        else:
+            if p.stat().st_size == 0:
+                raise BadImageError(f"{p}: empty file (0 bytes)")
+            with Image.open(p) as im:
+                im.load()
+                mode = im.mode
+                if in_chans == 1:
+                    im = im.convert("L") if mode not in ("I;16", "I;16B", "I;16L", "I", "F", "L") \
+                        else im
+                elif in_chans == 3:
+                    im = im.convert("RGB") if mode != "RGB" else im
+                elif in_chans == 4:
+                    im = im.convert("RGBA") if mode != "RGBA" else im
+                else:
+                    raise BadImageError(f"{p}: cannot make {in_chans} channels from a {mode} "
+                                        f"image; store such data as .npy [H, W, {in_chans}]")
+                a = _to_uint8_array(im)
+    except BadImageError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BadImageError(f"{p}: not a readable image ({type(e).__name__}: {e})") from None
+    if a.shape[2] != in_chans:
+        if a.shape[2] == 1 and in_chans > 1:
+            a = np.repeat(a, in_chans, axis=2)
+        else:
+            raise BadImageError(f"{p}: has {a.shape[2]} channels, model.in_chans is {in_chans}")
+    if a.shape[0] < 1 or a.shape[1] < 1:
+        raise BadImageError(f"{p}: image has no pixels ({a.shape[0]}x{a.shape[1]})")
+    return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
+
+
+# ------------------------------------------------------------------------------ sources
+def _is_image(p: Path) -> bool:
+    return p.suffix.lower() in IMG_EXTS and not p.name.startswith(".")
+
+
+@dataclass
+class Source:
+    """What a dataset is made of, before transforms."""
+    kind: str
+    items: list            # file paths, or indices into `array`
+    labels: list[int]
+    classes: list[str]
+    array: Optional[np.ndarray] = None   # [n, H, W, C] uint8 for in-memory sets
+    name: str = ""
+
+
+def _scan_imagefolder(root: Path, labelled: bool) -> Source:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    items, labels, empty = [], [], []
+    for ci, c in enumerate(classes):
+        files = sorted(p for p in (root / c).rglob("*") if p.is_file() and _is_image(p))
+        if not files:
+            empty.append(c)
+        items += files
+        labels += [ci] * len(files)
+    if empty and labelled:
+        raise DataError(f"{root}: class folder(s) without images: {', '.join(empty[:5])}"
+                        f"{' ...' if len(empty) > 5 else ''}; add images or remove the folder(s)")
+    if empty:
+        log.warning("%s: ignoring %d class folder(s) without images", root, len(empty))
+    return Source("imagefolder", items, labels, classes, name=root.name)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8:
+        raise DataError(f"{path}: truncated IDX file")
+    magic, = struct.unpack(">I", data[:4])
+    ndim = magic & 0xFF
+    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(dims)):
+        raise DataError(f"{path}: truncated IDX file ({arr.size} of {int(np.prod(dims))} values)")
+    return arr.reshape(dims)
+
+
+def _find_idx(root: Path, prefix: str, what: str) -> Optional[Path]:
+    for ext in ("", ".gz"):
+        for name in (f"{prefix}-{what}-ubyte{ext}", f"{prefix}-{what.replace('-', '.')}-ubyte{ext}"):
+            if (root / name).exists():
+                return root / name
+    return None
+
+
+def _fmnist_source(root: Path, split: str) -> Source:
+    prefix = {"train": "train", "test": "t10k", "val": "t10k", "t10k": "t10k"}.get(split, split)
+    ip, lp = _find_idx(root, prefix, "images-idx3"), _find_idx(root, prefix, "labels-idx1")
+    if ip is None or lp is None:
+        raise DataError(f"{root}: no {prefix}-images-idx3-ubyte(.gz) / {prefix}-labels-idx1-ubyte"
+                        f"(.gz) found for split '{split}'")
+    images, labels = _read_idx(ip), _read_idx(lp)
+    if len(images) != len(labels):
+        raise DataError(f"{root}: {len(images)} images but {len(labels)} labels")
+    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+               "Sneaker", "Bag", "Ankle boot"]
+    return Source("fmnist", list(range(len(images))), labels.astype(int).tolist(), classes,
+                  array=images[..., None], name="fmnist")
+
+
+def _photos_source(spec: str) -> Source:
+    try:
+        import skimage.data as skd
+    except ImportError:  # pragma: no cover
+        raise DataError("builtin:photos needs scikit-image (pip install scikit-image)") from None
+    names = spec.split(":")[2].split(",") if spec.count(":") >= 2 else list(PHOTO_NAMES)
+    arrs = []
+    for n in names:
+        if n not in PHOTO_NAMES:
+            raise DataError(f"unknown builtin photo '{n}'; choose from {', '.join(PHOTO_NAMES)}")
+        a = getattr(skd, n)()
+        if a.ndim == 2:
+            a = np.repeat(a[..., None], 3, axis=2)
+        arrs.append(a[..., :3].astype(np.uint8))
+    return Source("photos", list(range(len(arrs))), [-1] * len(arrs), [], array=arrs,
+                  name="photos")
+
+
+def detect_kind(root: Path) -> str:
+    if any(root.glob("*idx3-ubyte*")):
+        return "fmnist"
+    subdirs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    if subdirs and not any(_is_image(p) for p in root.iterdir() if p.is_file()):
+        return "imagefolder"
+    return "folder"
+
+
+def scan_source(cfg: DataConfig, split: str, labelled: bool) -> Source:
+    """Find the images of ``split`` ('train' or 'val') under ``cfg.path``."""
+    if not cfg.path:
+        raise DataError("no dataset given: pass --data PATH (or data.path=PATH)")
+    if cfg.path.startswith("builtin:photos") or cfg.kind == "photos":
+        if labelled:
+            raise DataError("builtin photos have no labels; they are for pretraining only")
+        return _photos_source(cfg.path)
+    root = Path(cfg.path).expanduser()
+    if not root.exists():
+        raise DataError(f"dataset path does not exist: {root}")
+    if not root.is_dir():
+        raise DataError(f"dataset path is not a folder: {root}")
+    sub = cfg.train_split if split == "train" else cfg.val_split
+    kind = cfg.kind if cfg.kind != "auto" else detect_kind(root)
+    if kind == "fmnist":
+        return _fmnist_source(root, sub or "train")
+    if sub and (root / sub).is_dir():
+        root = root / sub
+    elif split != "train" and sub:
+        raise DataError(f"{root}: no '{sub}' sub-folder for evaluation (set data.val_split)")
+    if kind == "auto":
+        kind = detect_kind(root)
+    if kind == "imagefolder":
+        src = _scan_imagefolder(root, labelled)
+    elif kind == "folder":
+        if labelled:
+            raise DataError(f"{root}: labels are needed but this is a plain folder of images; "
+                            "use an ImageFolder layout (one sub-folder per class)")
+        files = sorted(p for p in root.rglob("*") if p.is_file() and _is_image(p))
+        src = Source("folder", files, [-1] * len(files), [], name=root.name)
+    else:
+        raise DataError(f"data.kind: unknown kind '{kind}' (auto | imagefolder | folder | fmnist "
+                        "| photos)")
+    if not src.items:
+        raise DataError(f"{root}: no images found (looked for {', '.join(sorted(IMG_EXTS))})")
+    return src
+
+
+# ------------------------------------------------------------------------------ subsets
+def subset_indices(labels: Sequence[int], n: int, strategy: str, seed: int) -> list[int]:
+    """Seeded choice of ``n`` items: 'random', 'one_per_class' (round-robin over classes) or
+    'one_class' (all from one randomly chosen class)."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    if n >= len(labels):
+        return list(range(len(labels)))
+    if strategy == "random" or (labels < 0).all():
+        return sorted(rng.choice(len(labels), n, replace=False).tolist())
+    classes = np.unique(labels)
+    if strategy == "one_class":
+        c = rng.choice(classes)
+        idx = np.flatnonzero(labels == c)
+        return sorted(rng.choice(idx, min(n, len(idx)), replace=False).tolist())
+    if strategy == "one_per_class":
+        per = {c: rng.permutation(np.flatnonzero(labels == c)).tolist() for c in classes}
+        out, order = [], rng.permutation(classes).tolist()
+        while len(out) < n:
+            for c in order:
+                if per[c] and len(out) < n:
+                    out.append(per[c].pop())
+        return sorted(out)
+    raise DataError(f"unknown subset strategy '{strategy}'")
+
+
+def balanced_fraction(labels: Sequence[int], fraction: float, seed: int) -> list[int]:
+    """Class-balanced, seeded subset keeping ``fraction`` of each class (at least 1 each)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    labels = np.asarray(labels)
+    if fraction == 1:
+        return list(range(len(labels)))
+    rng = np.random.default_rng(seed)
+    out = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        k = max(1, int(round(fraction * len(idx))))
+        out += rng.choice(idx, k, replace=False).tolist()
+    return sorted(out)
+
+
+# ------------------------------------------------------------------------------ transforms
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Deterministic 32-bit seed of one sample's augmentation."""
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index]).generate_state(1)[0])
+
+
+def train_transform(img_size: int, mean, std, crop_scale=(0.2, 1.0), hflip: bool = True):
+    """MAE pretraining transform on uint8 tensors: RandomResizedCrop (bicubic), flip, normalise."""
+    t = [T.RandomResizedCrop(img_size, scale=tuple(crop_scale),
+                             interpolation=T.InterpolationMode.BICUBIC, antialias=True)]
+    if hflip:
+        t.append(T.RandomHorizontalFlip())
+    t += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
+    return T.Compose(t)
+
+
+def eval_transform(img_size: int, mean, std):
+    """Resize (shorter side; /0.875 crop ratio from 128 px up) + centre crop + normalise."""
+    resize = img_size if img_size < 128 else int(round(img_size / 0.875))
+    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                      T.CenterCrop(img_size), T.ToDtype(torch.float32, scale=True),
+                      T.Normalize(mean, std)])
+
+
+class ImageDataset(Dataset):
+    """Indexable by ``int`` or by ``(index, epoch)``; returns (image [C,H,W], label, n_skipped).
+
+    ``n_skipped`` counts unreadable files replaced by the next readable one (``on_bad='skip'``).
+    With ``on_bad='error'`` an unreadable file raises :class:`BadImageError` naming it.
+    """
+
+    def __init__(self, src: Source, transform, in_chans: int, seed: int = 0,
+                 indices: Optional[list[int]] = None, repeat: int = 1, on_bad: str = "skip"):
+        self.src, self.transform, self.in_chans, self.seed = src, transform, in_chans, seed
+        self.indices = list(range(len(src.items))) if indices is None else list(indices)
+        self.repeat, self.on_bad = max(1, repeat), on_bad
+        if not self.indices:
+            raise DataError(f"dataset '{src.name}' is empty after sub-sampling")
+
+    def __len__(self) -> int:
+        return len(self.indices) * self.repeat
+
+    @property
+    def labels(self) -> list[int]:
+        return [self.src.labels[i] for i in self.indices] * self.repeat
+
+    @property
+    def classes(self) -> list[str]:
+        return self.src.classes
+
+    def _raw(self, j: int) -> torch.Tensor:
+        item = self.src.items[j]
+        if self.src.array is not None:
+            a = self.src.array[item]
+            t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)
+            if t.shape[0] != self.in_chans:
+                if t.shape[0] == 1:
+                    t = t.expand(self.in_chans, -1, -1)
+                elif self.in_chans == 1:
+                    t = (t.float().mean(0, keepdim=True)).round().to(torch.uint8)
+                else:
+                    raise DataError(f"{self.src.name}: has {t.shape[0]} channels, model.in_chans "
+                                    f"is {self.in_chans}")
+            return t.contiguous()
+        return load_image(item, self.in_chans)
+
+    def __getitem__(self, key):
+        idx, epoch = key if isinstance(key, tuple) else (key, 0)
+        n = len(self.indices)
+        skipped = 0
+        for attempt in range(min(n, 64)):
+            j = self.indices[(idx + attempt) % n]
+            try:
+                img = self._raw(j)
+                break
+            except BadImageError as e:
+                if self.on_bad == "error":
+                    raise BadImageError(f"{e} -- fix or delete the file, or set data.on_bad=skip "
+                                        "to skip unreadable files") from None
+                skipped += 1
+        else:
+            raise DataError(f"{self.src.name}: {min(n, 64)} consecutive files were unreadable "
+                            f"(last tried index {j}); is this really an image folder?")
+        s = sample_seed(self.seed, epoch, idx)
+        torch.manual_seed(s)
+        random.seed(s)
+        x = self.transform(img) if self.transform is not None else img
+        return x, int(self.src.labels[j]), skipped
+
+
+class EpochSampler(Sampler):
+    """Seeded permutation per epoch, split across ranks, yielding ``(index, epoch)`` pairs.
+
+    ``start`` skips the first ``start`` samples of the epoch's global order (exact mid-epoch
+    resume, also with a different number of processes). Each rank gets ``len // world`` samples
+    (the tail is dropped so ranks stay in step).
+    """
+
+    def __init__(self, n: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
+                 start: int = 0, shuffle: bool = True):
+        self.n, self.seed, self.epoch, self.rank, self.world = n, seed, epoch, rank, world
+        self.start, self.shuffle = start, shuffle
+
+    def order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator().manual_seed(sample_seed(self.seed, self.epoch, -1 & 0xFFFFFFF))
+        return torch.randperm(self.n, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = self.order()[self.start:]
+        usable = (len(order) // self.world) * self.world
+        for i in order[self.rank:usable:self.world]:
+            yield (i, self.epoch)
+
+    def __len__(self) -> int:
+        return (self.n - self.start) // self.world
+
+
+def resolve_stats(cfg: DataConfig, src: Optional[Source], in_chans: int
+                  ) -> tuple[list[float], list[float]]:
+    """Mean/std: explicit config, else known values for the dataset, else ImageNet's (RGB) or
+    0.5 (other channel counts). Use :func:`compute_mean_std` to measure a new dataset."""
+    if cfg.mean is not None:
+        if len(cfg.mean) != in_chans or len(cfg.std) != in_chans:
+            raise DataError(f"data.mean/std have {len(cfg.mean)}/{len(cfg.std)} values but "
+                            f"model.in_chans is {in_chans}")
+        return list(cfg.mean), list(cfg.std)
+    key = None
+    if src is not None:
+        if src.kind == "fmnist":
+            key = "fmnist"
+        elif cfg.path and "cifar" in str(cfg.path).lower() and in_chans == 3:
+            key = "cifar10"
+        elif src.kind == "photos":
+            key = "imagenet"
+    if key and len(KNOWN_STATS[key][0]) == in_chans:
+        return list(KNOWN_STATS[key][0]), list(KNOWN_STATS[key][1])
+    if in_chans == 3:
+        return list(KNOWN_STATS["imagenet"][0]), list(KNOWN_STATS["imagenet"][1])
+    return [0.5] * in_chans, [0.5] * in_chans
+
+
+def compute_mean_std(cfg: DataConfig, in_chans: int, img_size: int, max_images: int = 5000,
+                     seed: int = 0) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of the training split (on up to ``max_images`` resized images)."""
+    src = scan_source(cfg, "train", labelled=False)
+    idx = subset_indices(src.labels, max_images, "random", seed)
+    ds = ImageDataset(src, T.Compose([T.Resize(img_size, antialias=True),
+                                      T.CenterCrop(img_size),
+                                      T.ToDtype(torch.float32, scale=True)]),
+                      in_chans, indices=idx, on_bad="skip")
+    s = torch.zeros(in_chans, dtype=torch.float64)
+    s2 = torch.zeros(in_chans, dtype=torch.float64)
+    cnt = 0
+    for i in range(len(ds)):
+        x = ds[i][0].double()
+        s += x.sum((1, 2))
+        s2 += (x ** 2).sum((1, 2))
+        cnt += x.shape[1] * x.shape[2]
+    mean = s / cnt
+    std = (s2 / cnt - mean ** 2).clamp_min(0).sqrt()
+    return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
+
+
+def build_dataset(cfg: DataConfig, split: str, img_size: int, in_chans: int, seed: int,
+                  train_aug: bool, labelled: bool, label_fraction: float = 1.0,
+                  mean=None, std=None) -> ImageDataset:
+    """Dataset for ``split`` ('train' | 'val'): training augmentation or eval transform."""
+    src = scan_source(cfg, split, labelled)
+    if mean is None:
+        mean, std = resolve_stats(cfg, src, in_chans)
+    tf = (train_transform(img_size, mean, std, cfg.crop_scale, cfg.hflip) if train_aug
+          else eval_transform(img_size, mean, std))
+    idx = None
+    if split == "train":
+        if cfg.limit is not None:
+            idx = subset_indices(src.labels, cfg.limit, cfg.subset, seed)
+        if label_fraction < 1:
+            base = idx if idx is not None else list(range(len(src.items)))
+            keep = balanced_fraction([src.labels[i] for i in base], label_fraction, seed)
+            idx = [base[i] for i in keep]
+    elif cfg.val_limit is not None and cfg.val_limit < len(src.items):
+        labels = src.labels
+        strategy = "one_per_class" if src.classes else "random"
+        idx = subset_indices(labels, cfg.val_limit, strategy, seed)
+    ds = ImageDataset(src, tf, in_chans, seed=seed, indices=idx,
+                      repeat=cfg.repeat if split == "train" else 1, on_bad=cfg.on_bad)
+    ds.mean, ds.std = mean, std
+    return ds
+
+
+def default_data_path() -> Optional[str]:
+    """The shared CIFAR-10 copy beside the repository or working directory, if present."""
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        for rel in ("../shared/data/cifar10", "shared/data/cifar10"):
+            p = (base / rel).resolve()
+            if (p / "train").is_dir():
+                return str(p)
+    return None
+

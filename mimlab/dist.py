@@ -1,0 +1,86 @@
+"""torch.distributed helpers for runs launched with ``torchrun`` (no home-made orchestration).
+
+``torchrun --nproc_per_node=N -m mimlab.cli pretrain ...`` sets RANK / WORLD_SIZE / LOCAL_RANK;
+:func:`init` reads them and creates the process group (gloo on CPU, nccl on CUDA). Without
+those variables everything runs as a single process.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init(device: str = "auto", timeout_s: float = 300.0) -> torch.device:
+    """Initialise the process group when launched by torchrun; return this process's device.
+
+    A rank that dies makes the others fail at the next collective after ``timeout_s`` instead
+    of hanging forever (gloo/nccl timeouts).
+    """
+    want_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        if not is_dist():
+            backend = "nccl" if want_cuda else "gloo"
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            if want_cuda:
+                torch.cuda.set_device(local)
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+        if want_cuda:
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if not is_dist():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / world_size()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if not is_dist():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t
+
+
+def any_true(flag: bool, device: torch.device) -> bool:
+    """True on every rank if ``flag`` is true on any rank."""
+    if not is_dist():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def cleanup() -> None:
+    if is_dist():
+        dist.destroy_process_group()

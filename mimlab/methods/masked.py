@@ -1,0 +1,104 @@
+"""Masked prediction, the unified view of MIM (MaskDistill paper): every method is
+
+    masking  +  target (pixels / teacher features)  +  target normalisation
+             +  student mode (drop masked tokens | learnable mask token)  +  head  +  loss
+
+:class:`MaskedPrediction` is that composition; MAE is one short declaration of it
+(:func:`mae`): random masking 75 %, pixel target, per-patch normalisation (``norm_pix``),
+masked tokens dropped, transformer decoder head, L2 on the removed patches (Eq. 2-3 of Kong &
+Zhang).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from ..losses import layernorm_target, regression_loss
+from ..models import ViTEncoder
+from ..ops import mask_to_ids, patch_normalize, patchify, random_masking
+from .base import Method
+
+TargetFn = Callable[[torch.Tensor], torch.Tensor]   # images [B,C,H,W] -> [B, N, C_t]
+
+
+def normalize_target(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """'patch': per-token standardisation (MAE norm_pix, unbiased variance);
+    'layernorm': LayerNorm without affine (MaskDistill); 'none': unchanged."""
+    if kind == "patch":
+        return patch_normalize(t)
+    if kind == "layernorm":
+        return layernorm_target(t)
+    if kind == "none":
+        return t
+    raise ValueError(f"unknown target normalisation '{kind}' (patch | layernorm | none)")
+
+
+class PixelTarget(nn.Module):
+    """Raw pixels of every patch: [B, C, H, W] -> [B, N, p*p*C] (in normalised-image units)."""
+
+    def __init__(self, patch_size: int):
+        super().__init__()
+        self.patch_size = patch_size
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        return patchify(imgs, self.patch_size)
+
+
+class MaskedPrediction(Method):
+    """Generic masked-prediction objective (see module docstring).
+
+    ``forward(images, labels=None, noise=None, mask=None)``: pass ``noise`` [B, N] to reproduce
+    a random masking exactly, or an explicit ``mask`` [B, N] (1 = removed).
+    Returns ``loss`` plus ``pred`` [B, N, C_t], ``target`` [B, N, C_t] (normalised) and ``mask``.
+    """
+
+    def __init__(self, encoder: ViTEncoder, head: nn.Module, target: nn.Module,
+                 mask_ratio: float = 0.75, masking: str = "random", student: str = "drop",
+                 target_norm: str = "patch", loss: str = "l2", loss_beta: float = 2.0):
+        super().__init__()
+        if student not in ("drop", "mask_token"):
+            raise ValueError(f"student mode must be drop | mask_token, got '{student}'")
+        if student == "mask_token" and encoder.mask_token is None:
+            raise ValueError("student mode 'mask_token' needs an encoder with a mask token")
+        self.encoder, self.head, self.target = encoder, head, target
+        self.mask_ratio, self.masking, self.student = mask_ratio, masking, student
+        self.target_norm, self.loss_kind, self.loss_beta = target_norm, loss, loss_beta
+
+    def make_mask(self, B: int, device, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        N = self.encoder.num_patches
+        if self.masking == "random":
+            if noise is None:
+                noise = torch.rand(B, N, device=device)
+            return random_masking(noise, self.mask_ratio)[1]
+        if self.masking == "block":
+            from ..ops import block_masking
+            return block_masking(B, self.encoder.grid, self.mask_ratio, device=device)
+        raise ValueError(f"unknown masking '{self.masking}' (random | block)")
+
+    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                noise: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
+        B = images.shape[0]
+        if mask is None:
+            if self.student == "drop" and self.masking == "random":
+                if noise is None:
+                    noise = torch.rand(B, self.encoder.num_patches, device=images.device)
+                ids_keep, mask, ids_restore = random_masking(noise, self.mask_ratio)
+            else:
+                mask = self.make_mask(B, images.device, noise)
+                ids_keep = ids_restore = None
+        else:
+            ids_keep = ids_restore = None
+        if self.student == "drop":
+            if ids_keep is None:
+                ids_keep, ids_restore = mask_to_ids(mask)
+            latent = self.encoder.forward_features(images, ids_keep=ids_keep)
+            pred = self.head(latent, ids_restore)
+        else:
+            latent = self.encoder.forward_features(images, mask=mask)
+            pred = self.head(latent[:, 1:, :])
+        with torch.no_grad():
+            target = normalize_target(self.target(images).float(), self.target_norm)
+        loss = regression_loss(pred, target, mask, self.loss_kind, self.loss_beta)
+        return {"loss": loss, "pred": pred, "target": target, "mask": mask}
