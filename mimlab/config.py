@@ -478,17 +478,19 @@ def save_yaml(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-def describe(cls: type, prefix: str = "") -> list[tuple[str, str, str, str]]:
-    """(key, type, default, doc) for every leaf field of a config dataclass (for --help)."""
+def describe(cls: Any, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(key, type, default, doc) for every leaf field of a config dataclass (for --help).
+
+    ``cls`` may be a class or an instance (its values are shown as defaults)."""
     rows = []
-    hints = typing.get_type_hints(cls)
-    inst = cls()
-    for f in dataclasses.fields(cls):
+    inst = cls() if isinstance(cls, type) else cls
+    hints = typing.get_type_hints(type(inst))
+    for f in dataclasses.fields(inst):
         tp = hints[f.name]
+        value = getattr(inst, f.name)
         if dataclasses.is_dataclass(tp):
-            rows += describe(tp, prefix + f.name + ".")
+            rows += describe(value, prefix + f.name + ".")
             continue
-        default = getattr(inst, f.name)
         tn = str(tp).replace("typing.", "").replace("<class '", "").replace("'>", "")
-        rows.append((prefix + f.name, tn, repr(default), f.metadata.get("doc", "")))
+        rows.append((prefix + f.name, tn, repr(value), f.metadata.get("doc", "")))
     return rows

@@ -1,0 +1,193 @@
+"""``mimlab`` command line: pretrain | finetune | linprobe | knn | demo | export | stats.
+
+Every training/evaluation command takes ``--config file.yaml`` and ``key=value`` overrides
+(e.g. ``optim.epochs=5 model.preset=vit_b16``); ``mimlab <command> --help`` lists every key
+with its type, default and meaning. Runs go to ``run.out_dir/run.name`` with the resolved
+``config.yaml``. Under ``torchrun`` every command runs data-parallel.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import textwrap
+from typing import Optional
+
+from .config import (ConfigError, FinetuneConfig, PretrainConfig, ProbeConfig, describe,
+                     load_yaml, parse_overrides, resolve)
+
+CONFIGS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "linprobe": ProbeConfig,
+           "knn": ProbeConfig}
+SUMMARY = {
+    "pretrain": "self-supervised pretraining (method.name selects MAE, ...)",
+    "finetune": "end-to-end fine-tuning (or supervised training from scratch) + top-1",
+    "linprobe": "linear probe on frozen features, several lrs in one pass + top-1",
+    "knn": "weighted k-NN on frozen features + top-1",
+    "demo": "offline demo: brief MAE pretraining, evaluation, figure and summary",
+    "export": "write a pretrained encoder as a timm-loadable state dict",
+    "stats": "compute per-channel mean/std of a dataset",
+}
+
+
+def _keys_help(cls) -> str:
+    rows = describe(cls)
+    w = max(len(r[0]) for r in rows)
+    lines = ["configuration keys (set with key=value or in --config YAML):"]
+    for key, tp, default, docs in rows:
+        lines.append(f"  {key.ljust(w)}  {docs}")
+        lines.append(f"  {''.ljust(w)}  [{tp}; default {default}]")
+    return "\n".join(lines)
+
+
+def _add_common(p: argparse.ArgumentParser, probe: bool = False, ft: bool = False) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="config overrides, e.g. optim.epochs=5 model.preset=vit_b16")
+    p.add_argument("--config", help="YAML config file (read with a safe loader)")
+    p.add_argument("--data", help="dataset path (same as data.path=...)")
+    p.add_argument("--out", help="parent folder of run directories (run.out_dir)")
+    p.add_argument("--name", help="run directory name (run.name)")
+    p.add_argument("--resume", help="checkpoint to resume from, or 'auto' (run.resume)")
+    if probe or ft:
+        p.add_argument("--pretrained", help="mimlab checkpoint to evaluate / start from "
+                                            "(omit for a random initialisation)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as YAML and exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="mimlab", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Masked image modeling: pretrain, evaluate and analyse Vision Transformers.",
+        epilog=textwrap.dedent("""\
+            examples:
+              mimlab demo
+              mimlab pretrain --data ../shared/data/cifar10 optim.epochs=100
+              mimlab finetune --data ../shared/data/cifar10 --pretrained runs/X/checkpoints/last.pt
+              torchrun --nproc_per_node=2 -m mimlab.cli pretrain --data DIR run.device=cpu
+            """))
+    ap.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = ap.add_subparsers(dest="command", metavar="command")
+    for name, cls in CONFIGS.items():
+        p = sub.add_parser(name, help=SUMMARY[name], description=SUMMARY[name],
+                           epilog=_keys_help(cls),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_common(p, probe=name in ("linprobe", "knn"), ft=name == "finetune")
+    d = sub.add_parser("demo", help=SUMMARY["demo"], description=textwrap.dedent("""\
+        Pretrain MAE briefly on real offline images (your --data, else the CIFAR-10 copy in
+        ../shared/data, else photos bundled with scikit-image), evaluate it (k-NN and linear
+        probe against a random initialisation where labels exist, reconstruction PSNR), and
+        write a run directory with metrics, a reconstruction figure and summary.md."""),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("--data", help="your images: ImageFolder (labelled) or plain folder")
+    d.add_argument("--out", default="runs", help="parent folder of the run directory")
+    d.add_argument("--epochs", type=int, default=None, help="pretraining epochs")
+    d.add_argument("--images", type=int, default=None,
+                   help="number of training images used (default 5000 for CIFAR-10)")
+    d.add_argument("--preset", default=None, help="model preset (default: micro-sized 'tiny' "
+                                                  "variant for 32 px data)")
+    d.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="extra pretraining overrides")
+    e = sub.add_parser("export", help=SUMMARY["export"], description=SUMMARY["export"])
+    e.add_argument("checkpoint", help="mimlab checkpoint (pretrain or finetune)")
+    e.add_argument("output", help="output .pt (state dict + timm.create_model kwargs)")
+    s = sub.add_parser("stats", help=SUMMARY["stats"], description=SUMMARY["stats"])
+    s.add_argument("data", help="dataset path")
+    s.add_argument("--in-chans", type=int, default=3)
+    s.add_argument("--img-size", type=int, default=32)
+    s.add_argument("--max-images", type=int, default=5000)
+    return ap
+
+
+def _one_line(e: BaseException) -> str:
+    """Errors raised inside DataLoader workers carry the worker traceback in their message:
+    keep only the original message."""
+    msg = str(e)
+    if "Original Traceback" in msg:
+        last = [ln for ln in msg.strip().splitlines() if ln.strip()][-1]
+        msg = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(msg.split())
+
+
+def _resolve_cmd(args, cls):
+    ov = list(args.overrides or [])
+    if getattr(args, "data", None):
+        ov.append(f"data.path={args.data}")
+    if getattr(args, "out", None):
+        ov.append(f"run.out_dir={args.out}")
+    if getattr(args, "name", None):
+        ov.append(f"run.name={args.name}")
+    if getattr(args, "resume", None):
+        ov.append(f"run.resume={args.resume}")
+    if getattr(args, "pretrained", None):
+        sec = "finetune" if cls is FinetuneConfig else "probe"
+        ov.append(f"{sec}.pretrained={args.pretrained}")
+    cfg = resolve(cls, args.config, ov)
+    explicit_model = "model" in parse_overrides(list(args.overrides or [])) or (
+        args.config is not None and "model" in load_yaml(args.config))
+    return cfg, explicit_model
+
+
+def run(argv: Optional[list[str]] = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if args.version:
+        from . import __version__
+        print(__version__)
+        return 0
+    if not args.command:
+        ap.print_help()
+        return 2
+    from .data import DataError
+    from .engine import Interrupted, TrainingError
+    try:
+        if args.command in CONFIGS:
+            cfg, explicit_model = _resolve_cmd(args, CONFIGS[args.command])
+            if args.print_config:
+                import yaml
+                from .config import to_dict
+                print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+                return 0
+            from . import tasks
+            fn = getattr(tasks, args.command)
+            res = fn(cfg) if args.command == "pretrain" else fn(cfg, explicit_model)
+            print(json.dumps(res, indent=2, default=str))
+            return 0
+        if args.command == "demo":
+            from .demo import demo
+            res = demo(data=args.data, out=args.out, epochs=args.epochs, images=args.images,
+                       preset=args.preset, overrides=args.overrides)
+            print(f"demo finished: {res['run_dir']}/summary.md")
+            return 0
+        if args.command == "export":
+            from .export import export_checkpoint
+            info = export_checkpoint(args.checkpoint, args.output)
+            print(json.dumps(info, indent=2))
+            return 0
+        if args.command == "stats":
+            from .config import DataConfig
+            from .data import compute_mean_std
+            mean, std = compute_mean_std(DataConfig(path=args.data), args.in_chans,
+                                         args.img_size, args.max_images)
+            print(json.dumps({"mean": mean, "std": std}))
+            return 0
+    except ConfigError as e:
+        print(f"mimlab: config error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"mimlab: {_one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except (DataError, TrainingError) as e:
+        print(f"mimlab: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    ap.print_help()
+    return 2
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(run())
+
+
+if __name__ == "__main__":
+    main()
