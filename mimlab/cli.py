@@ -130,7 +130,15 @@ def _resolve_cmd(args, cls):
 
 def run(argv: Optional[list[str]] = None) -> int:
     ap = build_parser()
-    args = ap.parse_args(argv)
+    # overrides (key=value) may appear before, between or after options
+    args, extra = ap.parse_known_args(argv)
+    bad = [e for e in extra if e.startswith("-") or "=" not in e]
+    if bad:
+        ap.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra:
+        if not hasattr(args, "overrides"):
+            ap.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides or []) + extra
     if args.version:
         from . import __version__
         print(__version__)

@@ -129,6 +129,9 @@ class RunConfig:
     ckpt_every: int = doc("write checkpoint-epochN every N epochs (0 = only 'last')", default=0)
     log_every: int = doc("log metrics every N optimizer steps", default=10)
     max_steps: Optional[int] = doc("stop after this many optimizer steps (smoke tests)", default=None)
+    stop_at_step: Optional[int] = doc("write a checkpoint and stop after this optimizer step "
+                                      "without changing the schedule (run in chunks)",
+                                      default=None)
     resume: Optional[str] = doc("checkpoint path, or 'auto' = the run directory's last checkpoint",
                                 default=None)
     progress: bool = doc("show a progress bar", default=True)

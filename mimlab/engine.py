@@ -400,7 +400,10 @@ class Engine:
         bs = BatchSampler(sampler, self.optim_cfg.batch_size, drop_last=True)
         nw = getattr(self.config, "data", None)
         nw = nw.num_workers if nw is not None else 0
-        return DataLoader(self.dataset, batch_sampler=bs, num_workers=nw,
+        # a private generator: creating a loader must not consume the global RNG (which drives
+        # masking and dropout), or a resumed run would diverge from an uninterrupted one
+        gen = torch.Generator().manual_seed(self.run_cfg.seed * 1000 + epoch)
+        return DataLoader(self.dataset, batch_sampler=bs, num_workers=nw, generator=gen,
                           pin_memory=self.device.type == "cuda",
                           persistent_workers=False,
                           multiprocessing_context="fork" if nw > 0 and os.name == "posix" else None)
@@ -533,7 +536,8 @@ class Engine:
                                 f"{self.global_step}; checkpoint written to "
                                 f"{self.ckpt_dir / 'last.pt'}; continue with run.resume=auto "
                                 f"(same run directory)", 128 + int(signum))
-                        if self.global_step >= self.total_steps:
+                        if self.global_step >= self.total_steps or \
+                                self.global_step == self.run_cfg.stop_at_step:
                             break
                     del it, loader
                     epoch_done = self.micro_in_epoch >= self.micro_per_epoch - (
@@ -543,6 +547,11 @@ class Engine:
                         self.micro_in_epoch = 0
                     finished = self.epoch >= self.optim_cfg.epochs or \
                         self.global_step >= self.total_steps
+                    if not finished and self.global_step == self.run_cfg.stop_at_step:
+                        self.save("last")
+                        log.info("stopped at step %d (run.stop_at_step); resume with "
+                                 "run.resume=auto", self.global_step)
+                        break
                     if epoch_done and self.run_cfg.ckpt_every and \
                             self.epoch % self.run_cfg.ckpt_every == 0:
                         self.save(f"checkpoint-epoch{self.epoch}")
