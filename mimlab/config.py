@@ -142,13 +142,55 @@ class RunConfig:
 
 @dataclass
 class MethodConfig:
-    """The unified view: masking + target + normalization + student + head + loss.
-
-    For issue #2 only ``mae`` is wired; the other fields are used by the methods built on it.
-    """
-    name: str = doc("method preset (mae)", default="mae")
-    mask_ratio: float = doc("fraction of patches removed, in (0, 1)", default=0.75)
-    norm_pix_loss: bool = doc("MAE: per-patch normalised pixel target", default=True)
+    """The unified view of MIM: masking (T1/T2) + target + target normalisation + student mode
+    + head + loss. ``name`` selects a preset (see :data:`METHOD_PRESETS`) that fills every field
+    not set explicitly; any combination can also be written out field by field in YAML."""
+    name: str = doc("method preset: " + "see `mimlab methods`", default="mae")
+    # --- transformations
+    mask: str = doc("T1 patch masking: random | block | none", default="random")
+    mask_ratio: float = doc("fraction of patches removed by T1, in (0, 1)", default=0.75)
+    view2: str = doc("siamese T2: complement (of T1) | independent (own mask) | identity (T2(x)=x)"
+                     " | crop (second crop-and-jitter view, MoCo v3) | none", default="none")
+    view2_mask_ratio: float = doc("mask ratio of an independent T2", default=0.25)
+    color_jitter: str = doc("colour jitter: none | after_mask (C-MAE, both views) | whole "
+                            "(before masking) | unmasked (only the input, target unchanged)",
+                            default="none")
+    cutmix: bool = doc("add cutmix between images of the batch to the input (Table 5)",
+                       default=False)
+    # --- student
+    student: str = doc("how the encoder hides patches: drop (MAE) | mask_token", default="drop")
+    # --- target
+    target: str = doc("pixels | teacher (frozen network) | ema (EMA of the student) | hog | "
+                      "online (the student itself on T2, R-MAE)", default="pixels")
+    teacher: str = doc("teacher spec for target=teacher: effnet_lite0 | hog | timm:<name>@<path> "
+                       "| torchvision:<name>@<path> | open_clip:<model>@<path> | hf_clip:<path> "
+                       "| mimlab:<checkpoint>", default="effnet_lite0")
+    teacher_size: Optional[int] = doc("teacher input resolution; null = its default",
+                                      default=None)
+    cache_teacher: bool = doc("precompute teacher features once (needs a fixed augmentation)",
+                              default=False)
+    ema_momentum: float = doc("EMA momentum of target networks", default=0.996)
+    ema_top_k: int = doc("data2vec-style EMA target: average of the top-K block outputs",
+                         default=6)
+    target_norm: str = doc("patch (per-patch, MAE norm_pix) | layernorm (no affine) | instance | "
+                           "none", default="patch")
+    norm_pix_loss: bool = doc("MAE: per-patch normalised pixel target (sets target_norm)",
+                              default=True)
+    # --- head
+    head: str = doc("decoder (MAE transformer decoder) | linear | mlp (projector + predictor)",
+                    default="decoder")
+    proj_hidden: Optional[int] = doc("projector/predictor hidden width; null = 2048 * D/768",
+                                     default=None)
+    proj_dim: Optional[int] = doc("projector output width; null = D", default=None)
+    # --- loss
+    loss: str = doc("l2 | l1 | smooth_l1 | cosine | infonce | byol | ce", default="l2")
+    loss_beta: float = doc("smooth-L1 beta", default=2.0)
+    temperature: float = doc("InfoNCE temperature", default=0.2)
+    tokens: str = doc("contrastive tokens: patch (token-wise) | patch+cls | cls | avg "
+                      "(instance-wise on averaged patch tokens)", default="patch")
+    negatives: str = doc("token-wise InfoNCE negatives: image (other tokens of the same image) | "
+                         "batch (all tokens of the batch)", default="image")
+    lam: float = doc("R-MAE: weight of the auto-encoding constraint term (Eq. 8)", default=1.0)
 
 
 @dataclass
@@ -385,6 +427,9 @@ def resolve(cls: type, yaml_path: Optional[str] = None, overrides: Optional[list
     cfg = from_dict(cls, data)
     if hasattr(cfg, "model"):
         apply_model_preset(cfg.model, model_user or {})
+    if hasattr(cfg, "method"):
+        meth_user = data.get("method") if isinstance(data.get("method"), dict) else {}
+        apply_method_preset(cfg.method, meth_user)
     validate(cfg)
     return cfg
 
@@ -401,6 +446,27 @@ def apply_model_preset(model: ModelConfig, explicit: dict) -> None:
     for k, v in MODEL_PRESETS[model.preset].items():
         if k not in explicit:
             setattr(model, k, v)
+
+
+#: method presets: field values of MethodConfig; methods register theirs here
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    "mae": dict(mask="random", mask_ratio=0.75, view2="none", student="drop", target="pixels",
+                target_norm="patch", head="decoder", loss="l2", color_jitter="none"),
+}
+
+
+def apply_method_preset(method: "MethodConfig", explicit: dict) -> None:
+    """Fill the method fields the user did not set from the ``method.name`` preset."""
+    if method.name not in METHOD_PRESETS:
+        close = difflib.get_close_matches(method.name, list(METHOD_PRESETS), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"method.name: unknown method '{method.name}'{hint}; choose from "
+                          f"{', '.join(sorted(METHOD_PRESETS))}")
+    for k, v in METHOD_PRESETS[method.name].items():
+        if k not in explicit:
+            setattr(method, k, v)
+    if "norm_pix_loss" in explicit and "target_norm" not in explicit:
+        method.target_norm = "patch" if method.norm_pix_loss else "none"
 
 
 def validate(cfg: Any) -> None:

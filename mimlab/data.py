@@ -25,7 +25,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2 as T
 
@@ -53,63 +53,112 @@ class BadImageError(DataError):
 
 
 # ------------------------------------------------------------------------------ loading
-def _to_uint8_array(img: Image.Image) -> np.ndarray:
-    """PIL image of any mode -> uint8 array [H, W, C] (16-bit and float scaled to 0..255)."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
-        a = np.asarray(img).astype(np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
-        if img.mode == "F":
-            top = max(float(a.max()), 1e-12) if a.max() > 1 else 1.0
-        a = np.clip(a / top * 255.0, 0, 255).astype(np.uint8)
-        return a[..., None]
-    a = np.array(img)  # a writable copy
+_HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+_warned_truncated = False
+
+
+def _scale_to_uint8(a: np.ndarray, p: Path) -> np.ndarray:
+    """Any numeric pixel array -> uint8 in 0..255 (same shape).
+
+    uint8 as is; bool x255; uint16 (16-bit images) /257, so 65535 -> 255; other integers
+    are kept when they fit in 0..255, else scaled from 0..65535 (or 0..max when larger);
+    floats in [0, 1] x255, other floats clipped to 0..255. NaN/inf raise BadImageError.
+    """
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype == np.bool_:
+        return a.astype(np.uint8) * 255
+    kind = a.dtype.kind
+    if kind not in "iuf":
+        raise BadImageError(f"{p}: unsupported pixel type {a.dtype}")
+    if a.size == 0:
+        raise BadImageError(f"{p}: image has no pixels (shape {a.shape})")
+    is_u16 = a.dtype == np.uint16
+    a = a.astype(np.float64)
+    if not np.isfinite(a).all():
+        raise BadImageError(f"{p}: contains NaN or infinite values")
+    hi = float(a.max())
+    if is_u16:
+        a = a / 257.0
+    elif kind == "f":
+        a = a * 255.0 if float(a.min()) >= 0 and hi <= 1 else a
+    elif hi > 255:
+        a = a * (255.0 / (65535.0 if hi <= 65535 else hi))
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
+def _pil_to_array(im: Image.Image, in_chans: int, p: Path) -> np.ndarray:
+    """Decoded PIL image of any mode -> uint8 array [H, W, in_chans] (1, 3 or 4)."""
+    mode = im.mode
+    if mode in _HIGH_BIT_MODES:
+        # 16-bit / 32-bit / float grey: scale to 8 bits ourselves (PIL's convert() clips
+        # them to 255, which turns most of a 16-bit image white)
+        g = _scale_to_uint8(np.asarray(im), p)[..., None]
+        if in_chans == 1:
+            return g
+        rgb = np.repeat(g, 3, axis=2)
+        return rgb if in_chans == 3 else np.concatenate([rgb, np.full_like(g, 255)], axis=2)
+    if mode == "P" and "transparency" in im.info:
+        im = im.convert("RGBA")  # the palette's transparency, as PIL recommends
+    target = {1: "L", 3: "RGB", 4: "RGBA"}[in_chans]
+    if im.mode != target:
+        im = im.convert(target)
+    a = np.array(im)  # a writable copy
     return a[..., None] if a.ndim == 2 else a
+
+
+def _load_npy(p: Path) -> np.ndarray:
+    a = np.load(p, allow_pickle=False)
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.ndim != 3:
+        raise BadImageError(f"{p}: array must be [H, W, C], got shape {a.shape}")
+    return _scale_to_uint8(a, p)
 
 
 def load_image(path: str | Path, in_chans: int) -> torch.Tensor:
     """Read one image file as a uint8 tensor [in_chans, H, W].
 
     Grayscale, RGB, RGBA, palette, CMYK, 16-bit and float images are converted to the requested
-    channel count (1: luminance; 3: RGB; 4: RGBA; other counts need ``.npy`` files with that
-    many channels). Raises :class:`BadImageError` naming the file on anything unreadable.
+    channel count (1: luminance; 3: RGB, alpha dropped; 4: RGBA). Other counts need ``.npy``
+    files [H, W, C] with that many channels ([H, W] and 1-channel arrays are repeated).
+    16-bit pixels are scaled (65535 -> 255), not clipped; see :func:`_scale_to_uint8` for
+    ``.npy`` dtypes. Raises :class:`BadImageError` naming the file on anything unreadable:
+    missing, empty, corrupt, truncated (PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` is left at
+    its default, False, so a cut-off file is an error rather than a partly grey image),
+    a decompression bomb, or a channel count that cannot be converted.
     """
+    global _warned_truncated
     p = Path(path)
     try:
         if p.suffix.lower() == ".npy":
-            a = np.load(p, allow_pickle=False)
-            if a.ndim == 2:
-                a = a[..., None]
-            if a.ndim != 3:
-                raise BadImageError(f"{p}: array must be [H, W, C], got shape {a.shape}")
-            if a.dtype != np.uint8:
-                a = np.clip(a, 0, 255).astype(np.uint8) if a.max() > 1 else \
-                    (np.clip(a, 0, 1) * 255).astype(np.uint8)
+            a = _load_npy(p)
         else:
             if p.stat().st_size == 0:
                 raise BadImageError(f"{p}: empty file (0 bytes)")
+            if in_chans not in (1, 3, 4):
+                raise BadImageError(f"{p}: cannot make {in_chans} channels from an image file; "
+                                    f"store such data as .npy [H, W, {in_chans}]")
+            if ImageFile.LOAD_TRUNCATED_IMAGES and not _warned_truncated:
+                _warned_truncated = True
+                log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True by other code: "
+                            "truncated images will load partly grey instead of being reported")
             with Image.open(p) as im:
                 im.load()
-                mode = im.mode
-                if in_chans == 1:
-                    im = im.convert("L") if mode not in ("I;16", "I;16B", "I;16L", "I", "F", "L") \
-                        else im
-                elif in_chans == 3:
-                    im = im.convert("RGB") if mode != "RGB" else im
-                elif in_chans == 4:
-                    im = im.convert("RGBA") if mode != "RGBA" else im
-                else:
-                    raise BadImageError(f"{p}: cannot make {in_chans} channels from a {mode} "
-                                        f"image; store such data as .npy [H, W, {in_chans}]")
-                a = _to_uint8_array(im)
+                a = _pil_to_array(im, in_chans, p)
     except BadImageError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+    except Exception as e:  # noqa: BLE001 - decoders raise OSError, SyntaxError, ValueError,
+        # zlib.error, struct.error, EOFError, DecompressionBombError ...: all mean "unreadable"
         raise BadImageError(f"{p}: not a readable image ({type(e).__name__}: {e})") from None
     if a.shape[2] != in_chans:
-        if a.shape[2] == 1 and in_chans > 1:
+        if a.shape[2] == 1:
             a = np.repeat(a, in_chans, axis=2)
         else:
-            raise BadImageError(f"{p}: has {a.shape[2]} channels, model.in_chans is {in_chans}")
+            hint = (f" (it looks like [C, H, W]; store arrays as [H, W, C])"
+                    if a.shape[0] == in_chans else "")
+            raise BadImageError(f"{p}: has {a.shape[2]} channels, model.in_chans is "
+                                f"{in_chans}{hint}")
     if a.shape[0] < 1 or a.shape[1] < 1:
         raise BadImageError(f"{p}: image has no pixels ({a.shape[0]}x{a.shape[1]})")
     return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()

@@ -1,42 +1,70 @@
-"""Method presets: each is a short declaration composing reusable parts.
+"""Methods: each is a short declaration composing reusable parts (the unified view).
 
-``build_method(cfg)`` maps ``cfg.method.name`` to a constructor. Add a method by registering a
-function ``(cfg: PretrainConfig) -> Method`` in :data:`METHODS`.
+``build_method(cfg)`` reads ``cfg.method`` (a preset from ``config.METHOD_PRESETS`` filled in,
+plus the user's explicit fields) and composes:
+
+* masked prediction (:class:`MaskedPrediction`: MAE, SimMIM, MaskFeat, MaskDistill, ...):
+  masking + target + normalisation + student mode + head + regression loss;
+* siamese methods (R-MAE, C-MAE, MoCo v3): two transformations T1/T2 of the same image, an
+  encoder (online / EMA target) and a similarity measurement (see ``siamese.py``).
 """
 from __future__ import annotations
 
-import difflib
-from typing import Callable
+import torch.nn as nn
 
 from ..config import ConfigError, PretrainConfig
 from ..models import build_decoder, build_encoder
 from .base import Method
 from .masked import MaskedPrediction, PixelTarget
+from .targets import build_target
+
+REGRESSION_LOSSES = ("l2", "l1", "smooth_l1", "cosine")
 
 
-def mae(cfg: PretrainConfig) -> Method:
-    """MAE (He et al.; Eq. 2-3 of Kong & Zhang): random masking, drop masked tokens,
-    transformer decoder, L2 on removed patches of (optionally per-patch normalised) pixels."""
-    m = cfg.model
-    return MaskedPrediction(
-        encoder=build_encoder(m, mask_token=False, drop_path=0.0),
-        head=build_decoder(m),
-        target=PixelTarget(m.patch_size),
-        mask_ratio=cfg.method.mask_ratio, masking="random", student="drop",
-        target_norm="patch" if cfg.method.norm_pix_loss else "none", loss="l2")
+def build_head(cfg: PretrainConfig, out_dim: int) -> nn.Module:
+    """decoder: MAE transformer decoder; linear: one linear layer per token."""
+    m = cfg.method
+    if m.head == "decoder":
+        return build_decoder(cfg.model, out_dim)
+    if m.head == "linear":
+        return nn.Linear(cfg.model.embed_dim, out_dim)
+    raise ConfigError(f"method.head: '{m.head}' is not a masked-prediction head "
+                      "(decoder | linear)")
 
 
-METHODS: dict[str, Callable[[PretrainConfig], Method]] = {"mae": mae}
+def build_masked_prediction(cfg: PretrainConfig) -> MaskedPrediction:
+    m = cfg.method
+    if m.loss not in REGRESSION_LOSSES:
+        raise ConfigError(f"method.loss: masked prediction regresses its target; use one of "
+                          f"{', '.join(REGRESSION_LOSSES)} (got '{m.loss}')")
+    if m.student == "drop" and m.head == "linear":
+        raise ConfigError("method.head=linear needs method.student=mask_token (a linear head "
+                          "predicts from the masked positions' own tokens)")
+    if m.mask == "none":
+        raise ConfigError("method.mask=none leaves nothing to predict in masked prediction")
+    encoder = build_encoder(cfg.model, mask_token=m.student == "mask_token", drop_path=0.0)
+    target = build_target(cfg, encoder)
+    out_dim = getattr(target, "out_dim", cfg.model.patch_size ** 2 * cfg.model.in_chans)
+    return MaskedPrediction(encoder=encoder, head=build_head(cfg, out_dim), target=target,
+                            mask_ratio=m.mask_ratio, masking=m.mask, student=m.student,
+                            target_norm=m.target_norm, loss=m.loss, loss_beta=m.loss_beta)
+
+
+def is_siamese(cfg: PretrainConfig) -> bool:
+    m = cfg.method
+    return m.view2 != "none" or m.loss in ("infonce", "byol") or m.target == "online"
 
 
 def build_method(cfg: PretrainConfig) -> Method:
-    name = cfg.method.name
-    if name not in METHODS:
-        close = difflib.get_close_matches(name, list(METHODS), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"method.name: unknown method '{name}'{hint}; available: "
-                          f"{', '.join(METHODS)}")
-    return METHODS[name](cfg)
+    """Compose the method described by ``cfg.method`` (invalid combinations: ConfigError)."""
+    if is_siamese(cfg):
+        try:
+            from .siamese import build_siamese
+        except ImportError as e:  # pragma: no cover - until siamese methods exist
+            raise ConfigError(f"siamese methods are not available: {e}") from None
+        return build_siamese(cfg)
+    return build_masked_prediction(cfg)
 
 
-__all__ = ["Method", "MaskedPrediction", "PixelTarget", "METHODS", "build_method", "mae"]
+__all__ = ["Method", "MaskedPrediction", "PixelTarget", "build_method", "build_head",
+           "build_masked_prediction", "build_target", "is_siamese"]
