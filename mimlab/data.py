@@ -19,6 +19,7 @@ import gzip
 import logging
 import random
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -197,18 +198,26 @@ def _scan_imagefolder(root: Path, labelled: bool) -> Source:
     return Source("imagefolder", items, labels, classes, name=root.name)
 
 
-def _read_idx(path: Path) -> np.ndarray:
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """An unsigned-byte IDX file (magic 0x00000801 labels / 0x00000803 images), gzipped or not."""
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    if len(data) < 8:
-        raise DataError(f"{path}: truncated IDX file")
-    magic, = struct.unpack(">I", data[:4])
-    ndim = magic & 0xFF
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: cannot read ({type(e).__name__}: {e}); re-download it") from None
+    want = 0x0800 | ndim
+    if len(data) < 4 or struct.unpack(">I", data[:4])[0] != want:
+        got = f"0x{struct.unpack('>I', data[:4])[0]:08x}" if len(data) >= 4 else "nothing"
+        raise DataError(f"{path}: not an unsigned-byte IDX file with {ndim} dimension(s) "
+                        f"(magic number {got}, expected 0x{want:08x})")
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated IDX file (header cut off); re-download it")
     dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(dims)):
-        raise DataError(f"{path}: truncated IDX file ({arr.size} of {int(np.prod(dims))} values)")
+        raise DataError(f"{path}: truncated IDX file ({arr.size} of {int(np.prod(dims))} values);"
+                        " re-download it")
     return arr.reshape(dims)
 
 
@@ -226,7 +235,7 @@ def _fmnist_source(root: Path, split: str) -> Source:
     if ip is None or lp is None:
         raise DataError(f"{root}: no {prefix}-images-idx3-ubyte(.gz) / {prefix}-labels-idx1-ubyte"
                         f"(.gz) found for split '{split}'")
-    images, labels = _read_idx(ip), _read_idx(lp)
+    images, labels = _read_idx(ip, 3), _read_idx(lp, 1)
     if len(images) != len(labels):
         raise DataError(f"{root}: {len(images)} images but {len(labels)} labels")
     classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
@@ -288,16 +297,17 @@ def scan_source(cfg: DataConfig, split: str, labelled: bool) -> Source:
     if kind == "imagefolder":
         src = _scan_imagefolder(root, labelled)
     elif kind == "folder":
-        if labelled:
+        files = sorted(p for p in root.rglob("*") if p.is_file() and _is_image(p))
+        if files and labelled:
             raise DataError(f"{root}: labels are needed but this is a plain folder of images; "
                             "use an ImageFolder layout (one sub-folder per class)")
-        files = sorted(p for p in root.rglob("*") if p.is_file() and _is_image(p))
         src = Source("folder", files, [-1] * len(files), [], name=root.name)
     else:
         raise DataError(f"data.kind: unknown kind '{kind}' (auto | imagefolder | folder | fmnist "
                         "| photos)")
     if not src.items:
-        raise DataError(f"{root}: no images found (looked for {', '.join(sorted(IMG_EXTS))})")
+        raise DataError(f"{root}: no images found (looked for {', '.join(sorted(IMG_EXTS))}, "
+                        "recursively); check data.path")
     return src
 
 
@@ -305,6 +315,9 @@ def scan_source(cfg: DataConfig, split: str, labelled: bool) -> Source:
 def subset_indices(labels: Sequence[int], n: int, strategy: str, seed: int) -> list[int]:
     """Seeded choice of ``n`` items: 'random', 'one_per_class' (round-robin over classes) or
     'one_class' (all from one randomly chosen class)."""
+    if strategy not in ("random", "one_per_class", "one_class"):
+        raise DataError(f"unknown subset strategy '{strategy}' (random | one_per_class | "
+                        "one_class)")
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
     if n >= len(labels):
@@ -324,7 +337,6 @@ def subset_indices(labels: Sequence[int], n: int, strategy: str, seed: int) -> l
                 if per[c] and len(out) < n:
                     out.append(per[c].pop())
         return sorted(out)
-    raise DataError(f"unknown subset strategy '{strategy}'")
 
 
 def balanced_fraction(labels: Sequence[int], fraction: float, seed: int) -> list[int]:
@@ -370,15 +382,29 @@ def eval_transform(img_size: int, mean, std):
 class ImageDataset(Dataset):
     """Indexable by ``int`` or by ``(index, epoch)``; returns (image [C,H,W], label, n_skipped).
 
-    ``n_skipped`` counts unreadable files replaced by the next readable one (``on_bad='skip'``).
-    With ``on_bad='error'`` an unreadable file raises :class:`BadImageError` naming it.
+    ``n_skipped`` counts the unreadable files visited for this sample with ``on_bad='skip'``:
+    an unreadable file is replaced by the next readable one in index order (wrapping around),
+    whose label is returned, and a warning names it (once per file and process). After
+    ``max_bad_run`` unreadable files in a row (or all of them, if fewer) a :class:`DataError`
+    is raised instead of searching on. With ``on_bad='error'`` the first unreadable file
+    raises :class:`BadImageError` naming it. Both classes survive being re-raised by a
+    ``DataLoader`` worker.
+
+    The augmentation of sample ``index`` in ``epoch`` is seeded by (seed, epoch, index); the
+    caller's global torch and ``random`` RNG states are saved and restored around it, so
+    loading in the main process (``num_workers=0``) does not disturb masking or dropout.
     """
+
+    max_bad_run = 1000
 
     def __init__(self, src: Source, transform, in_chans: int, seed: int = 0,
                  indices: Optional[list[int]] = None, repeat: int = 1, on_bad: str = "skip"):
+        if on_bad not in ("skip", "error"):
+            raise DataError(f"data.on_bad must be 'skip' or 'error', got '{on_bad}'")
         self.src, self.transform, self.in_chans, self.seed = src, transform, in_chans, seed
         self.indices = list(range(len(src.items))) if indices is None else list(indices)
         self.repeat, self.on_bad = max(1, repeat), on_bad
+        self._warned: set = set()
         if not self.indices:
             raise DataError(f"dataset '{src.name}' is empty after sub-sampling")
 
@@ -412,8 +438,9 @@ class ImageDataset(Dataset):
     def __getitem__(self, key):
         idx, epoch = key if isinstance(key, tuple) else (key, 0)
         n = len(self.indices)
-        skipped = 0
-        for attempt in range(min(n, 64)):
+        tries = min(n, self.max_bad_run)
+        skipped, last_err = 0, None
+        for attempt in range(tries):
             j = self.indices[(idx + attempt) % n]
             try:
                 img = self._raw(j)
@@ -423,13 +450,25 @@ class ImageDataset(Dataset):
                     raise BadImageError(f"{e} -- fix or delete the file, or set data.on_bad=skip "
                                         "to skip unreadable files") from None
                 skipped += 1
+                last_err = e
+                if j not in self._warned:
+                    self._warned.add(j)
+                    log.warning("skipping unreadable file: %s", e)
         else:
-            raise DataError(f"{self.src.name}: {min(n, 64)} consecutive files were unreadable "
-                            f"(last tried index {j}); is this really an image folder?")
+            what = f"all {n}" if tries == n else f"{tries} consecutive"
+            first = self.src.items[self.indices[idx % n]]
+            raise DataError(f"{self.src.name}: {what} files tried (from {first} on) were "
+                            f"unreadable; last error: {last_err}. Is this really an image "
+                            "folder, and does model.in_chans match the files?")
         s = sample_seed(self.seed, epoch, idx)
-        torch.manual_seed(s)
-        random.seed(s)
-        x = self.transform(img) if self.transform is not None else img
+        py_state = random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(s)
+                random.seed(s)
+                x = self.transform(img) if self.transform is not None else img
+        finally:
+            random.setstate(py_state)
         return x, int(self.src.labels[j]), skipped
 
 
@@ -459,7 +498,7 @@ class EpochSampler(Sampler):
             yield (i, self.epoch)
 
     def __len__(self) -> int:
-        return (self.n - self.start) // self.world
+        return max(0, self.n - self.start) // self.world
 
 
 def resolve_stats(cfg: DataConfig, src: Optional[Source], in_chans: int
