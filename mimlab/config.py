@@ -127,6 +127,9 @@ class RunConfig:
     precision: str = doc("auto | fp32 | bf16 | fp16 (autocast; fp16 uses a grad scaler)",
                          default="auto")
     ckpt_every: int = doc("write checkpoint-epochN every N epochs (0 = only 'last')", default=0)
+    save_every_steps: int = doc("also refresh checkpoints/last.pt every N optimizer steps "
+                                "(0 = only at epoch ends); bounds the work lost to a kill",
+                                default=0)
     log_every: int = doc("log metrics every N optimizer steps", default=10)
     max_steps: Optional[int] = doc("stop after this many optimizer steps (smoke tests)", default=None)
     stop_at_step: Optional[int] = doc("write a checkpoint and stop after this optimizer step "

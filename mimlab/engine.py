@@ -527,6 +527,11 @@ class Engine:
                                                 img_s=f"{ips:.0f}", ep=self.epoch)
                         if bar is not None:
                             bar.update(1)
+                        if self.run_cfg.save_every_steps and \
+                                self.global_step % self.run_cfg.save_every_steps == 0 and \
+                                self.micro_in_epoch < self.micro_per_epoch - (
+                                    self.micro_per_epoch % accum):
+                            self.save("last")
                         if dist.any_true(sig.signum is not None, self.device):
                             self.save("last")
                             logger.close()

@@ -126,9 +126,11 @@ def encoder_state(ckpt: dict) -> dict:
     return enc
 
 
-def load_encoder_weights(encoder: ViTEncoder, path: str) -> dict:
-    """Load a pretrained encoder into ``encoder``; architecture mismatches fail listing keys."""
-    ck = load_checkpoint(path)
+def load_encoder_weights(encoder: ViTEncoder, path: str, ckpt: Optional[dict] = None) -> dict:
+    """Load a pretrained encoder into ``encoder``; architecture mismatches fail listing keys.
+
+    ``ckpt``: the already loaded checkpoint at ``path`` (saves reading it twice)."""
+    ck = load_checkpoint(path) if ckpt is None else ckpt
     sd = encoder_state(ck)
     own = encoder.state_dict()
     sd = {k: v for k, v in sd.items() if not (k == "mask_token" and k not in own)}

@@ -29,6 +29,8 @@ Spec strings for :func:`build_teacher`:
 ``open_clip:<model>@<path|tag>``     open_clip ViT image tower (``local-dir:``/``hf-hub:``
                                      model names need no ``@``)
 ``hf_clip:<dir|hub id>``             transformers ``CLIPVisionModel``
+``mimlab:<checkpoint.pt>``           a mimlab checkpoint's encoder (patch tokens after the
+                                     final norm; ``mimlab.methods.targets.MimlabTeacher``)
 ===================================  ========================================================
 
 A teacher without weights (timm / torchvision without a file) is randomly initialised and warns.
@@ -68,6 +70,7 @@ TEACHER_SPECS = (
     "torchvision:<model name>[@<weights .pth/.safetensors>]",
     "open_clip:<model name>@<checkpoint path or pretrained tag>  (or open_clip:local-dir:<dir>)",
     "hf_clip:<local directory or hub id>",
+    "mimlab:<mimlab checkpoint .pt>",
 )
 
 
@@ -667,4 +670,7 @@ def build_teacher(spec: str, student_mean: Sequence[float], student_std: Sequenc
             return OpenCLIPTeacher(arg, path or kw.pop("checkpoint_path", None), **norm, **kw)
         if kind == "hf_clip":
             return HFCLIPTeacher(arg if path is None else f"{arg}@{path}", **norm, **kw)
+        if kind == "mimlab":  # a mimlab checkpoint's encoder (lazy: methods import this module)
+            from .methods.targets import MimlabTeacher
+            return MimlabTeacher(arg if path is None else f"{arg}@{path}", **norm, **kw)
     raise ValueError(f"unknown teacher spec '{spec}'; valid forms: " + "; ".join(TEACHER_SPECS))

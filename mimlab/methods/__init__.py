@@ -10,6 +10,8 @@ plus the user's explicit fields) and composes:
 """
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
 import torch.nn as nn
 
 from ..config import ConfigError, PretrainConfig
@@ -32,7 +34,9 @@ def build_head(cfg: PretrainConfig, out_dim: int) -> nn.Module:
                       "(decoder | linear)")
 
 
-def build_masked_prediction(cfg: PretrainConfig) -> MaskedPrediction:
+def build_masked_prediction(cfg: PretrainConfig, data_mean: Optional[Sequence[float]] = None,
+                            data_std: Optional[Sequence[float]] = None) -> MaskedPrediction:
+    """``data_mean``/``data_std``: the training images' normalisation, for teacher targets."""
     m = cfg.method
     if m.loss not in REGRESSION_LOSSES:
         raise ConfigError(f"method.loss: masked prediction regresses its target; use one of "
@@ -43,7 +47,8 @@ def build_masked_prediction(cfg: PretrainConfig) -> MaskedPrediction:
     if m.mask == "none":
         raise ConfigError("method.mask=none leaves nothing to predict in masked prediction")
     encoder = build_encoder(cfg.model, mask_token=m.student == "mask_token", drop_path=0.0)
-    target = build_target(cfg, encoder)
+    target = build_target(cfg, encoder, data_mean, data_std)
+    # teacher / EMA targets set the head's output width (pixels: p * p * C)
     out_dim = getattr(target, "out_dim", cfg.model.patch_size ** 2 * cfg.model.in_chans)
     return MaskedPrediction(encoder=encoder, head=build_head(cfg, out_dim), target=target,
                             mask_ratio=m.mask_ratio, masking=m.mask, student=m.student,
@@ -55,15 +60,20 @@ def is_siamese(cfg: PretrainConfig) -> bool:
     return m.view2 != "none" or m.loss in ("infonce", "byol") or m.target == "online"
 
 
-def build_method(cfg: PretrainConfig) -> Method:
-    """Compose the method described by ``cfg.method`` (invalid combinations: ConfigError)."""
+def build_method(cfg: PretrainConfig, data_mean: Optional[Sequence[float]] = None,
+                 data_std: Optional[Sequence[float]] = None) -> Method:
+    """Compose the method described by ``cfg.method`` (invalid combinations: ConfigError).
+
+    ``data_mean``/``data_std``: per-channel statistics the training images are normalised with
+    (``tasks.pretrain`` passes the dataset's); frozen teachers undo them. Default:
+    ``data.mean``/``std`` of the config, else ImageNet's (0.5 for non-RGB)."""
     if is_siamese(cfg):
         try:
             from .siamese import build_siamese
         except ImportError as e:  # pragma: no cover - until siamese methods exist
             raise ConfigError(f"siamese methods are not available: {e}") from None
         return build_siamese(cfg)
-    return build_masked_prediction(cfg)
+    return build_masked_prediction(cfg, data_mean, data_std)
 
 
 __all__ = ["Method", "MaskedPrediction", "PixelTarget", "build_method", "build_head",

@@ -15,7 +15,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from ..losses import layernorm_target, regression_loss
+from ..losses import instance_norm_tokens, layernorm_target, regression_loss
 from ..models import ViTEncoder
 from ..ops import mask_to_ids, patch_normalize, patchify, random_masking
 from .base import Method
@@ -24,15 +24,19 @@ TargetFn = Callable[[torch.Tensor], torch.Tensor]   # images [B,C,H,W] -> [B, N,
 
 
 def normalize_target(t: torch.Tensor, kind: str) -> torch.Tensor:
-    """'patch': per-token standardisation (MAE norm_pix, unbiased variance);
-    'layernorm': LayerNorm without affine (MaskDistill); 'none': unchanged."""
+    """[B, N, C] -> [B, N, C]. 'patch': per-token standardisation (MAE norm_pix, unbiased
+    variance); 'layernorm': LayerNorm without affine over C (MaskDistill); 'instance': each
+    channel standardised over the N tokens of its image (data2vec); 'none': unchanged."""
     if kind == "patch":
         return patch_normalize(t)
     if kind == "layernorm":
         return layernorm_target(t)
+    if kind == "instance":
+        return instance_norm_tokens(t)
     if kind == "none":
         return t
-    raise ValueError(f"unknown target normalisation '{kind}' (patch | layernorm | none)")
+    raise ValueError(f"unknown target normalisation '{kind}' (patch | layernorm | instance | "
+                     "none)")
 
 
 class PixelTarget(nn.Module):
@@ -102,3 +106,12 @@ class MaskedPrediction(Method):
             target = normalize_target(self.target(images).float(), self.target_norm)
         loss = regression_loss(pred, target, mask, self.loss_kind, self.loss_beta)
         return {"loss": loss, "pred": pred, "target": target, "mask": mask}
+
+    @torch.no_grad()
+    def after_step(self, step: int, total_steps: int) -> None:
+        """Targets that follow the student (data2vec's EMA encoder,
+        :class:`~mimlab.methods.targets.EMATarget`) define ``update(online_encoder)``; it is
+        called here after every optimizer step. Frozen and pixel targets have no ``update``."""
+        update = getattr(self.target, "update", None)
+        if update is not None:
+            update(self.encoder)
