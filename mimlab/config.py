@@ -194,6 +194,14 @@ class MethodConfig:
     negatives: str = doc("token-wise InfoNCE negatives: image (other tokens of the same image) | "
                          "batch (all tokens of the batch)", default="image")
     lam: float = doc("R-MAE: weight of the auto-encoding constraint term (Eq. 8)", default=1.0)
+    rmae_stopgrad: bool = doc("R-MAE: stop the gradient of the T2 branch in the distance term "
+                              "(Eq. 8 has none; false = as in the paper)", default=False)
+    symmetric: bool = doc("siamese infonce/byol: also swap T1 and T2 (online <-> target) and "
+                          "average the two losses (MoCo v3)", default=False)
+    ema_schedule: str = doc("EMA momentum of siamese target networks: fixed | cosine (from "
+                            "ema_momentum up to 1 over training, MoCo v3 / BYOL)", default="fixed")
+    proj_norm: str = doc("normalisation inside projector / predictor MLPs: bn (MoCo v3) | ln | "
+                         "none", default="bn")
 
 
 @dataclass
@@ -451,10 +459,74 @@ def apply_model_preset(model: ModelConfig, explicit: dict) -> None:
             setattr(model, k, v)
 
 
+# siamese presets of Kong & Zhang 2022 (methods/siamese.py): the shared part of each family
+_RMAE = dict(mask="random", mask_ratio=0.75, view2="complement", view2_mask_ratio=0.25,
+             student="drop", target="online", target_norm="patch", head="decoder", loss="l2",
+             lam=1.0, rmae_stopgrad=False, color_jitter="none", cutmix=False, symmetric=False)
+_CMAE = dict(mask="random", mask_ratio=0.75, view2="complement", student="mask_token",
+             target="ema", ema_momentum=0.996, ema_schedule="fixed", head="mlp",
+             proj_hidden=None, proj_dim=None, proj_norm="bn", loss="infonce", temperature=0.2,
+             tokens="patch", negatives="image", symmetric=False, color_jitter="after_mask",
+             cutmix=False)
+
 #: method presets: field values of MethodConfig; methods register theirs here
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "mae": dict(mask="random", mask_ratio=0.75, view2="none", student="drop", target="pixels",
                 target_norm="patch", head="decoder", loss="l2", color_jitter="none"),
+    # --- siamese methods (Kong & Zhang 2022, methods/siamese.py) ---------------------------
+    # R-MAE, Eq. 8: T1 random 75 %, T2 = complement; one shared MAE decoder; distance between
+    # the two reconstructions + lam * auto-encoding constraint, on patches T1 removes, T2 sees
+    "rmae": dict(_RMAE),
+    # R-MAE-dagger (Table 1): T2 an independent random mask of 25 %
+    "rmae_indep": dict(_RMAE, view2="independent", view2_mask_ratio=0.25),
+    # R-MAE-double-dagger (Table 1): T2(x) = x, the constraint is a plain auto-encoder
+    "rmae_identity": dict(_RMAE, view2="identity"),
+    # C-MAE, Eq. 9-11: mask tokens, EMA target (0.996), projector + predictor, token-wise
+    # InfoNCE (tau 0.2) at the patches T1 removes, SimSiam colour jitter after masking
+    "cmae": dict(_CMAE),
+    # Table 3: instance-wise on the class token / on the average of patch tokens; token-wise
+    # on patch tokens plus the class token
+    "cmae_cls": dict(_CMAE, tokens="cls"),
+    "cmae_avg": dict(_CMAE, tokens="avg"),
+    "cmae_patch_cls": dict(_CMAE, tokens="patch+cls"),
+    # Table 4: BYOL loss (token-wise); without mask tokens (masked tokens dropped as in MAE:
+    # no online token at the removed positions, so instance-wise on averaged tokens)
+    "cmae_byol": dict(_CMAE, loss="byol"),
+    "cmae_nomask": dict(_CMAE, student="drop", tokens="avg"),
+    "cmae_nomask_byol": dict(_CMAE, student="drop", tokens="avg", loss="byol"),
+    # MoCo v3 (Chen et al., 2021): two crop-and-jitter views, no masking, EMA key encoder
+    # (0.99 -> 1 cosine), projector + predictor, symmetric InfoNCE on the class token
+    "mocov3": dict(mask="none", view2="crop", student="drop", target="ema", ema_momentum=0.99,
+                   ema_schedule="cosine", head="mlp", proj_hidden=None, proj_dim=None,
+                   proj_norm="bn", loss="infonce", temperature=0.2, tokens="cls",
+                   negatives="image", symmetric=True, color_jitter="after_mask", cutmix=False),
+    # --- masked prediction of teacher / HOG / EMA / pixel targets (methods/targets.py) -------
+    # MaskDistill (Peng et al., "A Unified View of MIM", 2022): BEiT block masking 40 %, mask
+    # tokens, a frozen teacher's features normalised by LayerNorm without affine, one linear
+    # layer, smooth-l1 (beta 2) on the masked tokens; method.loss=l2 | cosine are the paper's
+    # ablations. The paper's teacher is CLIP ViT-B/16 (method.teacher=open_clip:ViT-B-16@<ckpt>);
+    # the offline default is ImageNet EfficientNet-Lite0.
+    "maskdistill": dict(mask="block", mask_ratio=0.4, view2="none", student="mask_token",
+                        target="teacher", teacher="effnet_lite0", target_norm="layernorm",
+                        head="linear", loss="smooth_l1", loss_beta=2.0, color_jitter="none"),
+    # SimMIM (Xie et al., 2022): random masking 60 %, mask tokens, a linear head to raw pixels
+    # (normalised-image units, no per-patch norm), l1 on the masked pixels. SimMIM masks 32 px
+    # squares (groups of 16 px patches); here every patch is masked independently.
+    "simmim": dict(mask="random", mask_ratio=0.6, view2="none", student="mask_token",
+                   target="pixels", target_norm="none", head="linear", loss="l1",
+                   color_jitter="none"),
+    # MaskFeat (Wei et al., 2022): block masking 40 %, mask tokens, HOG of every patch (9 bins,
+    # 2 x 2 cells, already l2-normalised per patch), linear head, l2.
+    "maskfeat": dict(mask="block", mask_ratio=0.4, view2="none", student="mask_token",
+                     target="hog", target_norm="none", head="linear", loss="l2",
+                     color_jitter="none"),
+    # data2vec (Baevski et al., 2022), vision: block masking 60 %, mask tokens, EMA of the
+    # student on the full image, mean of its top-6 block outputs each instance-normalised over
+    # the tokens (inside the target), linear head, smooth-l1 with beta 2 (fairseq's data2vec
+    # vision config); EMA momentum constant 0.999 (data2vec anneals 0.999 -> 0.9998).
+    "data2vec": dict(mask="block", mask_ratio=0.6, view2="none", student="mask_token",
+                     target="ema", ema_top_k=6, ema_momentum=0.999, target_norm="none",
+                     head="linear", loss="smooth_l1", loss_beta=2.0, color_jitter="none"),
 }
 
 
@@ -497,6 +569,18 @@ def validate(cfg: Any) -> None:
     if meth is not None:
         if not 0.0 < meth.mask_ratio < 1.0:
             raise ConfigError(f"method.mask_ratio must be in (0, 1), got {meth.mask_ratio}")
+        from .methods.siamese import check_method  # lazy: torch only when a method is checked
+        check_method(meth)
+        if meth.cache_teacher:
+            if meth.target not in ("teacher", "hog"):
+                raise ConfigError(f"method.cache_teacher caches a frozen teacher's features: it "
+                                  f"needs method.target=teacher | hog, got '{meth.target}'")
+            dc = getattr(cfg, "data", None)
+            if dc is not None and ([float(v) for v in dc.crop_scale] != [1.0, 1.0] or dc.hflip):
+                raise ConfigError(
+                    "method.cache_teacher=true computes teacher features once per image, so the "
+                    "augmentation must be fixed: set data.crop_scale=[1,1] and data.hflip=false "
+                    f"(got data.crop_scale={dc.crop_scale}, data.hflip={dc.hflip})")
     o = getattr(cfg, "optim", None)
     if o is not None:
         if o.epochs < 1:

@@ -214,7 +214,7 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
     if len(data) < 4 + 4 * ndim:
         raise DataError(f"{path}: truncated IDX file (header cut off); re-download it")
     dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
-    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    arr = np.frombuffer(bytearray(data), dtype=np.uint8, offset=4 + 4 * ndim)  # writable
     if arr.size != int(np.prod(dims)):
         raise DataError(f"{path}: truncated IDX file ({arr.size} of {int(np.prod(dims))} values);"
                         " re-download it")

@@ -84,3 +84,18 @@ def any_true(flag: bool, device: torch.device) -> bool:
 def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()
+
+
+@torch.no_grad()
+def max_param_divergence(module: torch.nn.Module) -> float:
+    """Largest |p_rank - p_rank0| over all parameters and ranks (0.0 when not distributed).
+
+    DDP keeps replicas identical by construction; this checks it (cheap, once per run)."""
+    if not is_dist():
+        return 0.0
+    flat = torch.cat([p.detach().float().flatten() for p in module.parameters()])
+    ref = flat.clone()
+    dist.broadcast(ref, src=0)
+    d = (flat - ref).abs().max().reshape(1)
+    dist.all_reduce(d, op=dist.ReduceOp.MAX)
+    return float(d.item())

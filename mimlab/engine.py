@@ -246,6 +246,8 @@ class FitResult:
     seconds: float = 0.0
     images_per_s: float = 0.0
     skipped_files: int = 0
+    world_size: int = 1
+    ddp_max_param_divergence: float = 0.0
 
 
 class _SignalCatcher:
@@ -579,6 +581,8 @@ class Engine:
         result.seconds = time.time() - t_start
         result.images_per_s = images_seen / max(result.seconds, 1e-9)
         result.skipped_files = self.skipped_files
+        result.world_size = self.world
+        result.ddp_max_param_divergence = dist.max_param_divergence(self.method)
         if self.skipped_files and self.main:
             log.warning("%d unreadable file(s) were skipped (data.on_bad=skip)",
                         self.skipped_files)

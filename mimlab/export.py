@@ -31,7 +31,7 @@ def timm_state_dict(ckpt: dict) -> tuple[dict, str, int]:
     enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
     enc.pop("mask_token", None)
     if "head.weight" in sd and "fc_norm.weight" in sd:  # fine-tuned classifier
-        enc = {k: v for k, v in enc.items() if not k.startswith("norm.")}
+        enc = {k: v for k, v in enc.items() if not k.startswith("norm.")}  # (older files)
         for k in ("fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"):
             enc[k] = sd[k]
         return enc, "avg", int(sd["head.weight"].shape[0])

@@ -97,17 +97,25 @@ def pretrain(cfg: PretrainConfig) -> dict:
     run_dir, device = _prepare(cfg, f"pretrain-{cfg.method.name}")
     ds = build_dataset(cfg.data, "train", cfg.model.img_size, cfg.model.in_chans, cfg.run.seed,
                        train_aug=True, labelled=False)
-    method = build_method(cfg)
+    method = build_method(cfg, data_mean=ds.mean, data_std=ds.std)  # teachers need the stats
     method.data_mean, method.data_std = ds.mean, ds.std
     log.info("pretrain %s on %d images (%s), %s params", cfg.method.name, len(ds), cfg.data.path,
              f"{sum(p.numel() for p in method.parameters()) / 1e6:.2f}M")
-    eng = Engine(method, ds, cfg, cfg.optim, cfg.run, run_dir, device=device)
+    batch_fn = cache = None
+    if cfg.method.cache_teacher:  # precomputed teacher features, looked up by sample position
+        from .methods.teacher_cache import attach_teacher_cache
+        ds, batch_fn, cache = attach_teacher_cache(method, ds, cfg, device)
+    eng = Engine(method, ds, cfg, cfg.optim, cfg.run, run_dir, batch_fn=batch_fn, device=device)
     res = eng.fit()
     out = {"command": "pretrain", "method": cfg.method.name, "run_dir": str(run_dir),
            "steps": res.global_step, "epochs": res.epochs_done, "seconds": round(res.seconds, 1),
            "images_per_s": round(res.images_per_s, 1), "final_loss": res.last_metrics.get("loss"),
            "skipped_files": res.skipped_files, "checkpoint": str(run_dir / "checkpoints/last.pt"),
+           "world_size": res.world_size,
+           "ddp_max_param_divergence": res.ddp_max_param_divergence,
            "data_mean": ds.mean, "data_std": ds.std}
+    if cache is not None:
+        out.update(teacher_cache=str(cache.path), teacher_cache_built=cache.built)
     _write_results(run_dir, out)
     return out
 
@@ -134,6 +142,8 @@ def load_encoder_weights(encoder: ViTEncoder, path: str, ckpt: Optional[dict] = 
     sd = encoder_state(ck)
     own = encoder.state_dict()
     sd = {k: v for k, v in sd.items() if not (k == "mask_token" and k not in own)}
+    if "norm.weight" not in own:  # classifier encoders use fc_norm instead of the final norm
+        sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
     bad_shape = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
                  if k in own and own[k].shape != v.shape]
     missing = [k for k in own if k not in sd and k != "mask_token"]
@@ -167,15 +177,21 @@ class Classifier(Method):
     def __init__(self, encoder: ViTEncoder, num_classes: int, label_smoothing: float = 0.0):
         super().__init__()
         self.encoder = encoder
+        # MAE fine-tuning: the encoder's final norm is replaced by fc_norm after pooling
+        self.encoder.norm = nn.Identity()
         self.fc_norm = nn.LayerNorm(encoder.embed_dim, eps=1e-6)
         self.head = nn.Linear(encoder.embed_dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)
         nn.init.zeros_(self.head.bias)
         self.label_smoothing = label_smoothing
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """fc_norm(mean of patch tokens): [B, D]."""
+        t = self.encoder.forward_features(images)
+        return self.fc_norm(t[:, 1:, :].mean(1))
+
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        t = self.encoder.forward_features(images, apply_norm=False)
-        return self.head(self.fc_norm(t[:, 1:, :].mean(1)))
+        return self.head(self.features(images))
 
     def forward(self, images, labels=None):
         logits = self.logits(images)
@@ -238,18 +254,19 @@ def finetune(cfg: FinetuneConfig, explicit_model: bool = False) -> dict:
            "top1": res.eval_metrics.get("top1"), "train_images": len(train),
            "val_images": len(val), "epochs": res.epochs_done, "steps": res.global_step,
            "seconds": round(res.seconds, 1), "images_per_s": round(res.images_per_s, 1),
-           "label_fraction": ft.label_fraction}
+           "label_fraction": ft.label_fraction, "world_size": res.world_size,
+           "ddp_max_param_divergence": res.ddp_max_param_divergence}
     _write_results(run_dir, out)
     return out
 
 
 # ------------------------------------------------------------------------- frozen features
 @torch.no_grad()
-def extract_features(encoder: ViTEncoder, ds, device, batch_size: int = 256,
-                     num_workers: int = 2, pool: str = "avg", progress: bool = True
+def extract_features(feature_fn: nn.Module, ds, device, batch_size: int = 256,
+                     num_workers: int = 2, progress: bool = True
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen features [n, D] (pooled after the final norm) and labels [n]."""
-    encoder.eval().to(device)
+    """Frozen features [n, D] = ``feature_fn(images)`` and labels [n], in eval mode."""
+    feature_fn.eval().to(device)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
     feats, labels = [], []
     it = loader
@@ -257,16 +274,44 @@ def extract_features(encoder: ViTEncoder, ds, device, batch_size: int = 256,
         from tqdm.auto import tqdm
         it = tqdm(loader, desc="features", unit="batch", leave=False)
     for x, y, _ in it:
-        feats.append(encoder.pool(encoder.forward_features(x.to(device)), pool).float().cpu())
+        feats.append(feature_fn(x.to(device)).float().cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
 
 
-def _probe_encoder(cfg: ProbeConfig, device) -> ViTEncoder:
+class _ClassifierFeatures(nn.Module):
+    """Frozen features of a fine-tuned / supervised checkpoint: fc_norm(mean patch tokens)."""
+
+    def __init__(self, clf: "Classifier"):
+        super().__init__()
+        self.clf = clf
+
+    def forward(self, x):
+        return self.clf.features(x)
+
+
+def _probe_encoder(cfg: ProbeConfig, device) -> nn.Module:
+    """``x -> [B, D]`` frozen feature function for probing (encoder + pooling)."""
     enc = build_encoder(cfg.model, mask_token=False)
-    if cfg.probe.pretrained:
-        load_encoder_weights(enc, cfg.probe.pretrained)
-    return enc.to(device)
+    path = cfg.probe.pretrained
+    if path and "fc_norm.weight" in load_checkpoint(path)["model"]:
+        sd = load_checkpoint(path)["model"]
+        clf = Classifier(enc, sd["head.weight"].shape[0])
+        clf.load_state_dict(sd)
+        return _ClassifierFeatures(clf).to(device)
+    if path:
+        load_encoder_weights(enc, path)
+    pool = cfg.probe.feature
+    return _Pooled(enc, pool).to(device)
+
+
+class _Pooled(nn.Module):
+    def __init__(self, enc: ViTEncoder, pool: str):
+        super().__init__()
+        self.enc, self.pool = enc, pool
+
+    def forward(self, x):
+        return self.enc.pool(self.enc.forward_features(x), self.pool)
 
 
 def knn_classify(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, k: int,
@@ -295,8 +340,8 @@ def knn(cfg: ProbeConfig, explicit_model: bool = False) -> dict:
                         train_aug=False, labelled=True, mean=train.mean, std=train.std)
     enc = _probe_encoder(cfg, device)
     nw = cfg.data.num_workers
-    ftr, ytr = extract_features(enc, train, device, num_workers=nw, pool=cfg.probe.feature)
-    fte, yte = extract_features(enc, val, device, num_workers=nw, pool=cfg.probe.feature)
+    ftr, ytr = extract_features(enc, train, device, num_workers=nw, progress=cfg.run.progress)
+    fte, yte = extract_features(enc, val, device, num_workers=nw, progress=cfg.run.progress)
     nc = len(train.classes)
     pred = knn_classify(ftr, ytr, fte, cfg.probe.k, cfg.probe.temperature, nc)
     top1 = 100.0 * float((pred == yte).float().mean())
@@ -361,8 +406,8 @@ def linprobe(cfg: ProbeConfig, explicit_model: bool = False) -> dict:
                         train_aug=False, labelled=True, mean=train.mean, std=train.std)
     enc = _probe_encoder(cfg, device)
     nw = cfg.data.num_workers
-    ftr, ytr = extract_features(enc, train, device, num_workers=nw, pool=cfg.probe.feature)
-    fte, yte = extract_features(enc, val, device, num_workers=nw, pool=cfg.probe.feature)
+    ftr, ytr = extract_features(enc, train, device, num_workers=nw, progress=cfg.run.progress)
+    fte, yte = extract_features(enc, val, device, num_workers=nw, progress=cfg.run.progress)
     nc = len(train.classes)
     # choose the lr on 10 % of the training features, then retrain on all and test once
     g = torch.Generator().manual_seed(cfg.run.seed)

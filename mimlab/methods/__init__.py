@@ -52,7 +52,8 @@ def build_masked_prediction(cfg: PretrainConfig, data_mean: Optional[Sequence[fl
     out_dim = getattr(target, "out_dim", cfg.model.patch_size ** 2 * cfg.model.in_chans)
     return MaskedPrediction(encoder=encoder, head=build_head(cfg, out_dim), target=target,
                             mask_ratio=m.mask_ratio, masking=m.mask, student=m.student,
-                            target_norm=m.target_norm, loss=m.loss, loss_beta=m.loss_beta)
+                            target_norm=m.target_norm, loss=m.loss, loss_beta=m.loss_beta,
+                            color_jitter=m.color_jitter, cutmix=m.cutmix)
 
 
 def is_siamese(cfg: PretrainConfig) -> bool:

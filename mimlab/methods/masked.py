@@ -60,7 +60,8 @@ class MaskedPrediction(Method):
 
     def __init__(self, encoder: ViTEncoder, head: nn.Module, target: nn.Module,
                  mask_ratio: float = 0.75, masking: str = "random", student: str = "drop",
-                 target_norm: str = "patch", loss: str = "l2", loss_beta: float = 2.0):
+                 target_norm: str = "patch", loss: str = "l2", loss_beta: float = 2.0,
+                 color_jitter: str = "none", cutmix: bool = False):
         super().__init__()
         if student not in ("drop", "mask_token"):
             raise ValueError(f"student mode must be drop | mask_token, got '{student}'")
@@ -69,6 +70,22 @@ class MaskedPrediction(Method):
         self.encoder, self.head, self.target = encoder, head, target
         self.mask_ratio, self.masking, self.student = mask_ratio, masking, student
         self.target_norm, self.loss_kind, self.loss_beta = target_norm, loss, loss_beta
+        self.color_jitter, self.cutmix = color_jitter, cutmix
+
+    def augment(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Table 5 / 4 of Kong & Zhang before masking, in training only -> (input, target
+        images): ``cutmix`` mixes both; colour jitter ``whole`` changes both, ``unmasked`` (and
+        ``after_mask``, the same for one view) only the input. See :mod:`mimlab.augment`."""
+        if not self.training or (self.color_jitter == "none" and not self.cutmix):
+            return images, images
+        from ..augment import color_jitter_batch, cutmix_batch
+        if self.cutmix:
+            images = cutmix_batch(images)
+        if self.color_jitter == "none":
+            return images, images
+        jit = color_jitter_batch(images, getattr(self, "data_mean", None),
+                                 getattr(self, "data_std", None))
+        return (jit, jit) if self.color_jitter == "whole" else (jit, images)
 
     def make_mask(self, B: int, device, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         N = self.encoder.num_patches
@@ -84,6 +101,7 @@ class MaskedPrediction(Method):
     def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 noise: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
         B = images.shape[0]
+        images, target_images = self.augment(images)
         if mask is None:
             if self.student == "drop" and self.masking == "random":
                 if noise is None:
@@ -103,7 +121,7 @@ class MaskedPrediction(Method):
             latent = self.encoder.forward_features(images, mask=mask)
             pred = self.head(latent[:, 1:, :])
         with torch.no_grad():
-            target = normalize_target(self.target(images).float(), self.target_norm)
+            target = normalize_target(self.target(target_images).float(), self.target_norm)
         loss = regression_loss(pred, target, mask, self.loss_kind, self.loss_beta)
         return {"loss": loss, "pred": pred, "target": target, "mask": mask}
 

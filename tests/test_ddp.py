@@ -1,0 +1,64 @@
+"""torchrun + DistributedDataParallel on CPU (gloo, 2 processes)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimlab.cli import run
+
+REPO = Path(__file__).resolve().parents[1]
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+
+
+def _ft(data, out, name, bs):
+    return ["finetune", f"--data={data}", f"--out={out}", f"--name={name}", "model.preset=micro",
+            "model.drop_path=0", "finetune.mixup=0", "finetune.cutmix=0", "data.limit=64",
+            "data.val_limit=20", f"optim.batch_size={bs}", "optim.epochs=2", "run.log_every=1",
+            "run.progress=false", "data.num_workers=0", "run.device=cpu"]
+
+
+def _torchrun(args, tmp_path, nproc=2):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", "mimlab.cli", *args]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found")
+def test_ddp_two_processes_match_single_process(cifar_dir, tmp_path):
+    _torchrun(_ft(cifar_dir, tmp_path, "ddp", 8), tmp_path)
+    assert run(_ft(cifar_dir, tmp_path, "single", 16)) == 0
+    ddp = json.loads((tmp_path / "ddp/results.json").read_text())
+    single = json.loads((tmp_path / "single/results.json").read_text())
+    assert ddp["world_size"] == 2 and single["world_size"] == 1
+    assert ddp["ddp_max_param_divergence"] == 0.0       # replicas identical on every rank
+    assert ddp["steps"] == single["steps"] == 8          # same global batch -> same steps
+    a = torch.load(tmp_path / "ddp/checkpoints/last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "single/checkpoints/last.pt", weights_only=True)["model"]
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-4, worst
+    # only rank 0 wrote files: one TensorBoard event file, one metrics row per step
+    assert len(list((tmp_path / "ddp/tb").glob("events*"))) == 1
+    rows = [json.loads(l) for l in (tmp_path / "ddp/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == list(range(1, 9))
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found")
+def test_resume_with_a_different_number_of_processes(cifar_dir, tmp_path):
+    pre = ["pretrain", f"--data={cifar_dir}", f"--out={tmp_path}", "--name=p",
+           "model.preset=micro", "data.limit=64", "optim.batch_size=8", "optim.epochs=2",
+           "run.progress=false", "data.num_workers=0", "run.device=cpu", "run.log_every=1"]
+    _torchrun(pre + ["run.stop_at_step=2"], tmp_path)      # 2 processes, global batch 16
+    ck = torch.load(tmp_path / "p/checkpoints/last.pt", weights_only=True)
+    assert ck["world_size"] == 2 and ck["global_step"] == 2 and ck["samples_in_epoch"] == 32
+    # continue on 1 process with the same global batch
+    one = [a if a != "optim.batch_size=8" else "optim.batch_size=16" for a in pre]
+    assert run(one + ["--resume=auto"]) == 0
+    res = json.loads((tmp_path / "p/results.json").read_text())
+    assert res["steps"] == 8 and res["world_size"] == 1
