@@ -12,6 +12,11 @@ If ``path/<train_split>`` exists it is used as the training root (CIFAR-10 copie
 
 Every sample's augmentation is seeded by (seed, epoch, index), so a run is reproducible
 whatever the number of workers or processes, and resumes exactly mid-epoch.
+
+Bad data: unusual but valid images (grayscale, RGBA, palette, CMYK, 16-bit, tiny) are
+converted; unreadable files (corrupt, truncated, empty, not images, decompression bombs) raise
+:class:`BadImageError` naming the file, which ``data.on_bad=skip`` (default) turns into "use the
+next readable file and count it"; missing or empty folders raise :class:`DataError`.
 """
 from __future__ import annotations
 
@@ -263,6 +268,8 @@ def _photos_source(spec: str) -> Source:
 
 
 def detect_kind(root: Path) -> str:
+    """'fmnist' (IDX files present), 'imagefolder' (sub-folders and no images at the top) or
+    'folder'."""
     if any(root.glob("*idx3-ubyte*")):
         return "fmnist"
     subdirs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
@@ -391,8 +398,9 @@ class ImageDataset(Dataset):
     ``DataLoader`` worker.
 
     The augmentation of sample ``index`` in ``epoch`` is seeded by (seed, epoch, index); the
-    caller's global torch and ``random`` RNG states are saved and restored around it, so
-    loading in the main process (``num_workers=0``) does not disturb masking or dropout.
+    caller's global torch (CPU; CUDA's is not touched) and ``random`` RNG states are saved and
+    restored around it, so loading in the main process (``num_workers=0``) does not disturb
+    masking or dropout.
     """
 
     max_bad_run = 1000
@@ -464,7 +472,8 @@ class ImageDataset(Dataset):
         py_state = random.getstate()
         try:
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(s)
+                # the CPU generator only: torch.manual_seed would also reseed CUDA's
+                torch.default_generator.manual_seed(s)
                 random.seed(s)
                 x = self.transform(img) if self.transform is not None else img
         finally:

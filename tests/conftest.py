@@ -34,7 +34,7 @@ def make_imagefolder(root: Path, classes: int = 3, per_class: int = 8, size: int
             d.mkdir(parents=True, exist_ok=True)
             for i in range(per_class):
                 base = np.zeros((size, size, 3), np.uint8)
-                base[..., c % 3] = 120 + 40 * c  # class-dependent colour
+                base[..., c % 3] = (120 + 40 * c) % 256  # class-dependent colour
                 img = np.clip(base + rng.integers(0, 60, (size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(d / f"{i:04d}.png")
     return root

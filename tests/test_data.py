@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import logging
+import random
 import struct
 import zlib
 from pathlib import Path
@@ -524,8 +525,11 @@ def test_augmentation_seeded_by_seed_epoch_index(tiny_folder):
     torch.set_rng_state(state)
     ref = torch.rand(3)
     torch.set_rng_state(state)
+    random.seed(5)
+    py_ref = random.random()
+    random.seed(5)
     ds[(7, 2)]
-    assert torch.equal(torch.rand(3), ref)
+    assert torch.equal(torch.rand(3), ref) and random.random() == py_ref
 
 
 def test_augmentation_same_in_workers(tiny_folder):

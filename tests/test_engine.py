@@ -106,7 +106,7 @@ class _NaNAfter(torch.nn.Module):
 def test_nonfinite_loss_stops_with_step_and_hint(cifar_dir, tmp_path, monkeypatch):
     import mimlab.tasks as T
     real = T.build_method
-    monkeypatch.setattr(T, "build_method", lambda cfg: _NaNAfter(real(cfg), 3))
+    monkeypatch.setattr(T, "build_method", lambda cfg, **kw: _NaNAfter(real(cfg, **kw), 3))
     with pytest.raises(NonFiniteLossError) as e:
         tasks.pretrain(_cfg(cifar_dir, tmp_path, "nan"))
     msg = str(e.value)
@@ -123,7 +123,7 @@ def test_nonfinite_skip_budget(cifar_dir, tmp_path, monkeypatch):
             if self.calls != 3:
                 out["loss"] = self.inner(x, y)["loss"]
             return out
-    monkeypatch.setattr(T, "build_method", lambda cfg: OneNaN(real(cfg), 2))
+    monkeypatch.setattr(T, "build_method", lambda cfg, **kw: OneNaN(real(cfg, **kw), 2))
     res = tasks.pretrain(_cfg(cifar_dir, tmp_path, "skip", "run.nonfinite_skip=1",
                               "optim.epochs=1"))
     assert res["steps"] == 5 and math.isfinite(res["final_loss"])  # one of 6 steps skipped

@@ -31,7 +31,8 @@ R-MAE (Eq. 8), mask M = patches T1 keeps, R = patches T1 removes that T2 sees::
   branch's reconstruction). The pixel target never carries gradients.
 
 C-MAE (Eq. 9-11): online encoder f (mask tokens), projector p and predictor q (2-layer MLPs,
-Linear -> BatchNorm -> GELU -> Linear by default, ``method.proj_norm``); target encoder and
+Linear -> BatchNorm -> GELU -> Linear by default -- BatchNorm as in MoCo v3, whose heads the
+paper follows; ``method.proj_norm=ln`` for batch-independent heads); target encoder and
 target projector are EMA copies (``requires_grad=False``, updated in :meth:`after_step`,
 momentum ``method.ema_momentum`` = 0.996, constant by default as the paper gives one value;
 ``method.ema_schedule=cosine`` raises it to 1 like MoCo v3 / BYOL). T1 = random masking, T2 =
@@ -62,15 +63,22 @@ dropped tokens no patch position has an online token and a target token, so thes
 instance-wise on averaged tokens (each branch averages the tokens it sees); a token-wise variant
 without mask tokens is available as ``student=drop tokens=patch view2=identity``.
 
-The loss is one-directional (Eq. 11: T1 online, T2 target) unless ``method.symmetric`` (MoCo v3,
-which averages both directions). MoCo v3 here: two crop (scale 0.08-1, flip) + colour-jitter
+The loss is one-directional (Eq. 11: f(T1 x) online, f(T2 x) target; like MAE, the view that
+misses 75 % predicts) unless ``method.symmetric`` (MoCo v3, which averages both directions; for
+C-MAE the swapped direction has the 25 %-masked view predict the other 25 %, at twice the
+encoder cost). MoCo v3 here: two crop (scale 0.08-1, flip) + colour-jitter
 (MoCo v3 strengths; second view solarised with p 0.2; no blur) views made on the batch tensor,
 no masking, EMA 0.99 -> 1 (cosine), 2-layer projector and predictor (MoCo v3 uses a 3-layer
 projector with a final BN and 4096/256 widths), symmetric InfoNCE on the class token without
 MoCo v3's ``2 tau`` loss scale.
 
-BatchNorm in the heads uses per-process statistics (no SyncBatchNorm) and needs more than one
-token per batch in training; the target projector keeps its own running statistics.
+The crops come on top of the data loader's own ``RandomResizedCrop`` (``data.crop_scale``,
+``data.hflip``); set ``data.crop_scale=[1,1] data.hflip=false`` for exactly MoCo v3's crops.
+
+Under DistributedDataParallel negatives are the process's own tokens / images (no all-gather of
+keys across GPUs as MoCo v3 does) and BatchNorm in the heads uses per-process statistics (no
+SyncBatchNorm; it needs more than one token per batch in training); the target projector keeps
+its own running statistics.
 """
 from __future__ import annotations
 
@@ -490,6 +498,9 @@ class ContrastiveSiamese(Method):
             B, N = online.tokens.shape[0], self.encoder.num_patches
             sel = query_positions(mask_q, mask_k, self.student, B, N, online.tokens.device)
             idx, valid = select_positions(sel)
+            if idx.shape[1] == 0:  # no position qualifies anywhere in the batch
+                zero = online.tokens.float().sum() * 0.0
+                return zero, zero.detach()
             zq = gather_tokens(online.grid(N), idx)
             zk = gather_tokens(target.grid(N), idx)
             if self.tokens == "patch+cls":
