@@ -60,7 +60,8 @@ def test_preset_declarations():
     assert (md["mask"], md["mask_ratio"], md["student"], md["target"], md["target_norm"],
             md["head"], md["loss"], md["loss_beta"]) == (
         "block", 0.4, "mask_token", "teacher", "layernorm", "linear", "smooth_l1", 2.0)
-    assert METHOD_PRESETS["simmim"]["loss"] == "l1" and METHOD_PRESETS["simmim"]["mask_ratio"] == 0.6
+    sm = METHOD_PRESETS["simmim"]
+    assert (sm["target"], sm["loss"], sm["mask_ratio"]) == ("pixels", "l1", 0.6)
     assert METHOD_PRESETS["maskfeat"]["target"] == "hog"
     assert METHOD_PRESETS["data2vec"]["target"] == "ema"
     # explicit fields win over the preset

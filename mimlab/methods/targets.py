@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
@@ -41,8 +40,6 @@ from ..losses import instance_norm_tokens
 from ..models import ViTEncoder, build_encoder
 from ..teachers import Size, Teacher, _pair, build_teacher
 from .masked import PixelTarget
-
-log = logging.getLogger("mimlab.targets")
 
 
 # ------------------------------------------------------------------------- frozen teachers
