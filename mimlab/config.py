@@ -138,6 +138,8 @@ class RunConfig:
     resume: Optional[str] = doc("checkpoint path, or 'auto' = the run directory's last checkpoint",
                                 default=None)
     progress: bool = doc("show a progress bar", default=True)
+    trust_checkpoints: bool = doc("load checkpoints with full pickle (weights_only=False); only "
+                                  "for files from a trusted source", default=False)
     nonfinite_skip: int = doc("skip up to this many batches with a non-finite loss before stopping",
                               default=0)
     compile: bool = doc("wrap the model in torch.compile", default=False)

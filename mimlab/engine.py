@@ -370,7 +370,7 @@ class Engine:
         return path
 
     def load(self, path: str | Path) -> None:
-        ck = load_checkpoint(path)
+        ck = load_checkpoint(path, trust=self.run_cfg.trust_checkpoints)
         missing, unexpected = self.method.load_state_dict(ck["model"], strict=False)
         if missing or unexpected:
             raise TrainingError(f"checkpoint {path} does not match this model: missing "

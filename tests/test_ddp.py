@@ -62,3 +62,29 @@ def test_resume_with_a_different_number_of_processes(cifar_dir, tmp_path):
     assert run(one + ["--resume=auto"]) == 0
     res = json.loads((tmp_path / "p/results.json").read_text())
     assert res["steps"] == 8 and res["world_size"] == 1
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found")
+def test_a_dying_rank_does_not_hang_the_others(cifar_dir, tmp_path):
+    import signal
+    import time
+    args = ["pretrain", f"--data={cifar_dir}", f"--out={tmp_path}", "--name=die",
+            "model.preset=micro", "data.limit=64", "optim.batch_size=8", "optim.epochs=200",
+            "run.progress=false", "data.num_workers=0", "run.device=cpu", "run.log_every=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.Popen([TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "mimlab.cli",
+                          *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "die/metrics.jsonl"
+    t0 = time.time()
+    while not (metrics.exists() and metrics.read_text().strip()):
+        assert p.poll() is None and time.time() - t0 < 120, "training did not start"
+        time.sleep(0.1)
+    kids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True)
+    pids = [int(x) for x in kids.stdout.split()]
+    assert len(pids) == 2
+    os.kill(pids[-1], signal.SIGKILL)          # one rank dies
+    t1 = time.time()
+    p.communicate(timeout=180)                 # the other must not hang
+    assert p.returncode != 0
+    assert time.time() - t1 < 180

@@ -143,3 +143,15 @@ def test_atomic_save_keeps_previous_on_failure(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(torch.load(p, weights_only=True)["a"], torch.ones(2))
     assert not (tmp_path / "ck.pt.tmp").exists()
+
+
+def test_fp16_uses_a_grad_scaler(cifar_dir, tmp_path):
+    res = tasks.pretrain(_cfg(cifar_dir, tmp_path, "fp16", "run.precision=fp16",
+                              "optim.epochs=1"))
+    assert math.isfinite(res["final_loss"])
+    ck = torch.load(tmp_path / "fp16/checkpoints/last.pt", weights_only=True)
+    assert ck["scaler"] and ck["scaler"]["scale"] > 0   # an enabled scaler has state
+    res = tasks.pretrain(_cfg(cifar_dir, tmp_path, "fp32", "run.precision=fp32",
+                              "optim.epochs=1"))
+    ck = torch.load(tmp_path / "fp32/checkpoints/last.pt", weights_only=True)
+    assert not ck["scaler"]                                # disabled scaler: empty state
