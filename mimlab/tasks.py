@@ -134,11 +134,12 @@ def encoder_state(ckpt: dict) -> dict:
     return enc
 
 
-def load_encoder_weights(encoder: ViTEncoder, path: str, ckpt: Optional[dict] = None) -> dict:
+def load_encoder_weights(encoder: ViTEncoder, path: str, ckpt: Optional[dict] = None,
+                         trust: bool = False) -> dict:
     """Load a pretrained encoder into ``encoder``; architecture mismatches fail listing keys.
 
     ``ckpt``: the already loaded checkpoint at ``path`` (saves reading it twice)."""
-    ck = load_checkpoint(path) if ckpt is None else ckpt
+    ck = load_checkpoint(path, trust=trust) if ckpt is None else ckpt
     sd = encoder_state(ck)
     own = encoder.state_dict()
     sd = {k: v for k, v in sd.items() if not (k == "mask_token" and k not in own)}
@@ -163,7 +164,7 @@ def load_encoder_weights(encoder: ViTEncoder, path: str, ckpt: Optional[dict] = 
 def _adopt_model_config(cfg: Any, pretrained: Optional[str], explicit_model: bool) -> None:
     """Use the checkpoint's architecture unless the user set model.* explicitly."""
     if pretrained and not explicit_model:
-        ck = load_checkpoint(pretrained)
+        ck = load_checkpoint(pretrained, trust=cfg.run.trust_checkpoints)
         mc = model_config_of(ck)
         keep_dp = cfg.model.drop_path
         cfg.model = mc
@@ -229,7 +230,7 @@ def finetune(cfg: FinetuneConfig, explicit_model: bool = False) -> dict:
     nc = ft.num_classes or len(train.classes)
     enc = build_encoder(cfg.model, mask_token=False)
     if ft.pretrained:
-        load_encoder_weights(enc, ft.pretrained)
+        load_encoder_weights(enc, ft.pretrained, trust=cfg.run.trust_checkpoints)
         log.info("fine-tuning from %s", ft.pretrained)
     else:
         log.info("fine-tuning from a random initialisation")
@@ -294,13 +295,14 @@ def _probe_encoder(cfg: ProbeConfig, device) -> nn.Module:
     """``x -> [B, D]`` frozen feature function for probing (encoder + pooling)."""
     enc = build_encoder(cfg.model, mask_token=False)
     path = cfg.probe.pretrained
-    if path and "fc_norm.weight" in load_checkpoint(path)["model"]:
-        sd = load_checkpoint(path)["model"]
+    ck = load_checkpoint(path, trust=cfg.run.trust_checkpoints) if path else None
+    if ck is not None and "fc_norm.weight" in ck["model"]:
+        sd = ck["model"]
         clf = Classifier(enc, sd["head.weight"].shape[0])
         clf.load_state_dict(sd)
         return _ClassifierFeatures(clf).to(device)
     if path:
-        load_encoder_weights(enc, path)
+        load_encoder_weights(enc, path, ckpt=ck)
     pool = cfg.probe.feature
     return _Pooled(enc, pool).to(device)
 
@@ -330,18 +332,25 @@ def knn_classify(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Ten
     return torch.cat(preds)
 
 
-def knn(cfg: ProbeConfig, explicit_model: bool = False) -> dict:
+def frozen_features(cfg: ProbeConfig, command: str, explicit_model: bool):
+    """Shared set-up of the frozen-feature protocols: run dir, datasets (no augmentation) and
+    cached features of the train and held-out splits."""
     _adopt_model_config(cfg, cfg.probe.pretrained, explicit_model)
-    run_dir, device = _prepare(cfg, "knn")
+    run_dir, device = _prepare(cfg, command)
     train = build_dataset(cfg.data, "train", cfg.model.img_size, cfg.model.in_chans, cfg.run.seed,
                           train_aug=False, labelled=True,
                           label_fraction=cfg.probe.label_fraction)
     val = build_dataset(cfg.data, "val", cfg.model.img_size, cfg.model.in_chans, cfg.run.seed,
                         train_aug=False, labelled=True, mean=train.mean, std=train.std)
-    enc = _probe_encoder(cfg, device)
-    nw = cfg.data.num_workers
-    ftr, ytr = extract_features(enc, train, device, num_workers=nw, progress=cfg.run.progress)
-    fte, yte = extract_features(enc, val, device, num_workers=nw, progress=cfg.run.progress)
+    fn = _probe_encoder(cfg, device)
+    nw, prog = cfg.data.num_workers, cfg.run.progress
+    return (run_dir, train, val, extract_features(fn, train, device, num_workers=nw, progress=prog),
+            extract_features(fn, val, device, num_workers=nw, progress=prog))
+
+
+def knn(cfg: ProbeConfig, explicit_model: bool = False) -> dict:
+    run_dir, train, val, (ftr, ytr), (fte, yte) = frozen_features(cfg, "knn",
+                                                                     explicit_model)
     nc = len(train.classes)
     pred = knn_classify(ftr, ytr, fte, cfg.probe.k, cfg.probe.temperature, nc)
     top1 = 100.0 * float((pred == yte).float().mean())
@@ -397,17 +406,8 @@ def train_linear_heads(ftr: torch.Tensor, ytr: torch.Tensor, fte: torch.Tensor,
 
 
 def linprobe(cfg: ProbeConfig, explicit_model: bool = False) -> dict:
-    _adopt_model_config(cfg, cfg.probe.pretrained, explicit_model)
-    run_dir, device = _prepare(cfg, "linprobe")
-    train = build_dataset(cfg.data, "train", cfg.model.img_size, cfg.model.in_chans, cfg.run.seed,
-                          train_aug=False, labelled=True,
-                          label_fraction=cfg.probe.label_fraction)
-    val = build_dataset(cfg.data, "val", cfg.model.img_size, cfg.model.in_chans, cfg.run.seed,
-                        train_aug=False, labelled=True, mean=train.mean, std=train.std)
-    enc = _probe_encoder(cfg, device)
-    nw = cfg.data.num_workers
-    ftr, ytr = extract_features(enc, train, device, num_workers=nw, progress=cfg.run.progress)
-    fte, yte = extract_features(enc, val, device, num_workers=nw, progress=cfg.run.progress)
+    run_dir, train, val, (ftr, ytr), (fte, yte) = frozen_features(cfg, "linprobe",
+                                                                     explicit_model)
     nc = len(train.classes)
     # choose the lr on 10 % of the training features, then retrain on all and test once
     g = torch.Generator().manual_seed(cfg.run.seed)

@@ -155,3 +155,16 @@ def test_fp16_uses_a_grad_scaler(cifar_dir, tmp_path):
                               "optim.epochs=1"))
     ck = torch.load(tmp_path / "fp32/checkpoints/last.pt", weights_only=True)
     assert not ck["scaler"]                                # disabled scaler: empty state
+
+
+class Opaque:  # an arbitrary pickled object: refused by weights_only loading
+    pass
+
+
+def test_checkpoints_load_weights_only_unless_trusted(tmp_path):
+    from mimlab.engine import load_checkpoint
+    p = tmp_path / "odd.pt"
+    torch.save({"model": {}, "extra": Opaque()}, p)
+    with pytest.raises(TrainingError, match="could not load checkpoint"):
+        load_checkpoint(p)
+    assert isinstance(load_checkpoint(p, trust=True)["extra"], Opaque)
