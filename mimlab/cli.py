@@ -27,6 +27,7 @@ SUMMARY = {
     "demo": "offline demo: brief MAE pretraining, evaluation, figure and summary",
     "export": "write a pretrained encoder as a timm-loadable state dict",
     "stats": "compute per-channel mean/std of a dataset",
+    "methods": "list the method presets and the parts each one composes",
 }
 
 
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help=SUMMARY["export"], description=SUMMARY["export"])
     e.add_argument("checkpoint", help="mimlab checkpoint (pretrain or finetune)")
     e.add_argument("output", help="output .pt (state dict + timm.create_model kwargs)")
+    sub.add_parser("methods", help=SUMMARY["methods"], description=SUMMARY["methods"])
     s = sub.add_parser("stats", help=SUMMARY["stats"], description=SUMMARY["stats"])
     s.add_argument("data", help="dataset path")
     s.add_argument("--in-chans", type=int, default=3)
@@ -171,6 +173,12 @@ def run(argv: Optional[list[str]] = None) -> int:
             from .export import export_checkpoint
             info = export_checkpoint(args.checkpoint, args.output)
             print(json.dumps(info, indent=2))
+            return 0
+        if args.command == "methods":
+            from .config import METHOD_PRESETS
+            for name, fields in METHOD_PRESETS.items():
+                print(f"{name}:")
+                print("    " + ", ".join(f"{k}={v}" for k, v in fields.items()))
             return 0
         if args.command == "stats":
             from .config import DataConfig
