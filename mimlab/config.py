@@ -571,6 +571,13 @@ def validate(cfg: Any) -> None:
     if meth is not None:
         if not 0.0 < meth.mask_ratio < 1.0:
             raise ConfigError(f"method.mask_ratio must be in (0, 1), got {meth.mask_ratio}")
+        if meth.target == "teacher" and meth.teacher_size is not None and meth.teacher_size < 32:
+            raise ConfigError(f"method.teacher_size {meth.teacher_size} is too small: the "
+                              "teacher's feature grid cannot be matched to the student's "
+                              "(CNN teachers have stride 32); use >= 32 or null")
+        if meth.target == "hog" and m is not None and m.patch_size < 2:
+            raise ConfigError(f"method.target=hog needs model.patch_size >= 2 (HOG cells inside "
+                              f"each patch), got {m.patch_size}")
         from .methods.siamese import check_method  # lazy: torch only when a method is checked
         check_method(meth)
         if meth.cache_teacher:

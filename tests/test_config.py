@@ -40,10 +40,12 @@ def test_section_defaults_differ_per_command():
     ("model.preset=vit_b61", "did you mean 'vit_b16'"),
     ("data.crop_scale=[0.5]", "crop_scale"),
     ("noequals", "key=value"),
+    ("method.teacher_size=8", "teacher_size 8 is too small"),
 ])
 def test_bad_configs_fail_with_one_clear_line(override, needle):
     with pytest.raises(ConfigError) as e:
-        resolve(PretrainConfig, overrides=[override])
+        resolve(PretrainConfig, overrides=[override] + (
+            ["method.name=maskdistill"] if "teacher_size" in override else []))
     assert needle in str(e.value)
     assert "\n" not in str(e.value)
 
