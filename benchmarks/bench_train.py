@@ -74,6 +74,18 @@ def make_step(model, loss_fn, x, y=None, foreach=True):
     return step
 
 
+def mimlab_mae_step(preset: str, batch: int, overrides=(), foreach: bool = True):
+    """One full mimlab MAE training step (forward, backward, AdamW) on a fixed random batch,
+    as used by ``bench_data.py`` (training rate) and ``bench_memory.py`` (peak RSS).
+    Returns ``(step, method, cfg)``."""
+    torch.manual_seed(0)
+    cfg = resolve(PretrainConfig, overrides=[f"model.preset={preset}", *overrides])
+    m = cfg.model
+    x = torch.randn(batch, m.in_chans, m.img_size, m.img_size)
+    method = build_method(cfg)
+    return make_step(method, lambda mod, a, b: mod(a)["loss"], x, foreach=foreach), method, cfg
+
+
 def flops_per_image(fn, batch: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
     with FlopCounterMode(display=False) as fc:
@@ -94,12 +106,13 @@ def time_pair(steps: dict, reps: int, warmup: int = 1) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench(preset: str, batch: int, reps: int, what: str) -> dict:
+def bench(preset: str, batch: int, reps: int, what: str, peak_size: int = 2048) -> dict:
     torch.manual_seed(0)
     cfg = resolve(PretrainConfig, overrides=[f"model.preset={preset}"])
     m = cfg.model
     x = torch.randn(batch, m.in_chans, m.img_size, m.img_size)
-    res = {"preset": preset, "batch": batch, "threads": torch.get_num_threads(), "what": what}
+    res = {"bench": "train", "preset": preset, "batch": batch, "reps": reps,
+           "threads": torch.get_num_threads(), "what": what}
     if what == "mae":
         ours = build_method(cfg)
         ref = hf_mae(cfg)
@@ -117,7 +130,7 @@ def bench(preset: str, batch: int, reps: int, what: str) -> dict:
         fl = flops_per_image(lambda: ours(x, y)["loss"].backward(), batch)
         res["reference_name"] = "timm.VisionTransformer"
     t = time_pair(steps, reps)
-    peak = matmul_peak_gflops()
+    peak = matmul_peak_gflops(peak_size)
     res.update({
         "mimlab_img_s": batch / t["mimlab"], "reference_img_s": batch / t["reference"],
         "ratio": t["reference"] / t["mimlab"], "gflops_per_image": fl / 1e9,
@@ -133,13 +146,15 @@ def main():
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--what", choices=["mae", "finetune", "both"], default="both")
+    ap.add_argument("--peak-size", type=int, default=2048,
+                    help="matrix size of the fp32 matmul-peak measurement")
     ap.add_argument("--json", help="append results as JSON lines to this file")
     a = ap.parse_args()
     whats = ["mae", "finetune"] if a.what == "both" else [a.what]
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     for w in whats:
-        r = bench(a.preset, a.batch, a.reps, w)
+        r = bench(a.preset, a.batch, a.reps, w, a.peak_size)
         print(f"{w:9s} {a.preset:8s} batch {a.batch:4d}: mimlab {r['mimlab_img_s']:8.1f} img/s | "
               f"{r['reference_name']} {r['reference_img_s']:8.1f} img/s | ratio "
               f"{r['ratio']:.2f}x | {r['gflops_per_image']:.2f} GFLOP/img, "

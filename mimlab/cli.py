@@ -1,4 +1,5 @@
-"""``mimlab`` command line: pretrain | finetune | linprobe | knn | demo | export | stats.
+"""``mimlab`` command line: pretrain | finetune | linprobe | knn | demo | export | stats |
+analyze | visualize (the last two: :mod:`mimlab.analysis.cli`).
 
 Every training/evaluation command takes ``--config file.yaml`` and ``key=value`` overrides
 (e.g. ``optim.epochs=5 model.preset=vit_b16``); ``mimlab <command> --help`` lists every key
@@ -28,6 +29,7 @@ SUMMARY = {
     "export": "write a pretrained encoder as a timm-loadable state dict",
     "stats": "compute per-channel mean/std of a dataset",
     "methods": "list the method presets and the parts each one composes",
+    "bench": "benchmark training steps, data pipeline and memory; write a markdown report",
 }
 
 
@@ -93,11 +95,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint", help="mimlab checkpoint (pretrain or finetune)")
     e.add_argument("output", help="output .pt (state dict + timm.create_model kwargs)")
     sub.add_parser("methods", help=SUMMARY["methods"], description=SUMMARY["methods"])
+    from .benchmarking import add_parser as add_bench_parser
+    add_bench_parser(sub, SUMMARY["bench"])  # bench [--quick] [--out docs/performance.md]
     s = sub.add_parser("stats", help=SUMMARY["stats"], description=SUMMARY["stats"])
     s.add_argument("data", help="dataset path")
     s.add_argument("--in-chans", type=int, default=3)
     s.add_argument("--img-size", type=int, default=32)
     s.add_argument("--max-images", type=int, default=5000)
+    from .analysis.cli import add_parsers as add_analysis_parsers
+    add_analysis_parsers(sub)  # analyze cka | psnr, visualize
     return ap
 
 
@@ -174,12 +180,19 @@ def run(argv: Optional[list[str]] = None) -> int:
             info = export_checkpoint(args.checkpoint, args.output)
             print(json.dumps(info, indent=2))
             return 0
+        if args.command == "bench":
+            from .benchmarking import main_from_args
+            return main_from_args(args)
         if args.command == "methods":
             from .config import METHOD_PRESETS
             for name, fields in METHOD_PRESETS.items():
                 print(f"{name}:")
                 print("    " + ", ".join(f"{k}={v}" for k, v in fields.items()))
             return 0
+        from .analysis.cli import dispatch as analysis_dispatch
+        rc = analysis_dispatch(args, ap)  # analyze / visualize; None for other commands
+        if rc is not None:
+            return rc
         if args.command == "stats":
             from .config import DataConfig
             from .data import compute_mean_std

@@ -98,6 +98,22 @@ def git_version() -> str:
         return "unknown"
 
 
+def make_loader(dataset, batch_size: int, seed: int, epoch: int, start: int = 0, rank: int = 0,
+                world: int = 1, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+    """The training DataLoader of one epoch (what :class:`Engine` iterates; also used by
+    ``benchmarks/bench_data.py``): seeded :class:`EpochSampler` order from sample ``start``
+    on, this rank's share, full batches only, ``num_workers`` forked worker processes."""
+    sampler = EpochSampler(len(dataset), seed, epoch, rank, world, start=start)
+    bs = BatchSampler(sampler, batch_size, drop_last=True)
+    # a private generator: creating a loader must not consume the global RNG (which drives
+    # masking and dropout), or a resumed run would diverge from an uninterrupted one
+    gen = torch.Generator().manual_seed(seed * 1000 + epoch)
+    return DataLoader(dataset, batch_sampler=bs, num_workers=num_workers, generator=gen,
+                      pin_memory=pin_memory, persistent_workers=False,
+                      multiprocessing_context="fork" if num_workers > 0 and os.name == "posix"
+                      else None)
+
+
 def rng_state() -> dict:
     np_state = np.random.get_state()
     st = {"torch": torch.get_rng_state(),
@@ -397,18 +413,12 @@ class Engine:
 
     # ---------------------------------------------------------------- loop
     def _loader(self, epoch: int, start_micro: int) -> DataLoader:
-        sampler = EpochSampler(len(self.dataset), self.run_cfg.seed, epoch, self.rank, self.world,
-                               start=start_micro * self.optim_cfg.batch_size * self.world)
-        bs = BatchSampler(sampler, self.optim_cfg.batch_size, drop_last=True)
         nw = getattr(self.config, "data", None)
         nw = nw.num_workers if nw is not None else 0
-        # a private generator: creating a loader must not consume the global RNG (which drives
-        # masking and dropout), or a resumed run would diverge from an uninterrupted one
-        gen = torch.Generator().manual_seed(self.run_cfg.seed * 1000 + epoch)
-        return DataLoader(self.dataset, batch_sampler=bs, num_workers=nw, generator=gen,
-                          pin_memory=self.device.type == "cuda",
-                          persistent_workers=False,
-                          multiprocessing_context="fork" if nw > 0 and os.name == "posix" else None)
+        return make_loader(self.dataset, self.optim_cfg.batch_size, self.run_cfg.seed, epoch,
+                           start=start_micro * self.optim_cfg.batch_size * self.world,
+                           rank=self.rank, world=self.world, num_workers=nw,
+                           pin_memory=self.device.type == "cuda")
 
     def _set_lr(self) -> float:
         lr = lr_at(self.global_step, self.total_steps, self.warmup_steps, self.peak_lr,

@@ -1,1 +1,14 @@
-"""Analysis tools: representation similarity (CKA) and reconstruction quality (PSNR)."""
+"""Analysis tools: representation similarity (CKA) and reconstruction quality (PSNR).
+
+* :mod:`.metrics` -- linear CKA, the mini-batch CKA accumulator, PSNR;
+* :mod:`.cka` -- ``mimlab analyze cka``: block-wise CKA between full and masked images (Fig. 1
+  of Kong & Zhang 2022);
+* :mod:`.recon` -- reconstructions of MAE / R-MAE checkpoints: ``mimlab visualize`` and
+  ``mimlab analyze psnr`` (Tab. 1's PSNR);
+* :mod:`.cli` -- the argument parsers of those commands.
+"""
+
+
+class AnalysisError(Exception):
+    """A request the analysis tools cannot serve (e.g. reconstructing with a contrastive
+    checkpoint); the CLI prints its message as one line."""

@@ -1,0 +1,411 @@
+"""``mimlab bench``: run the benchmark scripts and write a markdown performance report.
+
+The measurements live in ``benchmarks/`` (``bench_train.py``, ``bench_data.py``,
+``bench_memory.py``); this module only plans their command lines, runs each as a subprocess
+(one after the other, never overlapping) with ``--json FILE``, collects the JSON lines and
+writes the report: date, machine (CPU model, cores, memory, load average), versions (python,
+torch, torchvision, timm, transformers, mimlab and its git commit), the commands, the result
+tables and the console output. A raw copy of everything goes next to the report (``.json``).
+
+Full run (tiny: MAE + fine-tune steps at batch 128; vit_b16: MAE steps at batch 16; data
+pipeline on CIFAR-10 and a generated 224 px folder; peak RSS of tiny@128, vit_b16@16,
+vit_b16@64) takes several minutes on a small CPU machine; ``--quick`` is a smoke run with
+small batches and single repetitions whose numbers are not meant to be quoted.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+REPO = Path(__file__).resolve().parents[1]
+KINDS = ("train", "data", "memory")
+DEFAULT_OUT = "docs/performance.md"
+
+
+@dataclass
+class Step:
+    """One benchmark command: ``python benchmarks/<script> <args> --json FILE``."""
+    name: str
+    kind: str          # train | data | memory
+    script: str
+    args: list[str] = field(default_factory=list)
+
+    def argv(self, json_file: Optional[str] = None) -> list[str]:
+        tail = ["--json", json_file] if json_file else []
+        return [sys.executable, str(benchmarks_dir() / self.script), *self.args, *tail]
+
+    def shown(self) -> str:
+        """The command as a user would type it from the repository root."""
+        return " ".join(["python", f"benchmarks/{self.script}",
+                         *map(shlex.quote, self.args), "--json", "results.jsonl"])
+
+
+def benchmarks_dir() -> Path:
+    d = REPO / "benchmarks"
+    if not (d / "bench_train.py").is_file():
+        raise FileNotFoundError(f"{d}: benchmark scripts not found; `mimlab bench` needs the "
+                                "source checkout (pip install -e .)")
+    return d
+
+
+def plan(quick: bool = False, only: Optional[set] = None, cifar: Optional[str] = None
+         ) -> list[Step]:
+    """The benchmark commands of a full (or ``quick``) run, restricted to the kinds in ``only``."""
+    c = ["--cifar", cifar] if cifar else []
+    if quick:
+        steps = [
+            Step("train tiny", "train", "bench_train.py",
+                 ["--preset", "tiny", "--batch", "8", "--what", "both", "--reps", "1",
+                  "--peak-size", "512"]),
+            Step("train vit_b16", "train", "bench_train.py",
+                 ["--preset", "vit_b16", "--batch", "2", "--what", "mae", "--reps", "1",
+                  "--peak-size", "512"]),
+            Step("data", "data", "bench_data.py",
+                 ["--batch-cifar", "16", "--batch-folder", "2", "--batches", "4", "--reps", "1",
+                  "--fed-steps", "1", "--folder-images", "24", *c]),
+            Step("memory", "memory", "bench_memory.py",
+                 ["--configs", "tiny@16,vit_b16@2", "--steps", "1"]),
+        ]
+    else:
+        steps = [
+            Step("train tiny", "train", "bench_train.py",
+                 ["--preset", "tiny", "--batch", "128", "--what", "both", "--reps", "5"]),
+            Step("train vit_b16", "train", "bench_train.py",
+                 ["--preset", "vit_b16", "--batch", "16", "--what", "mae", "--reps", "3"]),
+            Step("data", "data", "bench_data.py",
+                 ["--workers", "2", "--preset-cifar", "tiny", "--batch-cifar", "128",
+                  "--preset-folder", "vit_b16", "--batch-folder", "16", *c]),
+            Step("memory", "memory", "bench_memory.py",
+                 ["--configs", "tiny@128,vit_b16@16,vit_b16@64", "--limit-gib", "8"]),
+        ]
+    return [s for s in steps if only is None or s.kind in only]
+
+
+def child_env(extra: Optional[dict] = None) -> dict:
+    env = {**os.environ, **(extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_steps(steps: list[Step], workdir: Path, echo: bool = True,
+              timeout: Optional[float] = None, env: Optional[dict] = None) -> list[dict]:
+    """Run each step as a subprocess in the repository root (``env``: extra environment
+    variables), streaming its output when ``echo``; returns per step: name, kind, command,
+    exit status, seconds, output and the JSON records it wrote."""
+    out = []
+    for i, st in enumerate(steps):
+        jf = workdir / f"{i}-{st.kind}.jsonl"
+        if echo:
+            print(f"$ {st.shown()}", flush=True)
+        t = time.time()
+        p = subprocess.Popen(st.argv(str(jf)), cwd=REPO, env=child_env(env), text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        lines = []
+        try:
+            for line in p.stdout:
+                lines.append(line)
+                if echo:
+                    print("  " + line, end="", flush=True)
+            rc = p.wait(timeout=timeout)
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
+            p.kill()
+            p.wait()
+            raise
+        records = []
+        if jf.exists():
+            records = [json.loads(ln) for ln in jf.read_text().splitlines() if ln.strip()]
+        out.append({"name": st.name, "kind": st.kind, "command": st.shown(), "rc": rc,
+                    "seconds": time.time() - t, "output": "".join(lines), "records": records})
+        if echo and rc != 0:
+            print(f"  (exit status {rc})", flush=True)
+    return out
+
+
+# ------------------------------------------------------------------------ machine and versions
+def _cpuinfo() -> dict:
+    model, cores = None, set()
+    phys = core = None
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines() + [""]:
+        k, _, v = (s.strip() for s in line.partition(":"))
+        if k == "model name" and model is None:
+            model = v
+        elif k == "physical id":
+            phys = v
+        elif k == "core id":
+            core = v
+        elif not line.strip():
+            if core is not None:
+                cores.add((phys, core))
+            phys = core = None
+    return {"cpu_model": model or platform.processor() or platform.machine(),
+            "physical_cores": len(cores) or None}
+
+
+def _meminfo_gib() -> Optional[float]:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) / 2 ** 20
+    except OSError:
+        pass
+    return None
+
+
+def machine_info() -> dict:
+    info = _cpuinfo()
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        usable = os.cpu_count()
+    info.update(logical_cpus=os.cpu_count(), usable_cpus=usable, memory_gib=_meminfo_gib(),
+                os=f"{platform.system()} {platform.release()}", arch=platform.machine(),
+                omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
+                loadavg_start=os.getloadavg()[0] if hasattr(os, "getloadavg") else None)
+    return info
+
+
+def _git(*args) -> Optional[str]:
+    try:
+        p = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+        return p.stdout.strip() if p.returncode == 0 else None
+    except Exception:  # noqa: BLE001 - best effort
+        return None
+
+
+def versions() -> dict:
+    from importlib import metadata
+    v = {"python": platform.python_version()}
+    for pkg in ("torch", "torchvision", "timm", "transformers", "numpy", "pillow"):
+        try:
+            v[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            v[pkg] = "not installed"
+    from . import __version__
+    v["mimlab"] = __version__
+    v["git"] = _git("rev-parse", "--short", "HEAD") or "unknown"
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    v["git_dirty"] = bool(status) if status is not None else None
+    return v
+
+
+# ------------------------------------------------------------------------ report
+def _f(x, nd: int = 1, suffix: str = "") -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, (int, float)):
+        return f"{x:,.{nd}f}{suffix}"
+    return str(x)
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return out
+
+
+def render(meta: dict, results: list[dict]) -> str:
+    m, v = meta["machine"], meta["versions"]
+    recs = {k: [r for s in results if s["kind"] == k for r in s["records"]] for k in KINDS}
+    L = ["# mimlab performance", ""]
+    L.append(f"Generated by `{meta['command']}` on {meta['date']} in {meta['seconds']:.0f} s.")
+    if meta.get("quick"):
+        L += ["", "**Quick smoke run** (small batches, one repetition): the numbers check that "
+              "the benchmarks run; do not quote them."]
+    load = m.get("loadavg_start")
+    if load is not None and m.get("usable_cpus") and load > 0.5:
+        L += ["", f"Note: the 1-minute load average was {load:.2f} at the start and "
+              f"{_f(meta.get('loadavg_end'), 2)} at the end on {m['usable_cpus']} CPUs: other "
+              "work was running, so rates are lower than on an idle machine."]
+    L += ["", "## Machine and software", ""]
+    cores = f"{m['logical_cpus']} logical CPUs"
+    if m.get("physical_cores"):
+        cores += f", {m['physical_cores']} physical cores"
+    if m.get("usable_cpus") != m.get("logical_cpus"):
+        cores += f", {m['usable_cpus']} usable by this process"
+    dirty = " + uncommitted changes" if v.get("git_dirty") else ""
+    L += _table(["", ""], [
+        ["CPU", f"{m['cpu_model']} ({cores})"],
+        ["memory", _f(m.get("memory_gib"), 1, " GiB")],
+        ["OS", f"{m['os']} ({m['arch']})"],
+        ["OMP_NUM_THREADS", m.get("omp_num_threads") or "unset (torch uses all cores)"],
+        ["python", v["python"]],
+        ["torch / torchvision", f"{v['torch']} / {v['torchvision']}"],
+        ["timm / transformers", f"{v['timm']} / {v['transformers']}"],
+        ["numpy / pillow", f"{v['numpy']} / {v['pillow']}"],
+        ["mimlab", f"{v['mimlab']}, git {v['git']}{dirty}"],
+    ])
+    L += ["", "## Commands", "", "Run one after the other from the repository root "
+          "(`mimlab bench` writes the JSON lines to a temporary file):", "", "```"]
+    for s in results:
+        L.append(s["command"])
+    L += ["```", ""]
+    L += _table(["command", "seconds", "exit status"],
+                [[s["name"], _f(s["seconds"], 0), str(s["rc"])] for s in results])
+
+    if recs["train"]:
+        L += ["", "## Training step (`bench_train.py`)", "",
+              "Full steps (forward, backward, AdamW) on random tensors, fp32, mimlab and the "
+              "reference alternated, median over repetitions. ratio = reference step time / "
+              "mimlab step time (> 1: mimlab faster). FLOPs of the mimlab step counted with "
+              "`torch.utils.flop_counter`; peak = best fp32 matmul measured in the same run.",
+              ""]
+        rows = [[r["what"], r["preset"], str(r["batch"]), str(r.get("reps", "-")),
+                 str(r["threads"]), _f(r["mimlab_img_s"]), r["reference_name"],
+                 _f(r["reference_img_s"]), _f(r["ratio"], 2), _f(r["gflops_per_image"], 2),
+                 _f(r["mimlab_gflop_s"], 0),
+                 f"{100 * r['fraction_of_peak']:.0f} % of {r['matmul_peak_gflop_s']:.0f}"]
+                for r in recs["train"]]
+        L += _table(["step", "preset", "batch", "reps", "threads", "mimlab img/s", "reference",
+                     "reference img/s", "ratio", "GFLOP/img", "mimlab GFLOP/s",
+                     "of matmul peak GFLOP/s"], rows)
+
+    if recs["data"]:
+        L += ["", "## Data pipeline (`bench_data.py`)", "",
+              "data = images/s of mimlab's training DataLoader (decode + RandomResizedCrop + "
+              "flip + normalise + the method's patch mask per sample) with the given workers "
+              "and training idle; train = images/s of MAE training steps of the matching "
+              "preset measured in the same run. data/train < 1: training would wait on data "
+              "even with cores reserved for the workers. cores for data = cores the pipeline "
+              "needs to keep up with training (taken from training where they share the "
+              "machine). fed = training steps fed by that DataLoader as the engine runs them, "
+              "workers and training sharing the machine.", ""]
+        rows = [[r["case"], str(r["img_size"]), str(r["workers"]), str(r["batch"]),
+                 _f(r["data_img_s"]), f"{r['train_preset']}@{r['train_batch']}",
+                 _f(r["train_img_s"]), _f(r["ratio"], 2),
+                 "**yes**" if r["training_waits"] else "no", _f(r["cores_for_data"], 2),
+                 _f(r.get("fed_img_s")), _f(r.get("fed_over_train"), 2)]
+                for r in recs["data"]]
+        L += _table(["dataset", "px", "workers", "batch", "data img/s", "train", "train img/s",
+                     "data / train", "training waits?", "cores for data", "fed img/s",
+                     "fed / train"], rows)
+        seen = set()
+        L.append("")
+        for r in recs["data"]:
+            if r["case"] not in seen:
+                seen.add(r["case"])
+                L.append(f"- {r['case']}: {r['dataset']}: {r['source']}; {r['files']} files, "
+                         f"typically {r['typical_px']} px, {r['mean_file_kib']} KiB on average; "
+                         f"mask {r['mask']} ({r['mask_us_per_image']:.0f} µs/image); worker "
+                         f"start-up {r['data_startup_s']:.2f} s")
+
+    if recs["memory"]:
+        mem = recs["memory"]
+        limit = next((r["limit_gib"] for r in mem if r.get("limit_gib")), 8.0)
+        L += ["", "## Peak memory (`bench_memory.py`)", "",
+              "Peak resident set size (VmHWM) of one process running MAE training steps "
+              "(fp32, AdamW), each configuration in a fresh process; \"after imports\" is the "
+              "python + torch runtime included in the peak. DataLoader workers are separate "
+              "processes (not included).", ""]
+        rows = []
+        for r in mem:
+            if r.get("error"):
+                rows.append([r["preset"], str(r["batch"]), f"failed: {r['error']}", "-", "-",
+                             "-", "-"])
+                continue
+            per = r.get("peak_gib_per_step") or []
+            rows.append([r["preset"], str(r["batch"]), _f(r["peak_gib"], 2),
+                         _f(per[0], 2) if per else "-", _f(r["rss_after_import_gib"], 2),
+                         _f(r["state_gib"], 2) + f" ({r['params'] / 1e6:.1f} M params)",
+                         "yes" if r["fits_limit"] else "**no**"])
+        L += _table(["preset", "batch", "peak RSS GiB", "after step 1 GiB", "after imports GiB",
+                     "weights+grads+AdamW GiB", f"fits in {limit:g} GiB"], rows)
+        b64 = [r for r in mem if r["preset"] == "vit_b16" and r["batch"] == 64]
+        for r in b64:
+            if r.get("error"):
+                L += ["", f"vit_b16 at batch 64 did not complete ({r['error']})."]
+            else:
+                L += ["", f"vit_b16 at batch 64 {'fits' if r['fits_limit'] else 'does NOT fit'} "
+                      f"in {limit:g} GiB: peak {r['peak_gib']:.2f} GiB."]
+
+    L += ["", "## Console output", "", "<details><summary>show</summary>", "", "```"]
+    for s in results:
+        L.append(f"$ {s['command']}")
+        L.append(s["output"].rstrip())
+    L += ["```", "", "</details>", ""]
+    return "\n".join(L)
+
+
+def run_bench(out: str = DEFAULT_OUT, quick: bool = False, only: Optional[set] = None,
+              cifar: Optional[str] = None, dry_run: bool = False, echo: bool = True,
+              steps: Optional[list[Step]] = None) -> int:
+    """Run the plan (or ``steps``), write ``out`` (markdown) and ``out`` with ``.json``.
+    Returns 0, or 1 when a benchmark exited with an error (the report is still written)."""
+    steps = plan(quick, only, cifar) if steps is None else steps
+    if dry_run:
+        for s in steps:
+            print(s.shown())
+        return 0
+    t0 = time.time()
+    meta = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "command": "mimlab bench" + (" --quick" if quick else "") +
+                       (f" --only {','.join(sorted(only))}" if only else ""),
+            "quick": quick, "machine": machine_info(), "versions": versions()}
+    with tempfile.TemporaryDirectory(prefix="mimlab-bench-") as tmp:
+        results = run_steps(steps, Path(tmp), echo=echo)
+    meta["seconds"] = time.time() - t0
+    meta["loadavg_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    outp = Path(out)
+    outp.parent.mkdir(parents=True, exist_ok=True)
+    outp.write_text(render(meta, results))
+    outp.with_suffix(".json").write_text(json.dumps({"meta": meta, "results": results},
+                                                    indent=1, default=str))
+    failed = [s["name"] for s in results if s["rc"] != 0]
+    if echo:
+        print(f"report: {outp} (raw: {outp.with_suffix('.json')})")
+        if failed:
+            print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+# ------------------------------------------------------------------------ CLI
+def add_parser(sub, summary: str) -> argparse.ArgumentParser:
+    """The ``bench`` sub-command (called from :func:`mimlab.cli.build_parser`)."""
+    p = sub.add_parser("bench", help=summary, description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: small batches, one repetition (numbers not representative)")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"markdown report (default {DEFAULT_OUT}); "
+                   "the raw results go to the same name with .json")
+    p.add_argument("--only", default=None,
+                   help="comma list of benchmarks to run: train, data, memory (default all)")
+    p.add_argument("--cifar", default=None, help="CIFAR-10 copy for the data benchmark "
+                   "(default ../shared/data/cifar10)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    return p
+
+
+def main_from_args(args) -> int:
+    only = None
+    if args.only:
+        only = {s.strip() for s in args.only.split(",") if s.strip()}
+        bad = only - set(KINDS)
+        if bad:
+            print(f"mimlab bench: unknown benchmark(s) {', '.join(sorted(bad))}; choose from "
+                  f"{', '.join(KINDS)}", file=sys.stderr)
+            return 2
+    try:
+        benchmarks_dir()
+    except FileNotFoundError as e:
+        print(f"mimlab bench: {e}", file=sys.stderr)
+        return 1
+    return run_bench(args.out, args.quick, only, args.cifar, args.dry_run)

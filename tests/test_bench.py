@@ -1,0 +1,112 @@
+"""The benchmark scripts (benchmarks/bench_{train,data,memory}.py) and ``mimlab bench`` run end to
+end on the micro preset with minimal sizes, one torch thread. Smoke test: every script exits 0,
+its ``--json`` lines parse and the rates and ratios are positive finite numbers. Nothing is
+asserted about speed."""
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+
+from mimlab import benchmarking, cli
+from mimlab.benchmarking import Step
+
+pytestmark = pytest.mark.slow
+
+
+def micro_steps(cifar_dir) -> list[Step]:
+    return [
+        Step("train micro", "train", "bench_train.py",
+             ["--preset", "micro", "--batch", "4", "--what", "both", "--reps", "1",
+              "--peak-size", "128"]),
+        Step("data micro", "data", "bench_data.py",
+             ["--cifar", str(cifar_dir), "--workers", "2",
+              "--preset-cifar", "micro", "--batch-cifar", "8",
+              "--preset-folder", "micro", "--batch-folder", "4", "--folder-images", "12",
+              "--folder-side", "48", "--batches", "3", "--reps", "1", "--fed-steps", "1"]),
+        Step("memory micro", "memory", "bench_memory.py",
+             ["--configs", "micro@4,micro@8", "--steps", "1", "--fits", "micro@8"]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def bench_results(cifar_dir, tmp_path_factory):
+    return benchmarking.run_steps(micro_steps(cifar_dir), tmp_path_factory.mktemp("bench"),
+                                  echo=False, timeout=300, env={"OMP_NUM_THREADS": "1"})
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def test_scripts_exit_zero_and_write_json(bench_results):
+    print({s["name"]: round(s["seconds"], 1) for s in bench_results})
+    for s in bench_results:
+        assert s["rc"] == 0, f"{s['command']}\n{s['output'][-3000:]}"
+        assert s["records"], f"{s['name']} wrote no JSON"
+        assert all(r["bench"] == s["kind"] for r in s["records"])
+
+
+def test_train_records(bench_results):
+    (s,) = [s for s in bench_results if s["kind"] == "train"]
+    assert sorted(r["what"] for r in s["records"]) == ["finetune", "mae"]
+    for r in s["records"]:
+        assert r["preset"] == "micro" and r["batch"] == 4
+        for k in ("mimlab_img_s", "reference_img_s", "ratio", "gflops_per_image",
+                  "mimlab_gflop_s", "matmul_peak_gflop_s", "fraction_of_peak"):
+            assert positive(r[k]), (k, r[k])
+    assert "ratio" in s["output"]
+
+
+def test_data_records(bench_results):
+    (s,) = [s for s in bench_results if s["kind"] == "data"]
+    assert [r["case"] for r in s["records"]] == ["cifar", "folder"]
+    for r in s["records"]:
+        assert r["workers"] == 2 and r["train_preset"] == "micro"
+        for k in ("data_img_s", "data_overall_img_s", "train_img_s", "ratio", "cores_for_data",
+                  "fed_img_s", "fed_over_train", "mask_us_per_image"):
+            assert positive(r[k]), (k, r[k])
+        assert r["ratio"] == pytest.approx(r["data_img_s"] / r["train_img_s"])
+        assert r["training_waits"] is (r["ratio"] < 1)
+        assert r["mask"] == "random 0.75" and r["files"] > 0
+    assert s["records"][1]["files"] == 12  # the generated photo folder
+    assert sum(ln.startswith(("cifar ", "folder ")) for ln in s["output"].splitlines()) == 2
+    assert "training would" in s["output"] or "training WOULD" in s["output"]
+
+
+def test_memory_records(bench_results):
+    (s,) = [s for s in bench_results if s["kind"] == "memory"]
+    recs = s["records"]
+    assert [(r["preset"], r["batch"]) for r in recs] == [("micro", 4), ("micro", 8)]
+    assert len({r["pid"] for r in recs} | {os.getpid()}) == 3  # one fresh process each
+    for r in recs:
+        assert "error" not in r
+        assert positive(r["peak_gib"]) and r["peak_gib"] >= r["rss_after_import_gib"] > 0
+        assert isinstance(r["fits_limit"], bool)
+    assert "# micro@8 fits in 8 GiB:" in s["output"]
+
+
+def test_report(bench_results, tmp_path, monkeypatch, cifar_dir):
+    monkeypatch.setattr(benchmarking, "run_steps", lambda *a, **k: bench_results)
+    out = tmp_path / "docs" / "performance.md"
+    rc = benchmarking.run_bench(str(out), quick=True, steps=micro_steps(cifar_dir), echo=False)
+    assert rc == 0
+    md = out.read_text()
+    for head in ("# mimlab performance", "## Machine and software", "## Commands",
+                 "## Training step", "## Data pipeline", "## Peak memory", "## Console output"):
+        assert head in md
+    assert "python benchmarks/bench_data.py" in md and "torch / torchvision" in md
+    assert "| mae | micro | 4 |" in md and "| cifar | 32 | 2 | 8 |" in md
+    raw = json.loads(out.with_suffix(".json").read_text())
+    assert raw["meta"]["versions"]["torch"] and raw["meta"]["machine"]["logical_cpus"] >= 1
+    assert len(raw["results"]) == 3
+
+
+def test_cli_bench_dry_run(capsys):
+    assert cli.run(["bench", "--quick", "--dry-run"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [ln.split()[1] for ln in lines] == ["benchmarks/bench_train.py"] * 2 + [
+        "benchmarks/bench_data.py", "benchmarks/bench_memory.py"]
+    assert cli.run(["bench", "--only", "memory,nope"]) == 2
