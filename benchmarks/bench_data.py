@@ -7,8 +7,8 @@ For each case (dataset + matching model preset) it measures, in one run:
   training dataset (``data.build_dataset``: file read + JPEG decode + RandomResizedCrop
   (bicubic, scale 0.2-1) + flip + normalise) plus the method's patch mask for every sample
   (random 75 % for MAE; ``--method simmim`` gives block masks), with training idle;
-  the steady rate is taken over the last 3/4 of ``--batches`` batches (worker start-up is
-  reported apart);
+  the steady rate is timed over whole rounds of ``workers`` batches after the first quarter
+  of ``--batches`` (worker start-up is reported apart);
 * **train rate**: images/s of full mimlab MAE training steps (forward, backward, AdamW) of the
   matching preset on random tensors, the same function as ``bench_train.py``, median of
   ``--reps``;
@@ -140,12 +140,16 @@ def data_rate(ds, batch: int, workers: int, batches: int, seed: int = 0) -> dict
         next(it)
         arrivals.append(time.perf_counter() - t0)
     del it, loader  # shuts the workers down
-    k0 = max(1, n // 4) if n >= 2 else 0
-    if n >= 2:
-        steady = (n - 1 - k0) * batch / (arrivals[-1] - arrivals[k0]) if n - 1 > k0 else \
-            batch / (arrivals[-1] - arrivals[0])
-    else:
-        steady = batch / arrivals[0]
+    # the workers deliver in rounds of `workers` batches made in parallel: time whole rounds,
+    # from the end of the first quarter of them (at least the first round: start-up) on
+    w = max(1, workers)
+    rounds = n // w
+    if rounds >= 2:
+        k0 = max(1, rounds // 4) * w - 1
+        last = rounds * w - 1
+        steady = (last - k0) * batch / (arrivals[last] - arrivals[k0])
+    else:  # too few batches for a steady rate: the overall one, start-up included
+        steady = n * batch / arrivals[-1]
     return {"data_img_s": steady, "data_startup_s": arrivals[0],
             "data_overall_img_s": n * batch / arrivals[-1], "batches": n}
 
@@ -297,7 +301,7 @@ def main():
                 t = time.perf_counter()
                 make_photo_folder(tmp, a.folder_images, a.folder_side)
                 path = str(tmp)
-                source = (f"generated: {a.folder_images} random crops of scikit-image photos, "
+                source = (f"{a.folder_images} random crops of scikit-image's photos, "
                           f"{a.folder_side} px short side, JPEG q90 "
                           f"({time.perf_counter() - t:.1f} s to write)")
             root = Path(path) / "train" if (Path(path) / "train").is_dir() else Path(path)
@@ -314,8 +318,9 @@ def main():
                 f.write(json.dumps(r) + "\n")
     if results:
         worst = min(results, key=lambda r: r["ratio"])
+        verdict = "data-bound" if worst["training_waits"] else "not data-bound"
         print(f"# lowest data/train: {worst['case']} with {worst['workers']} worker(s): "
-              f"{worst['ratio']:.2f} ({'data-bound' if worst['training_waits'] else 'not data-bound'})")
+              f"{worst['ratio']:.2f} ({verdict})")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ def micro_steps(cifar_dir) -> list[Step]:
         Step("data micro", "data", "bench_data.py",
              ["--cifar", str(cifar_dir), "--workers", "2",
               "--preset-cifar", "micro", "--batch-cifar", "8",
-              "--preset-folder", "micro", "--batch-folder", "4", "--folder-images", "12",
-              "--folder-side", "48", "--batches", "3", "--reps", "1", "--fed-steps", "1"]),
+              "--preset-folder", "micro", "--batch-folder", "4", "--folder-images", "16",
+              "--folder-side", "48", "--batches", "4", "--reps", "1", "--fed-steps", "1"]),
         Step("memory micro", "memory", "bench_memory.py",
              ["--configs", "micro@4,micro@8", "--steps", "1", "--fits", "micro@8"]),
     ]
@@ -71,7 +71,7 @@ def test_data_records(bench_results):
         assert r["ratio"] == pytest.approx(r["data_img_s"] / r["train_img_s"])
         assert r["training_waits"] is (r["ratio"] < 1)
         assert r["mask"] == "random 0.75" and r["files"] > 0
-    assert s["records"][1]["files"] == 12  # the generated photo folder
+    assert s["records"][1]["files"] == 16  # the generated photo folder
     assert sum(ln.startswith(("cifar ", "folder ")) for ln in s["output"].splitlines()) == 2
     assert "training would" in s["output"] or "training WOULD" in s["output"]
 
