@@ -496,8 +496,10 @@ class Engine:
                                 out = self.model(images, labels)
                             loss = out["loss"]
                             bad = dist.any_true(not bool(torch.isfinite(loss.detach())), self.device)
-                            if bad:
-                                self.micro_in_epoch += accum - k  # drop the rest of this step
+                            if bad:  # drop the rest of this optimizer step's micro-batches
+                                for _ in range(accum - k - 1):
+                                    next(it, None)  # keep the loader aligned with the count
+                                self.micro_in_epoch += accum - k
                                 self._nonfinite(loss)
                                 continue
                             self.scaler.scale(loss / accum).backward()
