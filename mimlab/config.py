@@ -447,18 +447,26 @@ def resolve(cls: type, yaml_path: Optional[str] = None, overrides: Optional[list
     return cfg
 
 
+def _fill_from_preset(obj: Any, key: str, presets: dict, explicit: dict,
+                      choices: list[str]) -> None:
+    """Set every field of ``obj`` that the user did not give explicitly from the preset named
+    by ``obj.<name>``; an unknown name fails with a did-you-mean (``key`` is its config key)."""
+    name = getattr(obj, key.split(".")[-1])
+    if name not in presets:
+        close = difflib.get_close_matches(name, list(presets), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        what = "preset" if key == "model.preset" else "method"
+        raise ConfigError(f"{key}: unknown {what} '{name}'{hint}; choose from "
+                          f"{', '.join(choices)}")
+    for k, v in presets[name].items():
+        if k not in explicit:
+            setattr(obj, k, v)
+
+
 def apply_model_preset(model: ModelConfig, explicit: dict) -> None:
     """Fill the model fields the user did not set from ``model.preset``."""
-    if model.preset is None:
-        return
-    if model.preset not in MODEL_PRESETS:
-        close = difflib.get_close_matches(model.preset, list(MODEL_PRESETS), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"model.preset: unknown preset '{model.preset}'{hint}; "
-                          f"choose from {', '.join(MODEL_PRESETS)}")
-    for k, v in MODEL_PRESETS[model.preset].items():
-        if k not in explicit:
-            setattr(model, k, v)
+    if model.preset is not None:
+        _fill_from_preset(model, "model.preset", MODEL_PRESETS, explicit, list(MODEL_PRESETS))
 
 
 # siamese presets of Kong & Zhang 2022 (methods/siamese.py): the shared part of each family
@@ -534,14 +542,7 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
 
 def apply_method_preset(method: "MethodConfig", explicit: dict) -> None:
     """Fill the method fields the user did not set from the ``method.name`` preset."""
-    if method.name not in METHOD_PRESETS:
-        close = difflib.get_close_matches(method.name, list(METHOD_PRESETS), n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"method.name: unknown method '{method.name}'{hint}; choose from "
-                          f"{', '.join(sorted(METHOD_PRESETS))}")
-    for k, v in METHOD_PRESETS[method.name].items():
-        if k not in explicit:
-            setattr(method, k, v)
+    _fill_from_preset(method, "method.name", METHOD_PRESETS, explicit, sorted(METHOD_PRESETS))
     if "norm_pix_loss" in explicit and "target_norm" not in explicit:
         method.target_norm = "patch" if method.norm_pix_loss else "none"
 

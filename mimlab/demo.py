@@ -14,6 +14,7 @@ import torch
 
 from .config import PretrainConfig, ProbeConfig, resolve
 from .data import DataError, build_dataset, default_data_path, detect_kind
+from .engine import load_checkpoint
 
 
 def _labelled(path: str) -> bool:
@@ -58,7 +59,7 @@ def demo(data: Optional[str] = None, out: str = "runs", epochs: Optional[int] = 
 
     # reconstructions of held-out images (training images when there is no held-out split)
     method = build_method(cfg)
-    sd = torch.load(ckpt, map_location="cpu", weights_only=True)["model"]
+    sd = load_checkpoint(ckpt)["model"]
     method.load_state_dict(sd)
     split = "val" if labelled else "train"
     dcfg = cfg.data

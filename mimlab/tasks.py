@@ -161,14 +161,18 @@ def load_encoder_weights(encoder: ViTEncoder, path: str, ckpt: Optional[dict] = 
     return ck
 
 
-def _adopt_model_config(cfg: Any, pretrained: Optional[str], explicit_model: bool) -> None:
-    """Use the checkpoint's architecture unless the user set model.* explicitly."""
-    if pretrained and not explicit_model:
-        ck = load_checkpoint(pretrained, trust=cfg.run.trust_checkpoints)
-        mc = model_config_of(ck)
+def _adopt_model_config(cfg: Any, pretrained: Optional[str], explicit_model: bool
+                        ) -> Optional[dict]:
+    """Use the checkpoint's architecture unless the user set model.* explicitly; returns the
+    loaded checkpoint (None without one) so callers do not read the file again."""
+    if not pretrained:
+        return None
+    ck = load_checkpoint(pretrained, trust=cfg.run.trust_checkpoints)
+    if not explicit_model:
         keep_dp = cfg.model.drop_path
-        cfg.model = mc
+        cfg.model = model_config_of(ck)
         cfg.model.drop_path = keep_dp
+    return ck
 
 
 # ------------------------------------------------------------------------- finetune
@@ -221,7 +225,7 @@ def evaluate_top1(model: Classifier, ds, batch_size: int, device, num_workers: i
 
 def finetune(cfg: FinetuneConfig, explicit_model: bool = False) -> dict:
     ft = cfg.finetune
-    _adopt_model_config(cfg, ft.pretrained, explicit_model)
+    ck = _adopt_model_config(cfg, ft.pretrained, explicit_model)
     run_dir, device = _prepare(cfg, "finetune")
     train = build_dataset(cfg.data, "train", cfg.model.img_size, cfg.model.in_chans, cfg.run.seed,
                           train_aug=True, labelled=True, label_fraction=ft.label_fraction)
@@ -230,7 +234,7 @@ def finetune(cfg: FinetuneConfig, explicit_model: bool = False) -> dict:
     nc = ft.num_classes or len(train.classes)
     enc = build_encoder(cfg.model, mask_token=False)
     if ft.pretrained:
-        load_encoder_weights(enc, ft.pretrained, trust=cfg.run.trust_checkpoints)
+        load_encoder_weights(enc, ft.pretrained, ckpt=ck)
         log.info("fine-tuning from %s", ft.pretrained)
     else:
         log.info("fine-tuning from a random initialisation")
@@ -291,17 +295,17 @@ class _ClassifierFeatures(nn.Module):
         return self.clf.features(x)
 
 
-def _probe_encoder(cfg: ProbeConfig, device) -> nn.Module:
-    """``x -> [B, D]`` frozen feature function for probing (encoder + pooling)."""
+def _probe_encoder(cfg: ProbeConfig, device, ck: Optional[dict]) -> nn.Module:
+    """``x -> [B, D]`` frozen feature function for probing (encoder + pooling); ``ck`` is the
+    loaded ``probe.pretrained`` checkpoint (None for a random initialisation)."""
     enc = build_encoder(cfg.model, mask_token=False)
     path = cfg.probe.pretrained
-    ck = load_checkpoint(path, trust=cfg.run.trust_checkpoints) if path else None
     if ck is not None and "fc_norm.weight" in ck["model"]:
         sd = ck["model"]
         clf = Classifier(enc, sd["head.weight"].shape[0])
         clf.load_state_dict(sd)
         return _ClassifierFeatures(clf).to(device)
-    if path:
+    if ck is not None:
         load_encoder_weights(enc, path, ckpt=ck)
     pool = cfg.probe.feature
     return _Pooled(enc, pool).to(device)
@@ -335,14 +339,14 @@ def knn_classify(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Ten
 def frozen_features(cfg: ProbeConfig, command: str, explicit_model: bool):
     """Shared set-up of the frozen-feature protocols: run dir, datasets (no augmentation) and
     cached features of the train and held-out splits."""
-    _adopt_model_config(cfg, cfg.probe.pretrained, explicit_model)
+    ck = _adopt_model_config(cfg, cfg.probe.pretrained, explicit_model)
     run_dir, device = _prepare(cfg, command)
     train = build_dataset(cfg.data, "train", cfg.model.img_size, cfg.model.in_chans, cfg.run.seed,
                           train_aug=False, labelled=True,
                           label_fraction=cfg.probe.label_fraction)
     val = build_dataset(cfg.data, "val", cfg.model.img_size, cfg.model.in_chans, cfg.run.seed,
                         train_aug=False, labelled=True, mean=train.mean, std=train.std)
-    fn = _probe_encoder(cfg, device)
+    fn = _probe_encoder(cfg, device, ck)
     nw, prog = cfg.data.num_workers, cfg.run.progress
     return (run_dir, train, val, extract_features(fn, train, device, num_workers=nw, progress=prog),
             extract_features(fn, val, device, num_workers=nw, progress=prog))
