@@ -1,10 +1,10 @@
-"""``mimlab`` command line: pretrain | finetune | linprobe | knn | demo | export | stats |
-analyze | visualize (the last two: :mod:`mimlab.analysis.cli`).
+"""``mimlab`` command line: pretrain | finetune | linprobe | knn | demo | export | methods |
+bench | stats | analyze | visualize (the last two: :mod:`mimlab.analysis.cli`).
 
 Every training/evaluation command takes ``--config file.yaml`` and ``key=value`` overrides
 (e.g. ``optim.epochs=5 model.preset=vit_b16``); ``mimlab <command> --help`` lists every key
 with its type, default and meaning. Runs go to ``run.out_dir/run.name`` with the resolved
-``config.yaml``. Under ``torchrun`` every command runs data-parallel.
+``config.yaml``. Under ``torchrun``, pretrain and finetune run data-parallel (DDP).
 """
 from __future__ import annotations
 
