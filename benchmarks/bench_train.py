@@ -9,6 +9,7 @@ matrix-multiply peak measured in the same run.
 
     python benchmarks/bench_train.py --preset tiny --batch 128
     python benchmarks/bench_train.py --preset vit_b16 --batch 16 --reps 3
+    python benchmarks/bench_train.py --what mae --compile     # mimlab under torch.compile
 """
 from __future__ import annotations
 
@@ -106,13 +107,14 @@ def time_pair(steps: dict, reps: int, warmup: int = 1) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench(preset: str, batch: int, reps: int, what: str, peak_size: int = 2048) -> dict:
+def bench(preset: str, batch: int, reps: int, what: str, peak_size: int = 2048,
+          compile_: bool = False) -> dict:
     torch.manual_seed(0)
     cfg = resolve(PretrainConfig, overrides=[f"model.preset={preset}"])
     m = cfg.model
     x = torch.randn(batch, m.in_chans, m.img_size, m.img_size)
     res = {"bench": "train", "preset": preset, "batch": batch, "reps": reps,
-           "threads": torch.get_num_threads(), "what": what}
+           "threads": torch.get_num_threads(), "what": what, "compile": compile_}
     if what == "mae":
         ours = build_method(cfg)
         ref = hf_mae(cfg)
@@ -129,6 +131,15 @@ def bench(preset: str, batch: int, reps: int, what: str, peak_size: int = 2048) 
                  "reference": make_step(ref, lambda mod, a, b: ce(mod(a), b), x, y)}
         fl = flops_per_image(lambda: ours(x, y)["loss"].backward(), batch)
         res["reference_name"] = "timm.VisionTransformer"
+    if compile_:  # mimlab's model under torch.compile (inductor); the reference stays eager
+        t0 = time.perf_counter()
+        cm = torch.compile(ours)
+        if what == "mae":
+            steps["mimlab"] = make_step(cm, lambda mod, a, b: mod(a)["loss"], x)
+        else:
+            steps["mimlab"] = make_step(cm, lambda mod, a, b: mod(a, b)["loss"], x, y)
+        steps["mimlab"]()  # compiles forward and backward
+        res["compile_seconds"] = time.perf_counter() - t0
     t = time_pair(steps, reps)
     peak = matmul_peak_gflops(peak_size)
     res.update({
@@ -149,13 +160,16 @@ def main():
     ap.add_argument("--peak-size", type=int, default=2048,
                     help="matrix size of the fp32 matmul-peak measurement")
     ap.add_argument("--json", help="append results as JSON lines to this file")
+    ap.add_argument("--compile", action="store_true",
+                    help="time mimlab's model under torch.compile (reference stays eager)")
     a = ap.parse_args()
     whats = ["mae", "finetune"] if a.what == "both" else [a.what]
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     for w in whats:
-        r = bench(a.preset, a.batch, a.reps, w, a.peak_size)
-        print(f"{w:9s} {a.preset:8s} batch {a.batch:4d}: mimlab {r['mimlab_img_s']:8.1f} img/s | "
+        r = bench(a.preset, a.batch, a.reps, w, a.peak_size, a.compile)
+        tag = " (compiled, %.0f s to compile)" % r["compile_seconds"] if a.compile else ""
+        print(f"{w:9s} {a.preset:8s} batch {a.batch:4d}: mimlab{tag} {r['mimlab_img_s']:8.1f} img/s | "
               f"{r['reference_name']} {r['reference_img_s']:8.1f} img/s | ratio "
               f"{r['ratio']:.2f}x | {r['gflops_per_image']:.2f} GFLOP/img, "
               f"{r['mimlab_gflop_s']:.0f} GFLOP/s = {100 * r['fraction_of_peak']:.0f}% of "

@@ -1,5 +1,5 @@
 """``mimlab`` command line: pretrain | finetune | linprobe | knn | demo | export | methods |
-bench | stats | analyze | visualize (the last two: :mod:`mimlab.analysis.cli`).
+bench | stats | reproduce | analyze | visualize (the last two: :mod:`mimlab.analysis.cli`).
 
 Every training/evaluation command takes ``--config file.yaml`` and ``key=value`` overrides
 (e.g. ``optim.epochs=5 model.preset=vit_b16``); ``mimlab <command> --help`` lists every key
@@ -30,6 +30,7 @@ SUMMARY = {
     "stats": "compute per-channel mean/std of a dataset",
     "methods": "list the method presets and the parts each one composes",
     "bench": "benchmark training steps, data pipeline and memory; write a markdown report",
+    "reproduce": "run the papers' experiment suite (quick | full), resumable; writes report.md",
 }
 
 
@@ -102,6 +103,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--in-chans", type=int, default=3)
     s.add_argument("--img-size", type=int, default=32)
     s.add_argument("--max-images", type=int, default=5000)
+    r = sub.add_parser("reproduce", help=SUMMARY["reproduce"],
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description=SUMMARY["reproduce"] + "\n\n" + textwrap.dedent("""\
+        Figure 1 (CKA) and Tables 1-8 of Kong & Zhang plus MaskDistill at the scale of a
+        profile: 'quick' (mini ViT, ~1-1.5 h on 2 CPU cores) or 'full' (tiny ViT, all of
+        CIFAR-10, 100 pretraining epochs: meant for a GPU). Each sub-experiment is a run
+        directory under --out; re-running the same command skips finished ones and resumes an
+        interrupted one from its last checkpoint. Profile fields can be changed with
+        key=value (e.g. pretrain_epochs=1 small_ns=[1,10]); they are part of the suite's
+        identity, so a folder started with other settings is refused."""))
+    r.add_argument("overrides", nargs="*", metavar="field=value",
+                   help="profile fields to change (see mimlab.reproduce.Profile)")
+    r.add_argument("--suite", default="quick", help="quick | full (default quick)")
+    r.add_argument("--data", help="labelled dataset with train/ and test/ (default: the "
+                                  "CIFAR-10 copy at ../shared/data/cifar10)")
+    r.add_argument("--out", help="suite folder (default runs/reproduce-<suite>)")
+    r.add_argument("--progress", action="store_true", help="progress bars of every sub-run")
     from .analysis.cli import add_parsers as add_analysis_parsers
     add_analysis_parsers(sub)  # analyze cka | psnr, visualize
     return ap
@@ -183,6 +201,18 @@ def run(argv: Optional[list[str]] = None) -> int:
         if args.command == "bench":
             from .benchmarking import main_from_args
             return main_from_args(args)
+        if args.command == "reproduce":
+            from .reproduce import ReproduceError, reproduce
+            try:
+                ov = parse_overrides(list(args.overrides or []))
+                ov = {k: tuple(v) if isinstance(v, list) else v for k, v in ov.items()}
+                path = reproduce(args.suite, args.data, args.out, args.progress, ov)
+            except ReproduceError as e:
+                print(f"mimlab: error: {_one_line(e)}", file=sys.stderr)
+                return 2
+            print(f"report: {path}")
+            bad = json.loads((path.parent / "summary.json").read_text())["subruns"]
+            return 1 if any(v["status"] in ("failed", "blocked") for v in bad.values()) else 0
         if args.command == "methods":
             from .config import METHOD_PRESETS
             for name, fields in METHOD_PRESETS.items():

@@ -40,6 +40,9 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # for unit tests: a few thousand parameters
     "micro": dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
                   decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2),
+    # reduced CIFAR ViT for CPU experiment suites (`mimlab reproduce --suite quick`)
+    "mini": dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4,
+                 decoder_embed_dim=96, decoder_depth=1, decoder_num_heads=4),
     # CIFAR-sized ViT-Tiny: 64 tokens of 4x4 px
     "tiny": dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3,
                  decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),

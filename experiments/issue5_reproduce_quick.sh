@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Run the quick reproduction suite (~1.5 h on 2 CPU cores) and copy its small outputs
+# (report, plots, CSV/JSON; no checkpoints) to docs/results/reproduce-quick/.
+# Re-running continues an interrupted suite: finished sub-runs are skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DATA=${DATA:-../shared/data/cifar10}
+OUT=${OUT:-runs/reproduce-quick}
+M=${MIMLAB:-.venv/bin/mimlab}
+rc=0
+$M reproduce --suite quick --data "$DATA" --out "$OUT" || rc=$?
+DEST=docs/results/reproduce-quick
+mkdir -p "$DEST/cka" "$DEST/psnr"
+cp "$OUT"/report.md "$OUT"/summary.json "$OUT"/*.png "$DEST"/
+cp "$OUT"/cka/cka.csv "$OUT"/cka/*.png "$DEST/cka/"
+for d in "$OUT"/psnr/*/; do
+  m=$(basename "$d"); mkdir -p "$DEST/psnr/$m"; cp "$d"/grid.png "$d"/psnr.json "$DEST/psnr/$m/"
+done
+exit $rc
