@@ -28,9 +28,9 @@ from mimlab.models import build_encoder
 from mimlab.tasks import Classifier
 
 
-def matmul_peak_gflops(n: int = 2048, reps: int = 5) -> float:
-    """Best fp32 GEMM throughput of this machine (GFLOP/s), measured now."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_gflops(n: int = 2048, reps: int = 5, dtype=torch.float32) -> float:
+    """Best GEMM throughput of this machine (GFLOP/s) in ``dtype``, measured now."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(reps):
@@ -142,6 +142,10 @@ def bench(preset: str, batch: int, reps: int, what: str, peak_size: int = 2048,
         res["compile_seconds"] = time.perf_counter() - t0
     t = time_pair(steps, reps)
     peak = matmul_peak_gflops(peak_size)
+    # lower precision only pays where the CPU has bf16 matrix units (AVX512-BF16 / AMX)
+    # (at most 512x512: without bf16 units it runs ~100x slower than fp32 here)
+    res["matmul_peak_bf16_gflop_s"] = matmul_peak_gflops(min(peak_size, 512), reps=3,
+                                                         dtype=torch.bfloat16)
     res.update({
         "mimlab_img_s": batch / t["mimlab"], "reference_img_s": batch / t["reference"],
         "ratio": t["reference"] / t["mimlab"], "gflops_per_image": fl / 1e9,

@@ -7,7 +7,8 @@ writes the report: date, machine (CPU model, cores, memory, load average), versi
 torch, torchvision, timm, transformers, mimlab and its git commit), the commands, the result
 tables and the console output. A raw copy of everything goes next to the report (``.json``).
 
-Full run (tiny: MAE + fine-tune steps at batch 128; vit_b16: MAE steps at batch 16; data
+Full run (tiny: MAE + fine-tune steps at batch 128, eager and under torch.compile; vit_b16:
+MAE steps at batch 16; data
 pipeline on CIFAR-10 and a generated 224 px folder; peak RSS of tiny@128, vit_b16@16,
 vit_b16@64) takes several minutes on a small CPU machine; ``--quick`` is a smoke run with
 small batches and single repetitions whose numbers are not meant to be quoted.
@@ -31,6 +32,8 @@ from typing import Optional
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("train", "data", "memory")
 DEFAULT_OUT = "docs/performance.md"
+# Issue #6 speed targets: (step, preset) -> minimum ratio reference step time / mimlab step time.
+TARGETS = {("mae", "tiny"): 1.5, ("mae", "vit_b16"): 1.15, ("finetune", "tiny"): 1.0}
 
 
 @dataclass
@@ -83,6 +86,9 @@ def plan(quick: bool = False, only: Optional[set] = None, cifar: Optional[str] =
                  ["--preset", "tiny", "--batch", "128", "--what", "both", "--reps", "5"]),
             Step("train vit_b16", "train", "bench_train.py",
                  ["--preset", "vit_b16", "--batch", "16", "--what", "mae", "--reps", "3"]),
+            Step("train tiny compiled", "train", "bench_train.py",
+                 ["--preset", "tiny", "--batch", "128", "--what", "both", "--reps", "5",
+                  "--compile"]),
             Step("data", "data", "bench_data.py",
                  ["--workers", "2", "--preset-cifar", "tiny", "--batch-cifar", "128",
                   "--preset-folder", "vit_b16", "--batch-folder", "16", *c]),
@@ -155,8 +161,12 @@ def _cpuinfo() -> dict:
             if core is not None:
                 cores.add((phys, core))
             phys = core = None
+    flags = next((ln.partition(":")[2].split() for ln in text.splitlines()
+                  if ln.startswith("flags")), [])
+    simd = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+            if f in flags]
     return {"cpu_model": model or platform.processor() or platform.machine(),
-            "physical_cores": len(cores) or None}
+            "physical_cores": len(cores) or None, "simd": simd}
 
 
 def _meminfo_gib() -> Optional[float]:
@@ -207,6 +217,26 @@ def versions() -> dict:
 
 
 # ------------------------------------------------------------------------ report
+def target_rows(records: list[dict], targets: Optional[dict] = None) -> list[dict]:
+    """One row per training record that has a speed target: the target ratio, the measured one,
+    and the fraction of the measured fp32 matmul peak mimlab would have to sustain to meet it,
+    ``needed = target * reference_img_s * gflops_per_image / matmul_peak_gflop_s`` (both models
+    do the same work, counted on mimlab's step). ``needed`` near or above 1 means the target
+    cannot be met by fp32 arithmetic on this machine however the step is scheduled."""
+    targets = TARGETS if targets is None else targets
+    rows = []
+    for r in records:
+        t = targets.get((r["what"], r["preset"]))
+        if t is None:
+            continue
+        rows.append({"what": r["what"], "preset": r["preset"], "batch": r["batch"],
+                     "compile": bool(r.get("compile")), "target": t, "ratio": r["ratio"],
+                     "met": r["ratio"] >= t, "fraction_of_peak": r["fraction_of_peak"],
+                     "needed_fraction_of_peak": t * r["reference_img_s"] *
+                     r["gflops_per_image"] / r["matmul_peak_gflop_s"]})
+    return rows
+
+
 def _f(x, nd: int = 1, suffix: str = "") -> str:
     if x is None:
         return "-"
@@ -245,6 +275,8 @@ def render(meta: dict, results: list[dict]) -> str:
     dirty = " + uncommitted changes" if v.get("git_dirty") else ""
     L += _table(["", ""], [
         ["CPU", f"{m['cpu_model']} ({cores})"],
+        ["SIMD (of avx2 fma avx512f avx512_bf16 amx_bf16 amx_tile)",
+         " ".join(m.get("simd") or []) or "-"],
         ["memory", _f(m.get("memory_gib"), 1, " GiB")],
         ["OS", f"{m['os']} ({m['arch']})"],
         ["OMP_NUM_THREADS", m.get("omp_num_threads") or "unset (torch uses all cores)"],
@@ -269,7 +301,9 @@ def render(meta: dict, results: list[dict]) -> str:
               "mimlab step time (> 1: mimlab faster). FLOPs of the mimlab step counted with "
               "`torch.utils.flop_counter`; peak = best fp32 matmul measured in the same run.",
               ""]
-        rows = [[r["what"], r["preset"], str(r["batch"]), str(r.get("reps", "-")),
+        rows = [[r["what"] + (f" (compiled, {r['compile_seconds']:.0f} s to compile)"
+                              if r.get("compile") else ""),
+                 r["preset"], str(r["batch"]), str(r.get("reps", "-")),
                  str(r["threads"]), _f(r["mimlab_img_s"]), r["reference_name"],
                  _f(r["reference_img_s"]), _f(r["ratio"], 2), _f(r["gflops_per_image"], 2),
                  _f(r["mimlab_gflop_s"], 0),
@@ -278,6 +312,32 @@ def render(meta: dict, results: list[dict]) -> str:
         L += _table(["step", "preset", "batch", "reps", "threads", "mimlab img/s", "reference",
                      "reference img/s", "ratio", "GFLOP/img", "mimlab GFLOP/s",
                      "of matmul peak GFLOP/s"], rows)
+        bf = [r for r in recs["train"] if r.get("matmul_peak_bf16_gflop_s")]
+        if bf:
+            r = bf[0]
+            L += ["", f"Lower precision: the bf16 matmul peak measured in the same run is "
+                  f"{r['matmul_peak_bf16_gflop_s']:.0f} GFLOP/s against "
+                  f"{r['matmul_peak_gflop_s']:.0f} GFLOP/s in fp32 "
+                  f"({r['matmul_peak_bf16_gflop_s'] / r['matmul_peak_gflop_s']:.2f}x), so "
+                  + ("bf16 autocast could speed up the steps on this machine." if
+                     r["matmul_peak_bf16_gflop_s"] > 1.2 * r["matmul_peak_gflop_s"] else
+                     "bf16 would not speed up training on this machine; the steps stay fp32.")]
+        tr = target_rows(recs["train"])
+        if tr:
+            L += ["", "### Against the targets", "",
+                  "needed = fraction of the matmul peak that mimlab's step would have to sustain "
+                  "to reach the target ratio (target x reference img/s x GFLOP/img / peak). A "
+                  "training step also runs softmax, LayerNorm, GELU, AdamW and memory-bound "
+                  "copies far below the matmul peak, so a step as a whole stays below it; a "
+                  "target whose 'needed' is close to 100 % is out of reach of any fp32 "
+                  "implementation on this machine.", ""]
+            L += _table(["step", "preset", "batch", "torch.compile", "target", "measured",
+                         "met", "mimlab % of peak", "needed % of peak"],
+                        [[r["what"], r["preset"], str(r["batch"]),
+                          "yes" if r["compile"] else "no", f"{r['target']:.2f}x",
+                          f"{r['ratio']:.2f}x", "yes" if r["met"] else "**no**",
+                          f"{100 * r['fraction_of_peak']:.0f} %",
+                          f"{100 * r['needed_fraction_of_peak']:.0f} %"] for r in tr])
 
     if recs["data"]:
         L += ["", "## Data pipeline (`bench_data.py`)", "",

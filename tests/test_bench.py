@@ -110,3 +110,40 @@ def test_cli_bench_dry_run(capsys):
     assert [ln.split()[1] for ln in lines] == ["benchmarks/bench_train.py"] * 2 + [
         "benchmarks/bench_data.py", "benchmarks/bench_memory.py"]
     assert cli.run(["bench", "--only", "memory,nope"]) == 2
+
+
+def test_target_rows_needed_fraction():
+    """needed = target x reference img/s x GFLOP/img / peak; records without a target are left
+    out; 'met' compares the measured ratio with the target."""
+    recs = [
+        {"what": "mae", "preset": "tiny", "batch": 128, "ratio": 1.2, "reference_img_s": 100.0,
+         "gflops_per_image": 0.5, "matmul_peak_gflop_s": 150.0, "fraction_of_peak": 0.4},
+        {"what": "finetune", "preset": "tiny", "batch": 128, "ratio": 1.01, "compile": True,
+         "reference_img_s": 50.0, "gflops_per_image": 2.0, "matmul_peak_gflop_s": 200.0,
+         "fraction_of_peak": 0.505},
+        {"what": "mae", "preset": "micro", "batch": 4, "ratio": 9.0, "reference_img_s": 1.0,
+         "gflops_per_image": 1.0, "matmul_peak_gflop_s": 1.0, "fraction_of_peak": 1.0},
+    ]
+    rows = benchmarking.target_rows(recs)
+    assert [(r["what"], r["preset"]) for r in rows] == [("mae", "tiny"), ("finetune", "tiny")]
+    assert rows[0]["target"] == 1.5 and rows[0]["met"] is False
+    assert rows[0]["needed_fraction_of_peak"] == pytest.approx(1.5 * 100 * 0.5 / 150)
+    assert rows[1]["met"] is True and rows[1]["compile"] is True
+    assert rows[1]["needed_fraction_of_peak"] == pytest.approx(50 * 2.0 / 200)
+    only = benchmarking.target_rows(recs, {("mae", "micro"): 10.0})
+    assert len(only) == 1 and only[0]["met"] is False
+
+
+def test_report_targets_section():
+    rec = {"bench": "train", "what": "mae", "preset": "tiny", "batch": 128, "reps": 5,
+           "threads": 2, "compile": True, "compile_seconds": 42.0, "mimlab_img_s": 150.0,
+           "reference_name": "ref", "reference_img_s": 100.0, "ratio": 1.5,
+           "gflops_per_image": 0.7, "mimlab_gflop_s": 105.0, "matmul_peak_gflop_s": 160.0,
+           "fraction_of_peak": 105 / 160, "matmul_peak_bf16_gflop_s": 1.0}
+    meta = {"command": "mimlab bench", "date": "d", "seconds": 1.0, "quick": False,
+            "machine": benchmarking.machine_info(), "versions": benchmarking.versions()}
+    md = benchmarking.render(meta, [{"name": "train", "kind": "train", "command": "c",
+                                     "seconds": 1.0, "rc": 0, "records": [rec], "output": ""}])
+    assert "| mae (compiled, 42 s to compile) | tiny | 128 |" in md
+    assert "| mae | tiny | 128 | yes | 1.50x | 1.50x | yes | 66 % | 66 % |" in md
+    assert "bf16 would not speed up training" in md
