@@ -8,9 +8,8 @@ torch, torchvision, timm, transformers, mimlab and its git commit), the commands
 tables and the console output. A raw copy of everything goes next to the report (``.json``).
 
 Full run (tiny: MAE + fine-tune steps at batch 128, eager and under torch.compile; vit_b16:
-MAE steps at batch 16; data
-pipeline on CIFAR-10 and a generated 224 px folder; peak RSS of tiny@128, vit_b16@16,
-vit_b16@64) takes several minutes on a small CPU machine; ``--quick`` is a smoke run with
+MAE steps at batch 16; data pipeline on CIFAR-10 and a generated 224 px folder; peak RSS of
+tiny@128, vit_b16@16, vit_b16@64) takes several minutes on a small CPU machine; ``--quick`` is a smoke run with
 small batches and single repetitions whose numbers are not meant to be quoted.
 """
 from __future__ import annotations
