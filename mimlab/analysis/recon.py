@@ -247,8 +247,8 @@ def visualize_checkpoint(checkpoint: str, data: Optional[str] = None, n: int = 8
     p = Path(checkpoint)
     path = Path(out) if out else p.with_name(f"{p.stem}-recon.png")
     path.parent.mkdir(parents=True, exist_ok=True)
-    title = (f"{cfg.method.name}, mask ratio {ratio:g}: PSNR {ps['psnr']:.2f} dB "
-             f"(all predicted {ps['psnr_all_predicted']:.2f} dB)")
+    title = (f"{cfg.method.name}, mask ratio {ratio:g}; PSNR of these {x.shape[0]} images "
+             f"{ps['psnr']:.2f} dB (all predicted {ps['psnr_all_predicted']:.2f} dB)")
     save_grid(rec, mean, std, path, n=n, title=title)
     return {"command": "visualize", "checkpoint": str(checkpoint), "method": cfg.method.name,
             "data": data, "split": split, "images": int(x.shape[0]), "mask_ratio": ratio,
