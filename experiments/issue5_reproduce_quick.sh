@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the quick reproduction suite (~1.5 h on 2 CPU cores) and copy its small outputs
+# Run the quick reproduction suite (85 min on 2 CPU cores on 2026-11-24) and copy its small outputs
 # (report, plots, CSV/JSON; no checkpoints) to docs/results/reproduce-quick/.
 # Re-running continues an interrupted suite: finished sub-runs are skipped.
 set -euo pipefail
@@ -7,10 +7,10 @@ cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/cifar10}
 OUT=${OUT:-runs/reproduce-quick}
 M=${MIMLAB:-.venv/bin/mimlab}
-rc=0
-$M reproduce --suite quick --data "$DATA" --out "$OUT" || rc=$?
 DEST=docs/results/reproduce-quick
 mkdir -p "$DEST/cka" "$DEST/psnr"
+rc=0
+$M reproduce --suite quick --data "$DATA" --out "$OUT" 2>&1 | tee "$DEST/console.log" || rc=$?
 cp "$OUT"/report.md "$OUT"/summary.json "$OUT"/*.png "$DEST"/
 cp "$OUT"/cka/cka.csv "$OUT"/cka/*.png "$DEST/cka/"
 for d in "$OUT"/psnr/*/; do
