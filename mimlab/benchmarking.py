@@ -263,8 +263,10 @@ def render(meta: dict, results: list[dict]) -> str:
     load = m.get("loadavg_start")
     if load is not None and m.get("usable_cpus") and load > 0.5:
         L += ["", f"Note: the 1-minute load average was {load:.2f} at the start and "
-              f"{_f(meta.get('loadavg_end'), 2)} at the end on {m['usable_cpus']} CPUs: other "
-              "work was running, so rates are lower than on an idle machine."]
+              f"{_f(meta.get('loadavg_end'), 2)} at the end on {m['usable_cpus']} CPUs (it "
+              "decays over minutes, so it also counts work that ended shortly before, and at "
+              "the end it counts the benchmarks' own threads): where other work was running, "
+              "rates are lower than on an idle machine."]
     L += ["", "## Machine and software", ""]
     cores = f"{m['logical_cpus']} logical CPUs"
     if m.get("physical_cores"):
