@@ -13,6 +13,7 @@ separate processes and are not included (each adds roughly its copy-on-write sha
 
     python benchmarks/bench_memory.py                        # tiny@128, vit_b16@16, vit_b16@64
     python benchmarks/bench_memory.py --configs vit_l16@16 --limit-gib 16
+    python benchmarks/bench_memory.py --configs vit_b16@64+ckpt    # model.grad_checkpointing=true
 """
 from __future__ import annotations
 
@@ -54,14 +55,16 @@ def rss_bytes() -> int:
     return v if v is not None else peak_rss_bytes()
 
 
-def child(preset: str, batch: int, steps: int) -> dict:
-    """One configuration, in this (fresh) process."""
+def child(preset: str, batch: int, steps: int, ckpt: bool = False) -> dict:
+    """One configuration, in this (fresh) process; ``ckpt``: activation checkpointing."""
     import torch
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_train as bt
     r = {"bench": "memory", "preset": preset, "batch": batch, "steps": steps, "pid": os.getpid(),
-         "threads": torch.get_num_threads(), "rss_after_import_gib": rss_bytes() / GIB}
-    step, method, cfg = bt.mimlab_mae_step(preset, batch)
+         "grad_checkpointing": ckpt, "threads": torch.get_num_threads(),
+         "rss_after_import_gib": rss_bytes() / GIB}
+    step, method, cfg = bt.mimlab_mae_step(
+        preset, batch, overrides=["model.grad_checkpointing=true"] if ckpt else ())
     n = sum(p.numel() for p in method.parameters())
     r.update(params=n, img_size=cfg.model.img_size, state_gib=16 * n / GIB,
              rss_after_build_gib=rss_bytes() / GIB)
@@ -76,10 +79,11 @@ def child(preset: str, batch: int, steps: int) -> dict:
     return r
 
 
-def run_config(preset: str, batch: int, steps: int, timeout: float) -> dict:
+def run_config(preset: str, batch: int, steps: int, timeout: float, ckpt: bool = False) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", preset, str(batch),
-           "--steps", str(steps)]
-    base = {"bench": "memory", "preset": preset, "batch": batch, "steps": steps}
+           "--steps", str(steps)] + (["--child-ckpt"] if ckpt else [])
+    base = {"bench": "memory", "preset": preset, "batch": batch, "steps": steps,
+            "grad_checkpointing": ckpt}
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -107,24 +111,31 @@ def meminfo_gib(key: str):
     return None
 
 
-def parse_configs(s: str) -> list[tuple[str, int]]:
+def parse_configs(s: str) -> list[tuple[str, int, bool]]:
+    """'tiny@128,vit_b16@64+ckpt' -> [(preset, batch, activation checkpointing), ...]."""
     out = []
     for item in s.split(","):
         item = item.strip()
         if not item:
             continue
-        preset, _, b = item.partition("@")
-        if not b.isdigit():
-            raise SystemExit(f"bench_memory: config '{item}' is not PRESET@BATCH")
-        out.append((preset, int(b)))
+        base, plus, flag = item.partition("+")
+        preset, _, b = base.partition("@")
+        if not b.isdigit() or (plus and flag != "ckpt"):
+            raise SystemExit(f"bench_memory: config '{item}' is not PRESET@BATCH[+ckpt]")
+        out.append((preset, int(b), bool(plus)))
     return out
+
+
+def config_name(r: dict) -> str:
+    return f"{r['preset']}@{r['batch']}" + ("+ckpt" if r.get("grad_checkpointing") else "")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="tiny@128,vit_b16@16,vit_b16@64",
-                    help="comma list of PRESET@BATCH, each measured in a fresh process")
+                    help="comma list of PRESET@BATCH, each measured in a fresh process; "
+                    "PRESET@BATCH+ckpt with activation checkpointing")
     ap.add_argument("--steps", type=int, default=2, help="training steps per configuration")
     ap.add_argument("--limit-gib", type=float, default=8.0, help="memory budget checked")
     ap.add_argument("--fits", default="vit_b16@64",
@@ -132,26 +143,28 @@ def main():
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     ap.add_argument("--json", help="append results as JSON lines to this file")
     ap.add_argument("--child", nargs=2, metavar=("PRESET", "BATCH"), help=argparse.SUPPRESS)
+    ap.add_argument("--child-ckpt", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
-        r = child(a.child[0], int(a.child[1]), a.steps)
+        r = child(a.child[0], int(a.child[1]), a.steps, a.child_ckpt)
         print(RESULT + json.dumps(r), flush=True)
         return
     total, avail = meminfo_gib("MemTotal"), meminfo_gib("MemAvailable")
     print(f"# memory: {total or 0:.1f} GiB total, {avail or 0:.1f} GiB available at start; "
           f"{os.cpu_count()} cores; one fresh process per configuration", flush=True)
     results = []
-    for preset, batch in parse_configs(a.configs):
-        r = run_config(preset, batch, a.steps, a.timeout)
+    for preset, batch, ckpt in parse_configs(a.configs):
+        r = run_config(preset, batch, a.steps, a.timeout, ckpt)
+        label = f"{preset}{'+ckpt' if ckpt else ''}"
         r["limit_gib"] = a.limit_gib
         r["machine_mem_gib"] = total
         if "error" in r:
             r["fits_limit"] = None
-            print(f"{preset:8s} batch {batch:4d}: FAILED ({r['error']})", flush=True)
+            print(f"{label:13s} batch {batch:4d}: FAILED ({r['error']})", flush=True)
         else:
             r["fits_limit"] = bool(r["peak_gib"] <= a.limit_gib)
             steps = ", ".join(f"{v:.2f}" for v in r["peak_gib_per_step"])
-            print(f"{preset:8s} batch {batch:4d}: peak RSS {r['peak_gib']:6.2f} GiB (after each "
+            print(f"{label:13s} batch {batch:4d}: peak RSS {r['peak_gib']:6.2f} GiB (after each "
                   f"step: {steps}) | after imports {r['rss_after_import_gib']:.2f} GiB | "
                   f"weights+grads+AdamW {r['state_gib']:.2f} GiB ({r['params'] / 1e6:.1f} M "
                   f"params) | {r['threads']} threads", flush=True)
@@ -161,9 +174,9 @@ def main():
             for r in results:
                 f.write(json.dumps(r) + "\n")
     failed = [r for r in results if r.get("error")]
-    want = [r for r in results if f"{r['preset']}@{r['batch']}" == a.fits] or results
+    want = [r for r in results if config_name(r) == a.fits] or results
     for r in want:
-        name = f"{r['preset']}@{r['batch']}"
+        name = config_name(r)
         if r.get("error"):
             print(f"# {name} fits in {a.limit_gib:g} GiB: unknown ({r['error']})")
         else:

@@ -9,8 +9,9 @@ tables and the console output. A raw copy of everything goes next to the report 
 
 Full run (tiny: MAE + fine-tune steps at batch 128, eager and under torch.compile; vit_b16:
 MAE steps at batch 16; data pipeline on CIFAR-10 and a generated 224 px folder; peak RSS of
-tiny@128, vit_b16@16, vit_b16@64) takes several minutes on a small CPU machine; ``--quick`` is a smoke run with
-small batches and single repetitions whose numbers are not meant to be quoted.
+tiny@128, vit_b16@16, vit_b16@64 without and with activation checkpointing) takes several
+minutes on a small CPU machine; ``--quick`` is a smoke run with small batches and single
+repetitions whose numbers are not meant to be quoted.
 """
 from __future__ import annotations
 
@@ -92,7 +93,8 @@ def plan(quick: bool = False, only: Optional[set] = None, cifar: Optional[str] =
                  ["--workers", "2", "--preset-cifar", "tiny", "--batch-cifar", "128",
                   "--preset-folder", "vit_b16", "--batch-folder", "16", *c]),
             Step("memory", "memory", "bench_memory.py",
-                 ["--configs", "tiny@128,vit_b16@16,vit_b16@64", "--limit-gib", "8"]),
+                 ["--configs", "tiny@128,vit_b16@16,vit_b16@64,vit_b16@64+ckpt",
+                  "--limit-gib", "8"]),
         ]
     return [s for s in steps if only is None or s.kind in only]
 
@@ -379,23 +381,29 @@ def render(meta: dict, results: list[dict]) -> str:
               "processes (not included).", ""]
         rows = []
         for r in mem:
+            name = r["preset"] + (" + activation checkpointing" if r.get("grad_checkpointing")
+                                  else "")
             if r.get("error"):
-                rows.append([r["preset"], str(r["batch"]), f"failed: {r['error']}", "-", "-",
-                             "-", "-"])
+                rows.append([name, str(r["batch"]), f"failed: {r['error']}", "-", "-",
+                             "-", "-", "-"])
                 continue
             per = r.get("peak_gib_per_step") or []
-            rows.append([r["preset"], str(r["batch"]), _f(r["peak_gib"], 2),
+            secs = r.get("step_s") or []
+            rows.append([name, str(r["batch"]), _f(r["peak_gib"], 2),
                          _f(per[0], 2) if per else "-", _f(r["rss_after_import_gib"], 2),
                          _f(r["state_gib"], 2) + f" ({r['params'] / 1e6:.1f} M params)",
-                         "yes" if r["fits_limit"] else "**no**"])
+                         "yes" if r["fits_limit"] else "**no**", _f(secs[-1] if secs else None)])
         L += _table(["preset", "batch", "peak RSS GiB", "after step 1 GiB", "after imports GiB",
-                     "weights+grads+AdamW GiB", f"fits in {limit:g} GiB"], rows)
+                     "weights+grads+AdamW GiB", f"fits in {limit:g} GiB", "last step s"], rows)
         b64 = [r for r in mem if r["preset"] == "vit_b16" and r["batch"] == 64]
         for r in b64:
+            how = (" with activation checkpointing (`model.grad_checkpointing=true`)"
+                   if r.get("grad_checkpointing") else "")
             if r.get("error"):
-                L += ["", f"vit_b16 at batch 64 did not complete ({r['error']})."]
+                L += ["", f"vit_b16 at batch 64{how} did not complete ({r['error']})."]
             else:
-                L += ["", f"vit_b16 at batch 64 {'fits' if r['fits_limit'] else 'does NOT fit'} "
+                L += ["", f"vit_b16 at batch 64{how} "
+                      f"{'fits' if r['fits_limit'] else 'does NOT fit'} "
                       f"in {limit:g} GiB: peak {r['peak_gib']:.2f} GiB."]
 
     L += ["", "## Console output", "", "<details><summary>show</summary>", "", "```"]

@@ -77,6 +77,9 @@ class ModelConfig:
     decoder_embed_dim: int = doc("MAE decoder width", default=128)
     decoder_depth: int = doc("MAE decoder blocks", default=2)
     decoder_num_heads: int = doc("MAE decoder attention heads", default=4)
+    grad_checkpointing: bool = doc("recompute each transformer block's activations in the "
+                                   "backward pass instead of storing them (less memory, about "
+                                   "a third more compute)", default=False)
 
 
 @dataclass

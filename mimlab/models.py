@@ -10,6 +10,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 
@@ -31,6 +32,15 @@ def init_mae_weights(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
+def run_block(blk: nn.Module, x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
+    """``blk(x)``; with ``checkpointing`` (and autograd recording) the block's activations are
+    not kept for backward but recomputed then: less memory, about one more forward of compute.
+    The RNG state is restored for the recomputation, so drop path gives identical gradients."""
+    if checkpointing and torch.is_grad_enabled() and x.requires_grad:
+        return torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+    return blk(x)
+
+
 class ViTEncoder(nn.Module):
     """ViT with fixed 2-D sin-cos position embeddings and a class token.
 
@@ -42,8 +52,10 @@ class ViTEncoder(nn.Module):
 
     def __init__(self, img_size: int = 32, patch_size: int = 4, in_chans: int = 3,
                  embed_dim: int = 192, depth: int = 12, num_heads: int = 3,
-                 mlp_ratio: float = 4.0, drop_path: float = 0.0, mask_token: bool = True):
+                 mlp_ratio: float = 4.0, drop_path: float = 0.0, mask_token: bool = True,
+                 grad_checkpointing: bool = False):
         super().__init__()
+        self.grad_checkpointing = grad_checkpointing
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.embed_dim, self.depth, self.num_heads, self.mlp_ratio = (embed_dim, depth, num_heads,
                                                                       mlp_ratio)
@@ -104,7 +116,7 @@ class ViTEncoder(nn.Module):
         t = torch.cat([cls, t], dim=1)
         blocks = []
         for blk in self.blocks:
-            t = blk(t)
+            t = run_block(blk, t, self.grad_checkpointing)
             if return_blocks:
                 blocks.append(t)
         if apply_norm:
@@ -137,8 +149,10 @@ class MAEDecoder(nn.Module):
     norm and a linear prediction of ``out_dim`` values per patch (p*p*C for pixels)."""
 
     def __init__(self, grid: tuple[int, int], embed_dim: int, decoder_embed_dim: int = 128,
-                 depth: int = 2, num_heads: int = 4, mlp_ratio: float = 4.0, out_dim: int = 48):
+                 depth: int = 2, num_heads: int = 4, mlp_ratio: float = 4.0, out_dim: int = 48,
+                 grad_checkpointing: bool = False):
         super().__init__()
+        self.grad_checkpointing = grad_checkpointing
         self.grid = grid
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
@@ -171,7 +185,7 @@ class MAEDecoder(nn.Module):
             x = torch.cat([x[:, :1, :], patches], dim=1)
         x = x + self.pos_embed.to(x.dtype)
         for blk in self.blocks:
-            x = blk(x)
+            x = run_block(blk, x, self.grad_checkpointing)
         x = self.norm(x)
         return self.pred(x)[:, 1:, :]
 
@@ -179,11 +193,13 @@ class MAEDecoder(nn.Module):
 def build_encoder(m: ModelConfig, mask_token: bool = True, drop_path: Optional[float] = None
                   ) -> ViTEncoder:
     return ViTEncoder(m.img_size, m.patch_size, m.in_chans, m.embed_dim, m.depth, m.num_heads,
-                      m.mlp_ratio, m.drop_path if drop_path is None else drop_path, mask_token)
+                      m.mlp_ratio, m.drop_path if drop_path is None else drop_path, mask_token,
+                      grad_checkpointing=m.grad_checkpointing)
 
 
 def build_decoder(m: ModelConfig, out_dim: Optional[int] = None) -> MAEDecoder:
     grid = (m.img_size // m.patch_size,) * 2
     return MAEDecoder(grid, m.embed_dim, m.decoder_embed_dim, m.decoder_depth,
                       m.decoder_num_heads, m.mlp_ratio,
-                      out_dim or m.patch_size ** 2 * m.in_chans)
+                      out_dim or m.patch_size ** 2 * m.in_chans,
+                      grad_checkpointing=m.grad_checkpointing)

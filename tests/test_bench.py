@@ -27,7 +27,7 @@ def micro_steps(cifar_dir) -> list[Step]:
               "--preset-folder", "micro", "--batch-folder", "4", "--folder-images", "16",
               "--folder-side", "48", "--batches", "4", "--reps", "1", "--fed-steps", "1"]),
         Step("memory micro", "memory", "bench_memory.py",
-             ["--configs", "micro@4,micro@8", "--steps", "1", "--fits", "micro@8"]),
+             ["--configs", "micro@4,micro@8,micro@8+ckpt", "--steps", "1", "--fits", "micro@8"]),
     ]
 
 
@@ -79,8 +79,9 @@ def test_data_records(bench_results):
 def test_memory_records(bench_results):
     (s,) = [s for s in bench_results if s["kind"] == "memory"]
     recs = s["records"]
-    assert [(r["preset"], r["batch"]) for r in recs] == [("micro", 4), ("micro", 8)]
-    assert len({r["pid"] for r in recs} | {os.getpid()}) == 3  # one fresh process each
+    assert [(r["preset"], r["batch"], r["grad_checkpointing"]) for r in recs] == [
+        ("micro", 4, False), ("micro", 8, False), ("micro", 8, True)]
+    assert len({r["pid"] for r in recs} | {os.getpid()}) == 4  # one fresh process each
     for r in recs:
         assert "error" not in r
         assert positive(r["peak_gib"]) and r["peak_gib"] >= r["rss_after_import_gib"] > 0

@@ -71,3 +71,34 @@ def test_mae_weight_init():
     w = m.head.pred.weight
     bound = (6 / (w.shape[0] + w.shape[1])) ** 0.5
     assert w.abs().max() <= bound
+
+
+def test_grad_checkpointing_gives_the_same_loss_and_gradients(monkeypatch):
+    """model.grad_checkpointing recomputes block activations in backward: same loss and the
+    same gradients as storing them, drop path included (its RNG state is replayed)."""
+    import torch.utils.checkpoint as tuc
+    calls = []
+    real = tuc.checkpoint
+    monkeypatch.setattr(tuc, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        cfg = resolve(PretrainConfig, overrides=["model.preset=micro", "model.drop_path=0.2",
+                                                 f"model.grad_checkpointing={ckpt}"])
+        m = build_method(cfg)
+        m.train()
+        assert m.encoder.grad_checkpointing is ckpt and m.head.grad_checkpointing is ckpt
+        x = torch.randn(4, 3, cfg.model.img_size, cfg.model.img_size,
+                        generator=torch.Generator().manual_seed(1))
+        torch.manual_seed(2)
+        loss = m(x)["loss"]
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()
+                                      if p.grad is not None}))
+    (l0, g0), (l1, g1) = grads
+    micro = resolve(PretrainConfig, overrides=["model.preset=micro"]).model
+    assert len(calls) == micro.depth + micro.decoder_depth  # every block, only when enabled
+    assert torch.equal(l0, l1)
+    assert g0.keys() == g1.keys() and len(g0) > 10
+    for n in g0:
+        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
