@@ -132,6 +132,13 @@ def bench(preset: str, batch: int, reps: int, what: str, peak_size: int = 2048,
         fl = flops_per_image(lambda: ours(x, y)["loss"].backward(), batch)
         res["reference_name"] = "timm.VisionTransformer"
     if compile_:  # mimlab's model under torch.compile (inductor); the reference stays eager
+        try:  # time a cold compile, not a hit in inductor's on-disk cache from an earlier run
+            import torch._inductor.config as inductor_config
+            inductor_config.force_disable_caches = True
+            import warnings
+            warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
+        except (ImportError, AttributeError):  # pragma: no cover - other torch versions
+            pass
         t0 = time.perf_counter()
         cm = torch.compile(ours)
         if what == "mae":
