@@ -80,7 +80,7 @@ class ModelConfig:
     grad_checkpointing: bool = doc("recompute each transformer block's activations in the "
                                    "backward pass instead of storing them: less memory for one "
                                    "more forward of compute (ViT-B/16 MAE at batch 64 on CPU: "
-                                   "peak 8.2 -> 4.5 GiB, steps 9-17 % slower)", default=False)
+                                   "peak 8.1 -> 4.4 GiB, steps 7-17 % slower)", default=False)
 
 
 @dataclass
