@@ -18,6 +18,7 @@ import json
 import platform
 import statistics
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -132,13 +133,6 @@ def bench(preset: str, batch: int, reps: int, what: str, peak_size: int = 2048,
         fl = flops_per_image(lambda: ours(x, y)["loss"].backward(), batch)
         res["reference_name"] = "timm.VisionTransformer"
     if compile_:  # mimlab's model under torch.compile (inductor); the reference stays eager
-        try:  # time a cold compile, not a hit in inductor's on-disk cache from an earlier run
-            import torch._inductor.config as inductor_config
-            inductor_config.force_disable_caches = True
-            import warnings
-            warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
-        except (ImportError, AttributeError):  # pragma: no cover - other torch versions
-            pass
         t0 = time.perf_counter()
         cm = torch.compile(ours)
         if what == "mae":
@@ -149,16 +143,22 @@ def bench(preset: str, batch: int, reps: int, what: str, peak_size: int = 2048,
         res["compile_seconds"] = time.perf_counter() - t0
     t = time_pair(steps, reps)
     peak = matmul_peak_gflops(peak_size)
-    # lower precision only pays where the CPU has bf16 matrix units (AVX512-BF16 / AMX)
-    # (at most 512x512: without bf16 units it runs ~100x slower than fp32 here)
-    res["matmul_peak_bf16_gflop_s"] = matmul_peak_gflops(min(peak_size, 512), reps=3,
-                                                         dtype=torch.bfloat16)
     res.update({
         "mimlab_img_s": batch / t["mimlab"], "reference_img_s": batch / t["reference"],
         "ratio": t["reference"] / t["mimlab"], "gflops_per_image": fl / 1e9,
         "mimlab_gflop_s": fl * batch / t["mimlab"] / 1e9, "matmul_peak_gflop_s": peak})
     res["fraction_of_peak"] = res["mimlab_gflop_s"] / peak
     return res
+
+
+def cold_compiles() -> None:
+    """Time cold compiles, not hits in inductor's on-disk cache left by an earlier run."""
+    try:
+        import torch._inductor.config as inductor_config
+        inductor_config.force_disable_caches = True
+    except (ImportError, AttributeError):  # pragma: no cover - other torch versions
+        return
+    warnings.filterwarnings("ignore", message="dynamo_pgo force disabled")
 
 
 def main():
@@ -177,8 +177,14 @@ def main():
     whats = ["mae", "finetune"] if a.what == "both" else [a.what]
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
+    if a.compile:
+        cold_compiles()
+    # lower precision only pays where the CPU has bf16 matrix units (AVX512-BF16 / AMX); once
+    # per run, at most 512x512: without bf16 units it runs ~100x slower than fp32 here
+    bf16_peak = matmul_peak_gflops(min(a.peak_size, 512), reps=3, dtype=torch.bfloat16)
     for w in whats:
         r = bench(a.preset, a.batch, a.reps, w, a.peak_size, a.compile)
+        r["matmul_peak_bf16_gflop_s"] = bf16_peak
         tag = " (compiled, %.0f s to compile)" % r["compile_seconds"] if a.compile else ""
         print(f"{w:9s} {a.preset:8s} batch {a.batch:4d}: mimlab{tag} {r['mimlab_img_s']:8.1f} img/s | "
               f"{r['reference_name']} {r['reference_img_s']:8.1f} img/s | ratio "
