@@ -13,7 +13,8 @@ separate processes and are not included (each adds roughly its copy-on-write sha
 
     python benchmarks/bench_memory.py                        # tiny@128, vit_b16@16, vit_b16@64
     python benchmarks/bench_memory.py --configs vit_l16@16 --limit-gib 16
-    python benchmarks/bench_memory.py --configs vit_b16@64+ckpt    # model.grad_checkpointing=true
+    python benchmarks/bench_memory.py --configs vit_b16@64+selective,vit_b16@64+full
+                                  # model.grad_checkpointing=selective / full
 """
 from __future__ import annotations
 
@@ -55,8 +56,9 @@ def rss_bytes() -> int:
     return v if v is not None else peak_rss_bytes()
 
 
-def child(preset: str, batch: int, steps: int, ckpt: bool = False) -> dict:
-    """One configuration, in this (fresh) process; ``ckpt``: activation checkpointing."""
+def child(preset: str, batch: int, steps: int, ckpt: str = "off") -> dict:
+    """One configuration, in this (fresh) process; ``ckpt``: activation checkpointing mode
+    (off | selective | full)."""
     import torch
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_train as bt
@@ -64,7 +66,7 @@ def child(preset: str, batch: int, steps: int, ckpt: bool = False) -> dict:
          "grad_checkpointing": ckpt, "threads": torch.get_num_threads(),
          "rss_after_import_gib": rss_bytes() / GIB}
     step, method, cfg = bt.mimlab_mae_step(
-        preset, batch, overrides=["model.grad_checkpointing=true"] if ckpt else ())
+        preset, batch, overrides=[f"model.grad_checkpointing={ckpt}"])
     n = sum(p.numel() for p in method.parameters())
     r.update(params=n, img_size=cfg.model.img_size, state_gib=16 * n / GIB,
              rss_after_build_gib=rss_bytes() / GIB)
@@ -79,9 +81,9 @@ def child(preset: str, batch: int, steps: int, ckpt: bool = False) -> dict:
     return r
 
 
-def run_config(preset: str, batch: int, steps: int, timeout: float, ckpt: bool = False) -> dict:
+def run_config(preset: str, batch: int, steps: int, timeout: float, ckpt: str = "off") -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", preset, str(batch),
-           "--steps", str(steps)] + (["--child-ckpt"] if ckpt else [])
+           "--steps", str(steps), "--child-ckpt", ckpt]
     base = {"bench": "memory", "preset": preset, "batch": batch, "steps": steps,
             "grad_checkpointing": ckpt}
     try:
@@ -111,8 +113,12 @@ def meminfo_gib(key: str):
     return None
 
 
-def parse_configs(s: str) -> list[tuple[str, int, bool]]:
-    """'tiny@128,vit_b16@64+ckpt' -> [(preset, batch, activation checkpointing), ...]."""
+#: config suffix -> activation checkpointing mode ('+ckpt', the earlier spelling, is full)
+SUFFIXES = {"": "off", "selective": "selective", "full": "full", "ckpt": "full"}
+
+
+def parse_configs(s: str) -> list[tuple[str, int, str]]:
+    """'tiny@128,vit_b16@64+selective' -> [(preset, batch, checkpointing mode), ...]."""
     out = []
     for item in s.split(","):
         item = item.strip()
@@ -120,14 +126,22 @@ def parse_configs(s: str) -> list[tuple[str, int, bool]]:
             continue
         base, plus, flag = item.partition("+")
         preset, _, b = base.partition("@")
-        if not b.isdigit() or (plus and flag != "ckpt"):
-            raise SystemExit(f"bench_memory: config '{item}' is not PRESET@BATCH[+ckpt]")
-        out.append((preset, int(b), bool(plus)))
+        if not b.isdigit() or (plus and not flag) or flag not in SUFFIXES:
+            raise SystemExit(f"bench_memory: config '{item}' is not "
+                             "PRESET@BATCH[+selective|+full]")
+        out.append((preset, int(b), SUFFIXES[flag]))
     return out
 
 
+def ckpt_mode(r: dict) -> str:
+    """A record's checkpointing mode; records of earlier runs hold a bool (true = full)."""
+    v = r.get("grad_checkpointing")
+    return "full" if v is True else "off" if v in (False, None) else str(v)
+
+
 def config_name(r: dict) -> str:
-    return f"{r['preset']}@{r['batch']}" + ("+ckpt" if r.get("grad_checkpointing") else "")
+    mode = ckpt_mode(r)
+    return f"{r['preset']}@{r['batch']}" + ("" if mode == "off" else "+" + mode)
 
 
 def main():
@@ -135,7 +149,8 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", default="tiny@128,vit_b16@16,vit_b16@64",
                     help="comma list of PRESET@BATCH, each measured in a fresh process; "
-                    "PRESET@BATCH+ckpt with activation checkpointing")
+                    "PRESET@BATCH+selective or +full with activation checkpointing "
+                    "(model.grad_checkpointing)")
     ap.add_argument("--steps", type=int, default=2, help="training steps per configuration")
     ap.add_argument("--limit-gib", type=float, default=8.0, help="memory budget checked")
     ap.add_argument("--fits", default="vit_b16@64",
@@ -143,7 +158,7 @@ def main():
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     ap.add_argument("--json", help="append results as JSON lines to this file")
     ap.add_argument("--child", nargs=2, metavar=("PRESET", "BATCH"), help=argparse.SUPPRESS)
-    ap.add_argument("--child-ckpt", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--child-ckpt", default="off", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         r = child(a.child[0], int(a.child[1]), a.steps, a.child_ckpt)
@@ -155,16 +170,16 @@ def main():
     results = []
     for preset, batch, ckpt in parse_configs(a.configs):
         r = run_config(preset, batch, a.steps, a.timeout, ckpt)
-        label = f"{preset}{'+ckpt' if ckpt else ''}"
+        label = preset + ("" if ckpt == "off" else "+" + ckpt)
         r["limit_gib"] = a.limit_gib
         r["machine_mem_gib"] = total
         if "error" in r:
             r["fits_limit"] = None
-            print(f"{label:13s} batch {batch:4d}: FAILED ({r['error']})", flush=True)
+            print(f"{label:17s} batch {batch:4d}: FAILED ({r['error']})", flush=True)
         else:
             r["fits_limit"] = bool(r["peak_gib"] <= a.limit_gib)
             steps = ", ".join(f"{v:.2f}" for v in r["peak_gib_per_step"])
-            print(f"{label:13s} batch {batch:4d}: peak RSS {r['peak_gib']:6.2f} GiB (after each "
+            print(f"{label:17s} batch {batch:4d}: peak RSS {r['peak_gib']:6.2f} GiB (after each "
                   f"step: {steps}) | after imports {r['rss_after_import_gib']:.2f} GiB | "
                   f"weights+grads+AdamW {r['state_gib']:.2f} GiB ({r['params'] / 1e6:.1f} M "
                   f"params) | {r['threads']} threads", flush=True)

@@ -10,6 +10,8 @@ matrix-multiply peak measured in the same run.
     python benchmarks/bench_train.py --preset tiny --batch 128
     python benchmarks/bench_train.py --preset vit_b16 --batch 16 --reps 3
     python benchmarks/bench_train.py --what mae --compile     # mimlab under torch.compile
+    python benchmarks/bench_train.py --preset vit_b16 --batch 16 --what mae \
+        --checkpointing selective,full    # also time model.grad_checkpointing modes
 """
 from __future__ import annotations
 
@@ -109,7 +111,10 @@ def time_pair(steps: dict, reps: int, warmup: int = 1) -> dict:
 
 
 def bench(preset: str, batch: int, reps: int, what: str, peak_size: int = 2048,
-          compile_: bool = False) -> dict:
+          compile_: bool = False, checkpointing: tuple = ()) -> dict:
+    """One step kind (``what``: mae | finetune) of mimlab against its reference. With
+    ``checkpointing`` (modes of ``model.grad_checkpointing``, MAE only) mimlab's step is also
+    timed with each mode, in the same alternation, as ``checkpointing_img_s``."""
     torch.manual_seed(0)
     cfg = resolve(PretrainConfig, overrides=[f"model.preset={preset}"])
     m = cfg.model
@@ -123,6 +128,11 @@ def bench(preset: str, batch: int, reps: int, what: str, peak_size: int = 2048,
                  "reference": make_step(ref, lambda mod, a, b: mod(pixel_values=a).loss, x)}
         fl = flops_per_image(lambda: ours(x)["loss"].backward(), batch)
         res["reference_name"] = "transformers.ViTMAEForPreTraining"
+        for mode in checkpointing:
+            torch.manual_seed(0)
+            mc = build_method(resolve(PretrainConfig, overrides=[
+                f"model.preset={preset}", f"model.grad_checkpointing={mode}"]))
+            steps[f"mimlab+{mode}"] = make_step(mc, lambda mod, a, b: mod(a)["loss"], x)
     else:
         y = torch.randint(0, 10, (batch,))
         ours = Classifier(build_encoder(m, mask_token=False, drop_path=0.1), 10)
@@ -148,6 +158,8 @@ def bench(preset: str, batch: int, reps: int, what: str, peak_size: int = 2048,
         "ratio": t["reference"] / t["mimlab"], "gflops_per_image": fl / 1e9,
         "mimlab_gflop_s": fl * batch / t["mimlab"] / 1e9, "matmul_peak_gflop_s": peak})
     res["fraction_of_peak"] = res["mimlab_gflop_s"] / peak
+    if what == "mae" and checkpointing:
+        res["checkpointing_img_s"] = {m: batch / t[f"mimlab+{m}"] for m in checkpointing}
     return res
 
 
@@ -173,7 +185,14 @@ def main():
     ap.add_argument("--json", help="append results as JSON lines to this file")
     ap.add_argument("--compile", action="store_true",
                     help="time mimlab's model under torch.compile (reference stays eager)")
+    ap.add_argument("--checkpointing", default="",
+                    help="comma list of model.grad_checkpointing modes (selective, full) whose "
+                    "MAE step is timed too, alternated with the others")
     a = ap.parse_args()
+    modes = tuple(m.strip() for m in a.checkpointing.split(",") if m.strip())
+    bad = [m for m in modes if m not in ("selective", "full")]
+    if bad:
+        ap.error(f"--checkpointing: unknown mode(s) {', '.join(bad)} (selective, full)")
     whats = ["mae", "finetune"] if a.what == "both" else [a.what]
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
@@ -183,7 +202,7 @@ def main():
     # per run, at most 512x512: without bf16 units it runs ~100x slower than fp32 here
     bf16_peak = matmul_peak_gflops(min(a.peak_size, 512), reps=3, dtype=torch.bfloat16)
     for w in whats:
-        r = bench(a.preset, a.batch, a.reps, w, a.peak_size, a.compile)
+        r = bench(a.preset, a.batch, a.reps, w, a.peak_size, a.compile, modes)
         r["matmul_peak_bf16_gflop_s"] = bf16_peak
         tag = " (compiled, %.0f s to compile)" % r["compile_seconds"] if a.compile else ""
         print(f"{w:9s} {a.preset:8s} batch {a.batch:4d}: mimlab{tag} {r['mimlab_img_s']:8.1f} img/s | "
@@ -191,6 +210,10 @@ def main():
               f"{r['ratio']:.2f}x | {r['gflops_per_image']:.2f} GFLOP/img, "
               f"{r['mimlab_gflop_s']:.0f} GFLOP/s = {100 * r['fraction_of_peak']:.0f}% of "
               f"{r['matmul_peak_gflop_s']:.0f} GFLOP/s matmul peak")
+        for mode, v in r.get("checkpointing_img_s", {}).items():
+            print(f"{w:9s} {a.preset:8s} batch {a.batch:4d}: mimlab with "
+                  f"model.grad_checkpointing={mode} {v:8.1f} img/s = "
+                  f"{v / r['mimlab_img_s']:.2f}x of mimlab without checkpointing")
         if a.json:
             with open(a.json, "a") as f:
                 f.write(json.dumps(r) + "\n")

@@ -85,7 +85,8 @@ def plan(quick: bool = False, only: Optional[set] = None, cifar: Optional[str] =
             Step("train tiny", "train", "bench_train.py",
                  ["--preset", "tiny", "--batch", "128", "--what", "both", "--reps", "5"]),
             Step("train vit_b16", "train", "bench_train.py",
-                 ["--preset", "vit_b16", "--batch", "16", "--what", "mae", "--reps", "3"]),
+                 ["--preset", "vit_b16", "--batch", "16", "--what", "mae", "--reps", "3",
+                  "--checkpointing", "selective,full"]),
             Step("train tiny compiled", "train", "bench_train.py",
                  ["--preset", "tiny", "--batch", "128", "--what", "both", "--reps", "5",
                   "--compile"]),
@@ -93,7 +94,8 @@ def plan(quick: bool = False, only: Optional[set] = None, cifar: Optional[str] =
                  ["--workers", "2", "--preset-cifar", "tiny", "--batch-cifar", "128",
                   "--preset-folder", "vit_b16", "--batch-folder", "16", *c]),
             Step("memory", "memory", "bench_memory.py",
-                 ["--configs", "tiny@128,vit_b16@16,vit_b16@64,vit_b16@64+ckpt",
+                 ["--configs", "tiny@128,vit_b16@16,vit_b16@64,vit_b16@64+selective,"
+                  "vit_b16@64+full",
                   "--limit-gib", "8"]),
         ]
     return [s for s in steps if only is None or s.kind in only]
@@ -248,6 +250,12 @@ def _f(x, nd: int = 1, suffix: str = "") -> str:
     return str(x)
 
 
+def _ckpt_mode(r: dict) -> str:
+    """A memory record's checkpointing mode; earlier runs recorded a bool (true = full)."""
+    v = r.get("grad_checkpointing")
+    return "full" if v is True else "off" if v in (False, None) else str(v)
+
+
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -325,6 +333,19 @@ def render(meta: dict, results: list[dict]) -> str:
                   + ("bf16 autocast could speed up the steps on this machine." if
                      r["matmul_peak_bf16_gflop_s"] > 1.2 * r["matmul_peak_gflop_s"] else
                      "bf16 would not speed up training on this machine; the steps stay fp32.")]
+        ck = [r for r in recs["train"] if r.get("checkpointing_img_s")]
+        if ck:
+            L += ["", "Activation checkpointing (`model.grad_checkpointing`): mimlab's MAE step "
+                  "timed with each mode in the same alternation as the row above; relative = "
+                  "img/s with the mode / img/s without checkpointing (memory: see Peak memory "
+                  "below).", ""]
+            L += _table(["step", "preset", "batch", "model.grad_checkpointing", "img/s",
+                         "relative"],
+                        [[r["what"], r["preset"], str(r["batch"]), "off",
+                          _f(r["mimlab_img_s"]), "1.00"] for r in ck]
+                        + [[r["what"], r["preset"], str(r["batch"]), mode, _f(v),
+                            _f(v / r["mimlab_img_s"], 2)]
+                           for r in ck for mode, v in r["checkpointing_img_s"].items()])
         tr = target_rows(recs["train"])
         if tr:
             L += ["", "### Against the targets", "",
@@ -381,8 +402,8 @@ def render(meta: dict, results: list[dict]) -> str:
               "processes (not included).", ""]
         rows = []
         for r in mem:
-            name = r["preset"] + (" + activation checkpointing" if r.get("grad_checkpointing")
-                                  else "")
+            mode = _ckpt_mode(r)
+            name = r["preset"] + ("" if mode == "off" else f" + {mode} checkpointing")
             if r.get("error"):
                 rows.append([name, str(r["batch"]), f"failed: {r['error']}", "-", "-",
                              "-", "-", "-"])
@@ -397,8 +418,9 @@ def render(meta: dict, results: list[dict]) -> str:
                      "weights+grads+AdamW GiB", f"fits in {limit:g} GiB", "last step s"], rows)
         b64 = [r for r in mem if r["preset"] == "vit_b16" and r["batch"] == 64]
         for r in b64:
-            how = (" with activation checkpointing (`model.grad_checkpointing=true`)"
-                   if r.get("grad_checkpointing") else "")
+            mode = _ckpt_mode(r)
+            how = ("" if mode == "off" else
+                   f" with {mode} activation checkpointing (`model.grad_checkpointing={mode}`)")
             if r.get("error"):
                 L += ["", f"vit_b16 at batch 64{how} did not complete ({r['error']})."]
             else:

@@ -77,10 +77,12 @@ class ModelConfig:
     decoder_embed_dim: int = doc("MAE decoder width", default=128)
     decoder_depth: int = doc("MAE decoder blocks", default=2)
     decoder_num_heads: int = doc("MAE decoder attention heads", default=4)
-    grad_checkpointing: bool = doc("recompute each transformer block's activations in the "
-                                   "backward pass instead of storing them: less memory for one "
-                                   "more forward of compute (ViT-B/16 MAE at batch 64 on CPU: "
-                                   "peak 8.1 -> 4.4 GiB, steps 7-17 % slower)", default=False)
+    grad_checkpointing: str = doc(
+        "activation checkpointing of the transformer blocks: off | selective | full. full "
+        "keeps only each block's input and recomputes the block in the backward pass; "
+        "selective keeps the matmul and attention outputs and recomputes only LayerNorm, GELU "
+        "and additions (true = full, false = off). Figures measured on this CPU for ViT-B/16 "
+        "MAE at batch 64 are in docs/performance.md", default="off")
 
 
 @dataclass
@@ -554,6 +556,24 @@ def apply_method_preset(method: "MethodConfig", explicit: dict) -> None:
         method.target_norm = "patch" if method.norm_pix_loss else "none"
 
 
+#: activation-checkpointing modes of ``model.grad_checkpointing`` (see models.run_block)
+CHECKPOINTING = ("off", "selective", "full")
+
+
+def checkpointing_mode(value: Any) -> str:
+    """``model.grad_checkpointing`` -> 'off' | 'selective' | 'full'; booleans (the field's
+    earlier type, as saved in older configs) mean 'full' (true) and 'off' (false)."""
+    v = str(value).strip().lower()
+    v = {"true": "full", "yes": "full", "1": "full", "false": "off", "no": "off", "0": "off",
+         "none": "off"}.get(v, v)
+    if v not in CHECKPOINTING:
+        close = difflib.get_close_matches(v, CHECKPOINTING, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"model.grad_checkpointing: unknown mode {value!r}{hint}; choose from "
+                          f"{', '.join(CHECKPOINTING)}")
+    return v
+
+
 def validate(cfg: Any) -> None:
     """Impossible values fail here, one clear line each."""
     m = getattr(cfg, "model", None)
@@ -575,6 +595,7 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"model.in_chans must be >= 1, got {m.in_chans}")
         if not 0.0 <= m.drop_path < 1.0:
             raise ConfigError(f"model.drop_path must be in [0, 1), got {m.drop_path}")
+        m.grad_checkpointing = checkpointing_mode(m.grad_checkpointing)
     meth = getattr(cfg, "method", None)
     if meth is not None:
         if not 0.0 < meth.mask_ratio < 1.0:

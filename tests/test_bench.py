@@ -20,14 +20,15 @@ def micro_steps(cifar_dir) -> list[Step]:
     return [
         Step("train micro", "train", "bench_train.py",
              ["--preset", "micro", "--batch", "4", "--what", "both", "--reps", "1",
-              "--peak-size", "128"]),
+              "--peak-size", "128", "--checkpointing", "selective,full"]),
         Step("data micro", "data", "bench_data.py",
              ["--cifar", str(cifar_dir), "--workers", "2",
               "--preset-cifar", "micro", "--batch-cifar", "8",
               "--preset-folder", "micro", "--batch-folder", "4", "--folder-images", "16",
               "--folder-side", "48", "--batches", "4", "--reps", "1", "--fed-steps", "1"]),
         Step("memory micro", "memory", "bench_memory.py",
-             ["--configs", "micro@4,micro@8,micro@8+ckpt", "--steps", "1", "--fits", "micro@8"]),
+             ["--configs", "micro@4,micro@8,micro@8+selective,micro@8+ckpt", "--steps", "1",
+              "--fits", "micro@8"]),
     ]
 
 
@@ -57,7 +58,12 @@ def test_train_records(bench_results):
         for k in ("mimlab_img_s", "reference_img_s", "ratio", "gflops_per_image",
                   "mimlab_gflop_s", "matmul_peak_gflop_s", "fraction_of_peak"):
             assert positive(r[k]), (k, r[k])
+    (mae,) = [r for r in s["records"] if r["what"] == "mae"]
+    assert sorted(mae["checkpointing_img_s"]) == ["full", "selective"]
+    assert all(positive(v) for v in mae["checkpointing_img_s"].values())
+    assert "checkpointing_img_s" not in [r for r in s["records"] if r["what"] != "mae"][0]
     assert "ratio" in s["output"]
+    assert "model.grad_checkpointing=selective" in s["output"]
 
 
 def test_data_records(bench_results):
@@ -80,8 +86,9 @@ def test_memory_records(bench_results):
     (s,) = [s for s in bench_results if s["kind"] == "memory"]
     recs = s["records"]
     assert [(r["preset"], r["batch"], r["grad_checkpointing"]) for r in recs] == [
-        ("micro", 4, False), ("micro", 8, False), ("micro", 8, True)]
-    assert len({r["pid"] for r in recs} | {os.getpid()}) == 4  # one fresh process each
+        ("micro", 4, "off"), ("micro", 8, "off"), ("micro", 8, "selective"),
+        ("micro", 8, "full")]  # '+ckpt' is the earlier spelling of '+full'
+    assert len({r["pid"] for r in recs} | {os.getpid()}) == 5  # one fresh process each
     for r in recs:
         assert "error" not in r
         assert positive(r["peak_gib"]) and r["peak_gib"] >= r["rss_after_import_gib"] > 0
@@ -100,6 +107,9 @@ def test_report(bench_results, tmp_path, monkeypatch, cifar_dir):
         assert head in md
     assert "python benchmarks/bench_data.py" in md and "torch / torchvision" in md
     assert "| mae | micro | 4 |" in md and "| cifar | 32 | 2 | 8 |" in md
+    assert "| mae | micro | 4 | selective |" in md and "| mae | micro | 4 | full |" in md
+    assert "| micro + selective checkpointing | 8 |" in md
+    assert "| micro + full checkpointing | 8 |" in md
     raw = json.loads(out.with_suffix(".json").read_text())
     assert raw["meta"]["versions"]["torch"] and raw["meta"]["machine"]["logical_cpus"] >= 1
     assert len(raw["results"]) == 3
@@ -148,3 +158,18 @@ def test_report_targets_section():
     assert "| mae (compiled, 42 s to compile) | tiny | 128 |" in md
     assert "| mae | tiny | 128 | yes | 1.50x | 1.50x | yes | 66 % | 66 % |" in md
     assert "bf16 would not speed up training" in md
+
+
+def test_memory_config_syntax(monkeypatch):
+    monkeypatch.syspath_prepend(str(benchmarking.benchmarks_dir()))
+    import bench_memory
+    assert bench_memory.parse_configs("tiny@128, vit_b16@64+selective,vit_b16@64+full,a@2+ckpt") \
+        == [("tiny", 128, "off"), ("vit_b16", 64, "selective"), ("vit_b16", 64, "full"),
+            ("a", 2, "full")]
+    for bad in ("tiny", "tiny@x", "tiny@8+", "tiny@8+fast"):
+        with pytest.raises(SystemExit, match="PRESET@BATCH"):
+            bench_memory.parse_configs(bad)
+    assert bench_memory.config_name({"preset": "p", "batch": 2, "grad_checkpointing": True}) \
+        == "p@2+full"
+    assert bench_memory.config_name({"preset": "p", "batch": 2, "grad_checkpointing": "off"}) \
+        == "p@2"

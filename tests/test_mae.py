@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from mimlab.config import PretrainConfig, resolve
@@ -73,32 +74,86 @@ def test_mae_weight_init():
     assert w.abs().max() <= bound
 
 
+class _CountOps:
+    """Counts aten ops (by name) run while active, e.g. during backward."""
+
+    def __init__(self):
+        import collections
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        counts = self.counts = collections.Counter()
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                counts[func.overloadpacket.__name__] += 1
+                return func(*args, **(kwargs or {}))
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self.counts
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
 def test_grad_checkpointing_gives_the_same_loss_and_gradients(monkeypatch):
-    """model.grad_checkpointing recomputes block activations in backward: same loss and the
-    same gradients as storing them, drop path included (its RNG state is replayed)."""
+    """model.grad_checkpointing (off | selective | full) recomputes block activations in
+    backward: same loss and the same gradients as storing them, drop path included (its RNG
+    state is replayed). selective recomputes LayerNorm and GELU but no matmul; full recomputes
+    the matmuls too."""
     import torch.utils.checkpoint as tuc
     calls = []
     real = tuc.checkpoint
-    monkeypatch.setattr(tuc, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
-    grads = []
-    for ckpt in (False, True):
+    monkeypatch.setattr(tuc, "checkpoint",
+                        lambda *a, **k: calls.append("context_fn" in k) or real(*a, **k))
+    runs = {}
+    for mode in ("off", "selective", "full"):
         torch.manual_seed(0)
         cfg = resolve(PretrainConfig, overrides=["model.preset=micro", "model.drop_path=0.2",
-                                                 f"model.grad_checkpointing={ckpt}"])
+                                                 f"model.grad_checkpointing={mode}"])
         m = build_method(cfg)
         m.train()
-        assert m.encoder.grad_checkpointing is ckpt and m.head.grad_checkpointing is ckpt
+        assert m.encoder.grad_checkpointing == mode and m.head.grad_checkpointing == mode
         x = torch.randn(4, 3, cfg.model.img_size, cfg.model.img_size,
                         generator=torch.Generator().manual_seed(1))
         torch.manual_seed(2)
         loss = m(x)["loss"]
-        loss.backward()
-        grads.append((loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()
-                                      if p.grad is not None}))
-    (l0, g0), (l1, g1) = grads
+        with _CountOps() as backward_ops:
+            loss.backward()
+        runs[mode] = (loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()
+                                      if p.grad is not None}, backward_ops)
     micro = resolve(PretrainConfig, overrides=["model.preset=micro"]).model
-    assert len(calls) == micro.depth + micro.decoder_depth  # every block, only when enabled
-    assert torch.equal(l0, l1)
-    assert g0.keys() == g1.keys() and len(g0) > 10
-    for n in g0:
-        torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=n)
+    blocks = micro.depth + micro.decoder_depth
+    # every block, only when enabled; selective passes its policy as context_fn
+    assert calls == [True] * blocks + [False] * blocks
+    l0, g0, ops0 = runs["off"]
+    assert g0.keys() and len(g0) > 10
+    for mode in ("selective", "full"):
+        l1, g1, _ = runs[mode]
+        assert torch.equal(l0, l1), mode
+        assert g0.keys() == g1.keys(), mode
+        for n in g0:
+            torch.testing.assert_close(g1[n], g0[n], rtol=1e-5, atol=1e-7, msg=f"{mode}: {n}")
+    sel, full = runs["selective"][2], runs["full"][2]
+    # forward ops rerun in backward: GELU / LayerNorm under both modes, never without
+    assert ops0["gelu"] == 0 and ops0["native_layer_norm"] == 0
+    assert sel["gelu"] == full["gelu"] == blocks
+    assert sel["native_layer_norm"] == full["native_layer_norm"] == 2 * blocks
+    # matmuls: selective reruns none (same count as without checkpointing), full reruns them
+    matmuls = lambda c: c["addmm"] + c["mm"]  # noqa: E731
+    assert matmuls(sel) == matmuls(ops0)
+    assert matmuls(full) > matmuls(ops0)
+    assert sel["_scaled_dot_product_flash_attention_for_cpu"] == 0
+    assert full["_scaled_dot_product_flash_attention_for_cpu"] == blocks
+
+
+def test_grad_checkpointing_modes_in_config():
+    """Booleans of older configs map to full / off; unknown modes fail with a hint."""
+    from mimlab.config import ConfigError
+    for given, want in (("true", "full"), ("false", "off"), ("Selective", "selective"),
+                        ("off", "off")):
+        cfg = resolve(PretrainConfig, overrides=[f"model.grad_checkpointing={given}"])
+        assert cfg.model.grad_checkpointing == want
+    with pytest.raises(ConfigError, match="did you mean 'selective'"):
+        resolve(PretrainConfig, overrides=["model.grad_checkpointing=selectve"])
