@@ -9,7 +9,8 @@ tables and the console output. A raw copy of everything goes next to the report 
 
 Full run (tiny: MAE + fine-tune steps at batch 128, eager and under torch.compile; vit_b16:
 MAE steps at batch 16; data pipeline on CIFAR-10 and a generated 224 px folder; peak RSS of
-tiny@128, vit_b16@16, vit_b16@64 without and with activation checkpointing) takes several
+tiny@128, vit_b16@16, vit_b16@64 without and with selective and full activation
+checkpointing, whose step-time cost the vit_b16 training step also measures) takes several
 minutes on a small CPU machine; ``--quick`` is a smoke run with small batches and single
 repetitions whose numbers are not meant to be quoted.
 """
