@@ -65,8 +65,9 @@ def run_block(blk: nn.Module, x: torch.Tensor, checkpointing) -> torch.Tensor:
     * full: only the block input is kept; the whole block is recomputed in the backward pass
       (about one more forward of compute, least memory);
     * selective: the outputs of matmuls and attention are kept, LayerNorm / GELU / additions
-      are recomputed (the large GELU input and output and the LayerNorm outputs are not stored:
-      about a third less activation memory for a few % more time).
+      are recomputed: the GELU output (4x the width) and the LayerNorm outputs are not stored,
+      about a third of a block's activations, for the cost of those cheap ops (plus a per-op
+      dispatch overhead that only matters for very small models).
 
     The RNG state is restored for the recomputation, so drop path gives identical gradients."""
     mode = "full" if checkpointing is True else "off" if checkpointing is False else checkpointing
