@@ -12,6 +12,13 @@ matrix-multiply peak measured in the same run.
     python benchmarks/bench_train.py --what mae --compile     # mimlab under torch.compile
     python benchmarks/bench_train.py --preset vit_b16 --batch 16 --what mae \
         --checkpointing selective,full    # also time model.grad_checkpointing modes
+    python benchmarks/bench_train.py --device cuda --precision bf16 --preset vit_b16 \
+        --batch 256 --what mae --compile  # GPU: bf16 autocast, fused AdamW, SDPA (flash)
+
+On a GPU the step ends with a device synchronisation (so the timings are of finished work),
+AdamW is the fused CUDA kernel, and the peak is the best matmul of the step's precision on that
+device measured in the same run: fraction_of_peak is then the model-FLOPs utilisation against
+the achieved (not the datasheet) peak.
 """
 from __future__ import annotations
 
@@ -31,14 +38,28 @@ from mimlab.models import build_encoder
 from mimlab.tasks import Classifier
 
 
-def matmul_peak_gflops(n: int = 2048, reps: int = 5, dtype=torch.float32) -> float:
-    """Best GEMM throughput of this machine (GFLOP/s) in ``dtype``, measured now."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (GPU kernels run asynchronously); no-op on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_gflops(n: int = 2048, reps: int = 5, dtype=torch.float32,
+                       device: str = "cpu") -> float:
+    """Best GEMM throughput (GFLOP/s) of ``device`` in ``dtype``, measured now."""
+    dev = torch.device(device)
+    a = torch.randn(n, n, dtype=dtype, device=dev)
+    b = torch.randn(n, n, dtype=dtype, device=dev)
     a @ b
+    sync(dev)
     best = float("inf")
     for _ in range(reps):
         t = time.perf_counter()
         a @ b
+        sync(dev)
         best = min(best, time.perf_counter() - t)
     return 2 * n ** 3 / best / 1e9
 
@@ -67,14 +88,20 @@ def timm_vit(cfg, num_classes=10):
                              num_classes=num_classes, global_pool="avg", drop_path_rate=0.1)
 
 
-def make_step(model, loss_fn, x, y=None, foreach=True):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), foreach=foreach)
+def make_step(model, loss_fn, x, y=None, foreach=True, amp=None):
+    """One training step on ``x``'s device: forward (under autocast to ``amp`` if given),
+    backward, AdamW (the fused kernel on CUDA), then a device synchronisation."""
+    dev = x.device
+    opt_kw = {"fused": True} if dev.type == "cuda" else {"foreach": foreach}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), **opt_kw)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(model, x, y)
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            loss = loss_fn(model, x, y)
         loss.backward()
         opt.step()
+        sync(dev)
     return step
 
 
@@ -111,48 +138,63 @@ def time_pair(steps: dict, reps: int, warmup: int = 1) -> dict:
 
 
 def bench(preset: str, batch: int, reps: int, what: str, peak_size: int = 2048,
-          compile_: bool = False, checkpointing: tuple = ()) -> dict:
-    """One step kind (``what``: mae | finetune) of mimlab against its reference. With
-    ``checkpointing`` (modes of ``model.grad_checkpointing``, MAE only) mimlab's step is also
-    timed with each mode, in the same alternation, as ``checkpointing_img_s``."""
+          compile_: bool = False, checkpointing: tuple = (), device: str = "cpu",
+          precision: str = "fp32") -> dict:
+    """One step kind (``what``: mae | finetune) of mimlab against its reference, both on
+    ``device`` under the same autocast ``precision``. With ``checkpointing`` (modes of
+    ``model.grad_checkpointing``, MAE only) mimlab's step is also timed with each mode, in the
+    same alternation, as ``checkpointing_img_s``."""
+    dev, amp = torch.device(device), PRECISIONS[precision]
     torch.manual_seed(0)
     cfg = resolve(PretrainConfig, overrides=[f"model.preset={preset}"])
     m = cfg.model
-    x = torch.randn(batch, m.in_chans, m.img_size, m.img_size)
+    x = torch.randn(batch, m.in_chans, m.img_size, m.img_size, device=dev)
     res = {"bench": "train", "preset": preset, "batch": batch, "reps": reps,
-           "threads": torch.get_num_threads(), "what": what, "compile": compile_}
+           "threads": torch.get_num_threads(), "what": what, "compile": compile_,
+           "device": device, "precision": precision}
+    if dev.type == "cuda":
+        res["device_name"] = torch.cuda.get_device_name(dev)
+
+    def step_of(model, loss_fn, y=None):
+        return make_step(model, loss_fn, x, y, amp=amp)
+
+    def counted(fn):  # FLOPs of one forward + backward, under the step's autocast
+        with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+            return flops_per_image(fn, batch)
+
     if what == "mae":
-        ours = build_method(cfg)
-        ref = hf_mae(cfg)
-        steps = {"mimlab": make_step(ours, lambda mod, a, b: mod(a)["loss"], x),
-                 "reference": make_step(ref, lambda mod, a, b: mod(pixel_values=a).loss, x)}
-        fl = flops_per_image(lambda: ours(x)["loss"].backward(), batch)
+        ours = build_method(cfg).to(dev)
+        ref = hf_mae(cfg).to(dev)
+        mae_loss = lambda mod, a, b: mod(a)["loss"]  # noqa: E731
+        steps = {"mimlab": step_of(ours, mae_loss),
+                 "reference": step_of(ref, lambda mod, a, b: mod(pixel_values=a).loss)}
+        fl = counted(lambda: ours(x)["loss"].backward())
         res["reference_name"] = "transformers.ViTMAEForPreTraining"
         for mode in checkpointing:
             torch.manual_seed(0)
             mc = build_method(resolve(PretrainConfig, overrides=[
-                f"model.preset={preset}", f"model.grad_checkpointing={mode}"]))
-            steps[f"mimlab+{mode}"] = make_step(mc, lambda mod, a, b: mod(a)["loss"], x)
+                f"model.preset={preset}", f"model.grad_checkpointing={mode}"])).to(dev)
+            steps[f"mimlab+{mode}"] = step_of(mc, mae_loss)
     else:
-        y = torch.randint(0, 10, (batch,))
-        ours = Classifier(build_encoder(m, mask_token=False, drop_path=0.1), 10)
-        ref = timm_vit(cfg)
+        y = torch.randint(0, 10, (batch,), device=dev)
+        ours = Classifier(build_encoder(m, mask_token=False, drop_path=0.1), 10).to(dev)
+        ref = timm_vit(cfg).to(dev)
         ce = lambda logits, t: F.cross_entropy(logits, t)  # noqa: E731
-        steps = {"mimlab": make_step(ours, lambda mod, a, b: mod(a, b)["loss"], x, y),
-                 "reference": make_step(ref, lambda mod, a, b: ce(mod(a), b), x, y)}
-        fl = flops_per_image(lambda: ours(x, y)["loss"].backward(), batch)
+        steps = {"mimlab": step_of(ours, lambda mod, a, b: mod(a, b)["loss"], y),
+                 "reference": step_of(ref, lambda mod, a, b: ce(mod(a), b), y)}
+        fl = counted(lambda: ours(x, y)["loss"].backward())
         res["reference_name"] = "timm.VisionTransformer"
     if compile_:  # mimlab's model under torch.compile (inductor); the reference stays eager
         t0 = time.perf_counter()
         cm = torch.compile(ours)
         if what == "mae":
-            steps["mimlab"] = make_step(cm, lambda mod, a, b: mod(a)["loss"], x)
+            steps["mimlab"] = step_of(cm, lambda mod, a, b: mod(a)["loss"])
         else:
-            steps["mimlab"] = make_step(cm, lambda mod, a, b: mod(a, b)["loss"], x, y)
+            steps["mimlab"] = step_of(cm, lambda mod, a, b: mod(a, b)["loss"], y)
         steps["mimlab"]()  # compiles forward and backward
         res["compile_seconds"] = time.perf_counter() - t0
     t = time_pair(steps, reps)
-    peak = matmul_peak_gflops(peak_size)
+    peak = matmul_peak_gflops(peak_size, dtype=amp or torch.float32, device=device)
     res.update({
         "mimlab_img_s": batch / t["mimlab"], "reference_img_s": batch / t["reference"],
         "ratio": t["reference"] / t["mimlab"], "gflops_per_image": fl / 1e9,
@@ -181,10 +223,13 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--what", choices=["mae", "finetune", "both"], default="both")
     ap.add_argument("--peak-size", type=int, default=2048,
-                    help="matrix size of the fp32 matmul-peak measurement")
+                    help="matrix size of the matmul-peak measurement (8192 suits a GPU)")
     ap.add_argument("--json", help="append results as JSON lines to this file")
     ap.add_argument("--compile", action="store_true",
                     help="time mimlab's model under torch.compile (reference stays eager)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    ap.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
+                    help="autocast precision of both steps (the matmul peak is measured in it)")
     ap.add_argument("--checkpointing", default="",
                     help="comma list of model.grad_checkpointing modes (selective, full) whose "
                     "MAE step is timed too, alternated with the others")
@@ -193,23 +238,35 @@ def main():
     bad = [m for m in modes if m not in ("selective", "full")]
     if bad:
         ap.error(f"--checkpointing: unknown mode(s) {', '.join(bad)} (selective, full)")
+    try:
+        dev = torch.device(a.device)
+    except RuntimeError as e:
+        ap.error(f"--device {a.device}: {e}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"--device {a.device}: no CUDA device is available to this torch")
     whats = ["mae", "finetune"] if a.what == "both" else [a.what]
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
+             else platform.processor() or platform.machine())
+    print(f"# {where}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"{a.precision}")
     if a.compile:
         cold_compiles()
     # lower precision only pays where the CPU has bf16 matrix units (AVX512-BF16 / AMX); once
-    # per run, at most 512x512: without bf16 units it runs ~100x slower than fp32 here
-    bf16_peak = matmul_peak_gflops(min(a.peak_size, 512), reps=3, dtype=torch.bfloat16)
+    # per run, at most 512x512 on CPU: without bf16 units it runs ~100x slower than fp32 there
+    bf16_peak = matmul_peak_gflops(a.peak_size if dev.type == "cuda" else min(a.peak_size, 512),
+                                   reps=3, dtype=torch.bfloat16, device=a.device)
     for w in whats:
-        r = bench(a.preset, a.batch, a.reps, w, a.peak_size, a.compile, modes)
+        r = bench(a.preset, a.batch, a.reps, w, a.peak_size, a.compile, modes, a.device,
+                  a.precision)
         r["matmul_peak_bf16_gflop_s"] = bf16_peak
         tag = " (compiled, %.0f s to compile)" % r["compile_seconds"] if a.compile else ""
+        if a.device != "cpu" or a.precision != "fp32":
+            tag += f" [{a.device}, {a.precision}]"
         print(f"{w:9s} {a.preset:8s} batch {a.batch:4d}: mimlab{tag} {r['mimlab_img_s']:8.1f} img/s | "
               f"{r['reference_name']} {r['reference_img_s']:8.1f} img/s | ratio "
               f"{r['ratio']:.2f}x | {r['gflops_per_image']:.2f} GFLOP/img, "
               f"{r['mimlab_gflop_s']:.0f} GFLOP/s = {100 * r['fraction_of_peak']:.0f}% of "
-              f"{r['matmul_peak_gflop_s']:.0f} GFLOP/s matmul peak")
+              f"{r['matmul_peak_gflop_s']:.0f} GFLOP/s {a.precision} matmul peak")
         for mode, v in r.get("checkpointing_img_s", {}).items():
             print(f"{w:9s} {a.preset:8s} batch {a.batch:4d}: mimlab with "
                   f"model.grad_checkpointing={mode} {v:8.1f} img/s = "

@@ -9,6 +9,7 @@ import math
 import os
 
 import pytest
+import torch
 
 from mimlab import benchmarking, cli
 from mimlab.benchmarking import Step
@@ -160,6 +161,28 @@ def test_report_targets_section():
     assert "bf16 would not speed up training" in md
 
 
+def test_report_gpu_record():
+    """A CUDA bf16 record: labelled with the GPU and precision, summarised against the ~2,000
+    images/s per A100 figure with its model-FLOPs utilisation, and kept out of the CPU targets
+    and the CPU bf16 paragraph."""
+    rec = {"bench": "train", "what": "mae", "preset": "vit_b16", "batch": 256, "reps": 10,
+           "threads": 16, "compile": False, "device": "cuda", "precision": "bf16",
+           "device_name": "NVIDIA H200", "mimlab_img_s": 3000.0, "reference_name": "ref",
+           "reference_img_s": 2500.0, "ratio": 1.2, "gflops_per_image": 56.0,
+           "mimlab_gflop_s": 168000.0, "matmul_peak_gflop_s": 700000.0,
+           "fraction_of_peak": 0.24, "matmul_peak_bf16_gflop_s": 700000.0}
+    assert benchmarking.target_rows([rec]) == []
+    meta = {"command": "mimlab bench --gpu", "date": "d", "seconds": 1.0, "quick": False,
+            "machine": benchmarking.machine_info(), "versions": benchmarking.versions()}
+    md = benchmarking.render(meta, [{"name": "train", "kind": "train", "command": "c",
+                                     "seconds": 1.0, "rc": 0, "records": [rec], "output": ""}])
+    assert "| mae [NVIDIA H200, bf16] | vit_b16 | 256 |" in md
+    assert "MAE pretraining at 3,000 images/s per GPU (1.50x the ~2,000" in md
+    assert "utilisation 24 % of the 700 TFLOP/s bf16 matmul peak" in md
+    assert "Against the targets" not in md and "Lower precision" not in md
+    assert benchmarking.plan(gpu=True)[0].args[:4] == ["--device", "cuda", "--precision", "bf16"]
+
+
 def test_memory_config_syntax(monkeypatch):
     monkeypatch.syspath_prepend(str(benchmarking.benchmarks_dir()))
     import bench_memory
@@ -173,3 +196,23 @@ def test_memory_config_syntax(monkeypatch):
         == "p@2+full"
     assert bench_memory.config_name({"preset": "p", "batch": 2, "grad_checkpointing": "off"}) \
         == "p@2"
+
+
+def test_bench_train_under_autocast(monkeypatch):
+    """--precision bf16 runs both steps under autocast (here on the CPU) and records it; the
+    peak is measured in that precision."""
+    monkeypatch.syspath_prepend(str(benchmarking.benchmarks_dir()))
+    import bench_train
+    seen = []
+    real = bench_train.matmul_peak_gflops
+    monkeypatch.setattr(bench_train, "matmul_peak_gflops",
+                        lambda *a, **k: seen.append(k.get("dtype")) or real(*a, **k))
+    amps = []
+    real_step = bench_train.make_step
+    monkeypatch.setattr(bench_train, "make_step",
+                        lambda *a, **k: amps.append(k.get("amp")) or real_step(*a, **k))
+    r = bench_train.bench("micro", 2, 1, "mae", peak_size=64, precision="bf16")
+    assert (r["device"], r["precision"]) == ("cpu", "bf16") and "device_name" not in r
+    assert seen == [torch.bfloat16] and amps == [torch.bfloat16] * 2  # mimlab and reference
+    for k in ("mimlab_img_s", "reference_img_s", "gflops_per_image", "matmul_peak_gflop_s"):
+        assert positive(r[k]), k
