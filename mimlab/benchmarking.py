@@ -335,10 +335,11 @@ def render(meta: dict, results: list[dict]) -> str:
 
     if recs["train"]:
         L += ["", "## Training step (`bench_train.py`)", "",
-              "Full steps (forward, backward, AdamW) on random tensors, fp32, mimlab and the "
-              "reference alternated, median over repetitions. ratio = reference step time / "
-              "mimlab step time (> 1: mimlab faster). FLOPs of the mimlab step counted with "
-              "`torch.utils.flop_counter`; peak = best fp32 matmul measured in the same run.",
+              "Full steps (forward, backward, AdamW) on random tensors, on the CPU in fp32 "
+              "unless marked [device, precision], mimlab and the reference alternated, median "
+              "over repetitions. ratio = reference step time / mimlab step time (> 1: mimlab "
+              "faster). FLOPs of the mimlab step counted with `torch.utils.flop_counter`; peak "
+              "= best matmul in the step's precision on its device, measured in the same run.",
               ""]
         rows = [[r["what"] + (f" (compiled, {r['compile_seconds']:.0f} s to compile)"
                               if r.get("compile") else "") + _where(r),
