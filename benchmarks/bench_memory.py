@@ -133,14 +133,9 @@ def parse_configs(s: str) -> list[tuple[str, int, str]]:
     return out
 
 
-def ckpt_mode(r: dict) -> str:
-    """A record's checkpointing mode; records of earlier runs hold a bool (true = full)."""
-    v = r.get("grad_checkpointing")
-    return "full" if v is True else "off" if v in (False, None) else str(v)
-
-
 def config_name(r: dict) -> str:
-    mode = ckpt_mode(r)
+    from mimlab.config import checkpointing_mode  # records of earlier runs hold a bool
+    mode = checkpointing_mode(r.get("grad_checkpointing", "off"))
     return f"{r['preset']}@{r['batch']}" + ("" if mode == "off" else "+" + mode)
 
 

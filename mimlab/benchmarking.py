@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from .config import checkpointing_mode
+
 REPO = Path(__file__).resolve().parents[1]
 KINDS = ("train", "data", "memory")
 DEFAULT_OUT = "docs/performance.md"
@@ -277,12 +279,6 @@ def _where(r: dict) -> str:
     return "" if (dev, prec) == ("cpu", "fp32") else f" [{r.get('device_name') or dev}, {prec}]"
 
 
-def _ckpt_mode(r: dict) -> str:
-    """A memory record's checkpointing mode; earlier runs recorded a bool (true = full)."""
-    v = r.get("grad_checkpointing")
-    return "full" if v is True else "off" if v in (False, None) else str(v)
-
-
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
     out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     out += ["| " + " | ".join(r) + " |" for r in rows]
@@ -444,7 +440,7 @@ def render(meta: dict, results: list[dict]) -> str:
               "processes (not included).", ""]
         rows = []
         for r in mem:
-            mode = _ckpt_mode(r)
+            mode = checkpointing_mode(r.get("grad_checkpointing", "off"))
             name = r["preset"] + ("" if mode == "off" else f" + {mode} checkpointing")
             if r.get("error"):
                 rows.append([name, str(r["batch"]), f"failed: {r['error']}", "-", "-",
@@ -460,7 +456,7 @@ def render(meta: dict, results: list[dict]) -> str:
                      "weights+grads+AdamW GiB", f"fits in {limit:g} GiB", "last step s"], rows)
         b64 = [r for r in mem if r["preset"] == "vit_b16" and r["batch"] == 64]
         for r in b64:
-            mode = _ckpt_mode(r)
+            mode = checkpointing_mode(r.get("grad_checkpointing", "off"))
             how = ("" if mode == "off" else
                    f" with {mode} activation checkpointing (`model.grad_checkpointing={mode}`)")
             if r.get("error"):

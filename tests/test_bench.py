@@ -146,16 +146,22 @@ def test_target_rows_needed_fraction():
     assert len(only) == 1 and only[0]["met"] is False
 
 
+def render_train_records(records: list[dict], command: str = "mimlab bench") -> str:
+    """The markdown report of one train step holding ``records`` (this machine's meta)."""
+    meta = {"command": command, "date": "d", "seconds": 1.0, "quick": False,
+            "machine": benchmarking.machine_info(), "versions": benchmarking.versions()}
+    return benchmarking.render(meta, [{"name": "train", "kind": "train", "command": "c",
+                                       "seconds": 1.0, "rc": 0, "records": records,
+                                       "output": ""}])
+
+
 def test_report_targets_section():
     rec = {"bench": "train", "what": "mae", "preset": "tiny", "batch": 128, "reps": 5,
            "threads": 2, "compile": True, "compile_seconds": 42.0, "mimlab_img_s": 150.0,
            "reference_name": "ref", "reference_img_s": 100.0, "ratio": 1.5,
            "gflops_per_image": 0.7, "mimlab_gflop_s": 105.0, "matmul_peak_gflop_s": 160.0,
            "fraction_of_peak": 105 / 160, "matmul_peak_bf16_gflop_s": 1.0}
-    meta = {"command": "mimlab bench", "date": "d", "seconds": 1.0, "quick": False,
-            "machine": benchmarking.machine_info(), "versions": benchmarking.versions()}
-    md = benchmarking.render(meta, [{"name": "train", "kind": "train", "command": "c",
-                                     "seconds": 1.0, "rc": 0, "records": [rec], "output": ""}])
+    md = render_train_records([rec])
     assert "| mae (compiled, 42 s to compile) | tiny | 128 |" in md
     assert "| mae | tiny | 128 | yes | 1.50x | 1.50x | yes | 66 % | 66 % |" in md
     assert "bf16 would not speed up training" in md
@@ -172,10 +178,7 @@ def test_report_gpu_record():
            "mimlab_gflop_s": 168000.0, "matmul_peak_gflop_s": 700000.0,
            "fraction_of_peak": 0.24, "matmul_peak_bf16_gflop_s": 700000.0}
     assert benchmarking.target_rows([rec]) == []
-    meta = {"command": "mimlab bench --gpu", "date": "d", "seconds": 1.0, "quick": False,
-            "machine": benchmarking.machine_info(), "versions": benchmarking.versions()}
-    md = benchmarking.render(meta, [{"name": "train", "kind": "train", "command": "c",
-                                     "seconds": 1.0, "rc": 0, "records": [rec], "output": ""}])
+    md = render_train_records([rec], "mimlab bench --gpu")
     assert "| mae [NVIDIA H200, bf16] | vit_b16 | 256 |" in md
     assert "MAE pretraining at 3,000 images/s per GPU (1.50x the ~2,000" in md
     assert "utilisation 24 % of the 700 TFLOP/s bf16 matmul peak" in md
