@@ -32,7 +32,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from mimlab.config import PretrainConfig, resolve
+from mimlab.config import CHECKPOINTING, PretrainConfig, resolve
 from mimlab.methods import build_method
 from mimlab.models import build_encoder
 from mimlab.tasks import Classifier
@@ -165,8 +165,9 @@ def bench(preset: str, batch: int, reps: int, what: str, peak_size: int = 2048,
     if what == "mae":
         ours = build_method(cfg).to(dev)
         ref = hf_mae(cfg).to(dev)
-        mae_loss = lambda mod, a, b: mod(a)["loss"]  # noqa: E731
-        steps = {"mimlab": step_of(ours, mae_loss),
+        y = None
+        ours_loss = lambda mod, a, b: mod(a)["loss"]  # noqa: E731
+        steps = {"mimlab": step_of(ours, ours_loss),
                  "reference": step_of(ref, lambda mod, a, b: mod(pixel_values=a).loss)}
         fl = counted(lambda: ours(x)["loss"].backward())
         res["reference_name"] = "transformers.ViTMAEForPreTraining"
@@ -174,23 +175,20 @@ def bench(preset: str, batch: int, reps: int, what: str, peak_size: int = 2048,
             torch.manual_seed(0)
             mc = build_method(resolve(PretrainConfig, overrides=[
                 f"model.preset={preset}", f"model.grad_checkpointing={mode}"])).to(dev)
-            steps[f"mimlab+{mode}"] = step_of(mc, mae_loss)
+            steps[f"mimlab+{mode}"] = step_of(mc, ours_loss)
     else:
         y = torch.randint(0, 10, (batch,), device=dev)
         ours = Classifier(build_encoder(m, mask_token=False, drop_path=0.1), 10).to(dev)
         ref = timm_vit(cfg).to(dev)
         ce = lambda logits, t: F.cross_entropy(logits, t)  # noqa: E731
-        steps = {"mimlab": step_of(ours, lambda mod, a, b: mod(a, b)["loss"], y),
+        ours_loss = lambda mod, a, b: mod(a, b)["loss"]  # noqa: E731
+        steps = {"mimlab": step_of(ours, ours_loss, y),
                  "reference": step_of(ref, lambda mod, a, b: ce(mod(a), b), y)}
         fl = counted(lambda: ours(x, y)["loss"].backward())
         res["reference_name"] = "timm.VisionTransformer"
     if compile_:  # mimlab's model under torch.compile (inductor); the reference stays eager
         t0 = time.perf_counter()
-        cm = torch.compile(ours)
-        if what == "mae":
-            steps["mimlab"] = step_of(cm, lambda mod, a, b: mod(a)["loss"])
-        else:
-            steps["mimlab"] = step_of(cm, lambda mod, a, b: mod(a, b)["loss"], y)
+        steps["mimlab"] = step_of(torch.compile(ours), ours_loss, y)
         steps["mimlab"]()  # compiles forward and backward
         res["compile_seconds"] = time.perf_counter() - t0
     t = time_pair(steps, reps)
@@ -235,9 +233,10 @@ def main():
                     "MAE step is timed too, alternated with the others")
     a = ap.parse_args()
     modes = tuple(m.strip() for m in a.checkpointing.split(",") if m.strip())
-    bad = [m for m in modes if m not in ("selective", "full")]
+    timed = [m for m in CHECKPOINTING if m != "off"]  # off is the plain mimlab step
+    bad = [m for m in modes if m not in timed]
     if bad:
-        ap.error(f"--checkpointing: unknown mode(s) {', '.join(bad)} (selective, full)")
+        ap.error(f"--checkpointing: unknown mode(s) {', '.join(bad)} ({', '.join(timed)})")
     try:
         dev = torch.device(a.device)
     except RuntimeError as e:

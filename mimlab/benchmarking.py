@@ -543,12 +543,12 @@ def main_from_args(args) -> int:
     except FileNotFoundError as e:
         print(f"mimlab bench: {e}", file=sys.stderr)
         return 1
-    if getattr(args, "gpu", False) and not args.dry_run:
+    gpu = getattr(args, "gpu", False)
+    if gpu and not args.dry_run:
         import torch
         if not torch.cuda.is_available():
             print("mimlab bench --gpu: no CUDA device is available to this torch",
                   file=sys.stderr)
             return 1
-    gpu = getattr(args, "gpu", False)
     out = GPU_OUT if gpu and args.out == DEFAULT_OUT else args.out
     return run_bench(out, args.quick, only, args.cifar, args.dry_run, gpu=gpu)

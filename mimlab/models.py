@@ -58,9 +58,9 @@ def _selective_context():
     return torch.utils.checkpoint.create_selective_checkpoint_contexts(keep_matmuls_policy)
 
 
-def run_block(blk: nn.Module, x: torch.Tensor, checkpointing) -> torch.Tensor:
-    """``blk(x)`` with activation checkpointing ``'off' | 'selective' | 'full'`` (a bool means
-    full / off) while autograd records:
+def run_block(blk: nn.Module, x: torch.Tensor, checkpointing: str) -> torch.Tensor:
+    """``blk(x)`` with activation checkpointing ``'off' | 'selective' | 'full'`` (as normalised
+    by :func:`mimlab.config.checkpointing_mode`) while autograd records:
 
     * full: only the block input is kept; the whole block is recomputed in the backward pass
       (about one more forward of compute, least memory);
@@ -70,12 +70,11 @@ def run_block(blk: nn.Module, x: torch.Tensor, checkpointing) -> torch.Tensor:
       dispatch overhead that only matters for very small models).
 
     The RNG state is restored for the recomputation, so drop path gives identical gradients."""
-    mode = "full" if checkpointing is True else "off" if checkpointing is False else checkpointing
-    if mode == "off" or not (torch.is_grad_enabled() and x.requires_grad):
+    if checkpointing == "off" or not (torch.is_grad_enabled() and x.requires_grad):
         return blk(x)
-    if mode == "full":
+    if checkpointing == "full":
         return torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-    if mode == "selective":
+    if checkpointing == "selective":
         return torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False,
                                                  context_fn=_selective_context)
     raise ValueError(f"unknown activation checkpointing mode {checkpointing!r} "
