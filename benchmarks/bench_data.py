@@ -28,8 +28,19 @@ resized to a ``--folder-side`` (256) px short side and saved as JPEG quality 90 
 ImageNet after the usual resize to 256 (full-size ImageNet JPEGs average ~400x350 px and decode
 slower); trained at the 224 px preset (vit_b16, batch 16).
 
-    python benchmarks/bench_data.py                         # both cases, 2 workers
+``shards`` (opt-in): tar shards against the image folder they were written from, in one run.
+A seeded ``--shard-images`` subset of the CIFAR-10 training split is written as WebDataset
+shards (``mimlab shards --limit N --splits train``) into a temporary folder under /tmp; the
+folder loader (``data.limit`` picks the same images) and the shard stream (``data.kind=wds``)
+then deliver one epoch each with the same transform (decode + RandomResizedCrop + flip +
+normalise, no mask), batch and workers, alternately ``--shard-reps`` times, so that load from
+other jobs on a shared machine hits both alike; images/s of each pass and the shards / folder
+ratio per pair (steady rate after start-up, and overall with start-up, which for shards includes
+filling the shuffle buffer). The load average before and after is printed.
+
+    python benchmarks/bench_data.py                         # cifar and folder, 2 workers
     python benchmarks/bench_data.py --cases cifar --workers 0,1,2 --json out.jsonl
+    python benchmarks/bench_data.py --cases shards --shard-images 10000 --shard-reps 3
 """
 from __future__ import annotations
 
@@ -51,8 +62,9 @@ from torch.utils.data import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train as bt  # noqa: E402  (benchmarks/ is not a package)
 
-from mimlab.config import PretrainConfig, resolve  # noqa: E402
-from mimlab.data import IMG_EXTS, PHOTO_NAMES, build_dataset, default_data_path  # noqa: E402
+from mimlab.config import DataConfig, PretrainConfig, resolve  # noqa: E402
+from mimlab.data import (IMG_EXTS, PHOTO_NAMES, build_dataset, default_data_path,  # noqa: E402
+                         write_folder_shards)
 from mimlab.engine import make_loader  # noqa: E402
 from mimlab.ops import block_masking, random_masking  # noqa: E402
 
@@ -231,6 +243,63 @@ def run_case(case: str, path: str, desc: dict, preset: str, batch: int, args) ->
     return out
 
 
+def run_shards(path: str, args) -> list[dict]:
+    """Shards against the folder they came from, alternately (see the module docstring)."""
+    cfg = resolve(PretrainConfig, overrides=[f"model.preset={args.preset_cifar}"])
+    size, chans, batch = cfg.model.img_size, cfg.model.in_chans, args.batch_cifar
+    tmp = Path(tempfile.mkdtemp(prefix="mimlab-bench-shards-", dir="/tmp"))
+    out = []
+    try:
+        t = time.perf_counter()
+        info = write_folder_shards(path, tmp / "shards", args.shard_size, limit=args.shard_images,
+                                   seed=0, progress=False, splits=("train",))
+        write_s = time.perf_counter() - t
+        mib = sum(f.stat().st_size for f in (tmp / "shards").glob("*.tar")) / 2 ** 20
+        print(f"# shards: {info['train']['images']} images in {info['train']['shards']} shards "
+              f"({mib:.1f} MiB) written in {write_s:.1f} s to {tmp / 'shards'}", flush=True)
+        # the same images and the same train transform for both
+        folder = build_dataset(DataConfig(path=path, limit=args.shard_images, subset_seed=0),
+                               "train", size, chans, 0, train_aug=True, labelled=False)
+        shards = build_dataset(DataConfig(path=str(tmp / "shards")), "train", size, chans, 0,
+                               train_aug=True, labelled=False, mean=folder.mean, std=folder.std)
+        assert len(folder) == len(shards), (len(folder), len(shards))
+        batches = len(folder) // batch  # one whole epoch each
+        load0 = os.getloadavg()
+        for rep in range(args.shard_reps):
+            for nw in args.workers:
+                r = {"bench": "data_shards", "rep": rep, "workers": nw, "batch": batch,
+                     "img_size": size, "images": len(folder), "shard_size": args.shard_size,
+                     "shard_mib": round(mib, 1), "shard_write_s": round(write_s, 2),
+                     "shuffle_buffer": shards.shuffle_buffer, "cpu_count": os.cpu_count()}
+                for name, ds in (("folder", folder), ("shards", shards)):
+                    m = data_rate(ds, batch, nw, batches)
+                    r[f"{name}_img_s"] = m["data_img_s"]
+                    r[f"{name}_overall_img_s"] = m["data_overall_img_s"]
+                    r[f"{name}_startup_s"] = m["data_startup_s"]
+                r["ratio"] = r["shards_img_s"] / r["folder_img_s"]
+                r["ratio_overall"] = r["shards_overall_img_s"] / r["folder_overall_img_s"]
+                out.append(r)
+                print(f"shards rep {rep} {nw} worker(s) batch {batch}: folder "
+                      f"{r['folder_img_s']:7.1f} img/s (overall {r['folder_overall_img_s']:7.1f})"
+                      f" | shards {r['shards_img_s']:7.1f} img/s (overall "
+                      f"{r['shards_overall_img_s']:7.1f}, start-up {r['shards_startup_s']:.2f} s)"
+                      f" | shards/folder {r['ratio']:.2f} (overall {r['ratio_overall']:.2f})",
+                      flush=True)
+        load1 = os.getloadavg()
+        for r in out:
+            r["loadavg_before"], r["loadavg_after"] = list(load0), list(load1)
+        print(f"# load average (1, 5, 15 min) before {load0[0]:.2f} {load0[1]:.2f} "
+              f"{load0[2]:.2f}, after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f} on "
+              f"{os.cpu_count()} cores", flush=True)
+        for nw in args.workers:
+            rs = sorted(r["ratio"] for r in out if r["workers"] == nw)
+            print(f"# shards/folder with {nw} worker(s): median {rs[len(rs) // 2]:.2f} "
+                  f"(range {rs[0]:.2f}-{rs[-1]:.2f}, {len(rs)} pairs)", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def print_result(r: dict) -> None:
     line = (f"{r['case']:6s} {r['img_size']:3d} px, {r['workers']} worker(s), batch "
             f"{r['batch']:3d}: data {r['data_img_s']:8.1f} img/s (decode+augment+{r['mask']} "
@@ -252,7 +321,8 @@ def print_result(r: dict) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="cifar,folder", help="comma list of: cifar, folder")
+    ap.add_argument("--cases", default="cifar,folder",
+                    help="comma list of: cifar, folder, shards (opt-in)")
     ap.add_argument("--workers", default="2", help="DataLoader workers; a comma list runs each")
     ap.add_argument("--cifar", default=None, help="CIFAR-10 copy (ImageFolder with train/); "
                     "default ../shared/data/cifar10")
@@ -270,13 +340,18 @@ def main():
     ap.add_argument("--reps", type=int, default=3, help="timed training steps (median)")
     ap.add_argument("--fed-steps", type=int, default=8,
                     help="timed training steps fed by the DataLoader (0 = skip)")
+    ap.add_argument("--shard-images", type=int, default=10000,
+                    help="shards case: CIFAR-10 training images written and read")
+    ap.add_argument("--shard-size", type=int, default=1000, help="shards case: images per shard")
+    ap.add_argument("--shard-reps", type=int, default=3,
+                    help="shards case: alternating folder/shards passes")
     ap.add_argument("--json", help="append results as JSON lines to this file")
     a = ap.parse_args()
     a.workers = [int(w) for w in str(a.workers).split(",")]
     cases = [c.strip() for c in a.cases.split(",") if c.strip()]
-    bad = [c for c in cases if c not in ("cifar", "folder")]
+    bad = [c for c in cases if c not in ("cifar", "folder", "shards")]
     if bad:
-        ap.error(f"unknown case(s) {bad}; choose from cifar, folder")
+        ap.error(f"unknown case(s) {bad}; choose from cifar, folder, shards")
     print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {os.cpu_count()} cores", flush=True)
     results = []
@@ -312,12 +387,19 @@ def main():
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+    if "shards" in cases:
+        path = a.cifar or default_data_path() or SHARED_CIFAR
+        if not (Path(path) / "train").is_dir():
+            print(f"shards: skipped, no CIFAR-10 copy at {path} (use --cifar DIR)")
+        else:
+            results += run_shards(path, a)
     if a.json:
         with open(a.json, "a") as f:
             for r in results:
                 f.write(json.dumps(r) + "\n")
-    if results:
-        worst = min(results, key=lambda r: r["ratio"])
+    results_dt = [r for r in results if r["bench"] == "data"]
+    if results_dt:
+        worst = min(results_dt, key=lambda r: r["ratio"])
         verdict = "data-bound" if worst["training_waits"] else "not data-bound"
         print(f"# lowest data/train: {worst['case']} with {worst['workers']} worker(s): "
               f"{worst['ratio']:.2f} ({verdict})")

@@ -9,9 +9,14 @@ shape, dtype and normalisation; inputs are never modified in place.
   ``RandomApply([ColorJitter(b, c, s, h)], p) -> RandomGrayscale(p_gray) [-> RandomSolarize]``
   with per-image factors and a per-image random order of the four jitter operations, computed
   in pixel space ([0, 1], using ``mean``/``std`` to undo and redo the normalisation; 0.5/0.5
-  when unknown). Same maths as ``torchvision.transforms.v2.functional.adjust_*``.
+  when unknown). Same maths as ``torchvision.transforms.v2.functional.adjust_*``, except that
+  the one image statistic the jitter uses (contrast's mean grey level) can be restricted to the
+  *visible* pixels (``visible``): then nothing of the masked patches leaks into the visible
+  pixels of a masked view (every other operation is per pixel).
 * :func:`cutmix_batch`: each image receives a random box (area ~ 1 - Beta(a, a)) pasted from
-  its neighbour in the batch (``x.roll(1, 0)``).
+  a partner image of the batch: its neighbour (``x.roll(1, 0)``) or ``partner[b]``
+  (:func:`random_partner`: a random partner other than itself, drawn per call).
+* :func:`patch_mask_to_pixels`: a [B, N] patch mask as a [B, 1, H, W] pixel mask.
 * :func:`random_resized_crop_batch`: per-image random resized crop (+ horizontal flip) at the
   input resolution with bilinear resampling (MoCo v3 views made on the batch).
 
@@ -28,7 +33,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["JitterSpec", "SIMSIAM_JITTER", "MOCOV3_JITTER", "color_jitter_batch", "jitter_pixels",
-           "cutmix_batch", "random_resized_crop_batch", "denormalize", "renormalize",
+           "cutmix_batch", "random_partner", "patch_mask_to_pixels",
+           "random_resized_crop_batch", "denormalize", "renormalize",
            "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue",
            "rgb_to_grayscale", "rgb_to_hsv", "hsv_to_rgb"]
 
@@ -94,10 +100,20 @@ def adjust_brightness(px: Tensor, f: Tensor | float) -> Tensor:
     return (px * _per_sample(f, px)).clamp(0.0, 1.0)
 
 
-def adjust_contrast(px: Tensor, f: Tensor | float) -> Tensor:
-    """Blend with the image's mean grey level: ``clamp(f * px + (1 - f) * mean(gray))``."""
+def adjust_contrast(px: Tensor, f: Tensor | float, weight: Optional[Tensor] = None) -> Tensor:
+    """Blend with the image's mean grey level: ``clamp(f * px + (1 - f) * mean(gray))``.
+
+    ``weight`` [B, 1, H, W] (bool / float, 1 = counts): the mean grey level is taken over these
+    pixels only (the visible part of a masked view; an image without any weight falls back to
+    all its pixels). None = every pixel (torchvision)."""
     gray = rgb_to_grayscale(px) if px.shape[-3] == 3 else px
-    mean = gray.mean(dim=(-3, -2, -1), keepdim=True)
+    if weight is None:
+        mean = gray.mean(dim=(-3, -2, -1), keepdim=True)
+    else:
+        w = weight.to(gray.dtype).expand_as(gray)
+        den = w.sum(dim=(-3, -2, -1), keepdim=True)
+        mean = torch.where(den > 0, (gray * w).sum(dim=(-3, -2, -1), keepdim=True) /
+                           den.clamp_min(1e-12), gray.mean(dim=(-3, -2, -1), keepdim=True))
     f = _per_sample(f, px)
     return (f * px + (1.0 - f) * mean).clamp(0.0, 1.0)
 
@@ -153,13 +169,16 @@ def _uniform(n: int, lo: float, hi: float, device) -> Tensor:
     return torch.rand(n, device=device) * (hi - lo) + lo
 
 
-def jitter_pixels(px: Tensor, spec: JitterSpec = SIMSIAM_JITTER) -> Tensor:
+def jitter_pixels(px: Tensor, spec: JitterSpec = SIMSIAM_JITTER,
+                  visible: Optional[Tensor] = None) -> Tensor:
     """Colour augmentation of pixels in [0, 1] [B, C, H, W] with per-image random parameters.
 
     Like torchvision's ``ColorJitter`` each image applies brightness, contrast, saturation and
     hue in its own random order (four rounds; in round r an image applies the op at position r
     of its permutation, the others an identity), all with probability ``spec.p``; then
     grayscale with ``spec.grayscale_p`` and solarisation with ``spec.solarize_p``.
+    ``visible`` [B, 1, H, W]: contrast's mean grey level from these pixels only (see
+    :func:`adjust_contrast`), so the output at visible pixels depends on visible pixels only.
     """
     B, C = px.shape[:2]
     dev = px.device
@@ -179,7 +198,7 @@ def jitter_pixels(px: Tensor, spec: JitterSpec = SIMSIAM_JITTER) -> Tensor:
         if spec.brightness > 0:
             px = adjust_brightness(px, torch.where(op == 0, f_b, one))
         if spec.contrast > 0:
-            px = adjust_contrast(px, torch.where(op == 1, f_c, one))
+            px = adjust_contrast(px, torch.where(op == 1, f_c, one), visible)
         if rgb and spec.saturation > 0:
             px = adjust_saturation(px, torch.where(op == 2, f_s, one))
         if rgb and spec.hue > 0:
@@ -196,18 +215,48 @@ def jitter_pixels(px: Tensor, spec: JitterSpec = SIMSIAM_JITTER) -> Tensor:
 
 def color_jitter_batch(x: Tensor, mean: Optional[Sequence[float]] = None,
                        std: Optional[Sequence[float]] = None,
-                       spec: JitterSpec = SIMSIAM_JITTER) -> Tensor:
+                       spec: JitterSpec = SIMSIAM_JITTER,
+                       visible: Optional[Tensor] = None) -> Tensor:
     """Per-image colour augmentation of dataset-normalised images (see :func:`jitter_pixels`).
 
     ``mean``/``std``: the dataset normalisation (0.5 / 0.5 per channel when None).
+    ``visible``: [B, N] patch mask (1 = visible; the grid is inferred as sqrt(N) x sqrt(N)) or
+    [B, 1, H, W] pixel mask; the image statistic (mean grey) comes from those pixels only.
     """
+    if visible is not None and visible.ndim == 2:
+        visible = patch_mask_to_pixels(visible, x.shape[-2:])
     with torch.no_grad():
-        return renormalize(jitter_pixels(denormalize(x, mean, std), spec), mean, std, x.dtype)
+        return renormalize(jitter_pixels(denormalize(x, mean, std), spec, visible), mean, std,
+                           x.dtype)
+
+
+def patch_mask_to_pixels(mask: Tensor, size: Sequence[int]) -> Tensor:
+    """[B, N] patch mask on a square grid (row-major, as :func:`mimlab.ops.patchify`) ->
+    [B, 1, H, W] pixel mask of the same dtype (each patch value repeated over its pixels)."""
+    B, N = mask.shape
+    g = int(round(math.sqrt(N)))
+    H, W = int(size[0]), int(size[1])
+    if g * g != N or H % g or W % g:
+        raise ValueError(f"patch mask with {N} patches does not tile a {H}x{W} image as a "
+                         "square grid")
+    m = mask.reshape(B, 1, g, g)                                            # [B, 1, g, g]
+    return m.repeat_interleave(H // g, dim=2).repeat_interleave(W // g, dim=3)  # [B, 1, H, W]
 
 
 # ------------------------------------------------------------------------- cutmix
-def cutmix_batch(x: Tensor, alpha: float = 1.0, return_mask: bool = False):
-    """CutMix inside the batch: image ``b`` gets a box of image ``b - 1`` (``x.roll(1, 0)``).
+def random_partner(B: int, device=None) -> Tensor:
+    """[B] long: a random cutmix partner for every image, never the image itself (a random
+    cyclic order of the batch: ``partner[order[i]] = order[i + 1]``); [0] for B = 1."""
+    order = torch.randperm(B, device=device)
+    partner = torch.empty_like(order)
+    partner[order] = order.roll(-1)
+    return partner
+
+
+def cutmix_batch(x: Tensor, alpha: float = 1.0, return_mask: bool = False,
+                 partner: Optional[Tensor] = None):
+    """CutMix inside the batch: image ``b`` gets a box of image ``partner[b]`` (default
+    ``b - 1``, i.e. ``x.roll(1, 0)``; :func:`random_partner` draws a random one).
 
     Per image: ``lam ~ Beta(alpha, alpha)``, box side ``sqrt(1 - lam)`` of the image side,
     centre uniform, clipped at the border (as in the CutMix paper). Labels are not used by
@@ -227,7 +276,8 @@ def cutmix_batch(x: Tensor, alpha: float = 1.0, return_mask: bool = False):
     xs = torch.arange(W, device=dev).view(1, 1, W)
     box = ((ys >= y1.view(B, 1, 1)) & (ys < y2.view(B, 1, 1)) &
            (xs >= x1.view(B, 1, 1)) & (xs < x2.view(B, 1, 1))).unsqueeze(1)
-    out = torch.where(box, x.roll(1, 0), x) if B > 1 else x.clone()
+    src = x.roll(1, 0) if partner is None else x[partner]
+    out = torch.where(box, src, x) if B > 1 else x.clone()
     return (out, box) if return_mask else out
 
 

@@ -1,5 +1,6 @@
 """``mimlab`` command line: pretrain | finetune | linprobe | knn | demo | export | methods |
-bench | stats | reproduce | analyze | visualize (the last two: :mod:`mimlab.analysis.cli`).
+bench | stats | shards | reproduce | analyze | visualize (the last two:
+:mod:`mimlab.analysis.cli`).
 
 Every training/evaluation command takes ``--config file.yaml`` and ``key=value`` overrides
 (e.g. ``optim.epochs=5 model.preset=vit_b16``); ``mimlab <command> --help`` lists every key
@@ -26,8 +27,9 @@ SUMMARY = {
     "linprobe": "linear probe on frozen features, several lrs in one pass + top-1",
     "knn": "weighted k-NN on frozen features + top-1",
     "demo": "offline demo: brief MAE pretraining, evaluation, figure and summary",
-    "export": "write a pretrained encoder as a timm-loadable state dict",
+    "export": "write any model source in timm's or transformers' Hub format (or a .pt)",
     "stats": "compute per-channel mean/std of a dataset",
+    "shards": "write an image folder as WebDataset tar shards (data.kind=wds)",
     "methods": "list the method presets and the parts each one composes",
     "bench": "benchmark training steps, data pipeline and memory; write a markdown report",
     "reproduce": "run the papers' experiment suite (quick | full), resumable; writes report.md",
@@ -78,26 +80,63 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         _add_common(p, probe=name in ("linprobe", "knn"), ft=name == "finetune")
     d = sub.add_parser("demo", help=SUMMARY["demo"], description=textwrap.dedent("""\
-        Pretrain MAE briefly on real offline images (your --data, else the CIFAR-10 copy in
-        ../shared/data, else photos bundled with scikit-image), evaluate it (k-NN and linear
-        probe against a random initialisation where labels exist, reconstruction PSNR), and
-        write a run directory with metrics, a reconstruction figure and summary.md."""),
+        Pretrain MAE for a few minutes on real offline images (your --data, else the CIFAR-10
+        copy in ../shared/data, else photos bundled with scikit-image; a small set is repeated
+        per epoch, data.repeat), evaluate it (k-NN against a random initialisation where labels
+        exist, reconstruction PSNR), and write a run directory with metrics, a reconstruction
+        figure (masked patches with the visible patches' statistics) and summary.md."""),
         formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("--data", help="your images: ImageFolder (labelled) or plain folder")
     d.add_argument("--out", default="runs", help="parent folder of the run directory")
-    d.add_argument("--epochs", type=int, default=None, help="pretraining epochs")
+    d.add_argument("--epochs", type=int, default=None, help="pretraining epochs (default: "
+                                                            "what gives about --steps steps)")
+    d.add_argument("--steps", type=int, default=None,
+                   help="pretraining optimizer steps of 128 images (default 390)")
     d.add_argument("--images", type=int, default=None,
-                   help="number of training images used (default 5000 for CIFAR-10)")
-    d.add_argument("--preset", default=None, help="model preset (default: micro-sized 'tiny' "
-                                                  "variant for 32 px data)")
+                   help="distinct training images (default 10000 for CIFAR-10, else all)")
+    d.add_argument("--preset", default=None, help="model preset (default: mini)")
     d.add_argument("overrides", nargs="*", metavar="key=value",
                    help="extra pretraining overrides")
     e = sub.add_parser("export", help=SUMMARY["export"], description=SUMMARY["export"])
-    e.add_argument("checkpoint", help="mimlab checkpoint (pretrain or finetune)")
-    e.add_argument("output", help="output .pt (state dict + timm.create_model kwargs)")
+    e.add_argument("checkpoint", metavar="SOURCE",
+                   help="model source: a mimlab checkpoint (pretrain or finetune), "
+                        "mae:FILE, timm:NAME@FILE, hf:DIR, mocov3:FILE")
+    e.add_argument("output", help="output directory (timm / hf format) or .pt file")
+    e.add_argument("--format", default="auto", choices=("auto", "timm", "hf", "pt"),
+                   help="timm: safetensors + config.json for timm.create_model('local-dir:OUT',"
+                        " pretrained=True); hf: transformers ViTMAEForPreTraining (MAE with "
+                        "decoder) or ViTModel directory; pt: state dict + timm kwargs; auto: "
+                        "pt when OUTPUT ends in .pt, else timm")
     sub.add_parser("methods", help=SUMMARY["methods"], description=SUMMARY["methods"])
+    fl = sub.add_parser("flops", help="training FLOPs per image of every method preset "
+                        "(analytic, checked against a FLOP counter)",
+                        description="Training FLOPs per image (forward + backward) of each "
+                        "method preset: analytic (mimlab/flops.py), counted with "
+                        "torch.utils.flop_counter on one step, their ratio, and the cost "
+                        "relative to MAE.")
+    fl.add_argument("--preset", default="mini", help="model preset (default mini)")
+    fl.add_argument("--methods", default=None, help="comma-separated method presets "
+                                                    "(default: all)")
+    fl.add_argument("--batch", type=int, default=8, help="images of the counted step; also "
+                                                         "the InfoNCE keys (default 8)")
+    fl.add_argument("--json", default=None, metavar="OUT", help="also write the table and "
+                                                                "every breakdown as JSON")
     from .benchmarking import add_parser as add_bench_parser
     add_bench_parser(sub, SUMMARY["bench"])  # bench [--quick] [--out docs/performance.md]
+    sh = sub.add_parser("shards", help=SUMMARY["shards"], description=SUMMARY["shards"] + (
+        ": OUT/<split>-NNNNNN.tar ({key}.jpg|png + {key}.cls) and OUT/_info.json (timm's "
+        "reader_wds index + class names). An ImageFolder keeps its labels; train/ and test/ "
+        "become two splits; a plain folder gives one unlabelled split."))
+    sh.add_argument("src", help="ImageFolder, CIFAR-style copy (train/ test/) or image folder")
+    sh.add_argument("out", help="output folder (new, or without an _info.json)")
+    sh.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    sh.add_argument("--limit", type=int, default=None,
+                    help="train split: a seeded random subset of this many images")
+    sh.add_argument("--order", default="shuffled", help="shuffled (seeded; default) | sorted")
+    sh.add_argument("--seed", type=int, default=0, help="seed of --order and --limit")
+    sh.add_argument("--splits", default="train,test",
+                    help="splits to write when SRC has train/ and test/ (default both)")
+    sh.add_argument("--no-progress", action="store_true", help="no progress bar")
     s = sub.add_parser("stats", help=SUMMARY["stats"], description=SUMMARY["stats"])
     s.add_argument("data", help="dataset path")
     s.add_argument("--in-chans", type=int, default=3)
@@ -115,7 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
         identity, so a folder started with other settings is refused."""))
     r.add_argument("overrides", nargs="*", metavar="field=value",
                    help="profile fields to change (see mimlab.reproduce.Profile)")
-    r.add_argument("--suite", default="quick", help="quick | full (default quick)")
+    r.add_argument("--suite", default="quick",
+                   help="quick (smoke test) | standard (decides the claims, in stages) | full "
+                        "(default quick)")
+    r.add_argument("--stage", default=None,
+                   help="standard suite: core | rmae | contrastive | cmae_variants | smalldata | augment")
+    r.add_argument("--results", default=None,
+                   help="standard suite: folder of the small result files and report.md "
+                        "(default docs/results/standard)")
+    r.add_argument("--report-only", action="store_true",
+                   help="standard suite: regenerate report.md from the result files only")
     r.add_argument("--data", help="labelled dataset with train/ and test/ (default: the "
                                   "CIFAR-10 copy at ../shared/data/cifar10)")
     r.add_argument("--out", help="suite folder (default runs/reproduce-<suite>)")
@@ -180,6 +228,10 @@ def run(argv: Optional[list[str]] = None) -> int:
             if args.print_config:
                 import yaml
                 from .config import to_dict
+                sec = getattr(cfg, "finetune", None) or getattr(cfg, "probe", None)
+                if sec is not None and sec.pretrained:  # show the model that will be used
+                    from .tasks import _adopt_model_config
+                    _adopt_model_config(cfg, sec.pretrained, explicit_model)
                 print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
                 return 0
             from . import tasks
@@ -190,17 +242,43 @@ def run(argv: Optional[list[str]] = None) -> int:
         if args.command == "demo":
             from .demo import demo
             res = demo(data=args.data, out=args.out, epochs=args.epochs, images=args.images,
-                       preset=args.preset, overrides=args.overrides)
+                       preset=args.preset, overrides=args.overrides, steps=args.steps)
             print(f"demo finished: {res['run_dir']}/summary.md")
             return 0
         if args.command == "export":
             from .export import export_checkpoint
-            info = export_checkpoint(args.checkpoint, args.output)
+            from .checkpoint import CheckpointError
+            from .sources import SourceError
+            try:
+                info = export_checkpoint(args.checkpoint, args.output, args.format)
+            except (SourceError, CheckpointError) as e:
+                print(f"mimlab: error: {_one_line(e)}", file=sys.stderr)
+                return 1
             print(json.dumps(info, indent=2))
             return 0
         if args.command == "bench":
             from .benchmarking import main_from_args
             return main_from_args(args)
+        if args.command == "reproduce" and args.suite == "standard":
+            from .data import default_data_path
+            from .experiments.standard import StandardError, reproduce_standard
+            try:
+                ov = parse_overrides(list(args.overrides or []))
+                ov = {k: tuple(v) if isinstance(v, list) else v for k, v in ov.items()}
+                data = args.data or default_data_path()
+                if not data:
+                    raise StandardError("no dataset: pass --data PATH (CIFAR-10 ImageFolder)")
+                if args.stage is None and not args.report_only:
+                    raise StandardError("--suite standard needs --stage (core | rmae | contrastive | "
+                                        "cmae_variants | smalldata | augment) or --report-only")
+                path = reproduce_standard(args.stage, data, args.out or "runs/standard",
+                                          args.results or "docs/results/standard",
+                                          args.progress, args.report_only, **ov)
+            except StandardError as e:
+                print(f"mimlab: error: {_one_line(e)}", file=sys.stderr)
+                return 2
+            print(f"report: {path}")
+            return 0
         if args.command == "reproduce":
             from .reproduce import ReproduceError, reproduce
             try:
@@ -213,6 +291,9 @@ def run(argv: Optional[list[str]] = None) -> int:
             print(f"report: {path}")
             bad = json.loads((path.parent / "summary.json").read_text())["subruns"]
             return 1 if any(v["status"] in ("failed", "blocked") for v in bad.values()) else 0
+        if args.command == "flops":
+            from .flops import run_cli as flops_cli
+            return flops_cli(args.preset, args.methods, args.batch, args.json)
         if args.command == "methods":
             from .config import METHOD_PRESETS
             for name, fields in METHOD_PRESETS.items():
@@ -223,6 +304,12 @@ def run(argv: Optional[list[str]] = None) -> int:
         rc = analysis_dispatch(args, ap)  # analyze / visualize; None for other commands
         if rc is not None:
             return rc
+        if args.command == "shards":
+            from .data import write_folder_shards
+            print(json.dumps(write_folder_shards(
+                args.src, args.out, args.shard_size, args.limit, args.seed, args.order,
+                not args.no_progress, [x for x in args.splits.split(",") if x])))
+            return 0
         if args.command == "stats":
             from .config import DataConfig
             from .data import compute_mean_std

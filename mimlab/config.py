@@ -21,6 +21,8 @@ from typing import Any, Optional
 
 import yaml
 
+from .paper_settings import PAPER_OPTIM, paper_optim  # noqa: F401  (re-exported: suites scale lr)
+
 
 class ConfigError(ValueError):
     """A configuration problem, reported in one line before any work starts."""
@@ -91,7 +93,9 @@ class DataConfig:
                               "images, a CIFAR-10 copy (train/ test/), or a Fashion-MNIST IDX "
                               "folder; 'builtin:photos' uses natural photos bundled with "
                               "scikit-image", default=None)
-    kind: str = doc("auto | imagefolder | folder | fmnist | photos", default="auto")
+    kind: str = doc("auto | imagefolder | folder | fmnist | photos | wds (WebDataset tar "
+                    "shards, see `mimlab shards`) | hf (Hugging Face datasets on disk: "
+                    "save_to_disk folder, parquet, ...)", default="auto")
     train_split: str = doc("sub-folder (or IDX prefix) used for training; '' = the root itself",
                            default="train")
     val_split: str = doc("sub-folder used for evaluation", default="test")
@@ -105,8 +109,22 @@ class DataConfig:
     val_limit: Optional[int] = doc("evaluate on only this many held-out images (seeded, "
                                    "class-balanced subset; null = all)", default=None)
     subset: str = doc("how --limit picks images: random | one_per_class | one_class", default="random")
+    subset_seed: Optional[int] = doc("seed of the limit / label_fraction / val_limit / holdout "
+                                     "subsets; null = run.seed (set it to keep the same images "
+                                     "across training seeds)", default=None)
+    holdout: float = doc("hold out this class-balanced fraction of the training images as the "
+                         "evaluation split (hyper-parameter selection without the test split); "
+                         "0 = evaluate on val_split", default=0.0)
     repeat: int = doc("repeat a small training set this many times per epoch", default=1)
     on_bad: str = doc("unreadable images: skip (count and log them) | error", default="skip")
+    shuffle_buffer: int = doc("wds: undecoded samples each loader worker shuffles in (memory: "
+                              "this x the mean file size per worker)", default=2048)
+    image_key: Optional[str] = doc("wds: the sample entry holding the image (null = the first "
+                                   "image extension); hf: the image column (null = the first "
+                                   "Image feature)", default=None)
+    label_key: Optional[str] = doc("wds: the entry holding the class index (null = cls); hf: "
+                                   "the label column (null = the ClassLabel feature or 'label')",
+                                   default=None)
 
 
 @dataclass
@@ -123,7 +141,9 @@ class OptimConfig:
                               default=0.05)
     betas: list[float] = doc("AdamW betas", default_factory=lambda: [0.9, 0.95])
     clip_grad: Optional[float] = doc("gradient-norm clipping; null = off", default=None)
-    layer_decay: float = doc("layer-wise lr decay (fine-tuning); 1.0 = off", default=1.0)
+    layer_decay: Optional[float] = doc("layer-wise lr decay (fine-tuning); 1.0 = off; null "
+                                       "(fine-tuning default) = 0.75 from a pretrained encoder, "
+                                       "1.0 from scratch", default=1.0)
     fused: bool = doc("use the fused/foreach AdamW kernel where available", default=True)
 
 
@@ -202,8 +222,20 @@ class MethodConfig:
     temperature: float = doc("InfoNCE temperature", default=0.2)
     tokens: str = doc("contrastive tokens: patch (token-wise) | patch+cls | cls | avg "
                       "(instance-wise on averaged patch tokens)", default="patch")
-    negatives: str = doc("token-wise InfoNCE negatives: image (other tokens of the same image) | "
-                         "batch (all tokens of the batch)", default="image")
+    negatives: str = doc("token-wise InfoNCE negatives: position (the same position in every "
+                         "image of the global batch: Eq. 11 applied to each patch token like "
+                         "to the class token; the position embedding is no shortcut) | image "
+                         "(the other tokens of the same image) | batch (all tokens of the "
+                         "global batch, computed in chunks)", default="position")
+    queries: str = doc("token-wise queries with mask tokens: all (every patch token, Table 3: "
+                       "'to each patch token respectively') | removed (only the patches T1 "
+                       "removes and T2 sees)", default="all")
+    cls_term: str = doc("tokens=patch+cls: instance (class token contrasted with the other "
+                        "images' class tokens, one more term of the average) | joint (class "
+                        "token joins the token set under method.negatives)", default="instance")
+    nce_chunk: int = doc("negatives=batch: queries per chunk of the InfoNCE logits (memory "
+                         "chunk x global batch tokens: lower it for large global batches)",
+                         default=1024)
     lam: float = doc("R-MAE: weight of the auto-encoding constraint term (Eq. 8)", default=1.0)
     rmae_stopgrad: bool = doc("R-MAE: stop the gradient of the T2 branch in the distance term "
                               "(Eq. 8 has none; false = as in the paper)", default=False)
@@ -216,17 +248,58 @@ class MethodConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Online evaluation during pretraining (mimlab/eval/online.py)."""
+    online_every: int = doc("run weighted k-NN on a fixed labelled subset every N optimizer "
+                            "steps, at the start and at the end (0 = off); needs labelled data "
+                            "with a held-out split; logged as kind 'online' and drawn to "
+                            "online_eval.png", default=0)
+    online_bank: int = doc("k-NN bank: this many training images (class-balanced, seeded, "
+                           "evaluation transform; data.limit ignored)", default=2000)
+    online_queries: int = doc("k-NN queries: this many held-out images (data.val_split, or the "
+                              "data.holdout part; class-balanced, seeded)", default=1000)
+    online_k: int = doc("k-NN neighbours", default=20)
+    online_temperature: float = doc("k-NN vote weight exp(cosine / T): T", default=0.07)
+    online_feature: str = doc("pooled feature: avg (mean of patch tokens) | cls", default="avg")
+    online_probe: bool = doc("also train a linear probe on the cached bank features (lr "
+                             "chosen on 10 % of the bank) and score the queries", default=False)
+    online_probe_lrs: list[float] = doc("learning rates of the online linear probe",
+                                        default_factory=lambda: [0.3, 0.1, 0.03, 0.01, 0.003])
+    online_probe_epochs: int = doc("epochs of the online linear probe over the bank features",
+                                   default=50)
+
+
+@dataclass
+class LogConfig:
+    """Extra metric sinks (mimlab/tracking.py); metrics.jsonl/csv and TensorBoard always run."""
+    wandb: bool = doc("also log to Weights & Biases (pip install 'mimlab[track]'); "
+                      "WANDB_MODE=offline or log.wandb_mode=offline writes a local run under "
+                      "<run dir>/wandb", default=False)
+    wandb_project: str = doc("W&B project", default="mimlab")
+    wandb_mode: Optional[str] = doc("W&B mode: online | offline | disabled; null = WANDB_MODE "
+                                    "or wandb's default", default=None)
+    mlflow: bool = doc("also log to MLflow (pip install 'mimlab[track]')", default=False)
+    mlflow_uri: Optional[str] = doc("MLflow tracking URI; null = a local file store "
+                                    "<run dir>/mlruns", default=None)
+    mlflow_experiment: str = doc("MLflow experiment name", default="mimlab")
+
+
+@dataclass
 class PretrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 @dataclass
 class FinetuneOptions:
-    pretrained: Optional[str] = doc("mimlab checkpoint to start from; null = random init", default=None)
+    pretrained: Optional[str] = doc("model to start from: a mimlab checkpoint path or a model "
+                                    "source (mimlab: | mae: | timm: | hf: | mocov3:); null = "
+                                    "random init", default=None)
     num_classes: Optional[int] = doc("number of classes; null = from the dataset", default=None)
     mixup: float = doc("mixup alpha (0 = off)", default=0.8)
     cutmix: float = doc("cutmix alpha (0 = off)", default=1.0)
@@ -239,7 +312,7 @@ class FinetuneOptions:
 
 
 def _ft_optim() -> OptimConfig:
-    return OptimConfig(epochs=10, base_lr=1e-3, betas=[0.9, 0.999], layer_decay=0.75,
+    return OptimConfig(epochs=10, base_lr=1e-3, betas=[0.9, 0.999], layer_decay=None,
                        warmup_epochs=1.0, weight_decay=0.05, min_lr=1e-6)
 
 
@@ -254,11 +327,14 @@ class FinetuneConfig:
     optim: OptimConfig = field(default_factory=_ft_optim)
     run: RunConfig = field(default_factory=RunConfig)
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 @dataclass
 class ProbeOptions:
-    pretrained: Optional[str] = doc("mimlab checkpoint; null = random init", default=None)
+    pretrained: Optional[str] = doc("model to probe: a mimlab checkpoint path or a model source "
+                                    "(mimlab: | mae: | timm: | hf: | mocov3:); null = random init",
+                                    default=None)
     lrs: list[float] = doc("learning rates swept in one pass on cached features",
                            default_factory=lambda: [0.3, 0.1, 0.03, 0.01, 0.003])
     epochs: int = doc("epochs over the cached features", default=50)
@@ -478,38 +554,52 @@ def apply_model_preset(model: ModelConfig, explicit: dict) -> None:
         _fill_from_preset(model, "model.preset", MODEL_PRESETS, explicit, list(MODEL_PRESETS))
 
 
-# siamese presets of Kong & Zhang 2022 (methods/siamese.py): the shared part of each family
+# siamese presets of Kong & Zhang 2022 (methods/siamese.py): the shared part of each family.
+# Paper settings (Sec. 5, "Pretraining"; optimiser settings in mimlab/paper_settings.py):
+# R-MAE: mask ratio 0.75 and "lambda is set to 1 for ours"; one decoder ("we let phi = phi'").
 _RMAE = dict(mask="random", mask_ratio=0.75, view2="complement", view2_mask_ratio=0.25,
              student="drop", target="online", target_norm="patch", head="decoder", loss="l2",
              lam=1.0, rmae_stopgrad=False, color_jitter="none", cutmix=False, symmetric=False)
+# C-MAE: "the momentum to update the teacher model is set to 0.996, and the temperature to
+# compute contrastive loss is set to 0.2. For projector and predictor heads, we set 2048-d for
+# hidden layers, and 768-d for output layers" (proj_hidden/proj_dim null = 2048 x D/768 and D:
+# exactly 2048 / 768 at ViT-B, scaled with the width of smaller models); "2-layer projector ...
+# 2-layer predictor ... GELU"; "learnable mask tokens"; colour jitter after masking, "follows
+# SimSiam". Token-wise (Table 3's default) on every patch token with position negatives and the
+# class-token term instance-wise: the readings argued in methods/siamese.py.
 _CMAE = dict(mask="random", mask_ratio=0.75, view2="complement", student="mask_token",
              target="ema", ema_momentum=0.996, ema_schedule="fixed", head="mlp",
              proj_hidden=None, proj_dim=None, proj_norm="bn", loss="infonce", temperature=0.2,
-             tokens="patch", negatives="image", symmetric=False, color_jitter="after_mask",
-             cutmix=False)
+             tokens="patch", negatives="position", queries="all", cls_term="instance",
+             symmetric=False, color_jitter="after_mask", cutmix=False)
 
 #: method presets: field values of MethodConfig; methods register theirs here
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    # MAE (He et al.; Kong & Zhang Sec. 5: "We use the mask ratio of 0.75 ... use the patch
+    # normalization when computing loss"). method.mask=none (Table 5): reconstruct the original
+    # image from its cutmix / jittered version, loss over every patch (methods/masked.py).
     "mae": dict(mask="random", mask_ratio=0.75, view2="none", student="drop", target="pixels",
                 target_norm="patch", head="decoder", loss="l2", color_jitter="none"),
     # --- siamese methods (Kong & Zhang 2022, methods/siamese.py) ---------------------------
     # R-MAE, Eq. 8: T1 random 75 %, T2 = complement; one shared MAE decoder; distance between
     # the two reconstructions + lam * auto-encoding constraint, on patches T1 removes, T2 sees
     "rmae": dict(_RMAE),
-    # R-MAE-dagger (Table 1): T2 an independent random mask of 25 %
+    # R-MAE-dagger (Table 1): "T2 is randomly sampled with mask ratio of 25%"
     "rmae_indep": dict(_RMAE, view2="independent", view2_mask_ratio=0.25),
-    # R-MAE-double-dagger (Table 1): T2(x) = x, the constraint is a plain auto-encoder
+    # R-MAE-double-dagger (Table 1): "T2(x) = x", the constraint is a plain auto-encoder
     "rmae_identity": dict(_RMAE, view2="identity"),
     # C-MAE, Eq. 9-11: mask tokens, EMA target (0.996), projector + predictor, token-wise
-    # InfoNCE (tau 0.2) at the patches T1 removes, SimSiam colour jitter after masking
+    # InfoNCE (tau 0.2) on every patch token, SimSiam colour jitter after masking
     "cmae": dict(_CMAE),
     # Table 3: instance-wise on the class token / on the average of patch tokens; token-wise
-    # on patch tokens plus the class token
+    # on patch tokens plus the class token (instance-wise class-token term, method.cls_term)
     "cmae_cls": dict(_CMAE, tokens="cls"),
     "cmae_avg": dict(_CMAE, tokens="avg"),
     "cmae_patch_cls": dict(_CMAE, tokens="patch+cls"),
-    # Table 4: BYOL loss (token-wise); without mask tokens (masked tokens dropped as in MAE:
-    # no online token at the removed positions, so instance-wise on averaged tokens)
+    # Table 4: BYOL loss ("we still make the BYOL loss in tokenwise manner"); without mask
+    # tokens ("remove the mask tokens as done in MAE's encoder"): with complementary views no
+    # position has an online and a target token, so these are instance-wise on averaged tokens
+    # -- cmae_nomask differs from cmae_avg in the mask tokens only (methods/siamese.py)
     "cmae_byol": dict(_CMAE, loss="byol"),
     "cmae_nomask": dict(_CMAE, student="drop", tokens="avg"),
     "cmae_nomask_byol": dict(_CMAE, student="drop", tokens="avg", loss="byol"),
@@ -518,7 +608,8 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
     "mocov3": dict(mask="none", view2="crop", student="drop", target="ema", ema_momentum=0.99,
                    ema_schedule="cosine", head="mlp", proj_hidden=None, proj_dim=None,
                    proj_norm="bn", loss="infonce", temperature=0.2, tokens="cls",
-                   negatives="image", symmetric=True, color_jitter="after_mask", cutmix=False),
+                   negatives="position", symmetric=True, color_jitter="after_mask",
+                   cutmix=False),
     # --- masked prediction of teacher / HOG / EMA / pixel targets (methods/targets.py) -------
     # MaskDistill (Peng et al., "A Unified View of MIM", 2022): BEiT block masking 40 %, mask
     # tokens, a frozen teacher's features normalised by LayerNorm without affine, one linear
@@ -631,18 +722,22 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
         if o.lr is not None and o.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
-        if not 0 < o.layer_decay <= 1:
+        if o.layer_decay is not None and not 0 < o.layer_decay <= 1:
             raise ConfigError(f"optim.layer_decay must be in (0, 1], got {o.layer_decay}")
     d = getattr(cfg, "data", None)
     if d is not None:
         if d.on_bad not in ("skip", "error"):
             raise ConfigError(f"data.on_bad must be 'skip' or 'error', got '{d.on_bad}'")
+        if d.shuffle_buffer < 0:
+            raise ConfigError(f"data.shuffle_buffer must be >= 0, got {d.shuffle_buffer}")
         if d.subset not in ("random", "one_per_class", "one_class"):
             raise ConfigError(f"data.subset must be random | one_per_class | one_class, got "
                               f"'{d.subset}'")
         if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
             raise ConfigError(f"data.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got "
                               f"{d.crop_scale}")
+        if not 0 <= d.holdout < 1:
+            raise ConfigError(f"data.holdout must be in [0, 1), got {d.holdout}")
         if d.val_limit is not None and d.val_limit < 1:
             raise ConfigError(f"data.val_limit must be >= 1, got {d.val_limit}")
         if d.limit is not None and d.limit < 1:
@@ -660,6 +755,23 @@ def validate(cfg: Any) -> None:
     ft = getattr(cfg, "finetune", None)
     if ft is not None and not 0 < ft.label_fraction <= 1:
         raise ConfigError(f"finetune.label_fraction must be in (0, 1], got {ft.label_fraction}")
+    ev = getattr(cfg, "eval", None)
+    if ev is not None:
+        if ev.online_every < 0:
+            raise ConfigError(f"eval.online_every must be >= 0 (0 = off), got {ev.online_every}")
+        for key in ("online_bank", "online_queries", "online_k", "online_probe_epochs"):
+            if getattr(ev, key) < 1:
+                raise ConfigError(f"eval.{key} must be >= 1, got {getattr(ev, key)}")
+        if ev.online_temperature <= 0:
+            raise ConfigError(f"eval.online_temperature must be > 0, got {ev.online_temperature}")
+        if ev.online_feature not in ("avg", "cls"):
+            raise ConfigError(f"eval.online_feature must be avg | cls, got '{ev.online_feature}'")
+        if ev.online_probe and not ev.online_probe_lrs:
+            raise ConfigError("eval.online_probe_lrs must list at least one learning rate")
+    lg = getattr(cfg, "log", None)
+    if lg is not None and lg.wandb_mode not in (None, "online", "offline", "disabled"):
+        raise ConfigError(f"log.wandb_mode must be online | offline | disabled | null, got "
+                          f"'{lg.wandb_mode}'")
     pr = getattr(cfg, "probe", None)
     if pr is not None:
         if pr.k < 1:

@@ -6,7 +6,11 @@ Kinds (``data.kind``; ``auto`` detects):
     arrays [H, W, C] are accepted too, so any channel count works end to end;
   * ``fmnist``: Fashion-MNIST IDX files (``train-images-idx3-ubyte.gz`` ...), 1 channel;
   * ``photos``: natural photos bundled with scikit-image (``builtin:photos`` or
-    ``builtin:photos:astronaut``), for single-image pretraining and offline demos.
+    ``builtin:photos:astronaut``), for single-image pretraining and offline demos;
+  * ``wds``: WebDataset tar shards (``mimlab shards`` writes them), streamed by
+    :class:`mimlab.shards.ShardStream`: each rank and worker reads its own part of the epoch;
+  * ``hf``: a Hugging Face ``datasets`` dataset on disk (``save_to_disk`` folder, parquet, ...),
+    random access like an image folder.
 If ``path/<train_split>`` exists it is used as the training root (CIFAR-10 copies have
 ``train/`` and ``test/``).
 
@@ -21,13 +25,14 @@ next readable file and count it"; missing or empty folders raise :class:`DataErr
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import random
 import struct
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -36,6 +41,9 @@ from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2 as T
 
 from .config import DataConfig
+from .shards import (IMAGE_EXTS, INFO_FILE, HFSplit, ShardError, ShardSplit, ShardStream,
+                     find_shard_split, is_hf_dir, is_shard_dir, open_hf_split, write_info,
+                     write_shards)
 
 log = logging.getLogger("mimlab.data")
 
@@ -63,7 +71,7 @@ _HIGH_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 _warned_truncated = False
 
 
-def _scale_to_uint8(a: np.ndarray, p: Path) -> np.ndarray:
+def _scale_to_uint8(a: np.ndarray, p: str | Path) -> np.ndarray:
     """Any numeric pixel array -> uint8 in 0..255 (same shape).
 
     uint8 as is; bool x255; uint16 (16-bit images) /257, so 65535 -> 255; other integers
@@ -93,7 +101,7 @@ def _scale_to_uint8(a: np.ndarray, p: Path) -> np.ndarray:
     return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 
-def _pil_to_array(im: Image.Image, in_chans: int, p: Path) -> np.ndarray:
+def _pil_to_array(im: Image.Image, in_chans: int, p: str | Path) -> np.ndarray:
     """Decoded PIL image of any mode -> uint8 array [H, W, in_chans] (1, 3 or 4)."""
     mode = im.mode
     if mode in _HIGH_BIT_MODES:
@@ -113,8 +121,8 @@ def _pil_to_array(im: Image.Image, in_chans: int, p: Path) -> np.ndarray:
     return a[..., None] if a.ndim == 2 else a
 
 
-def _load_npy(p: Path) -> np.ndarray:
-    a = np.load(p, allow_pickle=False)
+def _load_npy(f, p: str) -> np.ndarray:
+    a = np.load(f, allow_pickle=False)
     if a.ndim == 2:
         a = a[..., None]
     if a.ndim != 3:
@@ -123,7 +131,18 @@ def _load_npy(p: Path) -> np.ndarray:
 
 
 def load_image(path: str | Path, in_chans: int) -> torch.Tensor:
-    """Read one image file as a uint8 tensor [in_chans, H, W].
+    """Read one image file as a uint8 tensor [in_chans, H, W] (see :func:`decode_image_bytes`)."""
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise BadImageError(f"{p}: not a readable image ({type(e).__name__}: {e})") from None
+    return decode_image_bytes(data, p.suffix, in_chans, str(p))
+
+
+def decode_image_bytes(data: bytes, ext: str, in_chans: int, name: str) -> torch.Tensor:
+    """Decode one encoded image (a file's bytes; ``ext`` 'npy' / '.npy' means a numpy array,
+    anything else is left to PIL) as a uint8 tensor [in_chans, H, W]; ``name`` is used in errors.
 
     Grayscale, RGB, RGBA, palette, CMYK, 16-bit and float images are converted to the requested
     channel count (1: luminance; 3: RGB, alpha dropped; 4: RGBA). Other counts need ``.npy``
@@ -135,12 +154,12 @@ def load_image(path: str | Path, in_chans: int) -> torch.Tensor:
     a decompression bomb, or a channel count that cannot be converted.
     """
     global _warned_truncated
-    p = Path(path)
+    p = name
     try:
-        if p.suffix.lower() == ".npy":
-            a = _load_npy(p)
+        if ext.lower().lstrip(".") == "npy":
+            a = _load_npy(io.BytesIO(data), p)
         else:
-            if p.stat().st_size == 0:
+            if len(data) == 0:
                 raise BadImageError(f"{p}: empty file (0 bytes)")
             if in_chans not in (1, 3, 4):
                 raise BadImageError(f"{p}: cannot make {in_chans} channels from an image file; "
@@ -149,7 +168,7 @@ def load_image(path: str | Path, in_chans: int) -> torch.Tensor:
                 _warned_truncated = True
                 log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True by other code: "
                             "truncated images will load partly grey instead of being reported")
-            with Image.open(p) as im:
+            with Image.open(io.BytesIO(data)) as im:
                 im.load()
                 a = _pil_to_array(im, in_chans, p)
     except BadImageError:
@@ -184,6 +203,8 @@ class Source:
     classes: list[str]
     array: Optional[np.ndarray] = None   # [n, H, W, C] uint8 for in-memory sets
     name: str = ""
+    reader: Optional[Callable[[Any, int], torch.Tensor]] = None  # (item, in_chans) -> image
+    shards: Optional[ShardSplit] = None  # kind 'wds': streamed, ``items`` stays empty
 
 
 def _scan_imagefolder(root: Path, labelled: bool) -> Source:
@@ -268,10 +289,15 @@ def _photos_source(spec: str) -> Source:
 
 
 def detect_kind(root: Path) -> str:
-    """'fmnist' (IDX files present), 'imagefolder' (sub-folders and no images at the top) or
-    'folder'."""
+    """'fmnist' (IDX files present), 'hf' (a ``save_to_disk`` folder or parquet files), 'wds'
+    (an ``_info.json`` shard index or .tar files, at the top or in train/, test/, ...),
+    'imagefolder' (sub-folders and no images at the top) or 'folder'."""
     if any(root.glob("*idx3-ubyte*")):
         return "fmnist"
+    if is_hf_dir(root):
+        return "hf"
+    if is_shard_dir(root):
+        return "wds"
     subdirs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
     if subdirs and not any(_is_image(p) for p in root.iterdir() if p.is_file()):
         return "imagefolder"
@@ -295,6 +321,8 @@ def scan_source(cfg: DataConfig, split: str, labelled: bool) -> Source:
     kind = cfg.kind if cfg.kind != "auto" else detect_kind(root)
     if kind == "fmnist":
         return _fmnist_source(root, sub or "train")
+    if kind in ("wds", "hf"):
+        return _at_scale_source(cfg, root, sub, kind, labelled)
     if sub and (root / sub).is_dir():
         root = root / sub
     elif split != "train" and sub:
@@ -311,11 +339,51 @@ def scan_source(cfg: DataConfig, split: str, labelled: bool) -> Source:
         src = Source("folder", files, [-1] * len(files), [], name=root.name)
     else:
         raise DataError(f"data.kind: unknown kind '{kind}' (auto | imagefolder | folder | fmnist "
-                        "| photos)")
+                        "| photos | wds | hf)")
     if not src.items:
         raise DataError(f"{root}: no images found (looked for {', '.join(sorted(IMG_EXTS))}, "
                         "recursively); check data.path")
     return src
+
+
+class _HFImages:
+    """``Source.reader`` of a Hugging Face split: (row, in_chans) -> uint8 image [C, H, W]."""
+
+    def __init__(self, split: HFSplit):
+        self.split = split
+
+    def __call__(self, row: int, in_chans: int) -> torch.Tensor:
+        data, path = self.split.payload(row)
+        if data is None:
+            if path:
+                return load_image(path, in_chans)
+            raise BadImageError(f"{self.split.name}[{row}]: no image stored in this row")
+        return decode_image_bytes(data, Path(path or "").suffix, in_chans,
+                                  f"{self.split.name}[{row}]")
+
+
+def _at_scale_source(cfg: DataConfig, root: Path, sub: str, kind: str, labelled: bool
+                     ) -> Source:
+    """Kinds 'hf' (random access through :class:`_HFImages`) and 'wds' (``shards`` set)."""
+    try:
+        if kind == "hf":
+            hs = open_hf_split(root, sub, cfg.image_key, cfg.label_key)
+        else:
+            ss = find_shard_split(root, sub)
+    except ShardError as e:
+        raise DataError(str(e)) from None
+    if kind == "hf":
+        if labelled and hs.label_key is None:
+            raise DataError(f"{root}: labels are needed but split '{hs.name}' has no label "
+                            "column; set data.label_key")
+        if not len(hs):
+            raise DataError(f"{root}: split '{hs.name}' has no rows")
+        return Source("hf", list(range(len(hs))), hs.labels(), hs.classes, name=hs.name,
+                      reader=_HFImages(hs))
+    if labelled and not ss.classes:
+        raise DataError(f"{root}: labels are needed but the shards have no class list "
+                        f"('classes' in {INFO_FILE}); write them with `mimlab shards`")
+    return Source("wds", [], [], ss.classes, name=f"{root.name}:{ss.name}", shards=ss)
 
 
 # ------------------------------------------------------------------------------ subsets
@@ -386,6 +454,33 @@ def eval_transform(img_size: int, mean, std):
                       T.Normalize(mean, std)])
 
 
+def seeded_apply(transform: Optional[Callable], img: torch.Tensor, seed: int) -> torch.Tensor:
+    """``transform(img)`` with torch's CPU generator and ``random`` seeded by ``seed``; the
+    caller's states of both are restored afterwards (CUDA's generator is not touched)."""
+    if transform is None:
+        return img
+    py_state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            # the CPU generator only: torch.manual_seed would also reseed CUDA's
+            torch.default_generator.manual_seed(seed)
+            random.seed(seed)
+            return transform(img)
+    finally:
+        random.setstate(py_state)
+
+
+class SeededTransform:
+    """``(img, epoch, index) -> transform(img)`` seeded by (seed, epoch, index), as
+    :class:`ImageDataset` seeds its samples (used by shard streams)."""
+
+    def __init__(self, transform: Optional[Callable], seed: int):
+        self.transform, self.seed = transform, seed
+
+    def __call__(self, img: torch.Tensor, epoch: int, index: int) -> torch.Tensor:
+        return seeded_apply(self.transform, img, sample_seed(self.seed, epoch, index))
+
+
 class ImageDataset(Dataset):
     """Indexable by ``int`` or by ``(index, epoch)``; returns (image [C,H,W], label, n_skipped).
 
@@ -429,6 +524,8 @@ class ImageDataset(Dataset):
 
     def _raw(self, j: int) -> torch.Tensor:
         item = self.src.items[j]
+        if self.src.reader is not None:
+            return self.src.reader(item, self.in_chans)
         if self.src.array is not None:
             a = self.src.array[item]
             t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1)
@@ -468,16 +565,7 @@ class ImageDataset(Dataset):
             raise DataError(f"{self.src.name}: {what} files tried (from {first} on) were "
                             f"unreadable; last error: {last_err}. Is this really an image "
                             "folder, and does model.in_chans match the files?")
-        s = sample_seed(self.seed, epoch, idx)
-        py_state = random.getstate()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                # the CPU generator only: torch.manual_seed would also reseed CUDA's
-                torch.default_generator.manual_seed(s)
-                random.seed(s)
-                x = self.transform(img) if self.transform is not None else img
-        finally:
-            random.setstate(py_state)
+        x = seeded_apply(self.transform, img, sample_seed(self.seed, epoch, idx))
         return x, int(self.src.labels[j]), skipped
 
 
@@ -510,6 +598,123 @@ class EpochSampler(Sampler):
         return max(0, self.n - self.start) // self.world
 
 
+# ------------------------------------------------------------------------------ tar shards
+class ShardDecoder:
+    """A :class:`ShardStream`'s ``decode``: WebDataset sample -> (uint8 image [C, H, W], label).
+
+    The image is the sample's ``image_key`` entry, else its first entry with an image
+    extension (:data:`mimlab.shards.IMAGE_EXTS`); the label is the integer text of its
+    ``label_key`` entry (default ``cls``), -1 when absent. Unreadable images give ``None`` with
+    ``on_bad='skip'`` (the stream substitutes and counts them) and raise
+    :class:`BadImageError` with ``on_bad='error'``.
+    """
+
+    def __init__(self, in_chans: int, image_key: Optional[str] = None,
+                 label_key: Optional[str] = None, on_bad: str = "skip"):
+        if on_bad not in ("skip", "error"):
+            raise DataError(f"data.on_bad must be 'skip' or 'error', got '{on_bad}'")
+        self.in_chans, self.image_key = in_chans, image_key
+        self.label_key, self.on_bad = label_key or "cls", on_bad
+        self._warned: set = set()
+
+    def __call__(self, sample: dict, where: str) -> tuple[Optional[torch.Tensor], int]:
+        ext = self.image_key or next((e for e in IMAGE_EXTS if e in sample), None)
+        if ext is None or ext not in sample:
+            have = ", ".join(k for k in sample if not k.startswith("__"))
+            raise DataError(f"{where}: no image entry '{ext or '|'.join(IMAGE_EXTS)}' in the "
+                            f"sample (it has: {have}); set data.image_key")
+        raw = sample.get(self.label_key)
+        try:
+            label = int(raw) if raw is not None else -1
+        except ValueError:
+            raise DataError(f"{where}: label entry '{self.label_key}' is not an integer "
+                            f"({raw[:20]!r})") from None
+        try:
+            return decode_image_bytes(sample[ext], ext, self.in_chans, where), label
+        except BadImageError as e:
+            if self.on_bad == "error":
+                raise BadImageError(f"{e} -- fix or drop the sample, or set data.on_bad=skip "
+                                    "to skip unreadable images") from None
+            if where not in self._warned:
+                self._warned.add(where)
+                log.warning("skipping unreadable sample: %s", e)
+            return None, label
+
+
+def shard_stream(cfg: DataConfig, src: Source, split: str, transform, in_chans: int, seed: int,
+                 train_aug: bool, label_fraction: float = 1.0) -> ShardStream:
+    """The stream of a 'wds' source for ``build_dataset`` (shuffled when ``train_aug``).
+    ``data.limit`` / ``data.val_limit`` keep the first N samples in shard order (a random
+    subset when the shards were written shuffled, as ``mimlab shards`` does by default); the
+    options that need random access are refused."""
+    refused = [name for name, on in (
+        ("data.holdout", cfg.holdout > 0), ("a label_fraction below 1", label_fraction < 1),
+        ("data.repeat", split == "train" and cfg.repeat > 1),
+        (f"data.subset={cfg.subset}", cfg.subset != "random" and cfg.limit is not None)) if on]
+    if refused:
+        raise DataError(f"{', '.join(refused)}: not available for tar shards (data.kind=wds, "
+                        "streamed without random access); write the subset you need with "
+                        "`mimlab shards --limit N`, or use an image folder / data.kind=hf")
+    n = cfg.limit if split == "train" else cfg.val_limit
+    ss = src.shards if n is None else src.shards.head(n)
+    return ShardStream(ss, ShardDecoder(in_chans, cfg.image_key, cfg.label_key, cfg.on_bad),
+                       SeededTransform(transform, seed), seed=seed, shuffle=train_aug,
+                       shuffle_buffer=cfg.shuffle_buffer, error=DataError)
+
+
+def write_folder_shards(src: str | Path, out: str | Path, shard_size: int,
+                        limit: Optional[int] = None, seed: int = 0, order: str = "shuffled",
+                        progress: bool = True, splits: Sequence[str] = ("train", "test")) -> dict:
+    """``mimlab shards``: write an image folder as WebDataset tar shards with an ``_info.json``.
+
+    ``src`` is an ImageFolder (labels kept as ``.cls``, class names in the index), a CIFAR-style
+    copy with ``train/`` and ``test/`` (one split each) or a plain folder of images (unlabelled,
+    one 'train' split). ``order='shuffled'`` writes each split in a permutation seeded by
+    ``seed`` (a stream then mixes classes even with a small shuffle buffer), 'sorted' in the
+    folder's order. ``limit`` writes a seeded random subset of the training split (the images
+    ``data.limit`` with ``data.subset_seed=seed`` would pick). ``splits`` names the splits
+    written when the folder has them. Returns a summary (images and shards per split)."""
+    if order not in ("shuffled", "sorted"):
+        raise DataError(f"--order must be shuffled | sorted, got '{order}'")
+    if not set(splits) <= {"train", "test"} or not splits:
+        raise DataError(f"--splits must be train and/or test, got {','.join(splits) or 'none'}")
+    root, out = Path(src).expanduser(), Path(out).expanduser()
+    if (out / INFO_FILE).exists():
+        raise DataError(f"{out} already holds shards ({INFO_FILE}); choose a new folder")
+    cfg = DataConfig(path=str(root))
+    has_train = (root / cfg.train_split).is_dir()
+    plan = [("train", "train")] + ([("test", "val")] if has_train and
+                                   (root / cfg.val_split).is_dir() else [])
+    plan = [p for p in plan if p[0] in splits]
+    if not has_train:
+        cfg.train_split = ""
+    written, classes = {}, None
+    for name, which in plan:
+        s = scan_source(cfg, which, labelled=False)
+        if s.kind not in ("imagefolder", "folder"):
+            raise DataError(f"{root}: `mimlab shards` needs image files (an ImageFolder or a "
+                            f"folder of images), not a '{s.kind}' data set")
+        idx = (subset_indices(s.labels, limit, "random", seed) if limit and name == "train"
+               else list(range(len(s.items))))
+        if order == "shuffled":
+            idx = np.random.default_rng(seed).permutation(idx).tolist()
+        classes = s.classes if classes is None else classes
+        if s.classes != classes:
+            raise DataError(f"{root}: the {name} split's classes differ from the train split's")
+        try:
+            written[name] = write_shards([(s.items[i], s.labels[i]) for i in idx], out, name,
+                                         shard_size, progress)
+        except ShardError as e:
+            raise DataError(str(e)) from None
+    if not written:
+        raise DataError(f"{root}: none of the splits {', '.join(splits)} found")
+    write_info(out, written, classes or [],
+               {"mimlab": {"source": str(root), "order": order, "seed": seed, "limit": limit}})
+    return {"out": str(out), "classes": len(classes or []),
+            **{k: {"images": v["num_samples"], "shards": len(v["filenames"])}
+               for k, v in written.items()}}
+
+
 def resolve_stats(cfg: DataConfig, src: Optional[Source], in_chans: int
                   ) -> tuple[list[float], list[float]]:
     """Mean/std: explicit config, else known values for the dataset, else ImageNet's (RGB) or
@@ -536,18 +741,24 @@ def resolve_stats(cfg: DataConfig, src: Optional[Source], in_chans: int
 
 def compute_mean_std(cfg: DataConfig, in_chans: int, img_size: int, max_images: int = 5000,
                      seed: int = 0) -> tuple[list[float], list[float]]:
-    """Per-channel mean/std of the training split (on up to ``max_images`` resized images)."""
+    """Per-channel mean/std of the training split (on up to ``max_images`` resized images: a
+    seeded subset, or for tar shards the first ones)."""
     src = scan_source(cfg, "train", labelled=False)
-    idx = subset_indices(src.labels, max_images, "random", seed)
-    ds = ImageDataset(src, T.Compose([T.Resize(img_size, antialias=True),
-                                      T.CenterCrop(img_size),
-                                      T.ToDtype(torch.float32, scale=True)]),
-                      in_chans, indices=idx, on_bad="skip")
+    tf = T.Compose([T.Resize(img_size, antialias=True), T.CenterCrop(img_size),
+                    T.ToDtype(torch.float32, scale=True)])
+    if src.shards is not None:
+        first = DataConfig(path=cfg.path, kind=cfg.kind, limit=max_images,
+                           image_key=cfg.image_key, label_key=cfg.label_key)
+        images = (x for x, _, _ in shard_stream(first, src, "train", tf, in_chans, seed, False))
+    else:
+        idx = subset_indices(src.labels, max_images, "random", seed)
+        ds = ImageDataset(src, tf, in_chans, indices=idx, on_bad="skip")
+        images = (ds[i][0] for i in range(len(ds)))
     s = torch.zeros(in_chans, dtype=torch.float64)
     s2 = torch.zeros(in_chans, dtype=torch.float64)
     cnt = 0
-    for i in range(len(ds)):
-        x = ds[i][0].double()
+    for x in images:
+        x = x.double()
         s += x.sum((1, 2))
         s2 += (x ** 2).sum((1, 2))
         cnt += x.shape[1] * x.shape[2]
@@ -560,23 +771,42 @@ def build_dataset(cfg: DataConfig, split: str, img_size: int, in_chans: int, see
                   train_aug: bool, labelled: bool, label_fraction: float = 1.0,
                   mean=None, std=None) -> ImageDataset:
     """Dataset for ``split`` ('train' | 'val'): training augmentation or eval transform."""
-    src = scan_source(cfg, split, labelled)
+    held_out = cfg.holdout > 0 and labelled
+    src = scan_source(cfg, "train" if held_out else split, labelled)
     if mean is None:
         mean, std = resolve_stats(cfg, src, in_chans)
     tf = (train_transform(img_size, mean, std, cfg.crop_scale, cfg.hflip) if train_aug
           else eval_transform(img_size, mean, std))
+    if src.shards is not None:  # tar shards: streamed, split by rank and worker (mimlab.shards)
+        ds = shard_stream(cfg, src, split, tf, in_chans, seed, train_aug, label_fraction)
+        ds.mean, ds.std = mean, std
+        return ds
+    sseed = seed if cfg.subset_seed is None else cfg.subset_seed
     idx = None
-    if split == "train":
+    if held_out:
+        # train and val both come from the training split: a class-balanced, seeded hold-out
+        base = (subset_indices(src.labels, cfg.limit, cfg.subset, sseed)
+                if cfg.limit is not None else list(range(len(src.items))))
+        held = set(balanced_fraction([src.labels[i] for i in base], cfg.holdout, sseed + 1))
+        if split == "train":
+            base = [b for j, b in enumerate(base) if j not in held]
+            if label_fraction < 1:
+                keep = balanced_fraction([src.labels[i] for i in base], label_fraction, sseed)
+                base = [base[i] for i in keep]
+        else:
+            base = [b for j, b in enumerate(base) if j in held]
+        idx = base
+    elif split == "train":
         if cfg.limit is not None:
-            idx = subset_indices(src.labels, cfg.limit, cfg.subset, seed)
+            idx = subset_indices(src.labels, cfg.limit, cfg.subset, sseed)
         if label_fraction < 1:
             base = idx if idx is not None else list(range(len(src.items)))
-            keep = balanced_fraction([src.labels[i] for i in base], label_fraction, seed)
+            keep = balanced_fraction([src.labels[i] for i in base], label_fraction, sseed)
             idx = [base[i] for i in keep]
     elif cfg.val_limit is not None and cfg.val_limit < len(src.items):
         labels = src.labels
         strategy = "one_per_class" if src.classes else "random"
-        idx = subset_indices(labels, cfg.val_limit, strategy, seed)
+        idx = subset_indices(labels, cfg.val_limit, strategy, sseed)
     ds = ImageDataset(src, tf, in_chans, seed=seed, indices=idx,
                       repeat=cfg.repeat if split == "train" else 1, on_bad=cfg.on_bad)
     ds.mean, ds.std = mean, std

@@ -10,27 +10,28 @@ TensorBoard metrics, and a progress bar with images/s and ETA.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import logging
 import math
 import os
 import random
 import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import BatchSampler, DataLoader
 
-from . import __version__
+from . import checkpoint as ckpt_format
 from . import dist
 from .config import OptimConfig, RunConfig, to_dict
 from .data import EpochSampler
+from .tracking import Sink, build_sinks
 
 log = logging.getLogger("mimlab.engine")
 
@@ -90,12 +91,8 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_names: set[str]
 
 
 def git_version() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5, cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or "unknown"
-    except Exception:  # noqa: BLE001 - best effort
-        return "unknown"
+    """Short git commit of the source tree, or 'unknown' (see :func:`checkpoint.git_commit`)."""
+    return ckpt_format.git_commit()
 
 
 def make_loader(dataset, batch_size: int, seed: int, epoch: int, start: int = 0, rank: int = 0,
@@ -103,6 +100,9 @@ def make_loader(dataset, batch_size: int, seed: int, epoch: int, start: int = 0,
     """The training DataLoader of one epoch (what :class:`Engine` iterates; also used by
     ``benchmarks/bench_data.py``): seeded :class:`EpochSampler` order from sample ``start``
     on, this rank's share, full batches only, ``num_workers`` forked worker processes."""
+    if hasattr(dataset, "make_loader"):  # tar shard streams plan the epoch themselves
+        return dataset.make_loader(batch_size, seed, epoch, start, rank, world, num_workers,
+                                   pin_memory)
     sampler = EpochSampler(len(dataset), seed, epoch, rank, world, start=start)
     bs = BatchSampler(sampler, batch_size, drop_last=True)
     # a private generator: creating a loader must not consume the global RNG (which drives
@@ -142,31 +142,21 @@ def seed_everything(seed: int) -> None:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """Write to ``path.tmp`` then rename: a crash never leaves a partial file at ``path``."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    """Write to ``path.tmp`` then rename: a crash never leaves a partial file at ``path``
+    (:func:`mimlab.checkpoint.save`; errors as :class:`TrainingError`)."""
     try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise TrainingError(f"could not write checkpoint {path}: {e.strerror or e} "
-                            "(disk full or not writable?); the previous checkpoint is intact") from None
+        ckpt_format.save(obj, path)
+    except ckpt_format.CheckpointError as e:
+        raise TrainingError(str(e)) from None
 
 
 def load_checkpoint(path: str | Path, trust: bool = False) -> dict:
-    """Load a mimlab checkpoint with ``weights_only=True`` unless ``trust``."""
-    p = Path(path)
-    if not p.is_file():
-        raise TrainingError(f"checkpoint not found: {p}")
+    """Read a checkpoint file as stored (``weights_only=True`` unless ``trust``), errors as
+    :class:`TrainingError`. Readers of the *schema* use :func:`mimlab.checkpoint.load`."""
     try:
-        return torch.load(p, map_location="cpu", weights_only=not trust)
-    except Exception as e:  # noqa: BLE001
-        raise TrainingError(f"could not load checkpoint {p}: {type(e).__name__}: "
-                            f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        return ckpt_format.read(path, trust)
+    except ckpt_format.CheckpointError as e:
+        raise TrainingError(str(e)) from None
 
 
 def check_writable(d: Path) -> None:
@@ -196,11 +186,13 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
 class MetricLogger:
     """metrics.jsonl (append-only, the source of truth), metrics.csv, TensorBoard."""
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: Optional[int] = None):
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: Optional[int] = None,
+                 sinks: Sequence[Sink] = ()):
         self.enabled = enabled
         self.jsonl = run_dir / "metrics.jsonl"
         self.csv = run_dir / "metrics.csv"
         self.tb = None
+        self.sinks = list(sinks)  # optional W&B / MLflow (mimlab.tracking), rank 0 only
         if not enabled:
             return
         if resume_step is not None and self.jsonl.exists():
@@ -223,6 +215,8 @@ class MetricLogger:
         if self.tb is not None:
             for k, v in metrics.items():
                 self.tb.add_scalar(f"{prefix}/{k}", float(v), step)
+        for s in self.sinks:
+            s.log(step, metrics, prefix)
 
     def rows(self) -> list[dict]:
         if not self.jsonl.exists():
@@ -236,7 +230,6 @@ class MetricLogger:
         keys: list[str] = []
         for r in rows:
             keys += [k for k in r if k not in keys]
-        import csv
         with open(self.csv, "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
@@ -249,6 +242,70 @@ class MetricLogger:
         self.flush()
         if self.tb is not None:
             self.tb.close()
+        for s in self.sinks:
+            s.close()
+        self.sinks = []
+
+
+class LogWindow:
+    """Running sums of a method's scalar outputs since the last logged row.
+
+    The logged value of a key is its mean over the micro-batches of the window. ``sums`` and
+    ``n`` are saved in checkpoints, so the first row after a resume averages the whole window
+    (steps before and after the interruption), exactly as an uninterrupted run does. ``images``
+    and ``t0`` only feed images/s and are not saved.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.n = 0
+        self.images = 0
+        self.t0 = time.time()
+
+    def add(self, out: dict, images: int) -> None:
+        for key, v in out.items():
+            if torch.is_tensor(v) and v.ndim == 0:
+                self.sums[key] = self.sums.get(key, 0.0) + float(v.detach())
+        self.n += 1
+        self.images += images
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.n, 1) for k, v in self.sums.items()}
+
+    def reset(self, now: float) -> None:
+        self.sums, self.n, self.images, self.t0 = {}, 0, 0, now
+
+    def sync_loss(self, device: torch.device) -> None:
+        """Replace this rank's loss sum by the mean over ranks (a collective; no-op on one
+        process), so the sums rank 0 checkpoints stand for every rank."""
+        if dist.is_dist() and "loss" in self.sums:
+            t = torch.tensor([self.sums["loss"]], dtype=torch.float64, device=device)
+            self.sums["loss"] = float(dist.all_reduce_mean(t))
+
+    def state(self) -> dict:
+        return {"sums": dict(self.sums), "n": self.n}
+
+    def load(self, st: Optional[dict]) -> None:
+        """Restore ``state()``; checkpoints written before the window was saved restore an
+        empty window (the first row then averages only the steps after the resume)."""
+        st = st or {}
+        self.sums = {str(k): float(v) for k, v in st.get("sums", {}).items()}
+        self.n = int(st.get("n", 0))
+
+
+class Evaluator(Protocol):
+    """A callback run during training every ``every`` optimizer steps (and at the start and
+    the end), e.g. :class:`mimlab.eval.online.OnlineKNN`. Called on every rank with the
+    unwrapped module (it may use collectives and must leave the RNG and train/eval flags as it
+    found them); the metrics returned on rank 0 are logged with kind ``kind``, then
+    ``plot(rows of that kind)`` may redraw a figure."""
+
+    kind: str
+    every: int
+
+    def __call__(self, module: nn.Module, step: int) -> dict[str, float]: ...
+
+    def plot(self, rows: list[dict]) -> None: ...
 
 
 # ------------------------------------------------------------------------- engine
@@ -264,6 +321,7 @@ class FitResult:
     skipped_files: int = 0
     world_size: int = 1
     ddp_max_param_divergence: float = 0.0
+    online_metrics: dict = field(default_factory=dict)  # last row of each evaluator, by kind
 
 
 class _SignalCatcher:
@@ -295,17 +353,22 @@ class Engine:
     ``config`` is the resolved top-level config (saved into every checkpoint); ``optim`` and
     ``run`` are its sections. ``eval_fn(model, epoch) -> dict`` runs on rank 0 after epochs
     (every ``eval_every`` epochs and at the end). ``batch_fn(images, labels) -> (images, labels)``
-    transforms a batch on the device before the forward (mixup/cutmix).
+    transforms a batch on the device before the forward (mixup/cutmix). ``evaluators`` run
+    every ``ev.every`` optimizer steps (see :class:`Evaluator`).
     """
 
     def __init__(self, method: nn.Module, dataset, config: Any, optim: OptimConfig,
                  run: RunConfig, run_dir: Path, eval_fn: Optional[Callable] = None,
                  eval_every: int = 0, batch_fn: Optional[Callable] = None,
-                 device: Optional[torch.device] = None, layer_decay_fn=None):
+                 device: Optional[torch.device] = None, layer_decay_fn=None,
+                 evaluators: Sequence[Evaluator] = ()):
         self.device = device or dist.init(run.device)
         self.method, self.dataset, self.config = method.to(self.device), dataset, config
         self.optim_cfg, self.run_cfg, self.run_dir = optim, run, Path(run_dir)
         self.eval_fn, self.eval_every, self.batch_fn = eval_fn, eval_every, batch_fn
+        self.evaluators = list(evaluators)
+        self.window = LogWindow()
+        self.lr = 0.0  # lr of the current optimizer step (logged)
         self.world, self.rank = dist.world_size(), dist.rank()
         self.main = self.rank == 0
         self.eff_batch = optim.batch_size * optim.accum_steps * self.world
@@ -325,12 +388,12 @@ class Engine:
         nd = method.no_weight_decay() if hasattr(method, "no_weight_decay") else set()
         enc = getattr(method, "encoder", None)
         layer_id, nlayers = None, 0
-        if optim.layer_decay < 1.0 and enc is not None and hasattr(enc, "layer_id"):
+        ld = 1.0 if optim.layer_decay is None else optim.layer_decay  # None: resolved by caller
+        if ld < 1.0 and enc is not None and hasattr(enc, "layer_id"):
             layer_id = layer_decay_fn or (lambda n: enc.layer_id(n[len("encoder."):])
                                           if n.startswith("encoder.") else enc.depth + 1)
             nlayers = enc.depth + 1
-        self.groups = param_groups(self.method, optim.weight_decay, nd, optim.layer_decay,
-                                   layer_id, nlayers)
+        self.groups = param_groups(self.method, optim.weight_decay, nd, ld, layer_id, nlayers)
         opt_groups = [{k: v for k, v in g.items() if k != "names"} for g in self.groups]
         kw = {}
         if optim.fused:
@@ -357,8 +420,19 @@ class Engine:
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
+        """The checkpoint (:func:`mimlab.checkpoint.make`): schema fields plus every state an
+        exact resume needs."""
+        cfg = to_dict(self.config)
+        kind = ckpt_format.kind_of_config(cfg)
+        method = ((cfg.get("method") or {}).get("name") if kind == "pretrain"
+                  else (cfg.get("finetune") or {}).get("pretrained"))
+        mean = getattr(self.dataset, "mean", None) or getattr(self.method, "data_mean", None)
+        std = getattr(self.dataset, "std", None) or getattr(self.method, "data_std", None)
+        return ckpt_format.make(kind, cfg, self.method.state_dict(), method=method,
+                                data_mean=mean, data_std=std, **self._engine_states())
+
+    def _engine_states(self) -> dict:
         return {
-            "model": self.method.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
             "global_step": self.global_step,
@@ -368,10 +442,8 @@ class Engine:
             "world_size": self.world,
             "nonfinite_skipped": self.nonfinite_skipped,
             "skipped_files": self.skipped_files,
+            "log_window": self.window.state(),
             "rng": rng_state(),
-            "config": to_dict(self.config),
-            "version": {"mimlab": __version__, "git": git_version(),
-                        "torch": str(torch.__version__)},
         }
 
     def save(self, name: str = "last") -> Optional[Path]:
@@ -397,6 +469,7 @@ class Engine:
         self.epoch = int(ck["epoch"])
         self.nonfinite_skipped = int(ck.get("nonfinite_skipped", 0))
         self.skipped_files = int(ck.get("skipped_files", 0))
+        self.window.load(ck.get("log_window"))
         samples = int(ck.get("samples_in_epoch", 0))
         if samples % (self.optim_cfg.batch_size * self.world):
             raise TrainingError(
@@ -439,7 +512,40 @@ class Engine:
         log.warning("non-finite loss at step %d: batch skipped (%d/%d)", self.global_step,
                     self.nonfinite_skipped, self.run_cfg.nonfinite_skip)
 
+    def _usable_micro(self) -> int:
+        """Micro-batches of an epoch that form whole optimizer steps (the rest is dropped)."""
+        return self.micro_per_epoch - (self.micro_per_epoch % self.optim_cfg.accum_steps)
+
     def fit(self) -> FitResult:
+        """Train to ``total_steps`` (or ``run.stop_at_step``); returns a :class:`FitResult`.
+
+        Steps: resume or seed, open the metric sinks, then epochs of micro-batches
+        (:meth:`_micro_step`), optimizer steps (:meth:`_optimizer_step`) and the per-step
+        bookkeeping (:meth:`_after_step`: log, evaluators, checkpoints, signals), and
+        :meth:`_end_epoch` (checkpoints, epoch evaluation)."""
+        fresh = self._begin()
+        logger = self._open_logger()
+        result = FitResult(self.run_dir, self.global_step, self.epoch)
+        bar = self._progress_bar()
+        self._t_start, self._images_seen = time.time(), 0
+        self.window.t0 = time.time()
+        try:
+            with _SignalCatcher() as sig:
+                self.method.train()
+                if fresh:
+                    self._run_evaluators(logger, result, at_start=True)
+                while self.epoch < self.optim_cfg.epochs and self.global_step < self.total_steps:
+                    if self._run_epoch(sig, logger, bar, result):
+                        break
+        finally:
+            if bar is not None:
+                bar.close()
+        logger.close()
+        return self._finish(result)
+
+    # ---------------------------------------------------------------- fit steps
+    def _begin(self) -> bool:
+        """Check the run directory, then resume (``run.resume``) or seed; True if fresh."""
         if self.main:
             check_writable(self.run_dir)
         if self.run_cfg.resume:
@@ -450,148 +556,183 @@ class Engine:
                 if self.main:
                     log.info("resumed from %s at step %d (epoch %d, batch %d)", path,
                              self.global_step, self.epoch, self.micro_in_epoch)
-            else:
-                seed_everything(self.run_cfg.seed + self.rank)
-        else:
-            seed_everything(self.run_cfg.seed + self.rank)
-        logger = MetricLogger(self.run_dir, self.main,
-                              resume_step=self.global_step if self.run_cfg.resume else None)
-        result = FitResult(self.run_dir, self.global_step, self.epoch)
-        bar = None
-        if self.main and self.run_cfg.progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=self.total_steps, initial=self.global_step, unit="step",
-                       dynamic_ncols=True, desc=self.run_dir.name, mininterval=1.0)
+                return False
+        seed_everything(self.run_cfg.seed + self.rank)
+        return True
+
+    def _open_logger(self) -> MetricLogger:
+        sinks = build_sinks(getattr(self.config, "log", None), self.run_dir,
+                            to_dict(self.config)) if self.main else []
+        return MetricLogger(self.run_dir, self.main, sinks=sinks,
+                            resume_step=self.global_step if self.run_cfg.resume else None)
+
+    def _progress_bar(self):
+        if not (self.main and self.run_cfg.progress):
+            return None
+        from tqdm.auto import tqdm  # CLI start-up speed: tqdm only when a bar is shown
+        return tqdm(total=self.total_steps, initial=self.global_step, unit="step",
+                    dynamic_ncols=True, desc=self.run_dir.name, mininterval=1.0)
+
+    def _run_epoch(self, sig: _SignalCatcher, logger: MetricLogger, bar,
+                   result: FitResult) -> bool:
+        """The rest of the current epoch; True when training must stop (run.stop_at_step)."""
         accum = self.optim_cfg.accum_steps
-        t_start, images_seen = time.time(), 0
-        win_t, win_imgs = time.time(), 0
-        eval_metrics: dict = {}
-        try:
-            with _SignalCatcher() as sig:
-                self.method.train()
-                while self.epoch < self.optim_cfg.epochs and self.global_step < self.total_steps:
-                    loader = self._loader(self.epoch, self.micro_in_epoch)
-                    it = iter(loader)
-                    sums: dict[str, float] = {}
-                    nsum = 0
-                    while self.micro_in_epoch < self.micro_per_epoch - (self.micro_per_epoch % accum):
-                        k = self.micro_in_epoch % accum
-                        if k == 0:
-                            lr = self._set_lr()
-                        try:
-                            images, labels, nbad = next(it)
-                        except StopIteration:
-                            break
-                        images = images.to(self.device, non_blocking=True)
-                        labels = labels.to(self.device, non_blocking=True)
-                        self.skipped_files += int(nbad.sum())
-                        if self.batch_fn is not None:
-                            images, labels = self.batch_fn(images, labels)
-                        sync = (k == accum - 1) or self.world == 1
-                        ctx = self.model.no_sync() if (not sync and self.world > 1) else \
-                            contextlib.nullcontext()
-                        with ctx:
-                            with torch.autocast(self.device.type, dtype=self.amp_dtype,
-                                                enabled=self.amp_dtype is not None):
-                                out = self.model(images, labels)
-                            loss = out["loss"]
-                            bad = dist.any_true(not bool(torch.isfinite(loss.detach())), self.device)
-                            if bad:  # drop the rest of this optimizer step's micro-batches
-                                for _ in range(accum - k - 1):
-                                    next(it, None)  # keep the loader aligned with the count
-                                self.micro_in_epoch += accum - k
-                                self._nonfinite(loss)
-                                continue
-                            self.scaler.scale(loss / accum).backward()
-                        for key, v in out.items():
-                            if torch.is_tensor(v) and v.ndim == 0:
-                                sums[key] = sums.get(key, 0.0) + float(v.detach())
-                        nsum += 1
-                        self.micro_in_epoch += 1
-                        images_seen += images.shape[0] * self.world
-                        win_imgs += images.shape[0] * self.world
-                        if k != accum - 1:
-                            continue
-                        # ---- optimizer step
-                        if self.optim_cfg.clip_grad:
-                            self.scaler.unscale_(self.optimizer)
-                            nn.utils.clip_grad_norm_(self.method.parameters(),
-                                                     self.optim_cfg.clip_grad)
-                        self.scaler.step(self.optimizer)
-                        self.scaler.update()
-                        self.optimizer.zero_grad(set_to_none=True)
-                        self.global_step += 1
-                        self.method.after_step(self.global_step, self.total_steps) \
-                            if hasattr(self.method, "after_step") else None
-                        if self.global_step % self.run_cfg.log_every == 0 or \
-                                self.global_step == self.total_steps:
-                            now = time.time()
-                            ips = win_imgs / max(now - win_t, 1e-9)
-                            win_t, win_imgs = now, 0
-                            metrics = {k2: v2 / max(nsum, 1) for k2, v2 in sums.items()}
-                            t = torch.tensor([metrics.get("loss", 0.0)], device=self.device)
-                            metrics["loss"] = float(dist.all_reduce_mean(t))
-                            metrics.update(lr=lr, epoch=self.epoch + self.micro_in_epoch /
-                                           self.micro_per_epoch, images_per_s=ips)
-                            logger.log(self.global_step, metrics)
-                            result.last_metrics = metrics
-                            sums, nsum = {}, 0
-                            if bar is not None:
-                                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}",
-                                                img_s=f"{ips:.0f}", ep=self.epoch)
-                        if bar is not None:
-                            bar.update(1)
-                        if self.run_cfg.save_every_steps and \
-                                self.global_step % self.run_cfg.save_every_steps == 0 and \
-                                self.micro_in_epoch < self.micro_per_epoch - (
-                                    self.micro_per_epoch % accum):
-                            self.save("last")
-                        if dist.any_true(sig.signum is not None, self.device):
-                            self.save("last")
-                            logger.close()
-                            signum = sig.signum or signal.SIGTERM
-                            raise Interrupted(
-                                f"stopped by signal {signal.Signals(signum).name} at step "
-                                f"{self.global_step}; checkpoint written to "
-                                f"{self.ckpt_dir / 'last.pt'}; continue with run.resume=auto "
-                                f"(same run directory)", 128 + int(signum))
-                        if self.global_step >= self.total_steps or \
-                                self.global_step == self.run_cfg.stop_at_step:
-                            break
-                    del it, loader
-                    epoch_done = self.micro_in_epoch >= self.micro_per_epoch - (
-                        self.micro_per_epoch % accum)
-                    if epoch_done:
-                        self.epoch += 1
-                        self.micro_in_epoch = 0
-                    finished = self.epoch >= self.optim_cfg.epochs or \
-                        self.global_step >= self.total_steps
-                    if not finished and self.global_step == self.run_cfg.stop_at_step:
-                        self.save("last")
-                        log.info("stopped at step %d (run.stop_at_step); resume with "
-                                 "run.resume=auto", self.global_step)
-                        break
-                    if epoch_done and self.run_cfg.ckpt_every and \
-                            self.epoch % self.run_cfg.ckpt_every == 0:
-                        self.save(f"checkpoint-epoch{self.epoch}")
-                    self.save("last")
-                    if self.eval_fn is not None and (finished or (
-                            self.eval_every and epoch_done and self.epoch % self.eval_every == 0)):
-                        if self.main:
-                            eval_metrics = self.eval_fn(self.method, self.epoch)
-                            logger.log(self.global_step, eval_metrics, prefix="eval")
-                            log.info("epoch %d eval: %s", self.epoch, eval_metrics)
-                        dist.barrier()
-                        self.method.train()
-                    logger.flush()
-        finally:
-            if bar is not None:
-                bar.close()
-        logger.close()
+        loader = self._loader(self.epoch, self.micro_in_epoch)
+        it = iter(loader)
+        while self.micro_in_epoch < self._usable_micro():
+            k = self.micro_in_epoch % accum
+            if k == 0:
+                self.lr = self._set_lr()
+            batch = next(it, None)
+            if batch is None:
+                break
+            if not self._micro_step(batch, k, it) or k != accum - 1:
+                continue
+            self._optimizer_step()
+            if self._after_step(sig, logger, bar, result):
+                break
+        del it, loader
+        return self._end_epoch(logger, result)
+
+    def _micro_step(self, batch, k: int, it) -> bool:
+        """Forward + backward of micro-batch ``k`` of an optimizer step (gradients synced
+        across ranks on the last one). A non-finite loss on any rank drops the rest of the
+        optimizer step's micro-batches and returns False."""
+        accum = self.optim_cfg.accum_steps
+        images, labels, nbad = batch
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        self.skipped_files += int(nbad.sum())
+        if self.batch_fn is not None:
+            images, labels = self.batch_fn(images, labels)
+        sync = (k == accum - 1) or self.world == 1
+        ctx = self.model.no_sync() if not sync else contextlib.nullcontext()
+        with ctx:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype,
+                                enabled=self.amp_dtype is not None):
+                out = self.model(images, labels)
+            loss = out["loss"]
+            if dist.any_true(not bool(torch.isfinite(loss.detach())), self.device):
+                for _ in range(accum - k - 1):
+                    next(it, None)  # keep the loader aligned with the count
+                self.micro_in_epoch += accum - k
+                self._nonfinite(loss)
+                return False
+            self.scaler.scale(loss / accum).backward()
+        self.micro_in_epoch += 1
+        self.window.add(out, images.shape[0] * self.world)
+        self._images_seen += images.shape[0] * self.world
+        return True
+
+    def _optimizer_step(self) -> None:
+        if self.optim_cfg.clip_grad:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.method.parameters(), self.optim_cfg.clip_grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.global_step += 1
+        if hasattr(self.method, "after_step"):
+            self.method.after_step(self.global_step, self.total_steps)
+
+    def _after_step(self, sig: _SignalCatcher, logger: MetricLogger, bar,
+                    result: FitResult) -> bool:
+        """Log, evaluate, checkpoint and honour signals after an optimizer step; True when
+        this was the last step to run now."""
+        if self.global_step % self.run_cfg.log_every == 0 or \
+                self.global_step == self.total_steps:
+            self._log_window(logger, result, bar)
+        if bar is not None:
+            bar.update(1)
+        self._run_evaluators(logger, result)
+        if self.run_cfg.save_every_steps and \
+                self.global_step % self.run_cfg.save_every_steps == 0 and \
+                self.micro_in_epoch < self._usable_micro():
+            self._checkpoint("last")
+        if dist.any_true(sig.signum is not None, self.device):
+            self._checkpoint("last")
+            logger.close()
+            signum = sig.signum or signal.SIGTERM
+            raise Interrupted(
+                f"stopped by signal {signal.Signals(signum).name} at step {self.global_step}; "
+                f"checkpoint written to {self.ckpt_dir / 'last.pt'}; continue with "
+                "run.resume=auto (same run directory)", 128 + int(signum))
+        return self.global_step >= self.total_steps or \
+            self.global_step == self.run_cfg.stop_at_step
+
+    def _log_window(self, logger: MetricLogger, result: FitResult, bar) -> None:
+        """One 'train' row: window means (loss averaged over ranks), lr, epoch, images/s."""
+        now = time.time()
+        ips = self.window.images / max(now - self.window.t0, 1e-9)
+        metrics = self.window.means()
+        t = torch.tensor([metrics.get("loss", 0.0)], device=self.device)
+        metrics["loss"] = float(dist.all_reduce_mean(t))
+        metrics.update(lr=self.lr, epoch=self.epoch + self.micro_in_epoch / self.micro_per_epoch,
+                       images_per_s=ips)
+        logger.log(self.global_step, metrics)
+        result.last_metrics = metrics
+        self.window.reset(now)
+        if bar is not None:
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{self.lr:.2e}",
+                            img_s=f"{ips:.0f}", ep=self.epoch)
+
+    def _run_evaluators(self, logger: MetricLogger, result: FitResult,
+                        at_start: bool = False) -> None:
+        """Evaluators due at this step (every ``ev.every`` steps, at the start of a fresh run
+        and at the last step); their time is kept out of the images/s window."""
+        due = [ev for ev in self.evaluators if ev.every > 0 and (
+            at_start or self.global_step % ev.every == 0 or self.global_step == self.total_steps)]
+        if not due:
+            return
+        t0 = time.time()
+        for ev in due:
+            metrics = ev(self.method, self.global_step)
+            if self.main and metrics:
+                metrics = {**metrics, "images_seen": self.global_step * self.eff_batch}
+                logger.log(self.global_step, metrics, prefix=ev.kind)
+                result.online_metrics[ev.kind] = metrics
+                log.info("step %d %s: %s", self.global_step, ev.kind,
+                         ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                ev.plot([r for r in logger.rows() if r.get("kind") == ev.kind])
+        logger.flush()
+        self.window.t0 += time.time() - t0
+
+    def _checkpoint(self, name: str) -> None:
+        """:meth:`save` after making the saved loss window stand for every rank."""
+        self.window.sync_loss(self.device)
+        self.save(name)
+
+    def _end_epoch(self, logger: MetricLogger, result: FitResult) -> bool:
+        """After the loop over an epoch's batches: advance the epoch if it is complete, write
+        checkpoints, run ``eval_fn`` when due; True when run.stop_at_step stops the run."""
+        epoch_done = self.micro_in_epoch >= self._usable_micro()
+        if epoch_done:
+            self.epoch += 1
+            self.micro_in_epoch = 0
+        finished = self.epoch >= self.optim_cfg.epochs or self.global_step >= self.total_steps
+        if not finished and self.global_step == self.run_cfg.stop_at_step:
+            self._checkpoint("last")
+            log.info("stopped at step %d (run.stop_at_step); resume with run.resume=auto",
+                     self.global_step)
+            return True
+        if epoch_done and self.run_cfg.ckpt_every and self.epoch % self.run_cfg.ckpt_every == 0:
+            self._checkpoint(f"checkpoint-epoch{self.epoch}")
+        self._checkpoint("last")
+        if self.eval_fn is not None and (finished or (
+                self.eval_every and epoch_done and self.epoch % self.eval_every == 0)):
+            if self.main:
+                result.eval_metrics = self.eval_fn(self.method, self.epoch)
+                logger.log(self.global_step, result.eval_metrics, prefix="eval")
+                log.info("epoch %d eval: %s", self.epoch, result.eval_metrics)
+            dist.barrier()
+            self.method.train()
+        logger.flush()
+        return False
+
+    def _finish(self, result: FitResult) -> FitResult:
         result.global_step, result.epochs_done = self.global_step, self.epoch
-        result.eval_metrics = eval_metrics
-        result.seconds = time.time() - t_start
-        result.images_per_s = images_seen / max(result.seconds, 1e-9)
+        result.seconds = time.time() - self._t_start
+        result.images_per_s = self._images_seen / max(result.seconds, 1e-9)
         result.skipped_files = self.skipped_files
         result.world_size = self.world
         result.ddp_max_param_divergence = dist.max_param_divergence(self.method)

@@ -1,11 +1,16 @@
-"""Export a mimlab encoder to timm.
+"""``mimlab export``: any model source (:mod:`mimlab.sources`) out to the formats other tools
+load.
 
-``to_timm(checkpoint)`` returns ``timm.create_model('vit_base_patch16_224', pretrained=False,
-**timm_kwargs(model_cfg))`` loaded with the encoder weights: our parameter names are timm's.
-A pretrained (MAE, ...) encoder becomes a ViT with ``global_pool='token'`` whose
-``forward_features`` equals ours; a fine-tuned classifier becomes a ViT with
-``global_pool='avg'`` whose ``fc_norm`` and ``head`` are ours (same logits). Only the
-classification head is missing for a pretrained encoder (``num_classes`` given).
+* ``--format timm`` (a directory; the default unless OUTPUT ends in ``.pt``): timm's Hub format,
+  ``model.safetensors`` + ``config.json`` (``timm.create_model('local-dir:DIR',
+  pretrained=True)``), with the classifier head of fine-tuned checkpoints;
+* ``--format hf`` (a directory): transformers ``ViTMAEForPreTraining`` for an MAE with its
+  decoder, ``ViTModel`` for an encoder;
+* ``--format pt`` (OUTPUT ``.pt``; the original export): ``{'state_dict', 'timm_model',
+  'timm_kwargs'}`` for ``timm.create_model(d['timm_model'], **d['timm_kwargs'])``.
+
+A pretrained encoder exports with ``global_pool='token'`` (its class token); a fine-tuned
+checkpoint with ``global_pool='avg'`` whose ``fc_norm`` and ``head`` are mimlab's (same logits).
 """
 from __future__ import annotations
 
@@ -14,54 +19,34 @@ from typing import Optional
 
 import torch
 
-from .config import ModelConfig, from_dict
-from .engine import atomic_save, load_checkpoint
+from .checkpoint import save as atomic_save
+from .hub import TIMM_ARCH, save_hf, save_timm, timm_model_args, timm_state_dict
+from .hub import to_timm as _to_timm
+from .sources import SourceError, load_encoder
+
+FORMATS = ("auto", "timm", "hf", "pt")
 
 
-def timm_kwargs(m: ModelConfig, num_classes: int = 0, global_pool: str = "token") -> dict:
-    return dict(img_size=m.img_size, patch_size=m.patch_size, in_chans=m.in_chans,
-                embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
-                mlp_ratio=m.mlp_ratio, qkv_bias=True, num_classes=num_classes,
-                global_pool=global_pool, class_token=True)
+def to_timm(source: str | Path, num_classes: Optional[int] = None) -> torch.nn.Module:
+    """The matching timm ViT with ``source``'s weights (eval mode)."""
+    return _to_timm(load_encoder(str(source)), num_classes)
 
 
-def timm_state_dict(ckpt: dict) -> tuple[dict, str, int]:
-    """(state dict in timm's names, global_pool, num_classes) from a mimlab checkpoint."""
-    sd = ckpt["model"]
-    enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
-    enc.pop("mask_token", None)
-    if "head.weight" in sd and "fc_norm.weight" in sd:  # fine-tuned classifier
-        enc = {k: v for k, v in enc.items() if not k.startswith("norm.")}  # (older files)
-        for k in ("fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"):
-            enc[k] = sd[k]
-        return enc, "avg", int(sd["head.weight"].shape[0])
-    return enc, "token", 0
-
-
-def to_timm(checkpoint: str | Path, num_classes: Optional[int] = None):
-    """Build the matching timm ViT and load the encoder; returns the model (eval mode)."""
-    import timm
-    ck = load_checkpoint(checkpoint)
-    m = from_dict(ModelConfig, ck["config"]["model"])
-    sd, pool, nc = timm_state_dict(ck)
-    want_nc = nc if num_classes is None else num_classes
-    model = timm.create_model("vit_base_patch16_224", pretrained=False,
-                              **timm_kwargs(m, want_nc, pool))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    allowed_missing = {"head.weight", "head.bias"} if want_nc and not nc else set()
-    if set(missing) - allowed_missing or unexpected:
-        raise RuntimeError(f"timm export mismatch: missing {missing}, unexpected {unexpected}")
-    return model.eval()
-
-
-def export_checkpoint(checkpoint: str | Path, output: str | Path) -> dict:
-    """Write ``{'state_dict', 'timm_model', 'timm_kwargs'}`` to ``output``."""
-    ck = load_checkpoint(checkpoint)
-    m = from_dict(ModelConfig, ck["config"]["model"])
-    sd, pool, nc = timm_state_dict(ck)
-    kw = timm_kwargs(m, nc, pool)
-    atomic_save({"state_dict": sd, "timm_model": "vit_base_patch16_224", "timm_kwargs": kw},
+def export_checkpoint(source: str | Path, output: str | Path, fmt: str = "auto") -> dict:
+    """Export ``source`` to ``output`` in ``fmt`` (see the module docstring); returns an info
+    dict (paths, architecture, how to load it)."""
+    if fmt not in FORMATS:
+        raise SourceError(f"--format must be one of {' | '.join(FORMATS)}, got '{fmt}'")
+    if fmt == "auto":
+        fmt = "pt" if str(output).endswith(".pt") else "timm"
+    sm = load_encoder(str(source))
+    if fmt == "timm":
+        return {**save_timm(sm, output), "loaded": sm.description}
+    if fmt == "hf":
+        return {**save_hf(sm, output), "loaded": sm.description}
+    kw = timm_model_args(sm)
+    atomic_save({"state_dict": timm_state_dict(sm), "timm_model": TIMM_ARCH, "timm_kwargs": kw},
                 Path(output))
-    return {"output": str(output), "timm_model": "vit_base_patch16_224", "timm_kwargs": kw,
-            "usage": "m = timm.create_model(d['timm_model'], pretrained=False, **d['timm_kwargs']);"
+    return {"format": "pt", "output": str(output), "timm_model": TIMM_ARCH, "timm_kwargs": kw,
+            "loaded": sm.description, "usage": "m = timm.create_model(d['timm_model'], pretrained=False, **d['timm_kwargs']);"
                      " m.load_state_dict(d['state_dict'])"}

@@ -16,7 +16,10 @@ Paper references:
   pixel normalisation (``norm_pix_loss``) -> :func:`regression_loss`, :func:`patch_norm_target`.
 * C-MAE (Kong & Zhang, "Understanding Masked Image Modeling via Learning Occlusion Invariant
   Feature", 2022), Eq. (9)-(11): InfoNCE with cosine similarity of predictor/projector outputs,
-  applied token-wise -> :func:`info_nce`, :func:`token_info_nce`, :func:`instance_info_nce`.
+  applied token-wise with negatives at the same position / in the same image / in the whole
+  batch (chunked) -> :func:`info_nce`, :func:`token_info_nce`, :func:`chunked_info_nce`,
+  :func:`instance_info_nce`. Keys may hold more images than queries (keys gathered from every
+  process under DistributedDataParallel: ``key_offset``).
 * MaskDistill (Peng et al., "A Unified View of Masked Image Modeling", 2022): smooth-l1
   regression of layer-normalised teacher features at masked positions ->
   :func:`regression_loss` (``kind='smooth_l1'``, ``beta=2.0``), :func:`layernorm_target`.
@@ -30,6 +33,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor
 
 __all__ = [
@@ -38,6 +42,8 @@ __all__ = [
     "info_nce",
     "token_info_nce",
     "instance_info_nce",
+    "chunked_info_nce",
+    "NEGATIVES",
     "byol_loss",
     "layernorm_target",
     "patch_norm_target",
@@ -174,81 +180,173 @@ def info_nce(q: Tensor, k: Tensor, temperature: float = 0.2) -> Tensor:
     return F.cross_entropy(logits, targets)
 
 
+NEGATIVES = ("position", "image", "batch")
+
+
+def _row_nce(qn: Tensor, kn: Tensor, pos: Tensor, temperature: float) -> Tensor:
+    """Per-row InfoNCE ``logsumexp_j(q_i . k_j / T) - q_i . k_pos(i) / T`` for unit vectors
+    qn [c, D], kn [M, D], pos [c] (long) -> [c]; logits [c, M] live only inside this call."""
+    logits = _f32(qn @ kn.transpose(0, 1)) / temperature                     # [c, M]
+    return torch.logsumexp(logits, dim=1) - logits.gather(1, pos.unsqueeze(1)).squeeze(1)
+
+
+def chunked_info_nce(q: Tensor, k: Tensor, pos: Tensor, temperature: float = 0.2,
+                     chunk_size: int = 1024) -> Tensor:
+    """Per-query InfoNCE of ``M`` queries against ``K`` keys, computed ``chunk_size`` rows at a
+    time: ``loss_i = -log softmax_j(cos(q_i, k_j) / T)[pos_i]`` -> [M] (float32 or wider).
+
+    Memory: the logits of one chunk, ``chunk_size x K``, instead of ``M x K``. In training the
+    chunks are activation-checkpointed, so the backward pass recomputes each chunk's logits
+    instead of keeping all of them (O(chunk_size K) extra memory in both passes, one more
+    matrix product of compute). Equals ``F.cross_entropy(q_n @ k_n.T / T, pos,
+    reduction='none')`` (tested).
+
+    Args:
+        q: ``[M, D]`` queries.  k: ``[K, D]`` keys.  pos: ``[M]`` index of each query's
+            positive key.  temperature: softmax temperature.  chunk_size: rows per chunk.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunked_info_nce: chunk_size must be >= 1, got {chunk_size}")
+    qn = F.normalize(_f32(q), dim=-1)
+    kn = F.normalize(_f32(k), dim=-1)
+    grad = torch.is_grad_enabled() and (qn.requires_grad or kn.requires_grad)
+    out = []
+    for s in range(0, qn.shape[0], chunk_size):
+        qc, pc = qn[s:s + chunk_size], pos[s:s + chunk_size]
+        if grad and qn.shape[0] > chunk_size:
+            out.append(torch.utils.checkpoint.checkpoint(_row_nce, qc, kn, pc, temperature,
+                                                         use_reentrant=False))
+        else:
+            out.append(_row_nce(qc, kn, pc, temperature))
+    return torch.cat(out) if out else qn.new_zeros(0)
+
+
 def token_info_nce(
     q: Tensor,
     k: Tensor,
     mask: Optional[Tensor] = None,
     temperature: float = 0.2,
     negatives: str = "image",
+    key_mask: Optional[Tensor] = None,
+    key_offset: int = 0,
+    chunk_size: int = 1024,
+    reduction: str = "mean",
 ) -> Tensor:
-    """Token-wise InfoNCE of C-MAE (Kong & Zhang Eq. (9)-(11), the "token-wise" variant of Tab. 3).
+    """Token-wise InfoNCE of C-MAE (Kong & Zhang Eq. (9)-(11), the "token-wise" rows of Tab. 3).
 
-    For every selected token ``(b, i)`` the query is ``q[b, i]`` and its positive is the token at
-    the same position of the other branch, ``k[b, i]``. Similarities are cosine (Eq. (10)).
-    Per-token losses are averaged ("we gather all loss terms by averaging them up").
+    Every selected token ``(b, i)`` is a query ``q[b, i]``; its positive is the key at the same
+    position of the same image, ``k[key_offset + b, i]``; similarities are cosine (Eq. (10)).
+    The candidate keys (positive and negatives) are the selected keys (``key_mask``) of
 
-    * ``negatives='image'``: the negatives of ``(b, i)`` are the other tokens of the same image,
-      ``k[b, j], j != i`` (all ``N`` tokens of that image are keys, masked or not). Logits are
-      ``[B, N, N]``: O(B N^2 D) time, **O(B N^2) memory**.
-    * ``negatives='batch'``: the ``M = mask.sum()`` selected tokens of the whole batch are
-      flattened and :func:`info_nce` is applied: the negatives are all other *selected* tokens of
-      all images. Logits are ``[M, M]`` with ``M <= B N``: **O((B N)^2) memory** in the worst
-      case (no mask), which grows quickly (B=256, N=196 -> 2.5e9 logits).
+    * ``'position'``: the same position ``i`` in every image of the (global) batch -- Eq. (11)
+      applied "to each patch token respectively" exactly as it is applied to the class token
+      (instance-wise, MoCo v3 style) at each position. Logits ``[N, B, Bk]``, O(N B Bk) memory.
+      A token that carries nothing but its position embedding sits exactly at chance (all its
+      candidates share that position);
+    * ``'image'``: every position of the same image. Logits ``[B, N, N]``, O(B N^2) memory.
+      Position alone separates the candidates here (a shortcut: see tests/test_table5.py);
+    * ``'batch'``: every selected key of the (global) batch. ``M x K`` logits computed by
+      :func:`chunked_info_nce` in chunks of ``chunk_size`` queries, so memory stays
+      O(chunk_size K) although the formula is O((B N)^2).
+
+    Per-query losses are averaged over the selected queries ("we gather all loss terms by
+    averaging them up").
 
     Args:
         q: ``[B, N, D]`` queries (online branch, after the predictor).
-        k: ``[B, N, D]`` keys (other branch, after the projector).
-        mask: ``[B, N]`` binary, 1 = token is a query (e.g. the masked patches); ``None`` = all.
-            With ``'image'`` a float mask acts as per-query weights.
+        k: ``[Bk, N, D]`` keys (target branch, after the projector), ``Bk >= B``: under
+            DistributedDataParallel the keys of every process, concatenated; q's own images are
+            ``k[key_offset : key_offset + B]``.
+        mask: ``[B, N]`` bool, True = the token is a query; ``None`` = all.
         temperature: softmax temperature.
-        negatives: ``'image' | 'batch'``.
+        negatives: ``'position' | 'image' | 'batch'``.
+        key_mask: ``[Bk, N]`` bool, True = the key is a candidate; default ``mask`` (when
+            ``Bk == B``), i.e. the candidates are the selected tokens.
+        key_offset: index of q's first image in ``k``.
+        chunk_size: queries per chunk in ``'batch'`` mode.
+        reduction: ``'mean'`` (0-dim) or ``'none'`` (``[B, N]``, zero where ``mask`` is False).
 
     Returns:
-        0-dim tensor. If no token is selected: ``0 * (q.sum() + k.sum())`` (zero, keeps graph).
+        0-dim tensor, or ``[B, N]``. If no token is selected: zero (keeps the graph).
     """
-    if q.ndim != 3 or q.shape != k.shape:
-        raise ValueError(
-            f"token_info_nce: expected q, k of equal shape [B, N, D], got {tuple(q.shape)}, {tuple(k.shape)}"
-        )
-    if mask is not None:
-        _check_mask(mask, q.shape[:2], "token_info_nce")
+    if q.ndim != 3 or k.ndim != 3 or q.shape[1:] != k.shape[1:] or k.shape[0] < q.shape[0]:
+        raise ValueError(f"token_info_nce: expected q [B, N, D] and k [Bk >= B, N, D], got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}")
+    if negatives not in NEGATIVES:
+        raise ValueError(f"token_info_nce: negatives must be one of {' | '.join(NEGATIVES)}, "
+                         f"got {negatives!r}")
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"token_info_nce: reduction must be 'mean' or 'none', got {reduction!r}")
     B, N, _ = q.shape
-    if negatives == "image":
-        qn = F.normalize(_f32(q), dim=-1)
-        kn = F.normalize(_f32(k), dim=-1)
-        logits = _f32(torch.bmm(qn, kn.transpose(1, 2))) / temperature  # [B, N, N]
-        targets = torch.arange(N, device=q.device).repeat(B)
-        per_token = F.cross_entropy(logits.reshape(B * N, N), targets, reduction="none").view(B, N)
-        return masked_mean(per_token, mask)
-    if negatives == "batch":
-        qf, kf = q.reshape(B * N, -1), k.reshape(B * N, -1)
-        if mask is not None:
-            sel = mask.reshape(B * N) != 0
-            qf, kf = qf[sel], kf[sel]
-        if qf.shape[0] == 0:
-            return _f32(q.sum() + k.sum()) * 0.0
-        return info_nce(qf, kf, temperature)
-    raise ValueError(f"token_info_nce: negatives must be 'image' or 'batch', got {negatives!r}")
+    Bk = k.shape[0]
+    qm = torch.ones(B, N, dtype=torch.bool, device=q.device) if mask is None else mask != 0
+    _check_mask(qm, q.shape[:2], "token_info_nce")
+    if key_mask is None:
+        if Bk != B:
+            raise ValueError("token_info_nce: pass key_mask when k holds more images than q")
+        key_mask = qm
+    km = key_mask != 0
+    _check_mask(km, k.shape[:2], "token_info_nce key_mask")
+    qn = F.normalize(_f32(q), dim=-1)
+    kn = F.normalize(_f32(k), dim=-1)
+    if negatives == "position":
+        logits = _f32(torch.bmm(qn.transpose(0, 1), kn.transpose(0, 1).transpose(1, 2)))
+        logits = (logits / temperature).masked_fill(~km.t().unsqueeze(1), -1e9)  # [N, B, Bk]
+        tgt = (torch.arange(B, device=q.device) + key_offset).repeat(N)              # [N * B]
+        per = F.cross_entropy(logits.reshape(N * B, Bk), tgt, reduction="none")
+        per = per.view(N, B).t()                                                     # [B, N]
+    elif negatives == "image":
+        kl, kml = kn[key_offset:key_offset + B], km[key_offset:key_offset + B]
+        logits = _f32(torch.bmm(qn, kl.transpose(1, 2))) / temperature              # [B, N, N]
+        logits = logits.masked_fill(~kml.unsqueeze(1), -1e9)
+        tgt = torch.arange(N, device=q.device).repeat(B)
+        per = F.cross_entropy(logits.reshape(B * N, N), tgt, reduction="none").view(B, N)
+    else:  # batch: the selected keys of every image, flattened in (image, position) order
+        flat_k = km.reshape(-1)
+        rank_k = torch.cumsum(flat_k.long(), 0) - 1              # index among selected keys
+        own = torch.arange(B * N, device=q.device) + key_offset * N
+        sel_q = qm.reshape(-1)
+        pos = rank_k[own[sel_q]]
+        rows = chunked_info_nce(qn.reshape(B * N, -1)[sel_q], kn.reshape(Bk * N, -1)[flat_k],
+                                pos, temperature, chunk_size)
+        base = rows.new_zeros(B * N) + 0.0 * qn.sum()  # keeps the graph if nothing is selected
+        per = base.masked_scatter(sel_q, rows).view(B, N)
+    per = per.masked_fill(~qm, 0.0)
+    if reduction == "none":
+        return per
+    return masked_mean(per, qm)
 
 
-def instance_info_nce(q: Tensor, k: Tensor, temperature: float = 0.2) -> Tensor:
+def instance_info_nce(q: Tensor, k: Tensor, temperature: float = 0.2, key_offset: int = 0,
+                      reduction: str = "mean") -> Tensor:
     """Instance-wise InfoNCE over the batch (MoCo v3 style; C-MAE's class-token / mean-token loss).
 
-    Same as :func:`info_nce` with ``M = B``: the positive of image ``b`` is ``k[b]``, the
-    negatives are the keys of the other images. Unlike the MoCo v3 reference code this does
-    **not** multiply by ``2 * temperature``; scale it yourself if you need that convention.
-    Memory O(B^2).
+    Same as :func:`info_nce` when ``k`` holds exactly q's images: the positive of image ``b`` is
+    ``k[key_offset + b]``, the negatives are the keys of the other images (under
+    DistributedDataParallel ``k`` holds the keys of every process, as MoCo v3 gathers them).
+    Unlike the MoCo v3 reference code this does **not** multiply by ``2 * temperature``; scale
+    it yourself if you need that convention. Memory O(B Bk).
 
     Args:
-        q: ``[B, D]`` queries.  k: ``[B, D]`` keys.  temperature: softmax temperature.
+        q: ``[B, D]`` queries.  k: ``[Bk, D]`` keys, ``Bk >= B``.  temperature: softmax
+        temperature.  key_offset: index of q's first image in ``k``.  reduction: ``'mean'`` |
+        ``'none'`` (``[B]``).
 
     Returns:
-        0-dim tensor.
+        0-dim tensor or ``[B]``.
     """
-    return info_nce(q, k, temperature)
+    if q.ndim != 2 or k.ndim != 2 or q.shape[1] != k.shape[1] or k.shape[0] < q.shape[0]:
+        raise ValueError(f"instance_info_nce: expected q [B, D], k [Bk >= B, D], got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}")
+    qn = F.normalize(_f32(q), dim=-1)
+    kn = F.normalize(_f32(k), dim=-1)
+    logits = _f32(qn @ kn.transpose(0, 1)) / temperature                      # [B, Bk]
+    tgt = torch.arange(q.shape[0], device=q.device) + key_offset
+    return F.cross_entropy(logits, tgt, reduction=reduction)
 
 
-def byol_loss(p: Tensor, z: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+def byol_loss(p: Tensor, z: Tensor, mask: Optional[Tensor] = None,
+              reduction: str = "mean") -> Tensor:
     """BYOL regression loss ``2 - 2 cos(p, z)`` (Grill et al., 2020, Eq. (2)), averaged.
 
     Equal to ``|| p/|p| - z/|z| ||^2``; range [0, 4].
@@ -257,15 +355,19 @@ def byol_loss(p: Tensor, z: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         p: ``[..., D]`` online predictions (e.g. ``[B, D]`` or ``[B, N, D]``).
         z: same shape, targets (not detached here).
         mask: optional ``p.shape[:-1]`` mask, 1 = counts (see :func:`masked_mean`).
+        reduction: ``'mean'`` or ``'none'`` (per-token values ``p.shape[:-1]``, zero where
+            ``mask`` is 0).
 
     Returns:
-        0-dim tensor.
+        0-dim tensor (or ``p.shape[:-1]``).
     """
     if p.shape != z.shape:
         raise ValueError(f"byol_loss: p {tuple(p.shape)} vs z {tuple(z.shape)}")
     pn = F.normalize(_f32(p), dim=-1)
     zn = F.normalize(_f32(z), dim=-1)
     per = 2.0 - 2.0 * (pn * zn).sum(dim=-1)
+    if reduction == "none":
+        return per if mask is None else per.masked_fill(mask == 0, 0.0)
     return masked_mean(per, mask)
 
 

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -17,13 +17,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import checkpoint as ckpt_format
 from . import dist
 from .config import (ConfigError, FinetuneConfig, ModelConfig, PretrainConfig, ProbeConfig,
-                     RunConfig, from_dict, save_yaml, to_dict)
+                     RunConfig, save_yaml, to_dict)
 from .data import build_dataset, default_data_path
-from .engine import Engine, TrainingError, load_checkpoint, seed_everything
+from .engine import Engine, TrainingError, autocast_dtype, seed_everything
+from .eval.knn import knn_classify
+from .eval.linear import train_linear_heads
+from .eval.online import build_online_evaluator
 from .methods import Method, build_method
 from .models import ViTEncoder, build_encoder
+from .sources import SourceError, SourceModel, load_encoder
+from .stats import pack_correct
 
 log = logging.getLogger("mimlab")
 
@@ -48,26 +54,32 @@ def make_run_dir(run: RunConfig, command: str) -> Path:
     return d
 
 
+LOG_FORMAT = ("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+
+
 def setup_logging(run_dir: Optional[Path] = None, verbose: bool = True) -> None:
+    """The ``mimlab`` logger: rank 0 logs INFO and up to stderr (``verbose``) and to
+    ``run_dir/log.txt``; other ranks (torchrun) log only warnings and errors, to stderr, in
+    the same format. Nothing propagates to the root logger (whose ``basicConfig`` handler
+    would print a second, unformatted copy)."""
     root = logging.getLogger("mimlab")
-    root.setLevel(logging.INFO)
+    main = dist.is_main()
+    root.setLevel(logging.INFO if main else logging.WARNING)
+    root.propagate = False
     for h in list(root.handlers):
         if getattr(h, "_mimlab", False):
             root.removeHandler(h)
-    if not dist.is_main():
-        return
-    fmt = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
-    if verbose:
+    fmt = logging.Formatter(*LOG_FORMAT)
+    if verbose or not main:
         sh = logging.StreamHandler(sys.stderr)
         sh.setFormatter(fmt)
         sh._mimlab = True
         root.addHandler(sh)
-    if run_dir is not None:
+    if run_dir is not None and main:
         fh = logging.FileHandler(run_dir / "log.txt")
         fh.setFormatter(fmt)
         fh._mimlab = True
         root.addHandler(fh)
-    root.propagate = False
 
 
 def _prepare(cfg: Any, command: str) -> tuple[Path, torch.device]:
@@ -105,7 +117,10 @@ def pretrain(cfg: PretrainConfig) -> dict:
     if cfg.method.cache_teacher:  # precomputed teacher features, looked up by sample position
         from .methods.teacher_cache import attach_teacher_cache
         ds, batch_fn, cache = attach_teacher_cache(method, ds, cfg, device)
-    eng = Engine(method, ds, cfg, cfg.optim, cfg.run, run_dir, batch_fn=batch_fn, device=device)
+    online = build_online_evaluator(cfg.eval, cfg.data, cfg.model, cfg.run.seed, ds.mean, ds.std,
+                                    device, run_dir, autocast_dtype(cfg.run.precision, device))
+    eng = Engine(method, ds, cfg, cfg.optim, cfg.run, run_dir, batch_fn=batch_fn, device=device,
+                 evaluators=[online] if online is not None else [])
     res = eng.fit()
     out = {"command": "pretrain", "method": cfg.method.name, "run_dir": str(run_dir),
            "steps": res.global_step, "epochs": res.epochs_done, "seconds": round(res.seconds, 1),
@@ -114,6 +129,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
            "world_size": res.world_size,
            "ddp_max_param_divergence": res.ddp_max_param_divergence,
            "data_mean": ds.mean, "data_std": ds.std}
+    if res.online_metrics.get("online"):  # last online evaluation (eval.online_every)
+        out["online"] = res.online_metrics["online"]
     if cache is not None:
         out.update(teacher_cache=str(cache.path), teacher_cache_built=cache.built)
     _write_results(run_dir, out)
@@ -122,57 +139,67 @@ def pretrain(cfg: PretrainConfig) -> dict:
 
 # ------------------------------------------------------------------------- checkpoints
 def model_config_of(ckpt: dict) -> ModelConfig:
-    return from_dict(ModelConfig, ckpt["config"]["model"])
+    """The architecture of a mimlab checkpoint (any layout; :mod:`mimlab.checkpoint`)."""
+    return ckpt_format.model_config(ckpt_format.upgrade(ckpt))
 
 
 def encoder_state(ckpt: dict) -> dict:
     """Encoder weights of a mimlab checkpoint (pretrain or finetune), keys without prefix."""
-    sd = ckpt["model"] if "model" in ckpt else ckpt
-    enc = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
-    if not enc:
-        raise TrainingError("checkpoint holds no encoder weights (no 'encoder.*' keys)")
-    return enc
+    return ckpt_format.encoder_state(ckpt_format.upgrade(ckpt))
 
 
-def load_encoder_weights(encoder: ViTEncoder, path: str, ckpt: Optional[dict] = None,
-                         trust: bool = False) -> dict:
-    """Load a pretrained encoder into ``encoder``; architecture mismatches fail listing keys.
-
-    ``ckpt``: the already loaded checkpoint at ``path`` (saves reading it twice)."""
-    ck = load_checkpoint(path, trust=trust) if ckpt is None else ckpt
-    sd = encoder_state(ck)
+def load_encoder_weights(encoder: ViTEncoder, source: "str | SourceModel",
+                         trust: bool = False) -> SourceModel:
+    """Copy a pretrained encoder (any model source, or an already loaded
+    :class:`~mimlab.sources.SourceModel`) into ``encoder``; architecture mismatches fail in
+    one line listing the keys. ``encoder`` keeps its own random init order (so seeded runs
+    are unchanged); its LayerNorm eps becomes the source's."""
+    sm = source if isinstance(source, SourceModel) else load_encoder(source, trust=trust)
+    sd = sm.encoder.state_dict()
     own = encoder.state_dict()
     sd = {k: v for k, v in sd.items() if not (k == "mask_token" and k not in own)}
     if "norm.weight" not in own:  # classifier encoders use fc_norm instead of the final norm
         sd = {k: v for k, v in sd.items() if not k.startswith("norm.")}
     bad_shape = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in sd.items()
                  if k in own and own[k].shape != v.shape]
-    missing = [k for k in own if k not in sd and k != "mask_token"]
+    missing = [k for k in own if k not in sd and k != "mask_token"
+               and not (k.startswith("norm.") and sm.fc_norm is not None)]
     unexpected = [k for k in sd if k not in own]
     if bad_shape or missing or unexpected:
         raise TrainingError(
-            f"checkpoint {path} does not fit this model: "
+            f"{sm.spec} does not fit this model: "
             + "; ".join(x for x in [
                 f"shape mismatches: {', '.join(bad_shape[:6])}" if bad_shape else "",
                 f"missing: {', '.join(missing[:6])}" if missing else "",
                 f"unexpected: {', '.join(unexpected[:6])}" if unexpected else ""] if x)
             + " (set model.* to the pretraining model, e.g. model.preset=...)")
     encoder.load_state_dict(sd, strict=False)
-    return ck
+    for m in encoder.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.eps = sm.eps
+    return sm
 
 
 def _adopt_model_config(cfg: Any, pretrained: Optional[str], explicit_model: bool
-                        ) -> Optional[dict]:
-    """Use the checkpoint's architecture unless the user set model.* explicitly; returns the
-    loaded checkpoint (None without one) so callers do not read the file again."""
+                        ) -> Optional[SourceModel]:
+    """Read ``pretrained`` (any model source, :mod:`mimlab.sources`) and use its architecture
+    unless the user set model.* explicitly (then the weights must fit; the position embeddings
+    follow ``model.img_size``). A foreign source also brings its normalisation when
+    ``data.mean/std`` are not set. Returns the loaded model (None without one)."""
     if not pretrained:
         return None
-    ck = load_checkpoint(pretrained, trust=cfg.run.trust_checkpoints)
+    try:
+        sm = load_encoder(pretrained, img_size=cfg.model.img_size if explicit_model else None,
+                          trust=cfg.run.trust_checkpoints)
+    except (SourceError, ckpt_format.CheckpointError) as e:
+        raise TrainingError(str(e)) from None
     if not explicit_model:
         keep_dp = cfg.model.drop_path
-        cfg.model = model_config_of(ck)
+        cfg.model = replace(sm.model_config)
         cfg.model.drop_path = keep_dp
-    return ck
+    if sm.kind != "mimlab" and cfg.data.mean is None and sm.mean is not None:
+        cfg.data.mean, cfg.data.std = list(sm.mean), list(sm.std)
+    return sm
 
 
 # ------------------------------------------------------------------------- finetune
@@ -212,19 +239,26 @@ class Classifier(Method):
 
 
 @torch.no_grad()
-def evaluate_top1(model: Classifier, ds, batch_size: int, device, num_workers: int = 2) -> float:
+def predict_correct(model: Classifier, ds, batch_size: int, device, num_workers: int = 2
+                    ) -> torch.Tensor:
+    """Per-image correctness [N] (bool, dataset order) of ``model`` on ``ds``."""
     model.eval()
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
-    correct = n = 0
+    out = []
     for x, y, _ in loader:
-        pred = model.logits(x.to(device)).argmax(-1).cpu()
-        correct += int((pred == y).sum())
-        n += len(y)
-    return 100.0 * correct / max(n, 1)
+        out.append(model.logits(x.to(device)).argmax(-1).cpu() == y)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
+def evaluate_top1(model: Classifier, ds, batch_size: int, device, num_workers: int = 2) -> float:
+    c = predict_correct(model, ds, batch_size, device, num_workers)
+    return 100.0 * float(c.float().sum()) / max(len(c), 1)
 
 
 def finetune(cfg: FinetuneConfig, explicit_model: bool = False) -> dict:
     ft = cfg.finetune
+    if cfg.optim.layer_decay is None:  # MAE's 0.75 for a pretrained encoder, none from scratch
+        cfg.optim.layer_decay = 0.75 if ft.pretrained else 1.0
     ck = _adopt_model_config(cfg, ft.pretrained, explicit_model)
     run_dir, device = _prepare(cfg, "finetune")
     train = build_dataset(cfg.data, "train", cfg.model.img_size, cfg.model.in_chans, cfg.run.seed,
@@ -233,9 +267,9 @@ def finetune(cfg: FinetuneConfig, explicit_model: bool = False) -> dict:
                         train_aug=False, labelled=True, mean=train.mean, std=train.std)
     nc = ft.num_classes or len(train.classes)
     enc = build_encoder(cfg.model, mask_token=False)
-    if ft.pretrained:
-        load_encoder_weights(enc, ft.pretrained, ckpt=ck)
-        log.info("fine-tuning from %s", ft.pretrained)
+    if ck is not None:
+        load_encoder_weights(enc, ck)
+        log.info("fine-tuning from %s", ck.description)
     else:
         log.info("fine-tuning from a random initialisation")
     model = Classifier(enc, nc, ft.label_smoothing)
@@ -249,8 +283,12 @@ def finetune(cfg: FinetuneConfig, explicit_model: bool = False) -> dict:
         batch_fn = mix
     nw = cfg.data.num_workers
 
+    last_correct: list = []
+
     def eval_fn(m, epoch):
-        return {"top1": evaluate_top1(m, val, 256, device, nw)}
+        c = predict_correct(m, val, 256, device, nw)
+        last_correct[:] = [c]
+        return {"top1": 100.0 * float(c.float().sum()) / max(len(c), 1)}
 
     eng = Engine(model, train, cfg, cfg.optim, cfg.run, run_dir, eval_fn=eval_fn,
                  eval_every=ft.eval_every, batch_fn=batch_fn, device=device)
@@ -260,7 +298,10 @@ def finetune(cfg: FinetuneConfig, explicit_model: bool = False) -> dict:
            "val_images": len(val), "epochs": res.epochs_done, "steps": res.global_step,
            "seconds": round(res.seconds, 1), "images_per_s": round(res.images_per_s, 1),
            "label_fraction": ft.label_fraction, "world_size": res.world_size,
-           "ddp_max_param_divergence": res.ddp_max_param_divergence}
+           "ddp_max_param_divergence": res.ddp_max_param_divergence,
+           "layer_decay": cfg.optim.layer_decay, "base_lr": cfg.optim.base_lr}
+    if last_correct:  # per-image correctness for paired statistics (mimlab.stats)
+        out["correct"] = pack_correct(last_correct[0].numpy())
     _write_results(run_dir, out)
     return out
 
@@ -284,29 +325,30 @@ def extract_features(feature_fn: nn.Module, ds, device, batch_size: int = 256,
     return torch.cat(feats), torch.cat(labels)
 
 
-class _ClassifierFeatures(nn.Module):
-    """Frozen features of a fine-tuned / supervised checkpoint: fc_norm(mean patch tokens)."""
+class _SourceFeatures(nn.Module):
+    """Frozen features of a model whose norm comes after average pooling (fine-tuned /
+    supervised checkpoints): fc_norm(mean of patch tokens)."""
 
-    def __init__(self, clf: "Classifier"):
+    def __init__(self, sm: SourceModel):
         super().__init__()
-        self.clf = clf
+        self.sm = sm
 
     def forward(self, x):
-        return self.clf.features(x)
+        return self.sm.features(x, "avg")
 
 
-def _probe_encoder(cfg: ProbeConfig, device, ck: Optional[dict]) -> nn.Module:
+def _probe_encoder(cfg: ProbeConfig, device, ck: Optional[SourceModel]) -> nn.Module:
     """``x -> [B, D]`` frozen feature function for probing (encoder + pooling); ``ck`` is the
-    loaded ``probe.pretrained`` checkpoint (None for a random initialisation)."""
+    loaded ``probe.pretrained`` source (None for a random initialisation). Models with a norm
+    after pooling (fine-tuned / supervised checkpoints, timm ``fc_norm`` models) give
+    fc_norm(mean of patch tokens)."""
     enc = build_encoder(cfg.model, mask_token=False)
-    path = cfg.probe.pretrained
-    if ck is not None and "fc_norm.weight" in ck["model"]:
-        sd = ck["model"]
-        clf = Classifier(enc, sd["head.weight"].shape[0])
-        clf.load_state_dict(sd)
-        return _ClassifierFeatures(clf).to(device)
     if ck is not None:
-        load_encoder_weights(enc, path, ckpt=ck)
+        log.info("frozen features of %s", ck.description)
+    if ck is not None and ck.fc_norm is not None:
+        return _SourceFeatures(ck).to(device)
+    if ck is not None:
+        load_encoder_weights(enc, ck)
     pool = cfg.probe.feature
     return _Pooled(enc, pool).to(device)
 
@@ -318,22 +360,6 @@ class _Pooled(nn.Module):
 
     def forward(self, x):
         return self.enc.pool(self.enc.forward_features(x), self.pool)
-
-
-def knn_classify(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, k: int,
-                 temperature: float, num_classes: int, chunk: int = 1024) -> torch.Tensor:
-    """Weighted k-NN (cosine similarity, votes exp(sim / T)); returns predicted labels."""
-    tr = F.normalize(train_f, dim=1)
-    te = F.normalize(test_f, dim=1)
-    k = min(k, len(tr))
-    preds = []
-    for i in range(0, len(te), chunk):
-        sim = te[i:i + chunk] @ tr.T
-        s, idx = sim.topk(k, dim=1)
-        votes = torch.zeros(len(s), num_classes)
-        votes.scatter_add_(1, train_y[idx], (s / temperature).exp())
-        preds.append(votes.argmax(1))
-    return torch.cat(preds)
 
 
 def frozen_features(cfg: ProbeConfig, command: str, explicit_model: bool):
@@ -360,53 +386,11 @@ def knn(cfg: ProbeConfig, explicit_model: bool = False) -> dict:
     top1 = 100.0 * float((pred == yte).float().mean())
     out = {"command": "knn", "run_dir": str(run_dir), "pretrained": cfg.probe.pretrained,
            "top1": top1, "k": cfg.probe.k, "temperature": cfg.probe.temperature,
-           "train_images": len(train), "val_images": len(val)}
+           "feature": cfg.probe.feature, "train_images": len(train), "val_images": len(val),
+           "correct": pack_correct((pred == yte).numpy())}
     _write_results(run_dir, out)
     log.info("k-NN top-1 %.2f%%", top1)
     return out
-
-
-def train_linear_heads(ftr: torch.Tensor, ytr: torch.Tensor, fte: torch.Tensor,
-                       num_classes: int, lrs: list[float], epochs: int, batch_size: int,
-                       weight_decay: float = 0.0, seed: int = 0) -> dict[float, torch.Tensor]:
-    """Train one linear head per lr *in the same pass* over cached features.
-
-    Features go through BatchNorm without affine (here with the statistics of the whole cached
-    training set, i.e. BN's running statistics), then a linear layer; SGD momentum 0.9, cosine
-    lr. Returns ``{lr: logits on fte}``.
-    """
-    g = torch.Generator().manual_seed(seed)
-    mu, sd = ftr.mean(0), ftr.std(0) + 1e-6
-    xtr, xte = (ftr - mu) / sd, (fte - mu) / sd
-    L, D = len(lrs), ftr.shape[1]
-    W = torch.zeros(L, D, num_classes, requires_grad=True)
-    b = torch.zeros(L, 1, num_classes, requires_grad=True)
-    with torch.no_grad():
-        W.normal_(0, 0.01, generator=g)
-    lr_t = torch.tensor(lrs).view(L, 1, 1)
-    mom_W, mom_b = torch.zeros_like(W), torch.zeros_like(b)
-    n = len(xtr)
-    steps = epochs * math.ceil(n / batch_size)
-    step = 0
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=g)
-        for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size]
-            x, y = xtr[idx], ytr[idx]
-            logits = torch.einsum("nd,ldc->lnc", x, W) + b
-            loss = F.cross_entropy(logits.reshape(-1, num_classes), y.repeat(L), reduction="sum") / len(idx)
-            gW, gb = torch.autograd.grad(loss, [W, b])
-            scale = 0.5 * (1 + math.cos(math.pi * step / steps))
-            with torch.no_grad():
-                gW = gW + weight_decay * W
-                mom_W.mul_(0.9).add_(gW)
-                mom_b.mul_(0.9).add_(gb)
-                W -= lr_t * scale * mom_W
-                b -= lr_t * scale * mom_b
-            step += 1
-    with torch.no_grad():
-        logits = torch.einsum("nd,ldc->lnc", xte, W) + b
-    return {lr: logits[i] for i, lr in enumerate(lrs)}
 
 
 def linprobe(cfg: ProbeConfig, explicit_model: bool = False) -> dict:
@@ -432,7 +416,8 @@ def linprobe(cfg: ProbeConfig, explicit_model: bool = False) -> dict:
            "top1": test_acc[best_lr], "best_lr": best_lr,
            "holdout_top1_per_lr": {str(k): v for k, v in sel_acc.items()},
            "test_top1_per_lr": {str(k): v for k, v in test_acc.items()},
-           "train_images": len(train), "val_images": len(val)}
+           "feature": p.feature, "train_images": len(train), "val_images": len(val),
+           "correct": pack_correct((final[best_lr].argmax(-1) == yte).numpy())}
     _write_results(run_dir, out)
     log.info("linear probe top-1 %.2f%% (lr %g chosen on held-out training features)",
              test_acc[best_lr], best_lr)

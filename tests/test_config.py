@@ -23,7 +23,9 @@ def test_preset_fills_unset_fields_only():
 
 
 def test_section_defaults_differ_per_command():
-    assert resolve(FinetuneConfig).optim.layer_decay == 0.75
+    # fine-tuning: None = 0.75 from a pretrained encoder, 1.0 from scratch (tasks.finetune)
+    assert resolve(FinetuneConfig).optim.layer_decay is None
+    assert resolve(FinetuneConfig, overrides=["optim.layer_decay=0.65"]).optim.layer_decay == 0.65
     assert resolve(PretrainConfig).optim.layer_decay == 1.0
 
 
@@ -100,4 +102,4 @@ def test_resolve_accepts_valid_rejects_invalid(epochs, ratio, bs):
 
 def test_from_dict_partial_sections_keep_defaults():
     cfg = from_dict(FinetuneConfig, {"optim": {"epochs": 3}})
-    assert cfg.optim.epochs == 3 and cfg.optim.layer_decay == 0.75
+    assert cfg.optim.epochs == 3 and cfg.optim.layer_decay is None

@@ -649,3 +649,47 @@ def test_resolve_stats():
     assert resolve_stats(_cfg("/x", mean=[0.1], std=[0.2]), src, 1) == ([0.1], [0.2])
     with pytest.raises(DataError, match="in_chans is 3"):
         resolve_stats(_cfg("/x", mean=[0.1], std=[0.2]), src, 3)
+
+
+# ------------------------------------------------------------------------ data at scale
+def test_detect_kind_shards_and_hf(tmp_path):
+    (tmp_path / "sh" / "train").mkdir(parents=True)
+    (tmp_path / "sh" / "train" / "train-000000.tar").write_bytes(b"")
+    assert detect_kind(tmp_path / "sh") == "wds"               # .tar one folder down
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / "_info.json").write_text("{}")
+    assert detect_kind(tmp_path / "idx") == "wds"
+    (tmp_path / "hf" / "data").mkdir(parents=True)
+    (tmp_path / "hf" / "data" / "train-00000-of-00001.parquet").write_bytes(b"")
+    assert detect_kind(tmp_path / "hf") == "hf"
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "dataset_dict.json").write_text("{}")
+    assert detect_kind(tmp_path / "saved") == "hf"
+    with pytest.raises(DataError, match="unknown kind 'tfds'.*wds \\| hf"):
+        scan_source(_cfg(tmp_path / "sh", kind="tfds"), "train", labelled=False)
+
+
+def test_decode_image_bytes_matches_load_image(tiny_folder, tmp_path):
+    from mimlab.data import decode_image_bytes
+    f = sorted((tiny_folder / "train" / "class1").glob("*.png"))[0]
+    assert torch.equal(decode_image_bytes(f.read_bytes(), ".png", 3, "x"), load_image(f, 3))
+    a = np.arange(2 * 3 * 5, dtype=np.uint8).reshape(2, 3, 5)
+    buf = io.BytesIO()
+    np.save(buf, a)
+    assert decode_image_bytes(buf.getvalue(), "npy", 5, "arr").shape == (5, 2, 3)
+    with pytest.raises(BadImageError, match="sample-7: empty file"):
+        decode_image_bytes(b"", "jpg", 3, "sample-7")
+    with pytest.raises(BadImageError, match="missing.png: not a readable image"):
+        load_image(tmp_path / "missing.png", 3)
+
+
+def test_source_reader_feeds_image_dataset():
+    calls = []
+
+    def reader(item, in_chans):
+        calls.append(item)
+        return torch.full((in_chans, 4, 4), item, dtype=torch.uint8)
+
+    src = Source("hf", [10, 20, 30], [0, 1, 0], ["a", "b"], reader=reader)
+    ds = ImageDataset(src, None, 3)
+    assert [int(ds[i][0][0, 0, 0]) for i in range(3)] == [10, 20, 30] and calls == [10, 20, 30]

@@ -88,3 +88,57 @@ def test_a_dying_rank_does_not_hang_the_others(cifar_dir, tmp_path):
     p.communicate(timeout=180)                 # the other must not hang
     assert p.returncode != 0
     assert time.time() - t1 < 180
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found")
+def test_siamese_losses_under_ddp_equal_one_process(tmp_path):
+    """C-MAE variants under DDP with 2 gloo processes (4 images each) give the loss and the
+    gradients of one process on the global batch of 8: keys gathered across processes
+    (position / batch / instance-wise negatives), global BatchNorm statistics in the heads and
+    the global number of loss terms. Control: the two halves computed alone give other losses
+    (per-process negatives and BN statistics would be wrong)."""
+    out = tmp_path / "ddp_siamese.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", str(REPO / "tests/siamese_ddp_worker.py"),
+           str(out)]
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report) == {"position", "batch_chunked", "image_removed", "patch_cls", "cls",
+                           "byol", "independent"}
+    for name, r in report.items():
+        assert r["world"] == 2 and r["same_params"], name
+        assert abs(r["loss_ddp"] - r["loss_single"]) < 1e-5 * max(1.0, r["loss_single"]), (name, r)
+        assert r["max_grad_diff"] <= 1e-4 * r["max_grad"] + 1e-6, (name, r)
+        assert abs(r["loss_halves"] - r["loss_single"]) > 5e-3, (name, r)
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found")
+def test_online_eval_and_logging_under_two_processes(cifar_dir, tmp_path):
+    """Online k-NN under DDP: every rank encodes a share of the subset, features are
+    gathered, rank 0 logs one row per evaluation; its value equals a one-process evaluation of
+    the final weights. Rank 1 logs no INFO lines (no unformatted second start line)."""
+    from mimlab.config import PretrainConfig, resolve
+    from mimlab.eval.online import build_online_evaluator
+    from mimlab.methods import build_method
+    args = ["pretrain", f"--data={cifar_dir}", f"--out={tmp_path}", "--name=oe",
+            "model.preset=micro", "data.limit=64", "optim.batch_size=8", "optim.epochs=2",
+            "run.progress=false", "data.num_workers=0", "run.device=cpu", "run.log_every=1",
+            "eval.online_every=3", "eval.online_bank=41", "eval.online_queries=21"]
+    p = _torchrun(args, tmp_path)
+    assert p.stderr.count("pretrain mae on 64 images") == 1, p.stderr[-2000:]
+    assert "INFO:mimlab" not in p.stderr
+    rows = [json.loads(l) for l in (tmp_path / "oe/metrics.jsonl").read_text().splitlines()]
+    online = [r for r in rows if r["kind"] == "online"]
+    assert [r["step"] for r in online] == [0, 3, 6, 8]     # 4 steps/epoch at global batch 16
+    cfg = resolve(PretrainConfig, overrides=[a for a in args[1:] if "=" in a and "." in
+                                             a.split("=")[0]] + [f"data.path={cifar_dir}"])
+    method = build_method(cfg)
+    method.load_state_dict(torch.load(tmp_path / "oe/checkpoints/last.pt",
+                                      weights_only=True)["model"])
+    res = json.loads((tmp_path / "oe/results.json").read_text())
+    ev = build_online_evaluator(cfg.eval, cfg.data, cfg.model, cfg.run.seed, res["data_mean"],
+                                res["data_std"], torch.device("cpu"), tmp_path)
+    got = ev(method, 8)["knn_top1"]
+    # same features up to float rounding of different batch shapes: at most one query differs
+    assert abs(got - online[-1]["knn_top1"]) <= 100 / 21 + 1e-9

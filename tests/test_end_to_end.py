@@ -120,3 +120,61 @@ def test_cli_config_error_is_one_line(capsys, tmp_path):
     err = capsys.readouterr().err.strip()
     assert err == "mimlab: config error: unknown config key 'optim.epoch' (did you mean " \
                   "'optim.epochs'?)"
+
+
+# ------------------------------------------------------------------------------------ demo
+def test_demo_budget_plan_repeats_small_sets():
+    from mimlab.demo import DEMO_STEPS, plan_budget
+    # 10,000 CIFAR-10 images, batch 128: 78 steps per epoch, 5 epochs
+    assert plan_budget(10_000) == {"epochs": 5, "repeat": 1, "steps_per_epoch": 78,
+                                   "steps": 390} and DEMO_STEPS == 390
+    # 7 photos: repeated 183x per epoch (1,281 images = 10 steps), 39 epochs
+    assert plan_budget(7) == {"epochs": 39, "repeat": 183, "steps_per_epoch": 10, "steps": 390}
+    assert plan_budget(7, epochs=2)["steps"] == 20
+    with pytest.raises(ValueError, match="no images"):
+        plan_budget(0)
+
+
+def test_demo_rows_spread_over_classes():
+    from mimlab.demo import _spread_over_classes
+    labels = [0] * 5 + [1] * 5 + [2] * 5  # sorted by class, as an ImageFolder is
+    rows = _spread_over_classes(labels, 4)
+    assert [labels[i] for i in rows] == [0, 1, 2, 0] and rows == [0, 5, 10, 1]
+
+
+DEMO_OV = ["optim.batch_size=8", "data.num_workers=0", "run.progress=false"]
+
+
+def test_demo_on_seven_photos_repeats_the_set(tmp_path, capsys):
+    """A folder of 7 images used to stop with 'smaller than one optimizer step'."""
+    import numpy as np
+    from PIL import Image
+    from mimlab.demo import demo
+    d = tmp_path / "photos"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(7):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    res = demo(data=str(d), out=str(tmp_path / "runs"), preset="micro", steps=3,
+               overrides=DEMO_OV)
+    out = capsys.readouterr().out
+    assert res["repeat"] == 12 and res["pretrain"]["steps"] == 3  # ceil(10 * 8 / 7) = 12
+    assert "repeating the set 12x per epoch" in out and "data.repeat" in out
+    summary = (tmp_path / "runs" / res["run_dir"].split("/")[-1] / "summary.md").read_text()
+    assert "repeated 12x per epoch" in summary and "no leak" in summary
+    assert "knn_mae" not in res  # no labels: reconstructions only
+
+
+def test_demo_labelled_prints_both_knn_figures_with_budget(tiny_folder, tmp_path, capsys):
+    from mimlab.demo import demo
+    res = demo(data=str(tiny_folder), out=str(tmp_path / "runs"), preset="micro", steps=2,
+               overrides=DEMO_OV)
+    out = capsys.readouterr().out
+    assert res["figure_rows"][:3] == ["class0", "class1", "class2"]  # spread over classes
+    assert res["figure_stats"] == "visible"
+    for tag in ("mae", "random"):
+        assert 0 <= res[f"knn_{tag}"]["top1"] <= 100
+    assert f"MAE {res['knn_mae']['top1']:.2f}% (micro ViT, 2 steps x 8 = 16 images seen" in out
+    assert f"random init {res['knn_random']['top1']:.2f}% (same micro ViT, 0 steps)" in out
+    assert "MAE minus random init" in out
+    assert res["reconstruction"]["psnr_visible_stats"] != res["reconstruction"]["psnr_true_stats"]

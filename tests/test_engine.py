@@ -83,8 +83,8 @@ def test_run_dir_contents(cifar_dir, tmp_path):
         assert (d / f).exists(), f
     assert list((d / "tb").glob("events.out.tfevents*"))
     ck = torch.load(d / "checkpoints/last.pt", weights_only=True)
-    assert {"model", "optimizer", "scaler", "rng", "config", "version", "global_step",
-            "samples_in_epoch"} <= set(ck)
+    assert {"model", "optimizer", "scaler", "rng", "config", "provenance", "global_step",
+            "samples_in_epoch", "format_version", "encoder", "data_stats"} <= set(ck)
     header = (d / "metrics.csv").read_text().splitlines()[0]
     assert "loss" in header and "lr" in header and "images_per_s" in header
 

@@ -170,27 +170,91 @@ def test_info_nce_perfect_alignment_low_loss():
     assert L.info_nce(q, q, temperature=0.05).item() < 1e-6
 
 
+def _ref_token_nce(q, k, T, qmask, kmask, same):
+    """Per-query reference: candidates are the keys (b', j) with kmask and same(b, i, b', j)."""
+    q, k = q.detach().numpy(), k.detach().numpy()
+    B, N = qmask.shape
+    tot, cnt = 0.0, 0
+    for b in range(B):
+        for i in range(N):
+            if not qmask[b, i]:
+                continue
+            cos = lambda bb, j: np.dot(q[b, i], k[bb, j]) / (np.linalg.norm(q[b, i]) *  # noqa: E731
+                                                              np.linalg.norm(k[bb, j])) / T
+            cands = [cos(bb, j) for bb in range(k.shape[0]) for j in range(N)
+                     if kmask[bb, j] and same(b, i, bb, j)]
+            tot += -(cos(b, i) - math.log(sum(math.exp(v) for v in cands)))
+            cnt += 1
+    return tot / cnt
+
+
 def test_token_info_nce_image_reference():
     B, N, D, T = 2, 5, 3, 0.3
     q, k = _rand(B, N, D, seed=0), _rand(B, N, D, seed=1)
     m = _mask(B, N)
-    losses, cnt = 0.0, 0
-    for b in range(B):
-        per = [None] * N
-        qb, kb = q[b].numpy(), k[b].numpy()
-        for i in range(N):
-            s = [np.dot(qb[i], kb[j]) / (np.linalg.norm(qb[i]) * np.linalg.norm(kb[j])) / T for j in range(N)]
-            per[i] = -(s[i] - math.log(sum(math.exp(v) for v in s)))
-        for i in range(N):
-            if m[b, i]:
-                losses += per[i]
-                cnt += 1
+    same_image = lambda b, i, bb, j: bb == b  # noqa: E731
     out = L.token_info_nce(q, k, m, temperature=T, negatives="image")
-    assert out.item() == pytest.approx(losses / cnt, rel=1e-10)
+    # candidates: the selected keys of the same image
+    assert out.item() == pytest.approx(_ref_token_nce(q, k, T, m, m, same_image), rel=1e-10)
+    every = torch.ones(B, N, dtype=torch.bool)
+    all_keys = L.token_info_nce(q, k, m, temperature=T, negatives="image", key_mask=every)
+    assert all_keys.item() == pytest.approx(_ref_token_nce(q, k, T, m, every, same_image),
+                                            rel=1e-10)
     # unmasked: mean over every token = mean over images of per-image info_nce
     full = L.token_info_nce(q, k, None, temperature=T, negatives="image")
     per_img = sum(L.info_nce(q[b], k[b], T).item() for b in range(B)) / B
     assert full.item() == pytest.approx(per_img, rel=1e-10)
+
+
+def test_token_info_nce_position_reference():
+    B, N, D, T = 3, 4, 5, 0.2
+    q, k = _rand(B, N, D, seed=0), _rand(B, N, D, seed=1)
+    m = _mask(B, N)
+    same_pos = lambda b, i, bb, j: j == i  # noqa: E731
+    out = L.token_info_nce(q, k, m, temperature=T, negatives="position")
+    assert out.item() == pytest.approx(_ref_token_nce(q, k, T, m, m, same_pos), rel=1e-10)
+    # every token selected: the mean over positions of an instance-wise loss per position
+    full = L.token_info_nce(q, k, None, temperature=T, negatives="position")
+    per_pos = sum(L.instance_info_nce(q[:, i], k[:, i], T).item() for i in range(N)) / N
+    assert full.item() == pytest.approx(per_pos, rel=1e-10)
+
+
+@pytest.mark.parametrize("negatives", ["position", "image", "batch"])
+def test_token_info_nce_with_keys_of_a_larger_batch(negatives):
+    """Keys gathered from other processes: q's images are k[offset:offset + B]."""
+    B, N, D, T = 2, 4, 3, 0.2
+    qa, k = _rand(5, N, D, seed=0), _rand(5, N, D, seed=1)
+    m = _mask(5, N)
+    per_all = L.token_info_nce(qa, k, m, T, negatives, reduction="none")
+    per_part = L.token_info_nce(qa[1:1 + B], k, m[1:1 + B], T, negatives, key_mask=m,
+                                key_offset=1, reduction="none")
+    assert torch.allclose(per_part, per_all[1:1 + B], rtol=1e-10)
+    assert torch.equal(per_part[~m[1:1 + B]], torch.zeros_like(per_part[~m[1:1 + B]]))
+    with pytest.raises(ValueError, match="key_mask"):
+        L.token_info_nce(qa[:B], k, m[:B], T, negatives)
+    inst = L.instance_info_nce(qa[1:3, 0], k[:, 0], T, key_offset=1, reduction="none")
+    assert torch.allclose(inst, F.cross_entropy(
+        F.normalize(qa[1:3, 0], dim=-1) @ F.normalize(k[:, 0], dim=-1).T / T,
+        torch.tensor([1, 2]), reduction="none"), rtol=1e-10)
+
+
+def test_batch_negatives_chunked_equal_the_unchunked_formula():
+    """negatives='batch' is computed chunk by chunk (checkpointed in training): same value and
+    gradients as info_nce on the flattened selected tokens (one [M, M] logits matrix)."""
+    B, N, D, T = 3, 6, 4, 0.2
+    q = _rand(B, N, D, seed=0, requires_grad=True)
+    k = _rand(B, N, D, seed=1, requires_grad=True)
+    m = _mask(B, N)
+    ref = L.info_nce(q[m], k[m], T)
+    gq, gk = torch.autograd.grad(ref, (q, k))
+    for chunk in (1, 4, 1000):
+        out = L.token_info_nce(q, k, m, T, "batch", chunk_size=chunk)
+        cq, ck = torch.autograd.grad(out, (q, k))
+        assert out.item() == pytest.approx(ref.item(), rel=1e-12)
+        assert torch.allclose(cq, gq, rtol=1e-10, atol=1e-14)
+        assert torch.allclose(ck, gk, rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="chunk_size"):
+        L.chunked_info_nce(q[0], k[0], torch.arange(N), T, chunk_size=0)
 
 
 def test_token_info_nce_batch_reference():
@@ -203,7 +267,7 @@ def test_token_info_nce_batch_reference():
     assert full.item() == pytest.approx(_ref_info_nce(q.reshape(-1, D), k.reshape(-1, D), T), rel=1e-10)
 
 
-@pytest.mark.parametrize("negatives", ["image", "batch"])
+@pytest.mark.parametrize("negatives", ["position", "image", "batch"])
 def test_token_info_nce_ignores_unmasked_queries_and_grads(negatives):
     q = _rand(2, 5, 3, requires_grad=True)
     k = _rand(2, 5, 3, seed=4)
@@ -217,7 +281,7 @@ def test_token_info_nce_ignores_unmasked_queries_and_grads(negatives):
     assert torch.equal(q.grad[~m], torch.zeros_like(q.grad[~m]))
 
 
-@pytest.mark.parametrize("negatives", ["image", "batch"])
+@pytest.mark.parametrize("negatives", ["position", "image", "batch"])
 def test_token_info_nce_empty_mask(negatives):
     q = _rand(2, 3, 4, requires_grad=True)
     out = L.token_info_nce(q, _rand(2, 3, 4, seed=1), torch.zeros(2, 3, dtype=torch.bool), negatives=negatives)
@@ -311,6 +375,7 @@ def test_losses_under_autocast_bfloat16():
         ] + [
             L.token_info_nce(h, y, m, negatives="image"),
             L.token_info_nce(h, y, m, negatives="batch"),
+            L.token_info_nce(h, y, m, negatives="position"),
             L.instance_info_nce(h.mean(1), y.mean(1)),
             L.byol_loss(h, y, m),
             L.regression_loss(h, L.layernorm_target(y), m),

@@ -104,3 +104,27 @@ def test_unwritable_run_directory_fails_at_start(cifar_dir, tmp_path, capsys):
 def test_missing_resume_checkpoint_is_clear(cifar_dir, tmp_path, capsys):
     rc = run(_args(cifar_dir, tmp_path, "y", f"--resume={tmp_path}/nope.pt"))
     assert rc == 1 and "checkpoint not found" in capsys.readouterr().err
+
+
+def _rows(d):
+    rows = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "images_per_s"} for r in rows]
+
+
+def test_kill9_mid_window_then_resume_logs_the_same_rows(cifar_dir, tmp_path):
+    """A logged window that spans a kill -9 + resume averages the steps on both sides of it,
+    so the resumed run logs exactly the rows (every field but images/s) of an uninterrupted
+    one. Rows every 7 steps, checkpoints every 3 steps and at epoch ends (8 steps)."""
+    args = ["run.log_every=7", "run.save_every_steps=3"]
+    assert run(_args(cifar_dir, tmp_path, "ref", *args)) == 0
+    p = _spawn(_args(cifar_dir, tmp_path, "run", *args))
+    _wait_for_step(tmp_path / "run", 7, p)
+    p.kill()
+    p.communicate()
+    import torch
+    ck = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)
+    assert ck["global_step"] % 7 and ck["log_window"]["n"] > 0   # a window spans the kill
+    assert run(_args(cifar_dir, tmp_path, "run", *args, "--resume=auto")) == 0
+    ref, got = _rows(tmp_path / "ref"), _rows(tmp_path / "run")
+    assert [r["step"] for r in ref if r["kind"] == "train"] == list(range(7, 48, 7)) + [48]
+    assert got == ref

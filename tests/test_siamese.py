@@ -14,8 +14,7 @@ from mimlab.engine import load_checkpoint
 from mimlab.losses import regression_loss, token_info_nce
 from mimlab.methods import build_method
 from mimlab.methods.siamese import (ContrastiveSiamese, Encoded, RelaxedMAE, cosine_momentum,
-                                    padded_image_nce, query_positions, rmae_distance,
-                                    select_positions)
+                                    query_positions, rmae_distance, select_positions)
 from mimlab.models import build_encoder
 from mimlab.ops import patch_normalize, patchify, random_masking
 from mimlab.tasks import encoder_state, load_encoder_weights
@@ -159,12 +158,15 @@ def test_query_positions_hand_built():
     q = torch.tensor([[1., 1., 0., 0.]])      # T1 removes 0, 1
     comp = 1 - q                              # T2 = complement sees 0, 1
     indep = torch.tensor([[0., 1., 0., 1.]])  # an independent T2 removes 1, 3
-    pos = lambda mq, mk, s: query_positions(mq, mk, s, 1, 4, "cpu").tolist()  # noqa: E731
+    pos = lambda mq, mk, s, qu="removed": query_positions(mq, mk, s, 1, 4, "cpu", qu).tolist()  # noqa: E731,E501
     assert pos(q, comp, "mask_token") == [[True, True, False, False]]
     assert pos(q, indep, "mask_token") == [[True, False, False, False]]
     assert pos(q, None, "mask_token") == [[True, True, False, False]]
+    assert pos(q, comp, "mask_token", "all") == [[True] * 4]   # every patch token
     assert pos(q, None, "drop") == [[False, False, True, True]]
     assert pos(q, indep, "drop") == [[False, False, True, False]]
+    assert pos(q, indep, "drop", "all") == [[False, False, True, False]]  # drop: both see
+    assert pos(None, None, "mask_token") == [[True] * 4]       # no patch masking
     idx, valid = select_positions(torch.tensor([[True, False, True, True], [False, True, False,
                                                                           False]]))
     assert idx[0].tolist() == [0, 2, 3] and idx[1, 0] == 1
@@ -176,8 +178,8 @@ def _identity_heads(m):
     return m
 
 
-def test_cmae_token_loss_uses_the_removed_positions():
-    m = _identity_heads(_build("cmae")[0])
+def test_cmae_token_loss_on_the_query_positions():
+    m = _identity_heads(_build("cmae", "method.queries=removed", "method.negatives=image")[0])
     B, D = 2, 32
     torch.manual_seed(3)
     h1, h2 = torch.randn(B, 1 + N, D), torch.randn(B, 1 + N, D)
@@ -197,18 +199,50 @@ def test_cmae_token_loss_uses_the_removed_positions():
     assert torch.allclose(m.pair_loss(Encoded(h1b), Encoded(h2b), m1, m2)[0], loss, atol=1e-6)
     h2b[:, 1:][sel] += 1  # a key at a selected position does
     assert not torch.allclose(m.pair_loss(Encoded(h1b), Encoded(h2b), m1, m2)[0], loss)
-    # patch+cls: the class-token pair is one more token of the set
-    m.tokens = "patch+cls"
-    qc, kc = torch.cat([h1[:, :1], q], 1), torch.cat([h2[:, :1], k], 1)
-    assert torch.allclose(m.pair_loss(Encoded(h1), Encoded(h2), m1, m2)[0],
-                          token_info_nce(qc, kc, None, 0.2, "image"), atol=1e-6)
-    m.tokens, m.negatives = "patch", "batch"
-    assert torch.allclose(m.pair_loss(Encoded(h1), Encoded(h2), m1, m2)[0],
-                          token_info_nce(q, k, None, 0.2, "batch"), atol=1e-6)
+    for neg in ("position", "batch"):
+        m.negatives = neg
+        assert torch.allclose(m.pair_loss(Encoded(h1), Encoded(h2), m1, m2)[0],
+                              token_info_nce(h1[:, 1:], h2[:, 1:], sel, 0.2, neg), atol=1e-6)
+    # queries=all: every patch token of both views is paired (Table 3's 14 x 14)
+    m.queries = "all"
+    for neg in ("position", "image", "batch"):
+        m.negatives = neg
+        assert torch.allclose(m.pair_loss(Encoded(h1), Encoded(h2), m1, m2)[0],
+                              token_info_nce(h1[:, 1:], h2[:, 1:], None, 0.2, neg), atol=1e-6)
+
+
+def test_token_plus_cls_readings():
+    """cls_term=instance: the class token's instance-wise term (negatives: the other images'
+    class tokens) is one more term of the average; cls_term=joint: the class token joins the
+    token set (with image negatives: contrasted with the patch tokens). Equal under position
+    negatives (the class token is then its own position)."""
+    m = _identity_heads(_build("cmae_patch_cls", "method.negatives=image")[0])
+    B, D, T = 3, 32, 0.2
+    torch.manual_seed(4)
+    h1, h2 = torch.randn(B, 1 + N, D), torch.randn(B, 1 + N, D)
+    m1 = _masks(B)
+    assert m.cls_term == "instance" and m.queries == "all"
+    per_tok = token_info_nce(h1[:, 1:], h2[:, 1:], None, T, "image", reduction="none")
+    per_cls = torch.nn.functional.cross_entropy(
+        torch.nn.functional.normalize(h1[:, 0], dim=-1)
+        @ torch.nn.functional.normalize(h2[:, 0], dim=-1).T / T, torch.arange(B),
+        reduction="none")
+    inst = (per_tok.sum() + per_cls.sum()) / (B * N + B)
+    assert torch.allclose(m.pair_loss(Encoded(h1), Encoded(h2), m1, 1 - m1)[0], inst, atol=1e-6)
+    m.cls_term = "joint"
+    joint = token_info_nce(h1, h2, None, T, "image")  # class token = one more token per image
+    assert torch.allclose(m.pair_loss(Encoded(h1), Encoded(h2), m1, 1 - m1)[0], joint,
+                          atol=1e-6)
+    assert abs(float(joint) - float(inst)) > 1e-3  # two different readings
+    m.negatives = "position"
+    a = m.pair_loss(Encoded(h1), Encoded(h2), m1, 1 - m1)[0]
+    m.cls_term = "instance"
+    assert torch.allclose(a, m.pair_loss(Encoded(h1), Encoded(h2), m1, 1 - m1)[0], atol=1e-6)
 
 
 def test_token_loss_without_mask_tokens_pairs_positions_both_views_see():
-    m = _identity_heads(_build("cmae_nomask", "method.tokens=patch", "method.view2=identity")[0])
+    m = _identity_heads(_build("cmae_nomask", "method.tokens=patch", "method.view2=identity",
+                               "method.negatives=image")[0])
     B, D = 2, 32
     m1 = _masks(B)
     ids_keep = torch.stack([r.nonzero().flatten() for r in (1 - m1)])  # 4 visible per row
@@ -221,21 +255,23 @@ def test_token_loss_without_mask_tokens_pairs_positions_both_views_see():
     assert torch.allclose(loss, token_info_nce(h1[:, 1:], k, None, 0.2, "image"), atol=1e-6)
 
 
-def test_padded_image_nce():
-    torch.manual_seed(0)
+def test_varying_query_counts_average_every_term():
+    """Images with different numbers of queries (independent T2): every term has weight 1."""
     q, k = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
-    full = torch.ones(2, 5, dtype=torch.bool)
-    assert torch.allclose(padded_image_nce(q, k, full, 0.2), token_info_nce(q, k, None, 0.2))
     valid = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     l0 = token_info_nce(q[:1, :3], k[:1, :3], None, 0.2)
     l1 = token_info_nce(q[1:], k[1:], None, 0.2)
-    assert torch.allclose(padded_image_nce(q, k, valid, 0.2), (3 * l0 + 5 * l1) / 8, atol=1e-6)
+    assert torch.allclose(token_info_nce(q, k, valid, 0.2, "image"), (3 * l0 + 5 * l1) / 8,
+                          atol=1e-6)
 
 
 def test_cmae_independent_view_and_batch_negatives_run():
     for ov in (["method.view2=independent"], ["method.negatives=batch"],
                ["method.view2=independent", "method.negatives=batch"], ["method.proj_norm=ln"],
-               ["method.symmetric=true"], ["method.cutmix=true", "method.color_jitter=whole"]):
+               ["method.symmetric=true"], ["method.cutmix=true", "method.color_jitter=whole"],
+               ["method.negatives=image", "method.queries=removed"],
+               ["method.view2=independent", "method.queries=removed", "method.negatives=position"],
+               ["method.tokens=patch+cls", "method.cls_term=joint", "method.negatives=batch"]):
         m, _ = _build("cmae", *ov)
         out = m(torch.randn(3, 3, 32, 32))
         assert torch.isfinite(out["loss"]), ov
@@ -294,7 +330,15 @@ def test_mae_colour_jitter_and_cutmix_hook():
 @pytest.mark.parametrize("overrides,needle", [
     (["method.name=cmae", "method.head=decoder"], "method.head=mlp"),
     (["method.name=mae", "method.loss=infonce"], "needs a second view"),
-    (["method.name=cmae", "method.mask=none"], "needs T1 patch masking"),
+    (["method.name=cmae", "method.mask=none", "method.color_jitter=none"],
+     "identity map / identical views"),
+    (["method.name=mae", "method.mask=none"], "identity map / identical views"),
+    (["method.name=mae", "method.mask=none", "method.color_jitter=whole"], "input only"),
+    (["method.name=cmae", "method.mask=none", "method.cutmix=true",
+      "method.color_jitter=whole"], "one jitter per view"),
+    (["method.name=cmae", "method.queries=some"], "method.queries"),
+    (["method.name=cmae", "method.cls_term=half"], "method.cls_term"),
+    (["method.name=cmae", "method.nce_chunk=0"], "nce_chunk"),
     (["method.name=cmae", "method.student=drop"], "share no visible position"),
     (["method.name=mocov3", "method.tokens=patch"], "do not share positions"),
     (["method.name=cmae", "method.target=pixels"], "method.target=ema"),
@@ -307,7 +351,8 @@ def test_mae_colour_jitter_and_cutmix_hook():
     (["method.name=mae", "method.color_jitter=sometimes"], "method.color_jitter"),
     (["method.name=cmae", "method.ema_momentum=1.5"], "ema_momentum"),
     (["method.name=cmae", "method.temperature=0"], "temperature"),
-    (["method.name=cmae", "method.view2=identity", "method.symmetric=true"], "symmetric"),
+    (["method.name=cmae", "method.view2=identity", "method.symmetric=true",
+      "method.queries=removed"], "symmetric"),
     (["method.name=maskdistill", "method.cache_teacher=true", "method.cutmix=true",
       "data.crop_scale=[1,1]", "data.hflip=false"], "cache_teacher"),
 ])
@@ -329,6 +374,12 @@ def test_presets_resolve_as_declared():
     assert (c.student, c.target, c.view2, c.loss, c.tokens, c.color_jitter, c.temperature,
             c.ema_momentum) == ("mask_token", "ema", "complement", "infonce", "patch",
                                 "after_mask", 0.2, 0.996)
+    assert (c.negatives, c.queries, c.cls_term) == ("position", "all", "instance")
+    # cmae_nomask differs from cmae_avg in the mask tokens only (see methods/siamese.py)
+    a = resolve(PretrainConfig, overrides=["method.name=cmae_avg"]).method
+    nm = resolve(PretrainConfig, overrides=["method.name=cmae_nomask"]).method
+    diff = {f for f in vars(a) if getattr(a, f) != getattr(nm, f)}
+    assert diff == {"name", "student"}, diff
     r = resolve(PretrainConfig, overrides=["method.name=rmae_indep"]).method
     assert (r.target, r.view2, r.view2_mask_ratio, r.student, r.head) == (
         "online", "independent", 0.25, "drop", "decoder")

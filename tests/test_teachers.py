@@ -1,5 +1,6 @@
 """Tests for mimlab.teachers: frozen teachers producing per-patch targets on the student grid."""
 import json
+import math
 import warnings
 
 import pytest
@@ -8,7 +9,7 @@ import torch.nn.functional as F
 
 from mimlab.teachers import (EfficientNetLite0Teacher, HFCLIPTeacher, HOGTeacher, OpenCLIPTeacher,
                              Teacher, TimmTeacher, TorchvisionTeacher, build_teacher,
-                             resample_to_grid)
+                             gaussian_window, resample_to_grid)
 
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.247, 0.243, 0.261]
 NORM = dict(student_mean=MEAN, student_std=STD)
@@ -145,21 +146,104 @@ def test_hog_constant_image_is_zero():
     assert list(t.parameters()) == []
 
 
-@pytest.mark.parametrize("kind,bin_", [("vertical", 0), ("horizontal", 4)])
-def test_hog_edge_orientation_bin(kind, bin_):
-    t = HOGTeacher(nbins=9, cells_per_side=2, **NORM)
+@pytest.mark.parametrize("mode,kind,bin_", [("legacy", "vertical", 0), ("legacy", "horizontal", 4),
+                                            ("maskfeat", "vertical", 4),
+                                            ("maskfeat", "horizontal", 0)])
+def test_hog_edge_orientation_bin(mode, kind, bin_):
+    t = HOGTeacher(nbins=9, cells_per_side=2, mode=mode, **NORM)
     out = t(normalise(_hog_pixels(kind)), (4, 4))  # (1, 16, 3*9*4)
-    hist = out.reshape(1, 16, 3, 9, 4).sum(dim=(2, 4))[0]  # (tokens, bins)
+    cells = out.reshape(1, 16, 3, 9, 4)  # (channel, bin, cell)
+    hist = cells.sum(dim=(2, 4))[0]  # (tokens, bins)
     on_edge = hist.sum(1) > 0
     assert on_edge.sum() == 8  # the 3x3 Sobel support reaches the patches on both sides
     assert (hist[on_edge].argmax(1) == bin_).all()
-    assert torch.allclose(out[0, on_edge].norm(dim=-1), torch.ones(8), atol=1e-5)
     assert out[0, ~on_edge].abs().max() == 0
+    if mode == "legacy":  # the token is l2-normalised
+        assert torch.allclose(out[0, on_edge].norm(dim=-1), torch.ones(8), atol=1e-5)
+    else:  # each cell's histogram is l2-normalised per channel (norm 1, or 0 without gradient)
+        n = cells[0].norm(dim=2)  # (tokens, channels, cells)
+        assert ((n - 1).abs() < 1e-5).logical_or(n == 0).all() and (n > 0).sum() == 8 * 3 * 2
 
 
 def test_hog_grayscale_option():
     t = HOGTeacher(grayscale=True, **NORM)
     assert t.out_dim == 36 and t(images(), (8, 8)).shape == (2, 64, 36)
+
+
+def test_hog_maskfeat_hand_computed_example():
+    """MaskFeat reference HOG on one 4x4 grey patch (1 channel, cells of 2 px, Gaussian window
+    4 px, sigma 2), a single white pixel in the bottom-left corner, by hand:
+
+    reflect padding mirrors row 2 / column 1 (both black) into the pad, so the pixel itself has
+    no gradient; gx = left minus right and gy = top minus bottom Sobel responses are non-zero at
+      (2,1): gx=1, gy=-1 -> |g|=sqrt(2), floor(atan2(1,-1)/pi*9) = floor(6.75) -> bin 6
+      (3,1): gx=2, gy=0  -> |g|=2,       floor(atan2(2, 0)/pi*9) = floor(4.5)  -> bin 4
+      (2,0): gx=0, gy=-2 -> |g|=2,       atan2(0,-2) = pi -> 9 mod 9            -> bin 0
+    all inside cell (row 1, col 0). 1-D window weights: w0 = w3 = a = exp(-(1.5/2)^2/2),
+    w1 = w2 = b = exp(-(0.5/2)^2/2); the cell sums are 2ab (bin 0), sqrt(2) b^2 (bin 6), 2ab
+    (bin 4), over the window total (2a + 2b)^2, then l2-normalised over the 9 bins."""
+    x = torch.zeros(1, 1, 4, 4)
+    x[0, 0, 3, 0] = 1.0
+    t = HOGTeacher(student_mean=[0.0], student_std=[1.0], mode="maskfeat")
+    a, b = math.exp(-0.5 * 0.75 ** 2), math.exp(-0.5 * 0.25 ** 2)
+    raw = t.cell_histograms(x, (1, 1))  # (1, 1, 9, 2, 2)
+    want_raw = torch.zeros(9, 2, 2)
+    s = (2 * a + 2 * b) ** 2
+    want_raw[0, 1, 0], want_raw[6, 1, 0], want_raw[4, 1, 0] = 2 * a * b / s, 2 ** .5 * b * b / s, \
+        2 * a * b / s
+    assert torch.allclose(raw[0, 0], want_raw, atol=1e-6)
+    out = t(x, (1, 1))  # (1, 1, 36): index = bin * 4 + cell_row * 2 + cell_col
+    z = math.sqrt(8 * a * a + 2 * b * b)
+    want = torch.zeros(36)
+    want[0 * 4 + 2], want[4 * 4 + 2], want[6 * 4 + 2] = 2 * a / z, 2 * a / z, 2 ** .5 * b / z
+    assert out.shape == (1, 1, 36)
+    assert torch.allclose(out[0, 0], want, atol=1e-6)
+    assert want[2] == pytest.approx(0.59503, abs=1e-5) and want[26] == pytest.approx(0.54025,
+                                                                                  abs=1e-5)
+    # the earlier mimlab HOG (replicate padding, no window, one norm per token) differs
+    legacy = HOGTeacher(student_mean=[0.0], student_std=[1.0], mode="legacy")(x, (1, 1))
+    assert not torch.allclose(legacy, out, atol=1e-2)
+
+
+def test_gaussian_window_and_mirror_symmetry():
+    w = gaussian_window((4, 4))
+    e = torch.exp(torch.tensor([-0.28125, -0.03125, -0.03125, -0.28125]))
+    assert torch.allclose(w, torch.outer(e, e) / torch.outer(e, e).sum())
+    assert gaussian_window((16, 16)).argmax() in (7 * 16 + 7, 7 * 16 + 8, 8 * 16 + 7, 8 * 16 + 8)
+    # mirroring the image left-right negates gx, so bin i becomes bin (-1 - i) mod 9 (except
+    # exactly on a bin boundary: gx = 0 in the first and last columns, reflect padding)
+    t = HOGTeacher(**NORM)
+    x = images(1)
+    a = t.cell_histograms(x, (4, 4))[..., 1:-1]  # (1, 3, 9, 8, 6): inner cell columns
+    b = t.cell_histograms(x.flip(-1), (4, 4)).flip(-1)[..., 1:-1]
+    assert torch.allclose(a, b[:, :, [(-1 - i) % 9 for i in range(9)]], atol=1e-5)
+    assert not torch.allclose(a, b, atol=1e-3)
+
+
+def test_hog_maskfeat_ignores_the_student_normalisation():
+    """Per-channel affine normalisation only scales each channel's gradients; each cell is
+    normalised per channel, so the target does not depend on the student mean/std."""
+    pix = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    a = HOGTeacher(**NORM)(normalise(pix), (4, 4))
+    b = HOGTeacher(student_mean=[0.0] * 3, student_std=[1.0] * 3)(pix, (4, 4))
+    assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_hog_modes_specs_and_errors():
+    assert build_teacher("hog", MEAN, STD).mode == "maskfeat"
+    assert build_teacher("hog:maskfeat", MEAN, STD).mode == "maskfeat"
+    assert build_teacher("hog:legacy", MEAN, STD).mode == "legacy"
+    with pytest.raises(ValueError, match="maskfeat\\|legacy"):
+        build_teacher("hog:fancy", MEAN, STD)
+    with pytest.raises(ValueError, match="unknown mode 'fancy'"):
+        HOGTeacher(mode="fancy", **NORM)
+    with pytest.raises(ValueError, match="multiples of 2 cells"):
+        HOGTeacher(**NORM)(images(1, 3, 9, 9), (3, 3))  # 3 px patches: no 2 x 2 cells
+    with pytest.raises(ValueError, match="does not tile"):
+        HOGTeacher(window=5, **NORM)(images(1), (4, 4))
+    # the settings are part of the teacher's state (so the teacher cache key tells them apart)
+    sd = [HOGTeacher(mode=m, **NORM).state_dict()["settings"] for m in ("maskfeat", "legacy")]
+    assert not torch.equal(*sd)
 
 
 # ---------------------------------------------------------------------------------- CLIP

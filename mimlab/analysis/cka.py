@@ -51,21 +51,21 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
-import torch.nn as nn
+import torch.nn.functional as F
 
-from ..config import ModelConfig, PretrainConfig, resolve
-from ..engine import load_checkpoint
+from ..checkpoint import CheckpointError
+from ..config import ModelConfig, PretrainConfig, resolve, to_dict
 from ..models import ViTEncoder, build_encoder
 from ..ops import gather_tokens, num_visible, random_masking
+from ..sources import SourceError, SourceModel, load_encoder as load_source, source_label
 from . import AnalysisError
-from .common import (analysis_dataset, checkpoint_label, checkpoint_stats, dataset_stats,
-                     mask_noise, pick_device, renormalize, resolve_split, safe_name,
-                     unique_labels)
+from .common import (analysis_dataset, dataset_stats, mask_noise, pick_device, renormalize,
+                     resolve_split, safe_name, unique_labels)
 from .metrics import CKAAccumulator
 
 log = logging.getLogger("mimlab.analysis")
@@ -79,34 +79,33 @@ class AnalysedModel:
     """An encoder to analyse, its name and the normalisation its inputs need."""
     label: str
     encoder: ViTEncoder
-    source: str                         # checkpoint path or 'random-init'
+    source: str                         # model source spec or 'random-init'
     kind: str                           # pretrain method name | finetune | supervised | random
-    mean: list = field(default_factory=list)
-    std: list = field(default_factory=list)
-    config: Optional[dict] = None       # the checkpoint's config (None for random init)
+    mean: Optional[list] = None         # the model's own input normalisation (None: data set's)
+    std: Optional[list] = None
+    config: Optional[dict] = None       # the checkpoint's config (mimlab sources only)
+    model_config: Optional[ModelConfig] = None
+    loaded: str = ""                    # the source's one-line load description
 
 
-def checkpoint_kind(cfg: dict) -> str:
-    if "finetune" in cfg:
-        return "finetune" if (cfg["finetune"] or {}).get("pretrained") else "supervised"
-    return str((cfg.get("method") or {}).get("name", "pretrain"))
+def source_kind(sm: SourceModel) -> str:
+    """pretrain method name | finetune | supervised | the foreign source's kind."""
+    if sm.kind != "mimlab":
+        return sm.kind
+    if sm.checkpoint is not None and sm.checkpoint.get("kind") == "finetune":
+        return "finetune" if sm.method else "supervised"
+    return str(sm.method or "pretrain")
 
 
-def load_encoder(path: str, trust: bool = False) -> tuple[ViTEncoder, dict]:
-    """The encoder of any mimlab checkpoint (pretraining of any method, fine-tuning,
-    supervised training), in eval mode; returns ``(encoder, checkpoint config)``."""
-    from ..tasks import load_encoder_weights, model_config_of
-    ck = load_checkpoint(path, trust=trust)
-    cfg = ck.get("config") if isinstance(ck, dict) else None
-    if not isinstance(cfg, dict) or "model" not in cfg:
-        raise AnalysisError(f"{path}: not a mimlab checkpoint (no config.model); "
-                            "exported timm state dicts cannot be analysed")
-    sd = ck.get("model", ck)
-    enc = build_encoder(model_config_of(ck), mask_token="encoder.mask_token" in sd, drop_path=0.0)
-    if "fc_norm.weight" in sd:  # classifier: the final norm was replaced by fc_norm
-        enc.norm = nn.Identity()
-    load_encoder_weights(enc, path, ckpt=ck)
-    return enc.eval(), cfg
+def load_encoder(spec: str, trust: bool = False) -> tuple[ViTEncoder, SourceModel]:
+    """The encoder of any model source (:mod:`mimlab.sources`: mimlab checkpoints of every
+    kind, ``mae:``, ``timm:``, ``hf:``, ``mocov3:``) in eval mode, and the loaded model (its
+    preprocessing and description)."""
+    try:
+        sm = load_source(spec, trust=trust)
+    except (SourceError, CheckpointError) as e:
+        raise AnalysisError(str(e)) from None
+    return sm.encoder.eval(), sm
 
 
 def random_model_config(preset: Optional[str], overrides: Sequence[str] = (),
@@ -123,7 +122,6 @@ def random_model_config(preset: Optional[str], overrides: Sequence[str] = (),
         if like is None:
             raise AnalysisError("--random-init needs a preset (--random-init tiny or "
                                 "model.preset=tiny) when no checkpoint is given")
-        from ..config import to_dict
         base = {"model": to_dict(like)}
         return resolve(PretrainConfig, overrides=ov, base=base).model
     return resolve(PretrainConfig, overrides=ov).model
@@ -192,6 +190,9 @@ def model_cka(model: AnalysedModel, loader, data_stats: tuple, ratios: Sequence[
         noise = mask_noise(bi, x.shape[0], N, seed)
         digests.append(noise_digest(noise))
         x = renormalize(x, data_stats, (model.mean, model.std)).to(device)
+        if x.shape[-1] != enc.img_size:  # a model of another resolution (same patch grid)
+            x = F.interpolate(x, size=(enc.img_size, enc.img_size), mode="bicubic",
+                              align_corners=False, antialias=True)
         noise = noise.to(device)
         _, full_blocks = enc.forward_features(x, return_blocks=True, apply_norm=False)
         for ri, r in enumerate(ratios):
@@ -285,19 +286,18 @@ def analyze_cka(data: Optional[str], checkpoints: Sequence[str] = (),
         raise AnalysisError("nothing to analyse: give --checkpoints and/or --random-init")
     t0 = time.time()
     models: list[AnalysedModel] = []
-    for p in checkpoints:
-        enc, cfg = load_encoder(p, trust)
-        models.append(AnalysedModel(checkpoint_label(p), enc, str(p), checkpoint_kind(cfg),
-                                    config=cfg))
+    for p in checkpoints:  # any model source, each with its own preprocessing
+        enc, sm = load_encoder(p, trust)
+        cfg = sm.checkpoint.get("config") if sm.checkpoint is not None else None
+        models.append(AnalysedModel(source_label(p), enc, str(p), source_kind(sm), sm.mean,
+                                    sm.std, config=cfg, model_config=sm.model_config,
+                                    loaded=sm.description))
     if data is None:
         data = next((m.config.get("data", {}).get("path") for m in models
                      if m.config and m.config.get("data", {}).get("path")), None)
         if data is None:
             raise AnalysisError("no data: pass --data PATH")
-    like = None
-    if models:
-        from ..tasks import model_config_of
-        like = model_config_of({"config": models[0].config})
+    like = models[0].model_config if models else None
     for i, preset in enumerate(random_init):
         mc = random_model_config(preset, model_overrides, like)
         models.append(AnalysedModel(f"random-{mc.preset or 'init'}", random_encoder(mc, seed + i),
@@ -307,25 +307,27 @@ def analyze_cka(data: Optional[str], checkpoints: Sequence[str] = (),
         raise AnalysisError(f"--labels: {len(names)} labels for {len(models)} models")
     for m, lab in zip(models, unique_labels(names)):
         m.label = lab
-    # every model must see the same images and masks: same input size and patch grid
+    # every model must see the same images and masks: same patch grid and channels (inputs
+    # are resized to each model's resolution, normalised with each model's statistics)
     e0 = models[0].encoder
     for m in models[1:]:
         e = m.encoder
-        if (e.img_size, e.patch_size, e.in_chans) != (e0.img_size, e0.patch_size, e0.in_chans):
+        if (e.grid, e.in_chans) != (e0.grid, e0.in_chans):
             raise AnalysisError(
-                f"models must share input size, patch size and channels to be compared on the "
-                f"same masked images: {models[0].label} has {e0.img_size}px/p{e0.patch_size}/"
-                f"{e0.in_chans}ch, {m.label} has {e.img_size}px/p{e.patch_size}/{e.in_chans}ch")
+                f"models must share the patch grid and channels to be compared on the same "
+                f"masked images: {models[0].label} has {e0.grid[0]}x{e0.grid[1]} patches/"
+                f"{e0.in_chans}ch, {m.label} has {e.grid[0]}x{e.grid[1]}/{e.in_chans}ch")
     if mode == "mask_token":
         lacking = [m.label for m in models if m.encoder.mask_token is None]
         if lacking:
             raise AnalysisError(f"--mode mask_token needs encoders with a mask token; "
                                 f"{', '.join(lacking)} has none (trained with dropped tokens or "
                                 f"fine-tuned): use --mode drop")
-    C, size = e0.in_chans, e0.img_size
+    C, size = e0.in_chans, max(m.encoder.img_size for m in models)
     stats = dataset_stats(data, C)
     for m in models:
-        m.mean, m.std = checkpoint_stats(m.config, data, C)
+        if m.mean is None or m.std is None or len(m.mean) != C:
+            m.mean, m.std = stats
     split = resolve_split(data, split)
     ds = analysis_dataset(data, split, size, C, images, seed, *stats)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False,
@@ -362,7 +364,7 @@ def analyze_cka(data: Optional[str], checkpoints: Sequence[str] = (),
         "visible_tokens": {f"{r:g}": num_visible(N, r) for r in ratios},
         "models": [{"label": m.label, "source": m.source, "kind": m.kind,
                     "depth": m.encoder.depth, "embed_dim": m.encoder.embed_dim,
-                    "mean": m.mean, "std": m.std} for m in models],
+                    "mean": m.mean, "std": m.std, "loaded": m.loaded} for m in models],
         "last_block_cka": last, "seconds": round(time.time() - t0, 1)}
     full = dict(summary, noise_digests=digests,
                 cka={lab: {f"{r:g}": [vals[(r, b)] for b in range(1, depths[lab] + 1)]
@@ -376,7 +378,8 @@ def format_summary(summary: dict) -> str:
     ratios = [f"{r:g}" for r in summary["ratios"]]
     labels = list(summary["last_block_cka"])
     w = max([len("model")] + [len(x) for x in labels])
-    lines = [f"last-block linear CKA (full vs masked, {summary['mode']}) on "
+    lines = [f"loaded {m['loaded']}" for m in summary["models"] if m.get("loaded")]
+    lines += [f"last-block linear CKA (full vs masked, {summary['mode']}) on "
              f"{summary['images']} {summary['split']} images",
              "model".ljust(w) + "  " + "  ".join(r.rjust(6) for r in ratios)]
     for lab in labels:

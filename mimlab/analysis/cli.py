@@ -53,7 +53,8 @@ def add_parsers(sub) -> None:
     c.add_argument("--data", help="images (any mimlab data path; default: the first "
                                   "checkpoint's data.path)")
     c.add_argument("--checkpoints", nargs="+", default=[], metavar="CKPT",
-                   help="mimlab checkpoints of any kind (pretraining, fine-tuning, supervised)")
+                   help="model sources, mixed freely: mimlab checkpoints of any kind, mae:FILE, "
+                        "timm:NAME@FILE, hf:DIR, mocov3:FILE (mimlab.sources)")
     c.add_argument("--random-init", action="append", nargs="?", const="", default=[],
                    metavar="PRESET",
                    help="add a seeded random initialisation of model preset PRESET (without a "
@@ -75,8 +76,10 @@ def add_parsers(sub) -> None:
     ps = asub.add_parser(
         "psnr", help="reconstruction PSNR of an MAE / R-MAE / SimMIM checkpoint",
         description="Mean per-image PSNR (dB, pixels in [0, 1]) of reconstructions of held-out "
-                    "images with seeded masks: visible patches pasted back (psnr) and every "
-                    "patch predicted (psnr_all_predicted). Prints and writes JSON.")
+                    "images with seeded masks, visible patches pasted back or every patch "
+                    "predicted; norm_pix patches with their true mean/std (psnr_true_stats = "
+                    "psnr: a leak) and with the visible patches' mean/std (psnr_visible_stats: "
+                    "no leak). Prints and writes JSON.")
     ps.add_argument("--checkpoint", required=True, help="reconstructive pretraining checkpoint")
     ps.add_argument("--data", help="images (default: the checkpoint's data.path)")
     ps.add_argument("--images", type=int, default=1000, help="number of images (default 1000)")
@@ -88,14 +91,17 @@ def add_parsers(sub) -> None:
         "visualize", help=SUMMARY["visualize"],
         description="PNG grid, one row per image: original / masked / reconstruction / "
                     "reconstruction with the visible patches pasted back (MAE, R-MAE, SimMIM "
-                    "checkpoints; norm_pix predictions get each patch's mean/std back). "
-                    "Prints the PSNR of the shown images.")
+                    "checkpoints; masked norm_pix patches get the visible patches' mean/std, "
+                    "or with --stats true their own true mean/std). Prints the PSNR.")
     v.add_argument("--checkpoint", required=True, help="reconstructive pretraining checkpoint")
     v.add_argument("--data", help="images (default: the checkpoint's data.path)")
     v.add_argument("--n", type=int, default=8, help="number of images (rows)")
     v.add_argument("--ratio", type=float, default=None,
                    help="mask ratio (default: the checkpoint's method.mask_ratio, 0.75 for MAE)")
     v.add_argument("--out", help="PNG file (default <checkpoint dir>/<stem>-recon.png)")
+    v.add_argument("--stats", choices=["visible", "true"], default="visible",
+                   help="mean/std of masked norm_pix patches: visible (from the visible patches, "
+                        "no leak; default) | true (their own, a leak)")
     _common(v, batch=False)
 
 
@@ -109,10 +115,12 @@ def dispatch(args, ap: argparse.ArgumentParser) -> Optional[int]:
         if args.command == "visualize":
             from .recon import visualize_checkpoint
             res = visualize_checkpoint(args.checkpoint, args.data, args.n, args.ratio, args.seed,
-                                       args.out, args.split, args.device, args.trust_checkpoints)
+                                       args.out, args.split, args.device, args.trust_checkpoints,
+                                       args.stats)
             print(f"{res['png']}: {res['images']} images, mask ratio {res['mask_ratio']:g}, "
-                  f"PSNR {res['psnr']:.2f} dB (visible pasted), "
-                  f"{res['psnr_all_predicted']:.2f} dB (all predicted)")
+                  f"PSNR (visible pasted) {res['psnr_visible_stats']:.2f} dB with visible-patch "
+                  f"stats, {res['psnr_true_stats']:.2f} dB with true patch stats; figure: "
+                  f"{args.stats} stats")
             return 0
         if args.analysis == "cka":
             from .cka import analyze_cka, format_summary

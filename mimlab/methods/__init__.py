@@ -44,8 +44,8 @@ def build_masked_prediction(cfg: PretrainConfig, data_mean: Optional[Sequence[fl
     if m.student == "drop" and m.head == "linear":
         raise ConfigError("method.head=linear needs method.student=mask_token (a linear head "
                           "predicts from the masked positions' own tokens)")
-    if m.mask == "none":
-        raise ConfigError("method.mask=none leaves nothing to predict in masked prediction")
+    # method.mask=none (Table 5): reconstruct the original image from its augmented version;
+    # siamese.check_method refuses it when nothing is augmented (a trivial objective)
     encoder = build_encoder(cfg.model, mask_token=m.student == "mask_token", drop_path=0.0)
     target = build_target(cfg, encoder, data_mean, data_std)
     # teacher / EMA targets set the head's output width (pixels: p * p * C)

@@ -15,9 +15,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
+from ..augment import color_jitter_batch, cutmix_batch
 from ..losses import instance_norm_tokens, layernorm_target, regression_loss
 from ..models import ViTEncoder
-from ..ops import mask_to_ids, patch_normalize, patchify, random_masking
+from ..ops import block_masking, mask_to_ids, patch_normalize, patchify, random_masking
 from .base import Method
 
 TargetFn = Callable[[torch.Tensor], torch.Tensor]   # images [B,C,H,W] -> [B, N, C_t]
@@ -54,7 +55,10 @@ class MaskedPrediction(Method):
     """Generic masked-prediction objective (see module docstring).
 
     ``forward(images, labels=None, noise=None, mask=None)``: pass ``noise`` [B, N] to reproduce
-    a random masking exactly, or an explicit ``mask`` [B, N] (1 = removed).
+    a random masking exactly, or an explicit ``mask`` [B, N] (1 = removed). ``masking='none'``
+    (Table 5 without patch masking): every patch is encoded and predicted from the augmented
+    image and the loss counts every patch against the original image (``mask`` returned as all
+    ones).
     Returns ``loss`` plus ``pred`` [B, N, C_t], ``target`` [B, N, C_t] (normalised) and ``mask``.
     """
 
@@ -72,20 +76,29 @@ class MaskedPrediction(Method):
         self.target_norm, self.loss_kind, self.loss_beta = target_norm, loss, loss_beta
         self.color_jitter, self.cutmix = color_jitter, cutmix
 
-    def augment(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Table 5 / 4 of Kong & Zhang before masking, in training only -> (input, target
-        images): ``cutmix`` mixes both; colour jitter ``whole`` changes both, ``unmasked`` (and
-        ``after_mask``, the same for one view) only the input. See :mod:`mimlab.augment`."""
+    def augment(self, images: torch.Tensor, visible: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Table 5 / 4 of Kong & Zhang, in training only -> (input, target images).
+
+        With patch masking: ``cutmix`` mixes both (MAE reconstructs the masked patches of the
+        cutmix image); colour jitter ``whole`` changes both ("augmenting the whole image before
+        applying MAE"), ``unmasked`` (and ``after_mask``, the same for one view) only the input
+        ("only augmenting the unmasked patches (i.e. the reconstruction targets keep the
+        same)"). Contrast's mean grey level comes from the ``visible`` patches [B, N] (1 =
+        visible) only, so no masked content reaches the visible input pixels.
+
+        Without patch masking (``mask=none``, Table 5's "removing patch masking") the target is
+        always the **original** image: MAE reconstructs the image from its augmented (cutmix
+        and / or jittered) version. See :mod:`mimlab.augment`."""
         if not self.training or (self.color_jitter == "none" and not self.cutmix):
             return images, images
-        from ..augment import color_jitter_batch, cutmix_batch
-        if self.cutmix:
-            images = cutmix_batch(images)
+        x = cutmix_batch(images) if self.cutmix else images
+        target = images if self.masking == "none" else x
         if self.color_jitter == "none":
-            return images, images
-        jit = color_jitter_batch(images, getattr(self, "data_mean", None),
-                                 getattr(self, "data_std", None))
-        return (jit, jit) if self.color_jitter == "whole" else (jit, images)
+            return x, target
+        jit = color_jitter_batch(x, getattr(self, "data_mean", None),
+                                 getattr(self, "data_std", None), visible=visible)
+        return (jit, jit) if self.color_jitter == "whole" else (jit, target)
 
     def make_mask(self, B: int, device, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         N = self.encoder.num_patches
@@ -94,25 +107,25 @@ class MaskedPrediction(Method):
                 noise = torch.rand(B, N, device=device)
             return random_masking(noise, self.mask_ratio)[1]
         if self.masking == "block":
-            from ..ops import block_masking
             return block_masking(B, self.encoder.grid, self.mask_ratio, device=device)
         raise ValueError(f"unknown masking '{self.masking}' (random | block)")
 
     def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
                 noise: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
         B = images.shape[0]
-        images, target_images = self.augment(images)
-        if mask is None:
+        ids_keep = ids_restore = None
+        if mask is None and self.masking != "none":
             if self.student == "drop" and self.masking == "random":
                 if noise is None:
                     noise = torch.rand(B, self.encoder.num_patches, device=images.device)
                 ids_keep, mask, ids_restore = random_masking(noise, self.mask_ratio)
             else:
                 mask = self.make_mask(B, images.device, noise)
-                ids_keep = ids_restore = None
-        else:
-            ids_keep = ids_restore = None
-        if self.student == "drop":
+        images, target_images = self.augment(images, None if mask is None else 1.0 - mask)
+        if mask is None:  # no patch masking: every patch is encoded and predicted
+            latent = self.encoder.forward_features(images)
+            pred = self.head(latent) if self.student == "drop" else self.head(latent[:, 1:, :])
+        elif self.student == "drop":
             if ids_keep is None:
                 ids_keep, ids_restore = mask_to_ids(mask)
             latent = self.encoder.forward_features(images, ids_keep=ids_keep)
@@ -123,6 +136,8 @@ class MaskedPrediction(Method):
         with torch.no_grad():
             target = normalize_target(self.target(target_images).float(), self.target_norm)
         loss = regression_loss(pred, target, mask, self.loss_kind, self.loss_beta)
+        if mask is None:  # the loss counted every patch
+            mask = torch.ones(pred.shape[:2], device=pred.device)
         return {"loss": loss, "pred": pred, "target": target, "mask": mask}
 
     @torch.no_grad()

@@ -3,14 +3,15 @@ Feature"): two transformations T1 / T2 of the same image, an encoder f, and a si
 measurement M between f(T1 x) and f(T2 x) (Eq. 1). Each method is a declaration over three
 reusable parts:
 
-* :class:`ViewMaker` -- the transformations: T1 = patch masking (``method.mask``), T2 =
-  ``method.view2`` (complement of T1 = Eq. 6 | independent mask | identity | a second crop),
-  plus the Table-5 switches ``method.cutmix`` and ``method.color_jitter``;
+* :class:`~mimlab.methods.views.ViewMaker` -- the transformations: T1 = patch masking
+  (``method.mask``), T2 = ``method.view2`` (complement of T1 = Eq. 6 | independent mask |
+  identity | a second crop), plus the Table-5 switches ``method.cutmix`` and
+  ``method.color_jitter`` (order, sharing and the leak-free jitter: ``views.py``);
 * :func:`encode` -- the student mode: masked tokens dropped (MAE) or replaced by the learnable
   mask token (C-MAE); :class:`Encoded` maps the tokens back to their grid positions;
 * the measurement: a shared MAE decoder + l2 (:class:`RelaxedMAE`, R-MAE Eq. 8) or projector /
   predictor + InfoNCE / BYOL against an EMA target (:class:`ContrastiveSiamese`, C-MAE
-  Eq. 9-11 and MoCo v3).
+  Eq. 9-11 and MoCo v3; heads, gathering and token pairs in ``contrastive.py``).
 
 Presets (``config.METHOD_PRESETS``): ``rmae``, ``rmae_indep`` (R-MAE-dagger), ``rmae_identity``
 (R-MAE-double-dagger), ``cmae``, ``cmae_cls``, ``cmae_avg``, ``cmae_patch_cls``, ``cmae_byol``,
@@ -30,38 +31,80 @@ R-MAE (Eq. 8), mask M = patches T1 keeps, R = patches T1 removes that T2 sees::
   (then the T2 branch is trained by the constraint alone, and the T1 branch regresses the T2
   branch's reconstruction). The pixel target never carries gradients.
 
-C-MAE (Eq. 9-11): online encoder f (mask tokens), projector p and predictor q (2-layer MLPs,
-Linear -> BatchNorm -> GELU -> Linear by default -- BatchNorm as in MoCo v3, whose heads the
-paper follows; ``method.proj_norm=ln`` for batch-independent heads); target encoder and
-target projector are EMA copies (``requires_grad=False``, updated in :meth:`after_step`,
-momentum ``method.ema_momentum`` = 0.996, constant by default as the paper gives one value;
-``method.ema_schedule=cosine`` raises it to 1 like MoCo v3 / BYOL). T1 = random masking, T2 =
-complement; SimSiam colour jitter applied independently to each view after masking. The loss is
-InfoNCE (tau 0.2) with cosine similarity of ``q(p(z1))`` and ``p'(z2)``. **Gradients**: the
-loss reaches the online encoder, projector and predictor through the query only; the key branch
-runs under ``torch.no_grad()`` (stop-gradient, as in MoCo v3 / BYOL) and changes only by EMA.
+C-MAE (Eq. 9-11): online encoder f (mask tokens: "we adopt learnable mask tokens ... rather
+than directly discard the tokens within the masked region"), projector p and predictor q ("2-layer
+projector ... and 2-layer predictor, and use GELU as activation layer": Linear -> BatchNorm ->
+GELU -> Linear, BatchNorm as in MoCo v3 whose heads the paper follows, "Readers can refer to
+[16] for details"; ``method.proj_norm=ln`` for batch-independent heads); target encoder and
+target projector are EMA copies ("an online model and a target model whose parameters are EMA
+updated by the online model"; ``requires_grad=False``, updated in :meth:`after_step`, momentum
+``method.ema_momentum`` = 0.996, "the momentum to update the teacher model is set to 0.996",
+constant by default as the paper gives one value; ``method.ema_schedule=cosine`` raises it to 1
+like MoCo v3 / BYOL). T1 = random masking, T2 = complement; SimSiam colour jitter applied
+independently to each view after masking. The loss is InfoNCE ("the temperature to compute
+contrastive loss is set to 0.2") with cosine similarity of ``q(p(z1))`` and ``p'(z2)``.
+**Gradients**: the loss reaches the online encoder, projector and predictor through the query
+only; the key branch runs under ``torch.no_grad()`` (stop-gradient, as in MoCo v3 / BYOL) and
+changes only by EMA.
 
-Token selection (``method.tokens``, Table 3):
+Token selection (``method.tokens``, Table 3: "apply the loss in Eq. (11) 1) only to the class
+token; 2) on the average of all patch tokens; 3) to each patch token respectively; 4) to each
+patch token as well as the class token respectively. If multiple tokens are assigned to the
+loss, we gather all loss terms by averaging them up"):
 
-* ``patch``: one query per patch position that the online view does not see and the target
-  view sees (student ``mask_token``: T1-removed & T2-visible -- for the complement every
-  removed patch, Eq. 5's ``(1 - M)``); the positive is the target token at the same position;
-  negatives (``method.negatives``): ``image`` -- the other selected positions of the same image
-  (logits [B, S, S], memory O(B S^2) with S = 0.75 N: ViT-B/16 with 128 images per GPU holds
-  2.8 M logits), ``batch`` -- every selected token of the batch (logits [BS, BS], O((B S)^2):
-  354 M logits = 1.4 GB in fp32 for 128 x 147 tokens, plus softmax and gradient). Per-token
-  losses are averaged. With student ``drop`` (no online token at removed positions) queries are
-  the positions *both* views see, which needs a T2 that overlaps T1 (identity / independent).
-* ``patch+cls``: the class-token pair joins the token set as one more query (its negatives are
-  the other selected tokens), all terms averaged.
-* ``cls`` / ``avg``: instance-wise on the class token / on the mean of the patch tokens the
-  encoder outputs (with mask tokens: all N; with ``drop``: the visible ones); negatives are the
-  other images of the batch (O(B^2)).
+* ``patch`` (3): one loss term per query position; the positive is the target token at the same
+  position. The paper leaves two things open, offered as options:
 
-``cmae_nomask`` / ``cmae_nomask_byol`` (Table 4, "w/o mask token"): with complementary views and
-dropped tokens no patch position has an online token and a target token, so these presets are
-instance-wise on averaged tokens (each branch averages the tokens it sees); a token-wise variant
-without mask tokens is available as ``student=drop tokens=patch view2=identity``.
+  - **queries** (``method.queries``): ``all`` (default) -- every patch token (14 x 14 for
+    ViT-B, "to each patch token respectively"; Eq. 11 compares the whole feature maps
+    f(T1 x), f(T2 x) and, unlike Eq. 5, has no ``(1 - M)``); ``removed`` -- only the positions
+    T1 removes and T2 sees (MAE's loss region). With ``student=drop`` the queries are the
+    positions both views see (the only ones with an online and a target token); without patch
+    masking, every position.
+  - **negatives** (``method.negatives``; Eq. 9's ``sum_j`` does not say over what):
+    ``position`` (default) -- the keys at the same position in every image of the global batch;
+    ``image`` -- the other query positions of the same image; ``batch`` -- every query token of
+    the global batch (computed in chunks of ``method.nce_chunk`` queries, activation-
+    checkpointed, so memory is O(chunk x B N) instead of O((B N)^2)). The candidate keys are
+    always the query positions' keys. **Why position is the default**: it is the literal
+    reading of "apply the loss in Eq. (11) ... to each patch token respectively" -- the same
+    instance-wise loss that (1) applies to the class token (MoCo v3, whose negatives are the
+    other images), applied at every position, the terms averaged; and it is the one reading in
+    which position is no shortcut: both views carry the same position embeddings, and tokens
+    holding *only* their sin-cos position embedding (ViT-B: 14 x 14, 768-d, 147 queries,
+    tau 0.2) reach a loss of 4.1 with ``image`` negatives, below chance (log 147 = 4.99), and
+    below chance with ``batch`` negatives too, while with ``position`` negatives every
+    candidate shares the position and such tokens sit exactly at chance (log B;
+    tests/test_table5.py). Memory: logits [N, B, B_global].
+* ``patch+cls`` (4): ``method.cls_term=instance`` (default) -- the class-token pair gets the
+  instance-wise loss of (1) (negatives: the other images' class tokens) and is one more term of
+  the average (weight 1 / (queries + 1) per image, "we gather all loss terms by averaging them
+  up"); ``cls_term=joint`` -- the class-token pair joins the token set and is contrasted under
+  ``method.negatives`` (with ``image`` negatives its negatives are the image's patch tokens and
+  it is a negative of theirs). With ``negatives=position`` the two are the same. A third
+  reading, 1/2 class token + 1/2 mean of the patch terms, is not offered (the paper averages
+  "all loss terms").
+* ``cls`` / ``avg`` (1, 2): instance-wise on the class token / on the mean of the patch tokens
+  the encoder outputs (with mask tokens: all N; with ``drop``: the visible ones); negatives are
+  the other images of the global batch (O(B^2)).
+
+``cmae_nomask`` / ``cmae_nomask_byol`` (Table 4, "if we remove the mask tokens as done in MAE's
+encoder"): with complementary views and dropped tokens the online encoder outputs tokens only at
+the 25 % of positions T1 keeps and the target encoder only at the 75 % T1 removes: **no patch
+position has both**, so the token-wise loss cannot be kept when only the mask tokens are
+removed. These presets therefore also change the granularity: instance-wise on averaged tokens
+(each branch averages the tokens it sees). The mask-token-only comparison is ``cmae_avg`` vs
+``cmae_nomask`` (they differ in ``student`` alone); ``cmae`` vs ``cmae_nomask`` also differs in
+granularity (worth 0.3 FT points in Table 3: 82.9 vs 82.6). Where views share positions
+(``view2=identity | independent``), ``student=drop tokens=patch`` keeps the token-wise loss
+without mask tokens (queries: the positions both views see).
+
+Table 5 without patch masking (``method.mask=none``; "both MAE and C-MAE drop a lot of
+performance when removing patch masking"): C-MAE compares two *independently* augmented full
+views (own cutmix partner and box, own colour jitter per view; neither view masked, whatever
+``view2`` says) token-wise at every position. A composition must leave the views different:
+``mask=none`` needs ``cutmix=true`` or ``color_jitter=after_mask | unmasked`` (``whole`` would
+jitter both views alike), else it fails at config time (identical views: a trivial objective).
 
 The loss is one-directional (Eq. 11: f(T1 x) online, f(T2 x) target; like MAE, the view that
 misses 75 % predicts) unless ``method.symmetric`` (MoCo v3, which averages both directions; for
@@ -75,10 +118,13 @@ MoCo v3's ``2 tau`` loss scale.
 The crops come on top of the data loader's own ``RandomResizedCrop`` (``data.crop_scale``,
 ``data.hflip``); set ``data.crop_scale=[1,1] data.hflip=false`` for exactly MoCo v3's crops.
 
-Under DistributedDataParallel negatives are the process's own tokens / images (no all-gather of
-keys across GPUs as MoCo v3 does) and BatchNorm in the heads uses per-process statistics (no
-SyncBatchNorm; it needs more than one token per batch in training); the target projector keeps
-its own running statistics.
+**Under DistributedDataParallel** (``torchrun``) the keys of every process are gathered
+(``position`` / ``batch`` negatives and the instance-wise terms: negatives come from the global
+batch, as MoCo v3's ``concat_all_gather``; ``image`` negatives need none), BatchNorm in the
+projector / predictor uses global batch statistics (:class:`~mimlab.methods.contrastive.
+SyncBatchNorm1d`, CPU and GPU; no conversion step needed) and each process's loss is its sum of
+terms over the global number of terms / world size: two processes give the loss and gradients
+of one process on the global batch (tests/test_ddp.py).
 """
 from __future__ import annotations
 
@@ -93,24 +139,29 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..augment import (MOCOV3_JITTER, SIMSIAM_JITTER, JitterSpec, color_jitter_batch,
-                       cutmix_batch, random_resized_crop_batch)
+from ..augment import MOCOV3_JITTER, SIMSIAM_JITTER
 from ..config import ConfigError, MethodConfig, PretrainConfig
-from ..losses import (byol_loss, instance_info_nce, masked_mean, regression_loss,
-                      token_info_nce)
+from ..losses import byol_loss, instance_info_nce, regression_loss, token_info_nce
 from ..models import ViTEncoder, build_decoder, build_encoder
-from ..ops import block_masking, gather_tokens, mask_to_ids, patchify, random_masking
+from ..ops import mask_to_ids, patchify
+from ..dist import world_size
 from .base import Method
+from .contrastive import (MLPHead, SyncBatchNorm1d, gather_rows, global_mean, query_positions,
+                          scatter_rows, select_positions)
 from .masked import normalize_target
+from .views import JITTERS, MASKS, VIEW2, ViewMaker, Views
 
-MASKS = ("random", "block", "none")
-VIEW2 = ("none", "complement", "independent", "identity", "crop")
-JITTERS = ("none", "after_mask", "whole", "unmasked")
 TOKENS = ("patch", "patch+cls", "cls", "avg")
-NEGATIVES = ("image", "batch")
+NEGATIVES = ("position", "image", "batch")
+QUERIES = ("all", "removed")
+CLS_TERMS = ("instance", "joint")
 CONTRASTIVE_LOSSES = ("infonce", "byol")
 REGRESSION_LOSSES = ("l2", "l1", "smooth_l1", "cosine")
 STUDENTS = ("drop", "mask_token")
+
+__all__ = ["ViewMaker", "Views", "MLPHead", "SyncBatchNorm1d", "Encoded", "encode",
+           "RelaxedMAE", "ContrastiveSiamese", "check_method", "build_siamese",
+           "query_positions", "select_positions", "is_siamese_config"]
 
 
 # ------------------------------------------------------------------------- config checks
@@ -123,6 +174,24 @@ def _one_of(m: MethodConfig, key: str, choices: Sequence[str]) -> None:
     v = getattr(m, key)
     if v not in choices:
         raise ConfigError(f"method.{key}: '{v}' is not one of {' | '.join(choices)}")
+
+
+def _check_without_masking(m: MethodConfig) -> None:
+    """Table 5's "removing patch masking" (``mask=none``) for masked prediction (MAE:
+    reconstruct the original image from its augmented version) and C-MAE (two independently
+    augmented views): the augmentation must make input and target differ."""
+    if m.mask != "none" or m.view2 == "crop" or m.target == "online":
+        return
+    if m.color_jitter == "whole":
+        raise ConfigError("method.mask=none with method.color_jitter=whole: without patch "
+                          "masking the jitter must differ between input and target (MAE: "
+                          "input only) or between the views (C-MAE: one jitter per view); use "
+                          "method.color_jitter=after_mask | unmasked")
+    if not m.cutmix and m.color_jitter == "none":
+        raise ConfigError("method.mask=none with method.cutmix=false and "
+                          "method.color_jitter=none leaves input and target identical (the "
+                          "identity map / identical views solve it): add method.cutmix=true "
+                          "or method.color_jitter=after_mask")
 
 
 def check_method(m: MethodConfig) -> None:
@@ -138,6 +207,7 @@ def check_method(m: MethodConfig) -> None:
         raise ConfigError("method.cache_teacher=true stores teacher features of un-augmented "
                           "images: it cannot be combined with method.cutmix=true or "
                           "method.color_jitter=whole (they change the target images)")
+    _check_without_masking(m)
     if not is_siamese_config(m):
         return
     _one_of(m, "student", STUDENTS)
@@ -145,9 +215,6 @@ def check_method(m: MethodConfig) -> None:
         raise ConfigError(f"method.loss={m.loss} / target={m.target} is a siamese method and "
                           "needs a second view: set method.view2=complement | independent | "
                           "identity | crop")
-    if m.view2 in ("complement", "independent") and m.mask == "none":
-        raise ConfigError(f"method.view2={m.view2} needs T1 patch masking (method.mask=random | "
-                          "block); with method.mask=none there is nothing to complement")
     if m.view2 == "independent" and not 0.0 < m.view2_mask_ratio < 1.0:
         raise ConfigError(f"method.view2_mask_ratio must be in (0, 1), got {m.view2_mask_ratio}")
     if m.target == "online":  # R-MAE
@@ -183,6 +250,10 @@ def check_method(m: MethodConfig) -> None:
                           f"method.head=mlp (projector + predictor), got '{m.head}'")
     _one_of(m, "tokens", TOKENS)
     _one_of(m, "negatives", NEGATIVES)
+    _one_of(m, "queries", QUERIES)
+    _one_of(m, "cls_term", CLS_TERMS)
+    if m.nce_chunk < 1:
+        raise ConfigError(f"method.nce_chunk must be >= 1, got {m.nce_chunk}")
     if not 0.0 <= m.ema_momentum <= 1.0:
         raise ConfigError(f"method.ema_momentum must be in [0, 1], got {m.ema_momentum}")
     if m.temperature <= 0:
@@ -194,89 +265,17 @@ def check_method(m: MethodConfig) -> None:
         if m.view2 == "crop":
             raise ConfigError("method.tokens=patch pairs tokens at the same position, but "
                               "view2=crop views do not share positions: use tokens=cls | avg")
-        if m.student == "drop" and m.view2 == "complement":
+        if m.student == "drop" and m.view2 == "complement" and m.mask != "none":
             raise ConfigError("method.tokens=patch with method.student=drop: complementary views "
-                              "share no visible position; use student=mask_token, tokens=avg | "
-                              "cls, or view2=identity | independent")
-        if m.student == "mask_token" and m.mask == "none":
-            raise ConfigError("method.tokens=patch with student=mask_token predicts the patches "
-                              "T1 removes, but method.mask=none removes none")
-        if m.symmetric and m.view2 == "identity" and m.student == "mask_token":
-            raise ConfigError("method.symmetric=true with view2=identity: the swapped direction "
-                              "has no removed patch to predict; set method.symmetric=false")
+                              "share no visible position (so cmae_nomask is instance-wise, "
+                              "tokens=avg); use student=mask_token, tokens=avg | cls, or "
+                              "view2=identity | independent")
+        if (m.symmetric and m.view2 == "identity" and m.student == "mask_token"
+                and m.queries == "removed" and m.mask != "none"):
+            raise ConfigError("method.symmetric=true with view2=identity and queries=removed: "
+                              "the swapped direction has no removed patch to predict; set "
+                              "method.symmetric=false or method.queries=all")
 
-
-# ------------------------------------------------------------------------- views
-@dataclass
-class Views:
-    """The two transformed inputs: images [B, C, H, W] and patch masks [B, N] (float,
-    1 = removed; ``None`` = the view removes nothing)."""
-    x1: Tensor
-    x2: Tensor
-    mask1: Optional[Tensor]
-    mask2: Optional[Tensor]
-
-
-class ViewMaker:
-    """T1 / T2 of the siamese form plus the Table-5 augmentations.
-
-    Order: cutmix (shared by both views) -> colour jitter ``whole`` (shared) -> crops
-    (``view2=crop``: two independent crops) -> masks -> colour jitter ``after_mask`` (each view
-    its own parameters; the masked patches are hidden anyway, so jittering the whole view
-    equals jittering the masked view) or ``unmasked`` (the online view T1 only).
-    Augmentations run only in training mode (``train=True``).
-    """
-
-    def __init__(self, grid: tuple[int, int], masking: str = "random", mask_ratio: float = 0.75,
-                 view2: str = "complement", view2_mask_ratio: float = 0.25,
-                 color_jitter: str = "none", cutmix: bool = False,
-                 jitter: JitterSpec = SIMSIAM_JITTER, jitter2: Optional[JitterSpec] = None,
-                 crop_scale: tuple[float, float] = (0.08, 1.0)):
-        self.grid, self.num_patches = grid, grid[0] * grid[1]
-        self.masking, self.mask_ratio = masking, mask_ratio
-        self.view2, self.view2_mask_ratio = view2, view2_mask_ratio
-        self.color_jitter, self.cutmix = color_jitter, cutmix
-        self.jitter, self.jitter2 = jitter, jitter2 or jitter
-        self.crop_scale = crop_scale
-
-    def sample_mask(self, B: int, device, kind: str, ratio: float,
-                    noise: Optional[Tensor] = None) -> Optional[Tensor]:
-        if kind == "none":
-            return None
-        if kind == "random":
-            if noise is None:
-                noise = torch.rand(B, self.num_patches, device=device)
-            return random_masking(noise, ratio)[1]
-        if kind == "block":
-            return block_masking(B, self.grid, ratio, device=device)
-        raise ValueError(f"unknown masking '{kind}' ({' | '.join(MASKS)})")
-
-    def __call__(self, images: Tensor, mean=None, std=None, train: bool = True,
-                 mask1: Optional[Tensor] = None, mask2: Optional[Tensor] = None,
-                 noise: Optional[Tensor] = None) -> Views:
-        B, dev = images.shape[0], images.device
-        x = images
-        if train and self.cutmix:
-            x = cutmix_batch(x)
-        if train and self.color_jitter == "whole":
-            x = color_jitter_batch(x, mean, std, self.jitter)
-        x1 = x2 = x
-        if self.view2 == "crop" and train:
-            x1 = random_resized_crop_batch(x, self.crop_scale)
-            x2 = random_resized_crop_batch(x, self.crop_scale)
-        if mask1 is None:
-            mask1 = self.sample_mask(B, dev, self.masking, self.mask_ratio, noise)
-        if mask2 is None:
-            if self.view2 == "complement":
-                mask2 = 1.0 - mask1
-            elif self.view2 == "independent":
-                mask2 = self.sample_mask(B, dev, "random", self.view2_mask_ratio)
-        if train and self.color_jitter == "after_mask":
-            x1 = color_jitter_batch(x1, mean, std, self.jitter)
-            x2 = color_jitter_batch(x2, mean, std, self.jitter2)
-        elif train and self.color_jitter == "unmasked":
-            x1 = color_jitter_batch(x1, mean, std, self.jitter)
-        return Views(x1, x2, mask1, mask2)
 
 
 # ------------------------------------------------------------------------- encoding
@@ -387,61 +386,6 @@ class RelaxedMAE(Method):
 
 
 # ------------------------------------------------------------------------- C-MAE / MoCo v3
-class MLPHead(nn.Module):
-    """2-layer head ``Linear -> norm -> GELU -> Linear`` on [..., d_in] (tokens are flattened,
-    so BatchNorm normalises over every token of the batch)."""
-
-    def __init__(self, d_in: int, hidden: int, d_out: int, norm: str = "bn"):
-        super().__init__()
-        self.fc1 = nn.Linear(d_in, hidden, bias=norm != "bn")
-        self.norm = {"bn": lambda: nn.BatchNorm1d(hidden), "ln": lambda: nn.LayerNorm(hidden),
-                     "none": nn.Identity}[norm]()
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, d_out)
-
-    def forward(self, x: Tensor) -> Tensor:
-        shape = x.shape
-        h = self.act(self.norm(self.fc1(x.reshape(-1, shape[-1]))))
-        return self.fc2(h).reshape(*shape[:-1], -1)
-
-
-def query_positions(mask_q: Optional[Tensor], mask_k: Optional[Tensor], student: str,
-                    B: int, N: int, device) -> Tensor:
-    """[B, N] bool: positions whose online token (view with ``mask_q``) is a query and whose
-    target token (view with ``mask_k``) is its key. ``mask_token``: removed in the online view
-    and seen by the target view; ``drop``: seen by both."""
-    removed = mask_q.bool() if mask_q is not None else torch.zeros(B, N, dtype=torch.bool,
-                                                                    device=device)
-    seen_k = ~mask_k.bool() if mask_k is not None else torch.ones(B, N, dtype=torch.bool,
-                                                                   device=device)
-    return (removed if student == "mask_token" else ~removed) & seen_k
-
-
-def select_positions(sel: Tensor) -> tuple[Tensor, Tensor]:
-    """[B, N] bool -> (idx [B, S], valid [B, S]): the selected positions of each row in grid
-    order, padded to S = max count (``valid`` False on padding)."""
-    counts = sel.sum(1)
-    S = int(counts.max())
-    order = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)
-    idx = order[:, :S]
-    valid = torch.arange(S, device=sel.device).unsqueeze(0) < counts.unsqueeze(1)
-    return idx, valid
-
-
-def padded_image_nce(q: Tensor, k: Tensor, valid: Tensor, temperature: float) -> Tensor:
-    """Token-wise InfoNCE with per-image negatives when images have different numbers of
-    tokens: padded keys are excluded from the softmax, padded queries from the mean. Equals
-    ``token_info_nce(q, k, None, temperature, 'image')`` when every token is valid."""
-    qn = F.normalize(q.float(), dim=-1)
-    kn = F.normalize(k.float(), dim=-1)
-    logits = torch.bmm(qn, kn.transpose(1, 2)) / temperature            # [B, S, S]
-    logits = logits.masked_fill(~valid.unsqueeze(1), -1e9)
-    B, S, _ = logits.shape
-    tgt = torch.arange(S, device=q.device).repeat(B)
-    per = F.cross_entropy(logits.reshape(B * S, S), tgt, reduction="none").view(B, S)
-    return masked_mean(per, valid)
-
-
 class ContrastiveSiamese(Method):
     """Online encoder + projector + predictor against an EMA target encoder + projector
     (C-MAE, MoCo v3); see the module docstring. ``forward(images, labels=None, mask1=None,
@@ -450,8 +394,9 @@ class ContrastiveSiamese(Method):
 
     def __init__(self, encoder: ViTEncoder, projector: nn.Module, predictor: nn.Module,
                  views: ViewMaker, student: str = "mask_token", tokens: str = "patch",
-                 loss: str = "infonce", temperature: float = 0.2, negatives: str = "image",
-                 symmetric: bool = False, momentum: float = 0.996, schedule: str = "fixed"):
+                 loss: str = "infonce", temperature: float = 0.2, negatives: str = "position",
+                 symmetric: bool = False, momentum: float = 0.996, schedule: str = "fixed",
+                 queries: str = "all", cls_term: str = "instance", nce_chunk: int = 1024):
         super().__init__()
         self.encoder, self.projector, self.predictor, self.views = (encoder, projector,
                                                                      predictor, views)
@@ -460,6 +405,7 @@ class ContrastiveSiamese(Method):
         self.student, self.tokens, self.loss_kind = student, tokens, loss
         self.temperature, self.negatives, self.symmetric = temperature, negatives, symmetric
         self.momentum, self.schedule = momentum, schedule
+        self.queries, self.cls_term, self.nce_chunk = queries, cls_term, nce_chunk
 
     def momentum_at(self, step: int, total_steps: int) -> float:
         """Momentum used after optimizer step ``step`` (1-based): constant, or the cosine
@@ -474,45 +420,71 @@ class ContrastiveSiamese(Method):
         ema_update_(self.target_encoder, self.encoder, m)
         ema_update_(self.target_projector, self.projector, m)
 
-    def _similarity(self, q: Tensor, k: Tensor, valid: Optional[Tensor]) -> Tensor:
+    # ---- per-term losses (this process's terms; keys gathered across processes) ----------
+    def instance_terms(self, q: Tensor, k: Tensor) -> Tensor:
+        """[B] instance-wise terms of q [B, D] against k [B, D] (negatives: the other images
+        of the global batch)."""
         if self.loss_kind == "byol":
-            return byol_loss(q, k, valid)
-        if q.ndim == 2:
-            return instance_info_nce(q, k, self.temperature)
-        if valid is None or bool(valid.all()):
-            return token_info_nce(q, k, None, self.temperature, self.negatives)
-        if self.negatives == "batch":
-            return token_info_nce(q, k, valid, self.temperature, "batch")
-        return padded_image_nce(q, k, valid, self.temperature)
+            return byol_loss(q, k, reduction="none")
+        kg, off = gather_rows(k)
+        return instance_info_nce(q, kg, self.temperature, off, reduction="none")
+
+    def token_terms(self, q: Tensor, k: Tensor, sel: Tensor) -> Tensor:
+        """[B, N] token-wise terms (zero where ``sel`` is False) of q, k [B, N, D]."""
+        if self.loss_kind == "byol":
+            return byol_loss(q, k, sel, reduction="none")
+        if self.negatives == "image":
+            kg, off, selg = k, 0, sel
+        else:
+            kg, off = gather_rows(k)
+            selg, _ = gather_rows(sel)
+        return token_info_nce(q, kg, sel, self.temperature, self.negatives, key_mask=selg,
+                              key_offset=off, chunk_size=self.nce_chunk, reduction="none")
 
     def pair_loss(self, online: Encoded, target: Encoded, mask_q: Optional[Tensor],
                   mask_k: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         """Measurement between the online view (mask ``mask_q``) and the target view (mask
-        ``mask_k``); ``target`` must come from the target encoder (no gradients)."""
-        valid = None
-        if self.tokens == "cls":
-            zq, zk = online.tokens[:, 0], target.tokens[:, 0]
-        elif self.tokens == "avg":
-            zq, zk = online.tokens[:, 1:].mean(1), target.tokens[:, 1:].mean(1)
-        else:
-            B, N = online.tokens.shape[0], self.encoder.num_patches
-            sel = query_positions(mask_q, mask_k, self.student, B, N, online.tokens.device)
-            idx, valid = select_positions(sel)
-            if idx.shape[1] == 0:  # no position qualifies anywhere in the batch
-                zero = online.tokens.float().sum() * 0.0
-                return zero, zero.detach()
-            zq = gather_tokens(online.grid(N), idx)
-            zk = gather_tokens(target.grid(N), idx)
-            if self.tokens == "patch+cls":
-                zq = torch.cat([online.tokens[:, :1], zq], 1)
-                zk = torch.cat([target.tokens[:, :1], zk], 1)
-                valid = torch.cat([valid.new_ones(B, 1), valid], 1)
-        q = self.predictor(self.projector(zq))
+        ``mask_k``); ``target`` must come from the target encoder (no gradients). Returns
+        (loss, mean cosine of the positive pairs)."""
+        B = online.tokens.shape[0]
+        if self.tokens in ("cls", "avg"):
+            if self.tokens == "cls":
+                zq, zk = online.tokens[:, 0], target.tokens[:, 0]              # [B, D]
+            else:
+                zq, zk = online.tokens[:, 1:].mean(1), target.tokens[:, 1:].mean(1)
+            q = self.predictor(self.projector(zq))
+            with torch.no_grad():
+                k = self.target_projector(zk)
+            loss = global_mean(self.instance_terms(q, k).sum(), B)
+            return loss, F.cosine_similarity(q.detach().float(), k.float(), dim=-1).mean()
+        N = self.encoder.num_patches
+        sel = query_positions(mask_q, mask_k, self.student, B, N, online.tokens.device,
+                              self.queries)                                   # [B, N] bool
+        if world_size() == 1 and not bool(sel.any()):  # nothing to compare in this batch
+            zero = online.tokens.float().sum() * 0.0
+            return zero, zero.detach()
+        with_cls = self.tokens == "patch+cls"
+        zq, zk = online.grid(N)[sel], target.grid(N)[sel]                     # [M, D]
+        if with_cls:
+            zq = torch.cat([online.tokens[:, 0], zq])                         # [B + M, D]
+            zk = torch.cat([target.tokens[:, 0], zk])
+        hq = self.predictor(self.projector(zq))
         with torch.no_grad():
-            k = self.target_projector(zk)
-        loss = self._similarity(q, k, valid)
-        cos = F.cosine_similarity(q.detach().float(), k.float(), dim=-1)
-        return loss, (cos.mean() if valid is None else cos[valid].mean())
+            hk = self.target_projector(zk)
+        cos = F.cosine_similarity(hq.detach().float(), hk.float(), dim=-1).mean()
+        if with_cls:
+            (cq, hq), (ck, hk) = hq.split([B, hq.shape[0] - B]), hk.split([B, hk.shape[0] - B])
+        q, k = scatter_rows(hq, sel), scatter_rows(hk, sel)                   # [B, N, D']
+        count = sel.sum()
+        if with_cls and self.cls_term == "joint":  # the class token: one more position
+            q, k = torch.cat([cq[:, None], q], 1), torch.cat([ck[:, None], k], 1)
+            sel = torch.cat([sel.new_ones(B, 1), sel], 1)                     # [B, 1 + N]
+            count = sel.sum()
+        total = self.token_terms(q, k, sel).sum()
+        if with_cls and self.cls_term == "instance":
+            total = total + self.instance_terms(cq, ck).sum()
+            count = count + B
+        return global_mean(total, count), cos
 
     def forward(self, images: Tensor, labels: Optional[Tensor] = None,
                 mask1: Optional[Tensor] = None, mask2: Optional[Tensor] = None) -> dict:
@@ -546,7 +518,9 @@ def build_views(cfg: PretrainConfig) -> ViewMaker:
 
 def build_siamese(cfg: PretrainConfig) -> Method:
     """R-MAE when ``method.target=online``, else the contrastive siamese method (C-MAE /
-    MoCo v3); invalid combinations raise :class:`ConfigError`."""
+    MoCo v3); invalid combinations raise :class:`ConfigError`. Projector / predictor widths:
+    ``method.proj_hidden`` (null = 2048 x D / 768) and ``method.proj_dim`` (null = D), i.e. the
+    paper's "2048-d for hidden layers, and 768-d for output layers" at ViT-B (D = 768)."""
     m = cfg.method
     check_method(m)
     views = build_views(cfg)
@@ -560,4 +534,4 @@ def build_siamese(cfg: PretrainConfig) -> Method:
     return ContrastiveSiamese(encoder, MLPHead(D, hidden, out, m.proj_norm),
                               MLPHead(out, hidden, out, m.proj_norm), views, m.student, m.tokens,
                               m.loss, m.temperature, m.negatives, m.symmetric, m.ema_momentum,
-                              m.ema_schedule)
+                              m.ema_schedule, m.queries, m.cls_term, m.nce_chunk)

@@ -8,7 +8,7 @@ target         what                                                             
 =============  ===================================================================  ==========
 ``pixels``     the patches themselves (MAE, SimMIM)                                 --
 ``teacher``    a frozen network, ``method.teacher`` spec (MaskDistill; see          no
-               :func:`mimlab.teachers.build_teacher`, plus ``mimlab:<checkpoint>``)
+               :func:`mimlab.teachers.build_teacher`; model sources ``mimlab:`` ...)
 ``hog``        HOG histograms of every patch (MaskFeat), no weights                 no
 ``ema``        data2vec: EMA copy of the student encoder, average of its top-K      yes
                block outputs, each instance-normalised over the patch tokens
@@ -27,18 +27,18 @@ ImageNet values are assumed (see :func:`mimlab.data.resolve_stats`).
 from __future__ import annotations
 
 import copy
-import json
 import warnings
-from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
 
+from ..checkpoint import CheckpointError
 from ..config import ConfigError, PretrainConfig
 from ..losses import instance_norm_tokens
-from ..models import ViTEncoder, build_encoder
-from ..teachers import Size, Teacher, _pair, build_teacher
+from ..models import ViTEncoder
+from ..sources import SourceError, load_encoder
+from ..teachers import Size, Teacher, _pair, build_teacher, register_teacher
 from .masked import PixelTarget
 
 
@@ -101,53 +101,42 @@ class TeacherTarget(nn.Module):
                 f"cached={self.cache is not None}")
 
 
-class MimlabTeacher(Teacher):
-    """The encoder of a mimlab checkpoint (MAE, MoCo v3, ... pretraining or fine-tuning) as a
-    frozen teacher: spec ``mimlab:<checkpoint.pt>``.
+class SourceTeacher(Teacher):
+    """The encoder of any model source (:mod:`mimlab.sources`) as a frozen teacher: specs
+    ``mimlab:<checkpoint.pt>`` (MAE, MoCo v3, ... pretraining or fine-tuning), ``mae:<file>``,
+    ``hf:<dir>``, ``mocov3:<file>`` (``timm:`` teachers are :class:`~mimlab.teachers.TimmTeacher`).
 
     Features are the patch tokens after the encoder's final norm, [B, D, h, w] on the teacher's
-    own grid (``out_dim`` = its ``embed_dim``). The architecture comes from the checkpoint's
-    config (:func:`mimlab.tasks.model_config_of`) and the teacher runs at its pretraining
-    resolution (fixed sin-cos positions); ``teacher_size`` may only repeat it.
-
-    The teacher's input normalisation is the one it was pretrained with: ``data.mean``/``std``
-    of the checkpoint's config when set there, else ``data_mean``/``data_std`` of the run's
-    ``results.json`` beside ``checkpoints/``, else the student's (with a warning).
+    own grid (``out_dim`` = its ``embed_dim``). The teacher runs at its own resolution, or at
+    ``teacher_size`` (square; position embeddings resampled as :func:`mimlab.sources.load_encoder`
+    does). Its input normalisation is the source's own (a mimlab checkpoint's recorded data
+    statistics; the student's, with a warning, for pre-schema files that recorded none).
     """
 
-    def __init__(self, path: str, *, student_mean: Sequence[float],
+    def __init__(self, spec: str, *, student_mean: Sequence[float],
                  student_std: Sequence[float], teacher_size: Optional[Size] = None):
-        from ..engine import load_checkpoint
-        from ..tasks import load_encoder_weights, model_config_of
-        ck = load_checkpoint(path)
-        mc = model_config_of(ck)
-        if teacher_size is not None and _pair(teacher_size) != (mc.img_size, mc.img_size):
-            raise ValueError(f"mimlab teacher {path} runs at its pretraining resolution "
-                             f"{mc.img_size} px, got teacher_size={teacher_size}")
-        mean, std = self._stats(ck, Path(path), mc.in_chans, student_mean, student_std)
+        size = _pair(teacher_size)
+        if size is not None and size[0] != size[1]:
+            raise ValueError(f"teacher {spec}: teacher_size must be square, got {teacher_size}")
+        try:
+            sm = load_encoder(spec, img_size=size[0] if size else None)
+        except (SourceError, CheckpointError) as e:
+            raise ValueError(str(e)) from None
+        mc = sm.model_config
+        mean, std = sm.mean, sm.std
+        if mean is None or len(mean) != mc.in_chans:
+            if len(student_mean) != mc.in_chans:
+                raise ValueError(f"teacher {spec}: unknown input normalisation for its "
+                                 f"{mc.in_chans} channel(s); set data.mean/std when "
+                                 "pretraining it")
+            warnings.warn(f"teacher {spec}: pretraining normalisation not recorded, assuming "
+                          "the student's data.mean/std")
+            mean, std = student_mean, student_std
         super().__init__(student_mean, student_std, mc.img_size, mean, std, mc.in_chans)
-        self.net = build_encoder(mc, mask_token=False, drop_path=0.0)
-        load_encoder_weights(self.net, path, ckpt=ck)
+        self.net = sm.encoder
         self.out_dim = mc.embed_dim
-        self.path = str(path)
+        self.path = spec
         self._freeze()
-
-    @staticmethod
-    def _stats(ck: dict, path: Path, chans: int, student_mean, student_std):
-        data = (ck.get("config") or {}).get("data") or {}
-        if data.get("mean") is not None and len(data["mean"]) == chans:
-            return data["mean"], data["std"]
-        res = path.resolve().parent.parent / "results.json"
-        if res.is_file():
-            r = json.loads(res.read_text())
-            if r.get("data_mean") is not None and len(r["data_mean"]) == chans:
-                return r["data_mean"], r["data_std"]
-        if len(student_mean) != chans:
-            raise ValueError(f"mimlab teacher {path}: unknown input normalisation for its "
-                             f"{chans} channel(s); set data.mean/std when pretraining it")
-        warnings.warn(f"mimlab teacher {path}: pretraining normalisation unknown, assuming the "
-                      "student's data.mean/std")
-        return student_mean, student_std
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         t = self.net.forward_features(x)[:, 1:, :]          # [B, h*w, D] after the final norm
@@ -241,3 +230,16 @@ def build_target(cfg: PretrainConfig, encoder: ViTEncoder, mean: Optional[Sequen
         return TeacherTarget(teacher, encoder.grid, spec)
     raise ConfigError(f"method.target: '{m.target}' is not available for masked prediction "
                       "(pixels | teacher | hog | ema)")
+
+
+MimlabTeacher = SourceTeacher  # the former name of the ``mimlab:`` teacher
+
+
+def _source_teacher_builder(kind: str):
+    def build(arg: str, **kw) -> SourceTeacher:
+        return SourceTeacher(f"{kind}:{arg}", **kw)
+    return build
+
+
+for _kind in ("mimlab", "mae", "hf", "mocov3"):  # model sources as teachers (timm: has its own)
+    register_teacher(_kind, _source_teacher_builder(_kind))

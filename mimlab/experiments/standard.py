@@ -1,0 +1,851 @@
+"""``mimlab reproduce --suite standard``: the papers' claims at a budget that decides them.
+
+Kong & Zhang's claims (a)-(g) (see :data:`CLAIMS`) are tested on CIFAR-10 with the ``mini``
+ViT on this class of machine (2 CPU cores), in **stages** that each finish within about two
+hours and run on their own (``--stage core``):
+
+* ``core``: MAE vs random init (claim a) with 2 pretraining seeds x 3 fine-tuning seeds, the
+  learning curves (k-NN / linear probe / FT against images seen, one pretraining run with a
+  checkpoint per epoch) and CKA (masked vs full) for MAE, random init and supervised;
+* ``rmae``: R-MAE, R-MAE-dagger, R-MAE-double-dagger (claim b);
+* ``contrastive``: C-MAE and MoCo v3 (claims c, e);
+* ``cmae_variants``: C-MAE's negatives x queries readings, with C-MAE's FT recipe and 2 FT
+  seeds (after ``contrastive``);
+* ``smalldata``: MAE on 1 / 10 / 100 / 1000 images at the same step budget (claim d);
+* ``augment``: Table 5 without patch masking for MAE and C-MAE (claim f), MaskDistill (g).
+
+Arms, stages and claims are data (:data:`ARMS`, :data:`STAGES`, :data:`CLAIM_TESTS`); each
+method's lr is the suite's MAE lr times the paper's lr ratio to MAE
+(:func:`mimlab.paper_settings.paper_optim`: R-MAE 3.0e-4 vs 1.5e-4).
+
+One evaluation protocol for every init (:class:`StandardProfile`):
+
+* the same 10,000 CIFAR-10 training images (``data.subset_seed`` fixed) are the pretraining
+  set *and* the labelled pool, so no arm sees images another does not;
+* fine-tuning hyper-parameters (layer decay, lr) are chosen **per init** on a class-balanced
+  20 % of that pool held out from training (``data.holdout``), never on the test split:
+  layer decay over ``sweep_layer_decay`` at the default lr, then the lr factors at the best
+  layer decay;
+* every model is then fine-tuned with ``ft_seeds`` seeds on the whole pool and scored on all
+  10,000 test images; per-image correctness is kept so that differences are paired over seeds
+  and test images (:mod:`mimlab.stats`);
+* linear probe (class token after the final norm, as MAE's probe, and the patch-token
+  average) and k-NN on frozen features.
+
+Every sub-run's small result file is written under ``docs/results/standard/<stage>/`` (and its
+run directory, with checkpoints, under ``runs/standard/``). A finished sub-run is skipped when
+its result file exists, so finished stages survive a fresh machine without checkpoints; the
+report (:func:`write_report`) is regenerated from those files alone.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from .. import tasks
+from ..config import FinetuneConfig, PretrainConfig, ProbeConfig, resolve
+from ..paper_settings import paper_optim
+from ..stats import Diff, paired_diff, unpack_correct, verdict
+
+log = logging.getLogger("mimlab")
+
+
+class StandardError(Exception):
+    """Bad stage name or arguments of the standard suite."""
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One pretraining run of the suite: a method preset plus overrides; ``lr_scale`` multiplies
+    the suite's MAE base lr (the paper's lr for the method relative to MAE's, from
+    :func:`mimlab.paper_settings.paper_optim`). ``hp_from``: reuse that arm's fine-tuning
+    hyper-parameters instead of sweeping (variants measured with a lighter protocol);
+    ``ft_seeds``: how many of the profile's FT seeds (None = all). ``small``: pretrain on N
+    images of the pool, repeated to the same number of optimizer steps as the others."""
+    method: str
+    overrides: tuple = ()
+    lr_scale: float = 1.0
+    label: str = ""
+    hp_from: Optional[str] = None
+    ft_seeds: Optional[int] = None
+    small: Optional[int] = None
+    curve_run: bool = False           # this arm is the learning-curve run's final checkpoint
+
+
+def _lr_scale(method: str) -> float:
+    mae = paper_optim("mae")["base_lr"]
+    return paper_optim(method)["base_lr"] / mae
+
+
+_SMALL_AUG = ("data.crop_scale=[0.08,1.0]",)
+_NOMASK = ("method.mask=none", "method.cutmix=true", "method.color_jitter=after_mask")
+ARMS = {
+    "mae": Arm("mae", label="MAE"),
+    "rmae": Arm("rmae", lr_scale=_lr_scale("rmae"), label="R-MAE"),
+    "rmae_indep": Arm("rmae_indep", lr_scale=_lr_scale("rmae_indep"), label="R-MAE†"),
+    "rmae_identity": Arm("rmae_identity", lr_scale=_lr_scale("rmae_identity"), label="R-MAE‡"),
+    "cmae": Arm("cmae", lr_scale=_lr_scale("cmae"), label="C-MAE"),
+    "mocov3": Arm("mocov3", label="MoCo v3"),
+    # MAE at the learning curve's 4x budget (32 epochs, its own full schedule): the
+    # compute-matched reference for methods that cost 3.4-4.3x MAE per image (mimlab flops)
+    "mae32": Arm("mae", label="MAE, 4x epochs (compute-matched)", hp_from="mae",
+                 curve_run=True),
+    "maskdistill": Arm("maskdistill", ("method.teacher_size=64",), label="MaskDistill"),
+    # Tables 6-7: the same step budget on N images (stronger crops, as in the paper's Table 6)
+    **{f"mae_n{n}": Arm("mae", _SMALL_AUG, label=f"MAE on {n} image{'s' * (n > 1)}", small=n)
+       for n in (1, 10, 100, 1000)},
+    # Table 5 without patch masking: the strongest remaining composition (cutmix + jitter)
+    "mae_nomask": Arm("mae", _NOMASK, label="MAE w/o masking (cutmix + jitter)"),
+    "cmae_nomask_aug": Arm("cmae", _NOMASK, lr_scale=_lr_scale("cmae"),
+                           label="C-MAE w/o masking (cutmix + jitter)"),
+    # C-MAE's negatives x queries (issue 16), measured with C-MAE's FT recipe and 2 FT seeds
+    **{f"cmae_{neg}_{q}": Arm("cmae", (f"method.negatives={neg}", f"method.queries={q}"),
+                              lr_scale=_lr_scale("cmae"), hp_from="cmae", ft_seeds=2,
+                              label=f"C-MAE negatives={neg} queries={q}")
+       for neg in ("position", "image", "batch") for q in ("all", "removed")
+       if (neg, q) != ("position", "all")},
+}
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    arms: tuple
+    claims: tuple
+    pretrain_seeds: int = 1
+    curve: bool = False
+    cka: bool = False
+    about: str = ""
+
+
+STAGES = {
+    "core": Stage("core", ("mae", "mae32"), ("a",), pretrain_seeds=2, curve=True, cka=True,
+                  about="MAE vs random init, learning curves, CKA"),
+    "rmae": Stage("rmae", ("rmae", "rmae_indep", "rmae_identity"), ("b",),
+                  about="the R-MAE family"),
+    "contrastive": Stage("contrastive", ("cmae", "mocov3"), ("c", "e"), cka=True,
+                         about="C-MAE and MoCo v3"),
+    "cmae_variants": Stage("cmae_variants", tuple(a for a in ARMS if a.startswith("cmae_")
+                                                  and a != "cmae_nomask_aug"), (),
+                           about="C-MAE negatives x queries (needs the contrastive stage)"),
+    "smalldata": Stage("smalldata", ("mae_n1", "mae_n10", "mae_n100", "mae_n1000"), ("d",),
+                       about="MAE on 1 / 10 / 100 / 1000 images"),
+    "augment": Stage("augment", ("mae_nomask", "cmae_nomask_aug", "maskdistill"), ("f", "g"),
+                     about="Table 5 without masking, MaskDistill"),
+}
+
+# claim -> (text, paper figure)
+CLAIMS = {
+    "a": ("MAE-init FT > random-init FT", "83.1 vs 80.9 (Tab. 1)"),
+    "b": ("R-MAE ≈ MAE, R-MAE† ≈ R-MAE‡ ≈ R-MAE on FT; R-MAE PSNR > MAE", "82.7 / 82.8 / 82.7 "
+          "vs 83.1; 23.7 vs 22.2 dB (Tab. 1)"),
+    "c": ("C-MAE ≈ MAE on FT, C-MAE < MAE on linear probe", "82.9 vs 83.1; 41.1 vs 54.5 (Tab. 4)"),
+    "d": ("MAE on 1/10/100/1000 images > random init, amount barely matters",
+          "82.3 / 82.3 / 82.2 / 82.2 vs 80.9 (Tab. 6-7)"),
+    "e": ("last-block CKA(masked, full) at ratio 0.75: MAE > MoCo v3 > supervised",
+          "qualitative (Fig. 1)"),
+    "f": ("removing patch masking hurts MAE and C-MAE", "Tab. 5 (ViT-S, ImageNet-100)"),
+    "g": ("MaskDistill > MAE on FT (our teacher: EfficientNet-Lite0, not CLIP)",
+          "MaskDistill paper"),
+}
+
+
+@dataclass(frozen=True)
+class StandardProfile:
+    """Budgets and protocol shared by every stage and arm."""
+    preset: str = "mini"
+    pool_images: int = 10000          # pretraining set = labelled FT pool (fixed subset)
+    subset_seed: int = 0
+    batch: int = 128
+    base_lr: float = 1.5e-3           # MAE's, per 256 images (10x the paper's 1.5e-4: tiny ViT)
+    warmup_epochs: float = 1.0
+    pretrain_epochs: int = 8          # the decisive budget (see the learning curves)
+    curve_epochs: int = 32            # the learning-curve run (one schedule)
+    curve_points: tuple = (1, 2, 4, 8, 16, 32)
+    ft_epochs: int = 2
+    ft_seeds: tuple = (0, 1, 2)
+    ft_base_lr: float = 1e-3
+    ft_warmup_epochs: float = 0.3
+    holdout: float = 0.2
+    sweep_layer_decay: tuple = (0.65, 0.75, 0.85, 1.0)
+    sweep_lr_factors: tuple = (0.5, 2.0)
+    drop_path: float = 0.1
+    label_smoothing: float = 0.1
+    lp_epochs: int = 30
+    cka_images: int = 512
+    cka_ratios: tuple = (0.25, 0.5, 0.75, 0.9)
+    approx_margin: float = 1.0        # "≈" claims hold when the 95 % CI lies within ±margin
+    workers: int = 1
+
+    def describe(self) -> list[str]:
+        return [
+            f"model `{self.preset}`; the same {self.pool_images:,} CIFAR-10 training images "
+            f"(seeded subset {self.subset_seed}) for pretraining and as the labelled pool",
+            f"pretraining: {self.pretrain_epochs} epochs of batch {self.batch} "
+            f"({self.pretrain_epochs * (self.pool_images // self.batch):,} steps, "
+            f"{self.pretrain_epochs * self.pool_images:,} images seen), AdamW, base lr "
+            f"{self.base_lr:g} per 256 x the method's paper lr relative to MAE's, cosine, "
+            f"{self.warmup_epochs:g}-epoch warm-up",
+            f"fine-tuning: {self.ft_epochs} epochs on the pool, drop path {self.drop_path:g}, "
+            f"label smoothing {self.label_smoothing:g}, no mixup; layer decay from "
+            f"{list(self.sweep_layer_decay)} at lr {self.ft_base_lr:g}, then lr x "
+            f"{list(self.sweep_lr_factors)}, chosen per init on a held-out "
+            f"{self.holdout:.0%} of the pool; then seeds {list(self.ft_seeds)} on the whole pool",
+            "linear probe: frozen features (class token after the final norm, and the patch-"
+            f"token average), {self.lp_epochs} epochs, lr chosen on 10 % held-out training "
+            "features; k-NN: k=20, T=0.07, patch-token average",
+            "every top-1 on all 10,000 CIFAR-10 test images; differences paired over seeds and "
+            "images, 95 % CI = t-interval over seeds (+) image standard error",
+        ]
+
+
+def small_data_overrides(arm: Arm, p: "StandardProfile", epochs: int) -> list:
+    """N images repeated to the same optimizer steps as ``epochs`` over the pool (one
+    'epoch' of the repeated set; warm-up scaled to match)."""
+    if arm.small is None:
+        return []
+    steps = epochs * (p.pool_images // p.batch)
+    repeat = math.ceil(steps * p.batch / arm.small)
+    return [f"data.limit={arm.small}", f"data.repeat={repeat}", "optim.epochs=1",
+            f"optim.warmup_epochs={p.warmup_epochs / epochs:g}"]
+
+
+# ------------------------------------------------------------------ the suite
+@dataclass
+class StandardSuite:
+    profile: StandardProfile
+    data: str
+    runs: Path                      # run directories (checkpoints; not committed)
+    results: Path                   # small result files (committed)
+    progress: bool = False
+    timings: dict = field(default_factory=dict)
+    _pretrain_fns: dict = field(default_factory=dict)
+
+    # -- bookkeeping -------------------------------------------------------------
+    def _file(self, name: str) -> Path:
+        return self.results / f"{name}.json"
+
+    def done(self, name: str) -> Optional[dict]:
+        f = self._file(name)
+        if f.is_file():
+            try:
+                return json.loads(f.read_text())
+            except ValueError:
+                return None
+        return None
+
+    def step(self, name: str, fn: Callable[[], dict], force: bool = False) -> Optional[dict]:
+        """Run ``fn`` unless ``<results>/<name>.json`` exists; record failures and go on."""
+        res = None if force else self.done(name)
+        if res is not None:
+            return res
+        print(f"[standard] {name}: running ...", flush=True)
+        t0 = time.time()
+        try:
+            res = fn()
+        except KeyboardInterrupt:
+            raise
+        except Exception as e:  # noqa: BLE001 - recorded, the stage goes on
+            msg = f"{type(e).__name__}: {' '.join(str(e).split())}"
+            f = self.results / f"{name}.FAILED.txt"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(msg + "\n\n" + traceback.format_exc())
+            print(f"[standard] {name}: FAILED ({msg[:300]})", flush=True)
+            return None
+        res = {**res, "wall_seconds": round(time.time() - t0, 1)}
+        f = self._file(name)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps(res, indent=1, default=str))
+        (self.results / f"{name}.FAILED.txt").unlink(missing_ok=True)
+        print(f"[standard] {name}: done in {time.time() - t0:.0f} s", flush=True)
+        return res
+
+    def _common(self, sub: str, name: str, seed: int) -> list[str]:
+        p = self.profile
+        return [f"data.path={self.data}", f"run.out_dir={self.runs / sub}", f"run.name={name}",
+                f"run.seed={seed}", f"run.progress={str(self.progress).lower()}",
+                f"data.num_workers={p.workers}", f"data.limit={p.pool_images}",
+                f"data.subset_seed={p.subset_seed}"]
+
+    # -- pretraining ---------------------------------------------------------------
+    def pretrain(self, stage: str, arm_name: str, seed: int, epochs: int, tag: str,
+                 ckpt_every: int = 0) -> Optional[dict]:
+        p, arm = self.profile, ARMS[arm_name]
+        name = f"{stage}/pretrain/{tag}"
+
+        def fn() -> dict:
+            run_dir = self.runs / stage / "pretrain" / tag
+            if (run_dir / "results.json").is_file() and (run_dir / "checkpoints/last.pt").is_file():
+                return json.loads((run_dir / "results.json").read_text())
+            ov = self._common(f"{stage}/pretrain", tag, seed) + [
+                f"model.preset={p.preset}", f"method.name={arm.method}",
+                f"optim.epochs={epochs}", f"optim.batch_size={p.batch}",
+                *small_data_overrides(arm, p, epochs),
+                f"optim.base_lr={p.base_lr * arm.lr_scale:g}",
+                f"optim.warmup_epochs={p.warmup_epochs}", "run.resume=auto",
+                "run.log_every=20", "run.save_every_steps=100", f"run.ckpt_every={ckpt_every}",
+                *arm.overrides]
+            return tasks.pretrain(resolve(PretrainConfig, overrides=ov))
+
+        self._pretrain_fns[name] = fn
+        return self.step(name, fn)
+
+    def ckpt(self, name: str, path: Optional[str] = None) -> Callable[[], Optional[str]]:
+        """Lazy checkpoint of pretraining step ``name`` (``path``: a file in its run, e.g. an
+        epoch checkpoint): called only by sub-runs that still have to run; a checkpoint lost
+        with its machine is retrained then (pretraining is deterministic)."""
+        def get() -> Optional[str]:
+            res = self.done(name)
+            want = path or (res or {}).get("checkpoint")
+            if want is None or not Path(want).is_file():
+                fn = self._pretrain_fns.get(name)
+                if fn is None:
+                    raise StandardError(f"checkpoint of {name} is missing and cannot be rebuilt")
+                res = self.step(name, fn, force=True)
+                want = path or res["checkpoint"]
+            return want
+        return get
+
+    # -- evaluation ----------------------------------------------------------------
+    def finetune(self, name: str, sub: str, ckpt: Optional[Callable], seed: int, ld: float,
+                 lr: float, holdout: bool) -> Optional[dict]:
+        p = self.profile
+
+        def fn() -> dict:
+            path = ckpt() if ckpt else None
+            ov = self._common(sub, Path(name).name, seed) + [
+                f"optim.epochs={p.ft_epochs}", f"optim.batch_size={p.batch}",
+                f"optim.layer_decay={ld}",
+                f"optim.base_lr={lr:g}", f"optim.warmup_epochs={p.ft_warmup_epochs}",
+                f"model.drop_path={p.drop_path}", f"finetune.label_smoothing={p.label_smoothing}",
+                "finetune.mixup=0", "finetune.cutmix=0", "run.save_every_steps=0"]
+            if holdout:
+                ov.append(f"data.holdout={p.holdout}")
+            ov += [f"finetune.pretrained={path}"] if path else [f"model.preset={p.preset}"]
+            return tasks.finetune(resolve(FinetuneConfig, overrides=ov),
+                                  explicit_model=path is None)
+
+        return self.step(name, fn)
+
+    def sweep(self, stage: str, tag: str, ckpt: Optional[Callable]) -> Optional[dict]:
+        """Layer decay, then lr, chosen on the held-out part of the pool (seed 0)."""
+        p = self.profile
+        sub = f"{stage}/sweep/{tag}"
+        scores: dict = {}
+        for ld in p.sweep_layer_decay:
+            r = self.finetune(f"{sub}/ld{ld}-lr{p.ft_base_lr:g}", sub, ckpt, 0, ld, p.ft_base_lr,
+                              True)
+            if r:
+                scores[(ld, p.ft_base_lr)] = r["top1"]
+        if not scores:
+            raise StandardError(f"every sweep run of {tag} failed (see its FAILED.txt files)")
+        best_ld = max(scores, key=scores.get)[0]
+        for f in p.sweep_lr_factors:
+            lr = p.ft_base_lr * f
+            r = self.finetune(f"{sub}/ld{best_ld}-lr{lr:g}", sub, ckpt, 0, best_ld, lr, True)
+            if r:
+                scores[(best_ld, lr)] = r["top1"]
+        (ld, lr) = max(scores, key=scores.get)
+        return {"layer_decay": ld, "base_lr": lr, "holdout_top1": scores[(ld, lr)],
+                "grid": [{"layer_decay": k[0], "base_lr": k[1], "holdout_top1": v}
+                         for k, v in scores.items()]}
+
+    def probe(self, name: str, sub: str, kind: str, ckpt: Optional[Callable], feature: str,
+              seed: int = 0) -> Optional[dict]:
+        p = self.profile
+
+        def fn() -> dict:
+            path = ckpt() if ckpt else None
+            ov = [f"data.path={self.data}", f"run.out_dir={self.runs / sub}",
+                  f"run.name={Path(name).name}", f"run.seed={seed}",
+                  f"run.progress={str(self.progress).lower()}", f"data.num_workers={p.workers}",
+                  f"data.limit={p.pool_images}", f"data.subset_seed={p.subset_seed}",
+                  f"probe.epochs={p.lp_epochs}", f"probe.feature={feature}"]
+            ov += [f"probe.pretrained={path}"] if path else [f"model.preset={p.preset}"]
+            cfg = resolve(ProbeConfig, overrides=ov)
+            fn_ = tasks.linprobe if kind == "linprobe" else tasks.knn
+            return fn_(cfg, explicit_model=path is None)
+
+        return self.step(name, fn)
+
+    def evaluate(self, stage: str, tag: str, ckpt: Optional[Callable],
+                 init_seed: int = 0) -> dict:
+        """Sweep, FT seeds, probes of one init; returns the result dicts by kind."""
+        p = self.profile
+        out: dict = {"tag": tag}
+        hp_tag = tag.rsplit("-s", 1)[0] if ckpt else "random"
+        arm = ARMS.get(hp_tag)
+        if arm is not None and arm.hp_from:
+            hp = self.done(f"{arm_stage(arm.hp_from)}/sweep/{arm.hp_from}")
+            if not hp:
+                raise StandardError(f"{hp_tag} reuses the fine-tuning recipe of {arm.hp_from}: "
+                                    f"run the stage '{arm_stage(arm.hp_from)}' first")
+        else:
+            hp = self.step(f"{stage}/sweep/{hp_tag}", lambda: self.sweep(stage, hp_tag, ckpt))
+        if not hp:
+            return out
+        out["hp"] = hp
+        seeds = p.ft_seeds[:arm.ft_seeds] if arm is not None and arm.ft_seeds else p.ft_seeds
+        out["ft"] = [self.finetune(f"{stage}/ft/{tag}-ft{s}", f"{stage}/ft", ckpt, s,
+                                   hp["layer_decay"], hp["base_lr"], False) for s in seeds]
+        for feat in ("cls", "avg"):
+            out[f"lp_{feat}"] = self.probe(f"{stage}/linprobe/{tag}-{feat}", f"{stage}/linprobe",
+                                           "linprobe", ckpt, feat, init_seed)
+        out["knn"] = self.probe(f"{stage}/knn/{tag}", f"{stage}/knn", "knn", ckpt, "avg",
+                                init_seed)
+        return out
+
+    # -- stages --------------------------------------------------------------------
+    def run_stage(self, stage_name: str) -> Path:
+        if stage_name not in STAGES:
+            raise StandardError(f"unknown stage '{stage_name}'; stages: {', '.join(STAGES)}")
+        st, p = STAGES[stage_name], self.profile
+        t0 = time.time()
+        # random init: evaluated once, shared by every stage (stored under core)
+        self.evaluate("core", "random", None)
+        for arm in st.arms:
+            for s in range(1 if ARMS[arm].curve_run else st.pretrain_seeds):
+                tag = f"{arm}-s{s}"
+                if ARMS[arm].curve_run:     # evaluate the curve run's final checkpoint
+                    run = self.curve_tag()
+                    r = self.pretrain(stage_name, "mae", 0, p.curve_epochs, run, ckpt_every=1)
+                else:   # MAE seed 0 doubles as the curve run when the budgets coincide
+                    run = tag
+                    every = 1 if st.curve and tag == self.curve_tag() else 0
+                    r = self.pretrain(stage_name, arm, s, p.pretrain_epochs, tag, every)
+                if r is None:
+                    continue
+                self.evaluate(stage_name, tag, self.ckpt(f"{stage_name}/pretrain/{run}"), s)
+        if st.curve:
+            self.curve(stage_name)
+        if st.cka:
+            self.cka(stage_name)
+        self.timings[stage_name] = round(time.time() - t0, 1)
+        return write_report(self)
+
+    def curve_tag(self) -> str:
+        p = self.profile
+        return "mae-s0" if p.pretrain_epochs == p.curve_epochs else "mae-curve-s0"
+
+    def curve(self, stage: str) -> None:
+        """k-NN, linear probe and FT (seed 0, MAE's chosen recipe) along one MAE run."""
+        p = self.profile
+        tag = self.curve_tag()
+        r = self.pretrain(stage, "mae", 0, p.curve_epochs, tag, ckpt_every=1)
+        hp = self.done(f"{stage}/sweep/mae")
+        if r is None or not hp:
+            return
+        ckdir = self.runs / stage / "pretrain" / tag / "checkpoints"
+        for e in p.curve_points:
+            ck = self.ckpt(f"{stage}/pretrain/{tag}", str(ckdir / f"checkpoint-epoch{e}.pt"))
+            self.probe(f"{stage}/curve/knn-e{e}", f"{stage}/curve", "knn", ck, "avg")
+            self.probe(f"{stage}/curve/lp-e{e}", f"{stage}/curve", "linprobe", ck, "avg")
+            self.finetune(f"{stage}/curve/ft-e{e}", f"{stage}/curve", ck, 0, hp["layer_decay"],
+                          hp["base_lr"], False)
+
+    def cka(self, stage: str) -> None:
+        from ..analysis.cka import analyze_cka
+        models, labels = [], []
+        want = [("MAE", f"{stage}/pretrain/mae-s0"), ("supervised", "core/ft/random-ft0")]
+        if stage == "contrastive":
+            want = [("MAE", "core/pretrain/mae-s0"), ("MoCo v3", f"{stage}/pretrain/mocov3-s0"),
+                    ("C-MAE", f"{stage}/pretrain/cmae-s0"), ("supervised", "core/ft/random-ft0")]
+        for label, name in want:
+            r = self.done(name)
+            if r:
+                labels.append(label)
+                models.append((name, r))
+        d = self.runs / stage / "cka"
+        old = self.done(f"{stage}/cka")
+        if old and old.get("labels") == labels:
+            return
+
+        def paths() -> list:
+            out = []
+            for name, r in models:
+                if "/pretrain/" in name:
+                    out.append(self.ckpt(name)())
+                else:  # a fine-tuned model: its run's last checkpoint
+                    ck = Path(r["run_dir"]) / "checkpoints/last.pt"
+                    if not ck.is_file():
+                        raise StandardError(f"CKA needs {ck} (the {name} run): rerun it")
+                    out.append(str(ck))
+            return out
+
+        def run() -> dict:
+            res = analyze_cka(self.data, paths(), random_init=[self.profile.preset],
+                              images=self.profile.cka_images, ratios=self.profile.cka_ratios,
+                              out=str(d), seed=0, workers=self.profile.workers,
+                              labels=labels + ["random init"], progress=self.progress)
+            plot = d / "cka_last_block.png"
+            if plot.is_file():  # the committed copy the report links to
+                (self.results / stage).mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(plot, self.results / stage / "cka_last_block.png")
+            return {**res, "labels": labels, "last_block": _cka_last_block(d / "cka.csv")}
+
+        self.step(f"{stage}/cka", run, force=True)
+
+
+def _cka_last_block(csv_path: Path) -> dict:
+    """{model: {ratio: cka of the last block}} from ``cka.csv``."""
+    import csv
+    if not csv_path.is_file():
+        return {}
+    last: dict = {}
+    for r in csv.DictReader(csv_path.open()):
+        key = (r["model"], float(r["ratio"]))
+        if int(r["block"]) >= last.get(key, (-1, 0.0))[0]:
+            last[key] = (int(r["block"]), float(r["cka"]))
+    out: dict = {}
+    for (m, ratio), (_, v) in last.items():
+        out.setdefault(m, {})[str(ratio)] = v
+    return out
+
+
+# ------------------------------------------------------------------ report
+def _units(results: list) -> list:
+    return [unpack_correct(r["correct"]) for r in results if r and "correct" in r]
+
+
+# claim -> comparisons (arm A, arm B, metric, kind) with kind '>' | '<' | '~' (within the
+# profile's margin); a claim holds when every comparison holds, is contradicted when one is
+METRICS = {"ft": "fine-tune", "lp_cls": "linear probe (cls token, MAE's protocol)",
+           "lp_avg": "linear probe (patch-token average)", "knn": "k-NN"}
+CLAIM_TESTS = {
+    "a": [("mae", "random", "ft", ">")],
+    "b": [("rmae", "mae", "ft", "~"), ("rmae_indep", "rmae", "ft", "~"),
+          ("rmae_identity", "rmae", "ft", "~")],
+    "c": [("cmae", "mae", "ft", "~"), ("cmae", "mae", "lp_cls", "<")],
+    "d": [(f"mae_n{n}", "random", "ft", ">") for n in (1, 10, 100, 1000)]
+    + [("mae_n1", "mae_n1000", "ft", "~")],
+    "f": [("mae", "mae_nomask", "ft", ">"), ("cmae", "cmae_nomask_aug", "ft", ">")],
+    "g": [("maskdistill", "mae", "ft", ">")],
+}
+
+
+# the same comparisons at equal pretraining compute: MAE at 4x the epochs (mae32) against
+# methods that cost 3.4x (R-MAE) - 4.3x (C-MAE) MAE's FLOPs per image (docs/results/standard/
+# flops.json); claims on pairs of the same cost (a, b's variants, d) are unchanged
+CLAIM_TESTS_COMPUTE = {
+    "b": [("rmae", "mae32", "ft", "~")],
+    "c": [("cmae", "mae32", "ft", "~"), ("cmae", "mae32", "lp_cls", "<")],
+}
+
+
+def arm_stage(arm: str) -> Optional[str]:
+    if arm == "random":
+        return "core"
+    return next((st.name for st in STAGES.values() if arm in st.arms), None)
+
+
+def unit_results(s: StandardSuite, arm: str, metric: str) -> dict:
+    """{(pretraining seed | None, FT seed | None): result} of one arm and metric."""
+    st = arm_stage(arm)
+    if st is None:
+        return {}
+    p = s.profile
+    pseeds = ([None] if arm == "random" else [0] if ARMS[arm].curve_run
+              else range(STAGES[st].pretrain_seeds))
+    out: dict = {}
+    for ps in pseeds:
+        tag = "random" if ps is None else f"{arm}-s{ps}"
+        if metric == "ft":
+            for f in p.ft_seeds:
+                r = s.done(f"{st}/ft/{tag}-ft{f}")
+                if r and "correct" in r:
+                    out[(ps, f)] = r
+        else:
+            name = {"lp_cls": "linprobe/{}-cls", "lp_avg": "linprobe/{}-avg",
+                    "knn": "knn/{}"}[metric].format(tag)
+            r = s.done(f"{st}/{name}")
+            if r and "correct" in r:
+                out[(ps, None)] = r
+    return out
+
+
+def compare(s: StandardSuite, a: str, b: str, metric: str, kind: str) -> Optional[dict]:
+    """Paired comparison of two arms on one metric: units are matched on (pretraining seed,
+    FT seed); an arm without pretraining seeds (random init) matches every pretraining seed."""
+    ua, ub = unit_results(s, a, metric), unit_results(s, b, metric)
+    pairs = []
+    for (ps, f), ra in sorted(ua.items(), key=lambda kv: str(kv[0])):
+        rb = ub.get((ps, f)) or ub.get((None, f))
+        if rb is not None:
+            pairs.append((ra, rb))
+    if not pairs:
+        return None
+    d = paired_diff([unpack_correct(x["correct"]) for x, _ in pairs],
+                    [unpack_correct(y["correct"]) for _, y in pairs])
+    return {"a": a, "b": b, "metric": metric, "kind": kind, "diff": d.to_dict(),
+            "verdict": verdict(d, kind, s.profile.approx_margin)}
+
+
+def judge(s: StandardSuite, claim: str, tests_by_claim: Optional[dict] = None
+          ) -> Optional[dict]:
+    tests = (CLAIM_TESTS if tests_by_claim is None else tests_by_claim).get(claim)
+    if not tests:
+        return None
+    rows = [compare(s, *t) for t in tests]
+    if any(r is None for r in rows):
+        return {"verdict": None, "comparisons": [r for r in rows if r]}
+    vs = [r["verdict"] for r in rows]
+    v = ("contradicted" if "contradicted" in vs else "holds" if all(x == "holds" for x in vs)
+         else "undecided")
+    return {"verdict": v, "comparisons": rows}
+
+
+def claim_a(s: StandardSuite) -> Optional[dict]:
+    """Claim (a) on every protocol: MAE (pretraining seeds x FT seeds) vs random init."""
+    out: dict = {}
+    for metric in METRICS:
+        c = compare(s, "mae", "random", metric, ">")
+        if c:
+            out[metric] = {**c["diff"], "verdict": c["verdict"]}
+    if "ft" not in out:
+        return None
+    return {**out, "verdict": out["ft"]["verdict"]}
+
+
+def _curve_plot(s: StandardSuite, path: Path) -> Optional[dict]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    p = s.profile
+    rows = []
+    for e in p.curve_points:
+        row = {"epochs": e, "images_seen": e * p.pool_images,
+               "steps": e * (p.pool_images // p.batch)}
+        for k, n in (("knn", "knn"), ("lp", "lp"), ("ft", "ft")):
+            r = s.done(f"core/curve/{n}-e{e}")
+            row[k] = r["top1"] if r else None
+        rows.append(row)
+    ref = {"knn": s.done("core/knn/random"), "lp": s.done("core/linprobe/random-avg")}
+    rft = [s.done(f"core/ft/random-ft{f}") for f in p.ft_seeds]
+    rft = [r["top1"] for r in rft if r]
+    refv = {k: (v["top1"] if v else None) for k, v in ref.items()}
+    refv["ft"] = sum(rft) / len(rft) if rft else None
+    if not any(r[k] is not None for r in rows for k in ("knn", "lp", "ft")):
+        return None
+    cross: dict = {}
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    colors = {"knn": "tab:blue", "lp": "tab:orange", "ft": "tab:green"}
+    names = {"knn": "k-NN", "lp": "linear probe (avg)", "ft": "fine-tune (seed 0)"}
+    for k in ("knn", "lp", "ft"):
+        pts = [(r["images_seen"], r[k]) for r in rows if r[k] is not None]
+        if not pts:
+            continue
+        ax.plot(*zip(*pts), "o-", color=colors[k], label=f"MAE {names[k]}")
+        if refv.get(k) is not None:
+            ax.axhline(refv[k], color=colors[k], ls="--", lw=1,
+                       label=f"random init {names[k]} {refv[k]:.1f}")
+            cross[k] = _crossing(pts, refv[k])
+            if cross[k].get("crossover_images"):
+                ax.axvline(cross[k]["crossover_images"], color=colors[k], ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("pretraining images seen (one 32-epoch MAE schedule on 10k images)")
+    ax.set_ylabel("CIFAR-10 test top-1 (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6.5, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return {"rows": rows, "random": refv, "crossover": cross}
+
+
+def _crossing(pts: list, ref: float) -> dict:
+    """Where the curve crosses ``ref`` (log-linear interpolation between measured points), and
+    the first budget from which every later point stays above it."""
+    out: dict = {}
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if y0 <= ref < y1:
+            t = (ref - y0) / (y1 - y0)
+            out["crossover_images"] = round(math.exp(math.log(x0) + t * (math.log(x1) - math.log(x0))))
+            break
+    above = [i for i in range(len(pts)) if all(y > ref for _, y in pts[i:])]
+    if above:
+        out["above_from_images"] = pts[above[0]][0]
+    if pts and pts[0][1] > ref:
+        out["above_at_first_point"] = True
+    return out
+
+
+def write_report(s: StandardSuite) -> Path:
+    """``report.md`` (+ ``summary.json``, plots) in the results folder, from the result files."""
+    p, R = s.profile, s.results
+    L = ["# mimlab reproduce — `standard` suite", "",
+         f"Regenerated {time.strftime('%Y-%m-%d %H:%M')} from the result files in this folder "
+         "(`mimlab reproduce --suite standard --report-only`). CIFAR-10 top-1 at the budget "
+         "below; the papers' numbers are ImageNet-1k, ViT-B/16: compare orderings, not values.",
+         "", "## Protocol", ""]
+    L += [f"- {x}" for x in p.describe()]
+    summary: dict = {"profile": asdict(p)}
+    L += ["", "## Verdicts", "",
+          "| claim | paper | ours: difference [95 % CI] | verdict |", "|---|---|---|---|"]
+    a = claim_a(s)
+    summary["claim_a"] = a
+    summary["claims"] = {}
+    names = {k: v.label for k, v in ARMS.items()} | {"random": "random init"}
+    for c, (text, paper) in CLAIMS.items():
+        j = judge(s, c)
+        summary["claims"][c] = j
+        if not j or not j["comparisons"]:
+            L.append(f"| ({c}) {text} | {paper} | not run yet | – |")
+            continue
+        parts = []
+        for r in j["comparisons"]:
+            d = Diff(**r["diff"])
+            rel = {">": ">", "<": "<", "~": "≈"}[r["kind"]]
+            parts.append(f"{names.get(r['a'], r['a'])} {rel} {names.get(r['b'], r['b'])} on "
+                         f"{r['metric']}: {d.a_mean:.2f} vs {d.b_mean:.2f}, {d.fmt()} "
+                         f"({d.n_units} units, {r['verdict']})")
+        v = j["verdict"] or "incomplete"
+        L.append(f"| ({c}) {text} | {paper} | {'; '.join(parts)} | **{v}** |")
+    L += ["", f"≈ holds when the 95 % CI of the difference lies within ±{p.approx_margin:g} "
+          "points; > / < hold when the CI excludes 0."]
+    rows = []
+    for c in CLAIM_TESTS_COMPUTE:
+        j = judge(s, c, CLAIM_TESTS_COMPUTE)
+        summary.setdefault("claims_compute_matched", {})[c] = j
+        for r in (j or {}).get("comparisons", []):
+            d = Diff(**r["diff"])
+            rows.append(f"| ({c}) | {names.get(r['a'], r['a'])} vs {names.get(r['b'], r['b'])} "
+                        f"| {r['metric']} | {d.a_mean:.2f} vs {d.b_mean:.2f} | {d.fmt()} | "
+                        f"{r['verdict']} |")
+    if rows:
+        L += ["", "### At equal pretraining compute", "",
+              "MAE pretrained for 4x the epochs (its own 32-epoch schedule) costs about what "
+              "R-MAE (3.4x) and C-MAE (4.3x MAE's training FLOPs per image) cost in 8 epochs "
+              "(`mimlab flops`, `flops.json`).", "",
+              "| claim | comparison | metric | top-1 | difference [95 % CI] | verdict |",
+              "|---|---|---|---|---|---|"] + rows
+    L += ["", "## Every evaluated init", "",
+          "| init | stage | FT (mean of units) | linear probe cls | linear probe avg | k-NN | "
+          "FT recipe (layer decay / lr) |", "|---|---|---|---|---|---|---|"]
+    for arm in ["random", *ARMS]:
+        res = {m: unit_results(s, arm, m) for m in METRICS}
+        if not any(res.values()):
+            continue
+        cell = {}
+        for m, units in res.items():
+            vals = [r["top1"] for r in units.values()]
+            cell[m] = "–" if not vals else (f"{sum(vals) / len(vals):.2f}" + (
+                f" (n={len(vals)})" if len(vals) > 1 else ""))
+        st = arm_stage(arm)
+        hp_arm = ARMS[arm].hp_from if arm in ARMS and ARMS[arm].hp_from else arm
+        hp = s.done(f"{arm_stage(hp_arm)}/sweep/{hp_arm}") or {}
+        rec = f"{hp['layer_decay']:g} / {hp['base_lr']:g}" if "layer_decay" in hp else "–"
+        L.append(f"| {names.get(arm, arm)} | {st} | {cell['ft']} | {cell['lp_cls']} | "
+                 f"{cell['lp_avg']} | {cell['knn']} | {rec} |")
+    if a:
+        L += ["", "### Claim (a) in detail", "",
+              "| protocol | MAE | random | MAE − random [95 % CI] | verdict |",
+              "|---|---|---|---|---|"]
+        for k, lab in METRICS.items():
+            if k in a:
+                d = Diff(**{kk: v for kk, v in a[k].items() if kk != "verdict"})
+                v = a[k]["verdict"]
+                L.append(f"| {lab} | {d.a_mean:.2f} ({', '.join(f'{x:.2f}' for x in d.a_units)}) "
+                         f"| {d.b_mean:.2f} | {d.fmt()} | {v} |")
+        hp_rows = []
+        for tag in ("random", "mae"):
+            hp = s.done(f"core/sweep/{tag}")
+            if hp and "grid" in hp:
+                grid = ", ".join(f"ld {g['layer_decay']:g}/lr {g['base_lr']:g}: "
+                                 f"{g['holdout_top1']:.1f}" for g in hp["grid"])
+                hp_rows.append(f"- {tag}: chose layer decay {hp['layer_decay']:g}, lr "
+                               f"{hp['base_lr']:g} (held-out top-1 {hp['holdout_top1']:.2f}); "
+                               f"grid {grid}")
+        if hp_rows:
+            L += ["", "Fine-tuning hyper-parameters chosen on the held-out 20 % of the pool:", ""]
+            L += hp_rows
+    cur = _curve_plot(s, R / "core" / "curve.png")
+    if cur:
+        summary["curve"] = cur
+        L += ["", "## Learning curves (MAE vs random init)", "",
+              "One MAE run of 32 epochs on the 10k pool (one cosine schedule), evaluated at the "
+              "checkpoints after 1, 2, 4, 8, 16 and 32 epochs (a 32x span).", "",
+              "| epochs | steps | images seen | k-NN | linear probe | FT (seed 0) |",
+              "|---|---|---|---|---|---|"]
+        for r in cur["rows"]:
+            f = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
+            L.append(f"| {r['epochs']} | {r['steps']:,} | {r['images_seen']:,} | {f(r['knn'])} "
+                     f"| {f(r['lp'])} | {f(r['ft'])} |")
+        rv = cur["random"]
+        f = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
+        L.append(f"| random init | – | – | {f(rv.get('knn'))} | {f(rv.get('lp'))} | "
+                 f"{f(rv.get('ft'))} (mean of seeds) |")
+        for k, c in cur["crossover"].items():
+            bits = []
+            if c.get("above_at_first_point"):
+                bits.append("above random already at the first point")
+            elif c.get("crossover_images"):
+                bits.append(f"crosses random init at ~{c['crossover_images']:,} images seen")
+            if c.get("above_from_images"):
+                bits.append(f"above it at every budget from {c['above_from_images']:,} images")
+            L.append(f"- {k}: {'; '.join(bits) or 'never above random init'}")
+        L += ["", "![learning curves](core/curve.png)"]
+    fl = R / "flops.json"
+    if fl.is_file():
+        d = json.loads(fl.read_text())
+        L += ["", "## Training FLOPs per image", "",
+              f"`{d.get('command', 'mimlab flops')}` ({d.get('convention', '')}); analytic "
+              "(`mimlab/flops.py`) against `torch.utils.flop_counter`:", "",
+              "| method | MFLOP / image (analytic) | counted | x MAE |", "|---|---|---|---|"]
+        for r in d.get("rows", []):
+            L.append(f"| {r['method']} | {r['analytic'] / 1e6:,.1f} | {r['counted'] / 1e6:,.1f} "
+                     f"| {r['relative_to_mae']:.2f} |")
+    cka = s.done("core/cka")
+    if cka and cka.get("last_block"):
+        L += ["", "## CKA between masked and full inputs (last block)", "",
+              "| model | " + " | ".join(f"ratio {r:g}" for r in p.cka_ratios) + " |",
+              "|---|" + "---|" * len(p.cka_ratios)]
+        for m, vals in cka["last_block"].items():
+            L.append(f"| {m} | " + " | ".join(f"{vals.get(str(float(r)), float('nan')):.3f}"
+                                               for r in p.cka_ratios) + " |")
+        if (R / "core" / "cka_last_block.png").is_file():
+            L += ["", "![CKA, last block](core/cka_last_block.png)"]
+    L += ["", "## Wall time", ""]
+    tot: dict = {}
+    for f in sorted(R.rglob("*.json")):
+        if f.name == "summary.json":
+            continue
+        try:
+            w = json.loads(f.read_text()).get("wall_seconds")
+        except ValueError:
+            continue
+        st = f.relative_to(R).parts[0]
+        if w:
+            tot[st] = tot.get(st, 0.0) + float(w)
+    L.append("Sums of each sub-run's own wall time (`wall_seconds` in its result file). They "
+             "include any slowdown from other jobs sharing the machine while it ran, so they are "
+             "upper bounds for an idle machine.")
+    L.append("")
+    for st, w in tot.items():
+        L.append(f"- stage `{st}`: {w / 60:.1f} min of sub-run wall time")
+    summary["wall_minutes"] = {k: round(v / 60, 1) for k, v in tot.items()}
+    R.mkdir(parents=True, exist_ok=True)
+    (R / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    (R / "report.md").write_text("\n".join(L) + "\n")
+    return R / "report.md"
+
+
+def reproduce_standard(stage: Optional[str], data: str, runs: str, results: str,
+                       progress: bool = False, report_only: bool = False,
+                       **fields) -> Path:
+    """Run one stage (or, with ``report_only``, only regenerate the report)."""
+    try:
+        prof = StandardProfile(**fields)
+    except TypeError as e:
+        raise StandardError(f"unknown profile field: {e}") from None
+    s = StandardSuite(prof, data, Path(runs), Path(results), progress)
+    if report_only or stage is None:
+        return write_report(s)
+    return s.run_stage(stage)

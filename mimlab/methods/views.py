@@ -1,0 +1,128 @@
+"""The two transformations T1 / T2 of the siamese methods plus Table 5's augmentations
+(Kong & Zhang 2022, Eq. 6 and Sec. 3.2 / Tab. 5).
+
+:class:`ViewMaker` builds, from one batch of dataset-normalised images [B, C, H, W], two views
+``x1`` (online, T1) and ``x2`` (target, T2) with their patch masks [B, N] (float, 1 = removed;
+``None`` = the view removes nothing). Order of the operations:
+
+1. masks: T1 = ``method.mask`` (random | block | none); T2 = ``method.view2``: the complement
+   of T1 (Eq. 6), an independent 25 % mask (R-MAE-dagger), none (identity, R-MAE-double-dagger,
+   or a ``crop`` view). **Without patch masking** (``mask=none``, Table 5's "removing patch
+   masking") *neither* view is masked, whatever ``view2`` says (the complement of "nothing
+   removed" would be an empty view).
+2. cutmix (``method.cutmix``): with patch masking one cutmix image is shared by both views
+   (the views are complementary patch sets of the same -- augmented -- image, as Eq. 6 derives
+   both from one image); **without patch masking each view gets its own cutmix** (its own
+   random partner and its own box), otherwise cutmix alone would leave ``x1 == x2``.
+3. colour jitter ``whole``: one jitter of the (cutmix) image shared by both views (only with
+   patch masking: without it the views would stay identical).
+4. crops (``view2=crop``, MoCo v3): two independent random resized crops.
+5. colour jitter ``after_mask`` (C-MAE: "we introduce additional color augmentation after the
+   transformation ... The detailed color jittering follows SimSiam"): each view its own
+   parameters; ``unmasked``: the online view T1 only.
+
+**No leak through the jitter.** Every jitter here is applied to a whole view tensor, so the one
+image statistic it uses (contrast's mean grey level, :func:`mimlab.augment.adjust_contrast`)
+is taken over the *visible* patches of that view only (for ``whole``: T1's visible patches):
+the pixels T1 shows never depend on the pixels T1 hides (tested). Augmentations run only in
+training mode (``train=True``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ..augment import (SIMSIAM_JITTER, JitterSpec, color_jitter_batch, cutmix_batch,
+                       random_partner, random_resized_crop_batch)
+from ..ops import block_masking, random_masking
+
+MASKS = ("random", "block", "none")
+VIEW2 = ("none", "complement", "independent", "identity", "crop")
+JITTERS = ("none", "after_mask", "whole", "unmasked")
+
+
+@dataclass
+class Views:
+    """The two transformed inputs: images [B, C, H, W] and patch masks [B, N] (float,
+    1 = removed; ``None`` = the view removes nothing)."""
+    x1: Tensor
+    x2: Tensor
+    mask1: Optional[Tensor]
+    mask2: Optional[Tensor]
+
+
+class ViewMaker:
+    """T1 / T2 of the siamese form plus the Table-5 augmentations (see the module docstring)."""
+
+    def __init__(self, grid: tuple[int, int], masking: str = "random", mask_ratio: float = 0.75,
+                 view2: str = "complement", view2_mask_ratio: float = 0.25,
+                 color_jitter: str = "none", cutmix: bool = False,
+                 jitter: JitterSpec = SIMSIAM_JITTER, jitter2: Optional[JitterSpec] = None,
+                 crop_scale: tuple[float, float] = (0.08, 1.0)):
+        self.grid, self.num_patches = grid, grid[0] * grid[1]
+        self.masking, self.mask_ratio = masking, mask_ratio
+        self.view2, self.view2_mask_ratio = view2, view2_mask_ratio
+        self.color_jitter, self.cutmix = color_jitter, cutmix
+        self.jitter, self.jitter2 = jitter, jitter2 or jitter
+        self.crop_scale = crop_scale
+
+    def sample_mask(self, B: int, device, kind: str, ratio: float,
+                    noise: Optional[Tensor] = None) -> Optional[Tensor]:
+        """[B, N] float mask (1 = removed) of ``kind`` random | block, or None for none."""
+        if kind == "none":
+            return None
+        if kind == "random":
+            if noise is None:
+                noise = torch.rand(B, self.num_patches, device=device)
+            return random_masking(noise, ratio)[1]
+        if kind == "block":
+            return block_masking(B, self.grid, ratio, device=device)
+        raise ValueError(f"unknown masking '{kind}' ({' | '.join(MASKS)})")
+
+    def masks(self, B: int, device, mask1: Optional[Tensor] = None,
+              mask2: Optional[Tensor] = None, noise: Optional[Tensor] = None
+              ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+        """(mask1, mask2): given ones are kept; T2's follows ``view2`` (step 1 above)."""
+        if mask1 is None:
+            mask1 = self.sample_mask(B, device, self.masking, self.mask_ratio, noise)
+        if mask2 is None and mask1 is not None:
+            if self.view2 == "complement":
+                mask2 = 1.0 - mask1
+            elif self.view2 == "independent":
+                mask2 = self.sample_mask(B, device, "random", self.view2_mask_ratio)
+        return mask1, mask2
+
+    def __call__(self, images: Tensor, mean=None, std=None, train: bool = True,
+                 mask1: Optional[Tensor] = None, mask2: Optional[Tensor] = None,
+                 noise: Optional[Tensor] = None) -> Views:
+        B, dev = images.shape[0], images.device
+        mask1, mask2 = self.masks(B, dev, mask1, mask2, noise)
+        if not train:
+            return Views(images, images, mask1, mask2)
+        masked = mask1 is not None or mask2 is not None
+        vis1 = None if mask1 is None else 1.0 - mask1                 # [B, N], 1 = visible
+        vis2 = None if mask2 is None else 1.0 - mask2
+        x1 = x2 = images
+        if self.cutmix:
+            if masked:
+                x1 = x2 = cutmix_batch(images)
+            else:  # two independently augmented views: own partner, own box
+                x1 = cutmix_batch(images, partner=random_partner(B, dev))
+                x2 = cutmix_batch(images, partner=random_partner(B, dev))
+        if self.color_jitter == "whole":
+            if x1 is not x2:
+                raise ValueError("color_jitter='whole' shares one jitter between identical "
+                                 "views; without patch masking use 'after_mask'")
+            x1 = x2 = color_jitter_batch(x1, mean, std, self.jitter, visible=vis1)
+        if self.view2 == "crop":
+            x1 = random_resized_crop_batch(x1, self.crop_scale)
+            x2 = random_resized_crop_batch(x2, self.crop_scale)
+        if self.color_jitter == "after_mask":
+            x1 = color_jitter_batch(x1, mean, std, self.jitter, visible=vis1)
+            x2 = color_jitter_batch(x2, mean, std, self.jitter2, visible=vis2)
+        elif self.color_jitter == "unmasked":
+            x1 = color_jitter_batch(x1, mean, std, self.jitter, visible=vis1)
+        return Views(x1, x2, mask1, mask2)

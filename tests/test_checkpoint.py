@@ -1,0 +1,91 @@
+"""The checkpoint schema (mimlab.checkpoint): fields, atomic save, weights-only load, and the
+pre-schema files written by the code before it (committed fixtures)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimlab import checkpoint as ckf
+from mimlab import tasks
+from mimlab.config import PretrainConfig, resolve
+from mimlab.sources import load_encoder
+
+FIX = Path(__file__).parent / "fixtures"
+LEGACY_PRE = FIX / "legacy_mae_micro_pretrain.pt"     # written by commit a33b153 (pre-schema)
+LEGACY_FT = FIX / "legacy_micro_finetune.pt"          # fine-tuned from LEGACY_PRE, same code
+EXPECTED = FIX / "legacy_expected.pt"                 # outputs computed by that same code
+
+
+def test_fixtures_are_small():
+    for p in (LEGACY_PRE, LEGACY_FT, EXPECTED):
+        assert p.stat().st_size < 400_000
+
+
+def test_legacy_checkpoints_load_with_one_note(caplog):
+    ckf._NOTED.clear()
+    raw = torch.load(LEGACY_PRE, weights_only=True)
+    assert "format_version" not in raw                        # really the old layout
+    with caplog.at_level(logging.WARNING, logger="mimlab.checkpoint"):
+        ck = ckf.load(LEGACY_PRE)
+        ckf.load(LEGACY_PRE)                                  # noted once per file
+    notes = [r.message for r in caplog.records if r.name == "mimlab.checkpoint"]
+    assert len(notes) == 1 and "pre-schema checkpoint layout" in notes[0]
+    assert (ck["format_version"], ck["kind"], ck["method"]) == (ckf.FORMAT_VERSION,
+                                                                "pretrain", "mae")
+    assert ckf.model_config(ck).embed_dim == 16 and ckf.data_stats(ck) is None
+    ft = ckf.load(LEGACY_FT)
+    assert ft["kind"] == "finetune" and ckf.is_classifier(ft)
+    assert set(ckf.head_state(ft)) == set(ckf.HEAD_KEYS)
+
+
+def test_legacy_checkpoints_give_the_old_outputs():
+    """Encoder tokens and fine-tuned logits equal (bitwise) what the old code computed."""
+    ex = torch.load(EXPECTED, weights_only=True)
+    m = load_encoder(str(LEGACY_PRE))
+    ft = load_encoder(f"mimlab:{LEGACY_FT}")
+    with torch.no_grad():
+        assert torch.equal(m.encoder.forward_features(ex["input"]), ex["pretrain_tokens"])
+        assert torch.equal(ft.logits(ex["input"]), ex["finetune_logits"])
+    assert m.decoder is not None and m.norm_pix is True and ft.decoder is None
+
+
+def test_new_checkpoint_schema(tiny_folder, tmp_path):
+    cfg = resolve(PretrainConfig, overrides=[
+        f"data.path={tiny_folder}", "model.preset=micro", "optim.epochs=1",
+        "optim.batch_size=8", "data.num_workers=0", f"run.out_dir={tmp_path}", "run.name=p",
+        "run.progress=false", "data.mean=[0.5,0.4,0.3]", "data.std=[0.2,0.2,0.2]"])
+    res = tasks.pretrain(cfg)
+    raw = torch.load(res["checkpoint"], weights_only=True)   # weights_only readable
+    assert raw["format_version"] == ckf.FORMAT_VERSION and raw["kind"] == "pretrain"
+    assert raw["method"] == "mae" and raw["model_config"]["embed_dim"] == 32
+    assert raw["data_stats"] == {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2],
+                                 "img_size": 32, "in_chans": 3}
+    assert set(raw["provenance"]) == {"mimlab", "git", "torch", "time"}
+    assert raw["encoder"]["cls_token"].equal(raw["model"]["encoder.cls_token"])
+    for k in ("optimizer", "scaler", "rng", "global_step", "epoch", "micro_in_epoch"):
+        assert k in raw
+    m = load_encoder(res["checkpoint"])
+    assert (m.mean, m.std) == ([0.5, 0.4, 0.3], [0.2, 0.2, 0.2])
+
+
+def test_save_is_atomic_and_load_refuses_foreign_or_newer(tmp_path, monkeypatch):
+    p = tmp_path / "c.pt"
+    ckf.save({"format_version": 2, "x": torch.ones(1)}, p)
+
+    def boom(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(ckf.CheckpointError, match="previous checkpoint is intact"):
+        ckf.save({"format_version": 2, "x": torch.zeros(1)}, p)
+    monkeypatch.undo()
+    assert ckf.load(p)["x"].item() == 1.0 and not (tmp_path / "c.pt.tmp").exists()
+    ckf.save({"format_version": 99}, p)
+    with pytest.raises(ckf.CheckpointError, match="newer mimlab"):
+        ckf.load(p)
+    torch.save({"state_dict": {"a": torch.ones(1)}}, p)
+    with pytest.raises(ckf.CheckpointError, match="not a mimlab checkpoint.*mae:"):
+        ckf.load(p)
