@@ -643,8 +643,9 @@ def _curve_plot(s: StandardSuite, path: Path) -> Optional[dict]:
             continue
         ax.plot(*zip(*pts), "o-", color=colors[k], label=f"MAE {names[k]}")
         if refv.get(k) is not None:
+            ref_name = ("fine-tune (mean of FT seeds)" if k == "ft" else names[k])
             ax.axhline(refv[k], color=colors[k], ls="--", lw=1,
-                       label=f"random init {names[k]} {refv[k]:.1f}")
+                       label=f"random init {ref_name} {refv[k]:.1f}")
             cross[k] = _crossing(pts, refv[k])
             if cross[k].get("crossover_images"):
                 ax.axvline(cross[k]["crossover_images"], color=colors[k], ls=":", lw=1)
