@@ -66,6 +66,17 @@ LABELS = {"random": "random init", "supervised": "supervised (scratch FT)", "mae
 RECONSTRUCTIVE = ("mae", "rmae", "rmae_indep", "rmae_identity", "simmim")
 
 
+def read_result(f: Path) -> Optional[dict]:
+    """A finished sub-run's result file, or None when it is missing or unreadable (then the
+    sub-run counts as not finished and runs again)."""
+    if f.is_file():
+        try:
+            return json.loads(f.read_text())
+        except ValueError:
+            return None
+    return None
+
+
 class ReproduceError(Exception):
     """Bad suite arguments or an output folder that belongs to another suite."""
 
@@ -166,13 +177,7 @@ class Suite:
 
     # -- bookkeeping --------------------------------------------------------------
     def _done(self, d: Path) -> Optional[dict]:
-        f = d / "results.json"
-        if f.is_file():
-            try:
-                return json.loads(f.read_text())
-            except ValueError:
-                return None
-        return None
+        return read_result(d / "results.json")
 
     def step(self, name: str, d: Path, fn: Callable[[], dict], needs: tuple = (),
              inputs: Optional[list] = None) -> Outcome:

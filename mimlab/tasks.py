@@ -250,11 +250,6 @@ def predict_correct(model: Classifier, ds, batch_size: int, device, num_workers:
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
 
 
-def evaluate_top1(model: Classifier, ds, batch_size: int, device, num_workers: int = 2) -> float:
-    c = predict_correct(model, ds, batch_size, device, num_workers)
-    return 100.0 * float(c.float().sum()) / max(len(c), 1)
-
-
 def finetune(cfg: FinetuneConfig, explicit_model: bool = False) -> dict:
     ft = cfg.finetune
     if cfg.optim.layer_decay is None:  # MAE's 0.75 for a pretrained encoder, none from scratch

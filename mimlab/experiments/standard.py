@@ -52,6 +52,7 @@ from typing import Callable, Optional
 from .. import tasks
 from ..config import FinetuneConfig, PretrainConfig, ProbeConfig, resolve
 from ..paper_settings import paper_optim
+from ..reproduce import read_result
 from ..stats import Diff, paired_diff, unpack_correct, verdict
 
 log = logging.getLogger("mimlab")
@@ -233,13 +234,7 @@ class StandardSuite:
         return self.results / f"{name}.json"
 
     def done(self, name: str) -> Optional[dict]:
-        f = self._file(name)
-        if f.is_file():
-            try:
-                return json.loads(f.read_text())
-            except ValueError:
-                return None
-        return None
+        return read_result(self._file(name))
 
     def step(self, name: str, fn: Callable[[], dict], force: bool = False) -> Optional[dict]:
         """Run ``fn`` unless ``<results>/<name>.json`` exists; record failures and go on."""
@@ -363,11 +358,8 @@ class StandardSuite:
 
         def fn() -> dict:
             path = ckpt() if ckpt else None
-            ov = [f"data.path={self.data}", f"run.out_dir={self.runs / sub}",
-                  f"run.name={Path(name).name}", f"run.seed={seed}",
-                  f"run.progress={str(self.progress).lower()}", f"data.num_workers={p.workers}",
-                  f"data.limit={p.pool_images}", f"data.subset_seed={p.subset_seed}",
-                  f"probe.epochs={p.lp_epochs}", f"probe.feature={feature}"]
+            ov = self._common(sub, Path(name).name, seed) + [
+                f"probe.epochs={p.lp_epochs}", f"probe.feature={feature}"]
             ov += [f"probe.pretrained={path}"] if path else [f"model.preset={p.preset}"]
             cfg = resolve(ProbeConfig, overrides=ov)
             fn_ = tasks.linprobe if kind == "linprobe" else tasks.knn
