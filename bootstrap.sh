@@ -4,7 +4,7 @@
 # pyproject.toml changed since the last install), then runs a job.
 #
 #   ./bootstrap.sh demo [mimlab demo options]   # pretrain + evaluate, writes runs/demo-*
-#   ./bootstrap.sh test [pytest options]        # the test suite (what .ci/run runs)
+#   ./bootstrap.sh test [pytest options]        # ruff + the test suite (what .ci/run runs)
 #   ./bootstrap.sh install                      # only install
 #   ./bootstrap.sh mimlab <any mimlab command>  # run the CLI inside the venv
 set -euo pipefail
@@ -26,7 +26,10 @@ job="${1:-demo}"; shift || true
 case "$job" in
   install) echo "[bootstrap] ok: $(.venv/bin/python -c 'import torch, timm, mimlab; print("torch", torch.__version__, "timm", timm.__version__, "mimlab", mimlab.__version__)')" ;;
   demo)    exec .venv/bin/mimlab demo "$@" ;;
-  test)    exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@" ;;
+  test)    # lint and format check first (configured in pyproject.toml), then the suite
+           .venv/bin/ruff check mimlab tests benchmarks
+           .venv/bin/ruff format --check mimlab tests benchmarks
+           exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@" ;;
   mimlab)  exec .venv/bin/mimlab "$@" ;;
   *) echo "usage: ./bootstrap.sh {demo|test|install|mimlab} [args...]" >&2; exit 2 ;;
 esac

@@ -42,6 +42,7 @@ filling the shuffle buffer). The load average before and after is printed.
     python benchmarks/bench_data.py --cases cifar --workers 0,1,2 --json out.jsonl
     python benchmarks/bench_data.py --cases shards --shard-images 10000 --shard-reps 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -63,8 +64,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train as bt  # noqa: E402  (benchmarks/ is not a package)
 
 from mimlab.config import DataConfig, PretrainConfig, resolve  # noqa: E402
-from mimlab.data import (IMG_EXTS, PHOTO_NAMES, build_dataset, default_data_path,  # noqa: E402
-                         write_folder_shards)
+from mimlab.data import IMG_EXTS, PHOTO_NAMES, build_dataset, default_data_path, write_folder_shards  # noqa: E402
 from mimlab.engine import make_loader  # noqa: E402
 from mimlab.ops import block_masking, random_masking  # noqa: E402
 
@@ -91,8 +91,7 @@ class WithMask(Dataset):
         return torch.zeros(n)
 
     def __getitem__(self, key):
-        x, y, nbad = self.ds[key]
-        return x, y, nbad, self.mask()
+        return self.ds[key], self.mask()  # the item (a mimlab.batch.Batch) and its patch mask
 
 
 def make_photo_folder(root: Path, n: int, side: int, seed: int = 0) -> Path:
@@ -100,6 +99,7 @@ def make_photo_folder(root: Path, n: int, side: int, seed: int = 0) -> Path:
     ``side`` px, JPEG quality 90 (see the module docstring)."""
     import skimage.data as skd
     from PIL import Image
+
     rng = np.random.default_rng(seed)
     photos = []
     for name in PHOTO_NAMES:
@@ -114,7 +114,7 @@ def make_photo_folder(root: Path, n: int, side: int, seed: int = 0) -> Path:
         ar = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
         h, w = int(min(H, s / math.sqrt(ar))), int(min(W, s * math.sqrt(ar)))
         top, left = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
-        im = Image.fromarray(np.ascontiguousarray(a[top:top + h, left:left + w]))
+        im = Image.fromarray(np.ascontiguousarray(a[top : top + h, left : left + w]))
         if rng.random() < 0.5:
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         k = side / min(h, w)
@@ -126,6 +126,7 @@ def make_photo_folder(root: Path, n: int, side: int, seed: int = 0) -> Path:
 def describe_files(files: list, sample: int = 200) -> dict:
     """Number of files, mean size (KiB) and the most common resolution of a sample of them."""
     from PIL import Image
+
     files = [Path(f) for f in files]
     pick = files[:: max(1, len(files) // sample)][:sample]
     sizes, res = [], {}
@@ -135,8 +136,11 @@ def describe_files(files: list, sample: int = 200) -> dict:
             with Image.open(f) as im:
                 res[im.size] = res.get(im.size, 0) + 1
     common = max(res, key=res.get) if res else None
-    return {"files": len(files), "mean_file_kib": round(float(np.mean(sizes)), 1) if sizes else 0,
-            "typical_px": f"{common[0]}x{common[1]}" if common else "?"}
+    return {
+        "files": len(files),
+        "mean_file_kib": round(float(np.mean(sizes)), 1) if sizes else 0,
+        "typical_px": f"{common[0]}x{common[1]}" if common else "?",
+    }
 
 
 def data_rate(ds, batch: int, workers: int, batches: int, seed: int = 0) -> dict:
@@ -162,8 +166,12 @@ def data_rate(ds, batch: int, workers: int, batches: int, seed: int = 0) -> dict
         steady = (last - k0) * batch / (arrivals[last] - arrivals[k0])
     else:  # too few batches for a steady rate: the overall one, start-up included
         steady = n * batch / arrivals[-1]
-    return {"data_img_s": steady, "data_startup_s": arrivals[0],
-            "data_overall_img_s": n * batch / arrivals[-1], "batches": n}
+    return {
+        "data_img_s": steady,
+        "data_startup_s": arrivals[0],
+        "data_overall_img_s": n * batch / arrivals[-1],
+        "batches": n,
+    }
 
 
 def fed_rate(method, ds, batch: int, workers: int, steps: int, seed: int = 0) -> dict:
@@ -180,22 +188,21 @@ def fed_rate(method, ds, batch: int, workers: int, steps: int, seed: int = 0) ->
     it = iter(loader)
 
     def one():
-        x, _, _ = next(it)
+        x = next(it).images
         opt.zero_grad(set_to_none=True)
         method(x)["loss"].backward()
         opt.step()
 
     t = time.perf_counter()
     warm = 0
-    while warm < 1 or (warm < warm_max and time.perf_counter() - t < 10
-                       and warm + steps < avail):
+    while warm < 1 or (warm < warm_max and time.perf_counter() - t < 10 and warm + steps < avail):
         one()
         warm += 1
     t = time.perf_counter()
     for _ in range(steps):
         one()
     el = time.perf_counter() - t
-    del it, loader
+    del loader  # the closure keeps `it`; the workers stop when `one` goes
     return {"fed_img_s": steps * batch / el, "fed_steps": steps, "fed_warmup_steps": warm}
 
 
@@ -211,8 +218,9 @@ def run_case(case: str, path: str, desc: dict, preset: str, batch: int, args) ->
     ov = [f"data.path={path}", f"method.name={args.method}"]
     cfg = resolve(PretrainConfig, overrides=[f"model.preset={preset}", *ov])
     m = cfg.model
-    ds = build_dataset(cfg.data, "train", m.img_size, m.in_chans, cfg.run.seed, train_aug=True,
-                       labelled=False)
+    ds = build_dataset(
+        cfg.data, "train", m.img_size, m.in_chans, cfg.run.seed, train_aug=True, labelled=False
+    )
     grid = (m.img_size // m.patch_size, m.img_size // m.patch_size)
     mkind = cfg.method.mask
     wm = WithMask(ds, grid, cfg.method.mask_ratio, mkind)
@@ -222,15 +230,26 @@ def run_case(case: str, path: str, desc: dict, preset: str, batch: int, args) ->
     train = batch / t
     out = []
     for nw in args.workers:
-        r = {"bench": "data", "case": case, "dataset": desc["name"], "path": path,
-             "source": desc["source"], **{k: desc[k] for k in ("files", "mean_file_kib",
-                                                               "typical_px")},
-             "img_size": m.img_size, "workers": nw, "batch": batch,
-             "mask": f"{mkind} {cfg.method.mask_ratio:g}" if mkind != "none" else "none",
-             "mask_us_per_image": mask_us, "method": args.method,
-             "train_preset": preset, "train_batch": batch, "train_reps": args.reps,
-             "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-             "train_img_s": train}
+        r = {
+            "bench": "data",
+            "case": case,
+            "dataset": desc["name"],
+            "path": path,
+            "source": desc["source"],
+            **{k: desc[k] for k in ("files", "mean_file_kib", "typical_px")},
+            "img_size": m.img_size,
+            "workers": nw,
+            "batch": batch,
+            "mask": f"{mkind} {cfg.method.mask_ratio:g}" if mkind != "none" else "none",
+            "mask_us_per_image": mask_us,
+            "method": args.method,
+            "train_preset": preset,
+            "train_batch": batch,
+            "train_reps": args.reps,
+            "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "train_img_s": train,
+        }
         r.update(data_rate(wm, batch, nw, args.batches))
         r["ratio"] = r["data_img_s"] / train
         r["training_waits"] = bool(r["ratio"] < 1)
@@ -251,26 +270,61 @@ def run_shards(path: str, args) -> list[dict]:
     out = []
     try:
         t = time.perf_counter()
-        info = write_folder_shards(path, tmp / "shards", args.shard_size, limit=args.shard_images,
-                                   seed=0, progress=False, splits=("train",))
+        info = write_folder_shards(
+            path,
+            tmp / "shards",
+            args.shard_size,
+            limit=args.shard_images,
+            seed=0,
+            progress=False,
+            splits=("train",),
+        )
         write_s = time.perf_counter() - t
-        mib = sum(f.stat().st_size for f in (tmp / "shards").glob("*.tar")) / 2 ** 20
-        print(f"# shards: {info['train']['images']} images in {info['train']['shards']} shards "
-              f"({mib:.1f} MiB) written in {write_s:.1f} s to {tmp / 'shards'}", flush=True)
+        mib = sum(f.stat().st_size for f in (tmp / "shards").glob("*.tar")) / 2**20
+        print(
+            f"# shards: {info['train']['images']} images in {info['train']['shards']} shards "
+            f"({mib:.1f} MiB) written in {write_s:.1f} s to {tmp / 'shards'}",
+            flush=True,
+        )
         # the same images and the same train transform for both
-        folder = build_dataset(DataConfig(path=path, limit=args.shard_images, subset_seed=0),
-                               "train", size, chans, 0, train_aug=True, labelled=False)
-        shards = build_dataset(DataConfig(path=str(tmp / "shards")), "train", size, chans, 0,
-                               train_aug=True, labelled=False, mean=folder.mean, std=folder.std)
+        folder = build_dataset(
+            DataConfig(path=path, limit=args.shard_images, subset_seed=0),
+            "train",
+            size,
+            chans,
+            0,
+            train_aug=True,
+            labelled=False,
+        )
+        shards = build_dataset(
+            DataConfig(path=str(tmp / "shards")),
+            "train",
+            size,
+            chans,
+            0,
+            train_aug=True,
+            labelled=False,
+            mean=folder.mean,
+            std=folder.std,
+        )
         assert len(folder) == len(shards), (len(folder), len(shards))
         batches = len(folder) // batch  # one whole epoch each
         load0 = os.getloadavg()
         for rep in range(args.shard_reps):
             for nw in args.workers:
-                r = {"bench": "data_shards", "rep": rep, "workers": nw, "batch": batch,
-                     "img_size": size, "images": len(folder), "shard_size": args.shard_size,
-                     "shard_mib": round(mib, 1), "shard_write_s": round(write_s, 2),
-                     "shuffle_buffer": shards.shuffle_buffer, "cpu_count": os.cpu_count()}
+                r = {
+                    "bench": "data_shards",
+                    "rep": rep,
+                    "workers": nw,
+                    "batch": batch,
+                    "img_size": size,
+                    "images": len(folder),
+                    "shard_size": args.shard_size,
+                    "shard_mib": round(mib, 1),
+                    "shard_write_s": round(write_s, 2),
+                    "shuffle_buffer": shards.shuffle_buffer,
+                    "cpu_count": os.cpu_count(),
+                }
                 for name, ds in (("folder", folder), ("shards", shards)):
                     m = data_rate(ds, batch, nw, batches)
                     r[f"{name}_img_s"] = m["data_img_s"]
@@ -279,72 +333,104 @@ def run_shards(path: str, args) -> list[dict]:
                 r["ratio"] = r["shards_img_s"] / r["folder_img_s"]
                 r["ratio_overall"] = r["shards_overall_img_s"] / r["folder_overall_img_s"]
                 out.append(r)
-                print(f"shards rep {rep} {nw} worker(s) batch {batch}: folder "
-                      f"{r['folder_img_s']:7.1f} img/s (overall {r['folder_overall_img_s']:7.1f})"
-                      f" | shards {r['shards_img_s']:7.1f} img/s (overall "
-                      f"{r['shards_overall_img_s']:7.1f}, start-up {r['shards_startup_s']:.2f} s)"
-                      f" | shards/folder {r['ratio']:.2f} (overall {r['ratio_overall']:.2f})",
-                      flush=True)
+                print(
+                    f"shards rep {rep} {nw} worker(s) batch {batch}: folder "
+                    f"{r['folder_img_s']:7.1f} img/s (overall {r['folder_overall_img_s']:7.1f})"
+                    f" | shards {r['shards_img_s']:7.1f} img/s (overall "
+                    f"{r['shards_overall_img_s']:7.1f}, start-up {r['shards_startup_s']:.2f} s)"
+                    f" | shards/folder {r['ratio']:.2f} (overall {r['ratio_overall']:.2f})",
+                    flush=True,
+                )
         load1 = os.getloadavg()
         for r in out:
             r["loadavg_before"], r["loadavg_after"] = list(load0), list(load1)
-        print(f"# load average (1, 5, 15 min) before {load0[0]:.2f} {load0[1]:.2f} "
-              f"{load0[2]:.2f}, after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f} on "
-              f"{os.cpu_count()} cores", flush=True)
+        print(
+            f"# load average (1, 5, 15 min) before {load0[0]:.2f} {load0[1]:.2f} "
+            f"{load0[2]:.2f}, after {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f} on "
+            f"{os.cpu_count()} cores",
+            flush=True,
+        )
         for nw in args.workers:
             rs = sorted(r["ratio"] for r in out if r["workers"] == nw)
-            print(f"# shards/folder with {nw} worker(s): median {rs[len(rs) // 2]:.2f} "
-                  f"(range {rs[0]:.2f}-{rs[-1]:.2f}, {len(rs)} pairs)", flush=True)
+            print(
+                f"# shards/folder with {nw} worker(s): median {rs[len(rs) // 2]:.2f} "
+                f"(range {rs[0]:.2f}-{rs[-1]:.2f}, {len(rs)} pairs)",
+                flush=True,
+            )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 def print_result(r: dict) -> None:
-    line = (f"{r['case']:6s} {r['img_size']:3d} px, {r['workers']} worker(s), batch "
-            f"{r['batch']:3d}: data {r['data_img_s']:8.1f} img/s (decode+augment+{r['mask']} "
-            f"mask; start-up {r['data_startup_s']:.2f} s) | train {r['train_preset']}@"
-            f"{r['train_batch']} {r['train_img_s']:8.1f} img/s | data/train {r['ratio']:.2f} -> ")
+    line = (
+        f"{r['case']:6s} {r['img_size']:3d} px, {r['workers']} worker(s), batch "
+        f"{r['batch']:3d}: data {r['data_img_s']:8.1f} img/s (decode+augment+{r['mask']} "
+        f"mask; start-up {r['data_startup_s']:.2f} s) | train {r['train_preset']}@"
+        f"{r['train_batch']} {r['train_img_s']:8.1f} img/s | data/train {r['ratio']:.2f} -> "
+    )
     if r["training_waits"]:
         line += "training WOULD wait on data"
     else:
-        line += (f"training would not wait on data (needs {r['cores_for_data']:.2f} core(s) "
-                 f"for the pipeline)")
+        line += (
+            f"training would not wait on data (needs {r['cores_for_data']:.2f} core(s) "
+            f"for the pipeline)"
+        )
     if r.get("fed_img_s"):
-        where = (f"workers and training share {r['cpu_count']} cores" if r["workers"]
-                 else "loading in the training process")
-        line += (f" | fed {r['fed_img_s']:8.1f} img/s = {r['fed_over_train']:.2f} x train "
-                 f"({where})")
+        where = (
+            f"workers and training share {r['cpu_count']} cores"
+            if r["workers"]
+            else "loading in the training process"
+        )
+        line += f" | fed {r['fed_img_s']:8.1f} img/s = {r['fed_over_train']:.2f} x train ({where})"
     print(line, flush=True)
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cases", default="cifar,folder",
-                    help="comma list of: cifar, folder, shards (opt-in)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--cases", default="cifar,folder", help="comma list of: cifar, folder, shards (opt-in)"
+    )
     ap.add_argument("--workers", default="2", help="DataLoader workers; a comma list runs each")
-    ap.add_argument("--cifar", default=None, help="CIFAR-10 copy (ImageFolder with train/); "
-                    "default ../shared/data/cifar10")
-    ap.add_argument("--folder", default=None, help="your 224 px image folder (with train/ or "
-                    "flat) instead of the generated one")
+    ap.add_argument(
+        "--cifar",
+        default=None,
+        help="CIFAR-10 copy (ImageFolder with train/); default ../shared/data/cifar10",
+    )
+    ap.add_argument(
+        "--folder",
+        default=None,
+        help="your 224 px image folder (with train/ or flat) instead of the generated one",
+    )
     ap.add_argument("--folder-images", type=int, default=512, help="generated folder: files")
     ap.add_argument("--folder-side", type=int, default=256, help="generated folder: short side")
     ap.add_argument("--preset-cifar", default="tiny")
     ap.add_argument("--batch-cifar", type=int, default=128)
     ap.add_argument("--preset-folder", default="vit_b16")
     ap.add_argument("--batch-folder", type=int, default=16)
-    ap.add_argument("--method", default="mae", help="method preset whose masking is generated "
-                    "(and trained)")
+    ap.add_argument(
+        "--method", default="mae", help="method preset whose masking is generated (and trained)"
+    )
     ap.add_argument("--batches", type=int, default=24, help="data batches timed per case")
     ap.add_argument("--reps", type=int, default=3, help="timed training steps (median)")
-    ap.add_argument("--fed-steps", type=int, default=8,
-                    help="timed training steps fed by the DataLoader (0 = skip)")
-    ap.add_argument("--shard-images", type=int, default=10000,
-                    help="shards case: CIFAR-10 training images written and read")
+    ap.add_argument(
+        "--fed-steps",
+        type=int,
+        default=8,
+        help="timed training steps fed by the DataLoader (0 = skip)",
+    )
+    ap.add_argument(
+        "--shard-images",
+        type=int,
+        default=10000,
+        help="shards case: CIFAR-10 training images written and read",
+    )
     ap.add_argument("--shard-size", type=int, default=1000, help="shards case: images per shard")
-    ap.add_argument("--shard-reps", type=int, default=3,
-                    help="shards case: alternating folder/shards passes")
+    ap.add_argument(
+        "--shard-reps", type=int, default=3, help="shards case: alternating folder/shards passes"
+    )
     ap.add_argument("--json", help="append results as JSON lines to this file")
     a = ap.parse_args()
     a.workers = [int(w) for w in str(a.workers).split(",")]
@@ -352,18 +438,25 @@ def main():
     bad = [c for c in cases if c not in ("cifar", "folder", "shards")]
     if bad:
         ap.error(f"unknown case(s) {bad}; choose from cifar, folder, shards")
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {os.cpu_count()} cores", flush=True)
+    print(
+        f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {os.cpu_count()} cores",
+        flush=True,
+    )
     results = []
     if "cifar" in cases:
         path = a.cifar or default_data_path() or SHARED_CIFAR
         if not (Path(path) / "train").is_dir():
             print(f"cifar: skipped, no CIFAR-10 copy at {path} (use --cifar DIR)")
         else:
-            files = sorted(p for p in (Path(path) / "train").rglob("*")
-                           if p.suffix.lower() in IMG_EXTS)
-            desc = {"name": "CIFAR-10 train", "source": f"{path}/train (JPEG files)",
-                    **describe_files(files)}
+            files = sorted(
+                p for p in (Path(path) / "train").rglob("*") if p.suffix.lower() in IMG_EXTS
+            )
+            desc = {
+                "name": "CIFAR-10 train",
+                "source": f"{path}/train (JPEG files)",
+                **describe_files(files),
+            }
             results += run_case("cifar", path, desc, a.preset_cifar, a.batch_cifar, a)
     if "folder" in cases:
         tmp = None
@@ -376,13 +469,18 @@ def main():
                 t = time.perf_counter()
                 make_photo_folder(tmp, a.folder_images, a.folder_side)
                 path = str(tmp)
-                source = (f"{a.folder_images} random crops of scikit-image's photos, "
-                          f"{a.folder_side} px short side, JPEG q90 "
-                          f"({time.perf_counter() - t:.1f} s to write)")
+                source = (
+                    f"{a.folder_images} random crops of scikit-image's photos, "
+                    f"{a.folder_side} px short side, JPEG q90 "
+                    f"({time.perf_counter() - t:.1f} s to write)"
+                )
             root = Path(path) / "train" if (Path(path) / "train").is_dir() else Path(path)
             files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMG_EXTS)
-            desc = {"name": "user image folder" if a.folder else "generated photo folder",
-                    "source": source, **describe_files(files)}
+            desc = {
+                "name": "user image folder" if a.folder else "generated photo folder",
+                "source": source,
+                **describe_files(files),
+            }
             results += run_case("folder", path, desc, a.preset_folder, a.batch_folder, a)
         finally:
             if tmp is not None:
@@ -401,8 +499,10 @@ def main():
     if results_dt:
         worst = min(results_dt, key=lambda r: r["ratio"])
         verdict = "data-bound" if worst["training_waits"] else "not data-bound"
-        print(f"# lowest data/train: {worst['case']} with {worst['workers']} worker(s): "
-              f"{worst['ratio']:.2f} ({verdict})")
+        print(
+            f"# lowest data/train: {worst['case']} with {worst['workers']} worker(s): "
+            f"{worst['ratio']:.2f} ({verdict})"
+        )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ separate processes and are not included (each adds roughly its copy-on-write sha
     python benchmarks/bench_memory.py --configs vit_b16@64+selective,vit_b16@64+full
                                   # model.grad_checkpointing=selective / full
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-GIB = 2 ** 30
+GIB = 2**30
 RESULT = "RESULT "
 
 
@@ -47,6 +48,7 @@ def peak_rss_bytes() -> int:
     if v is not None:
         return v
     import resource
+
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024  # bytes on macOS, KiB on Linux
 
@@ -60,42 +62,75 @@ def child(preset: str, batch: int, steps: int, ckpt: str = "off") -> dict:
     """One configuration, in this (fresh) process; ``ckpt``: activation checkpointing mode
     (off | selective | full)."""
     import torch
+
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import bench_train as bt
-    r = {"bench": "memory", "preset": preset, "batch": batch, "steps": steps, "pid": os.getpid(),
-         "grad_checkpointing": ckpt, "threads": torch.get_num_threads(),
-         "rss_after_import_gib": rss_bytes() / GIB}
+
+    r = {
+        "bench": "memory",
+        "preset": preset,
+        "batch": batch,
+        "steps": steps,
+        "pid": os.getpid(),
+        "grad_checkpointing": ckpt,
+        "threads": torch.get_num_threads(),
+        "rss_after_import_gib": rss_bytes() / GIB,
+    }
     step, method, cfg = bt.mimlab_mae_step(
-        preset, batch, overrides=[f"model.grad_checkpointing={ckpt}"])
+        preset, batch, overrides=[f"model.grad_checkpointing={ckpt}"]
+    )
     n = sum(p.numel() for p in method.parameters())
-    r.update(params=n, img_size=cfg.model.img_size, state_gib=16 * n / GIB,
-             rss_after_build_gib=rss_bytes() / GIB)
+    r.update(
+        params=n,
+        img_size=cfg.model.img_size,
+        state_gib=16 * n / GIB,
+        rss_after_build_gib=rss_bytes() / GIB,
+    )
     peaks, secs = [], []
     for _ in range(steps):
         t = time.perf_counter()
         step()
         secs.append(time.perf_counter() - t)
         peaks.append(peak_rss_bytes() / GIB)
-    r.update(peak_gib_per_step=peaks, step_s=secs, peak_gib=max(peaks),
-             rss_after_steps_gib=rss_bytes() / GIB)
+    r.update(
+        peak_gib_per_step=peaks,
+        step_s=secs,
+        peak_gib=max(peaks),
+        rss_after_steps_gib=rss_bytes() / GIB,
+    )
     return r
 
 
 def run_config(preset: str, batch: int, steps: int, timeout: float, ckpt: str = "off") -> dict:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", preset, str(batch),
-           "--steps", str(steps), "--child-ckpt", ckpt]
-    base = {"bench": "memory", "preset": preset, "batch": batch, "steps": steps,
-            "grad_checkpointing": ckpt}
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        preset,
+        str(batch),
+        "--steps",
+        str(steps),
+        "--child-ckpt",
+        ckpt,
+    ]
+    base = {
+        "bench": "memory",
+        "preset": preset,
+        "batch": batch,
+        "steps": steps,
+        "grad_checkpointing": ckpt,
+    }
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {**base, "error": f"timed out after {timeout:.0f} s"}
     for line in p.stdout.splitlines()[::-1]:
         if line.startswith(RESULT):
-            return json.loads(line[len(RESULT):])
+            return json.loads(line[len(RESULT) :])
     if p.returncode < 0:
-        why = f"killed by signal {-p.returncode}" + (" (out of memory?)"
-                                                     if p.returncode == -9 else "")
+        why = f"killed by signal {-p.returncode}" + (
+            " (out of memory?)" if p.returncode == -9 else ""
+        )
     else:
         tail = (p.stderr.strip().splitlines() or ["no output"])[-1]
         why = f"exit status {p.returncode}: {tail}"
@@ -127,29 +162,36 @@ def parse_configs(s: str) -> list[tuple[str, int, str]]:
         base, plus, flag = item.partition("+")
         preset, _, b = base.partition("@")
         if not b.isdigit() or (plus and not flag) or flag not in SUFFIXES:
-            raise SystemExit(f"bench_memory: config '{item}' is not "
-                             "PRESET@BATCH[+selective|+full]")
+            raise SystemExit(f"bench_memory: config '{item}' is not PRESET@BATCH[+selective|+full]")
         out.append((preset, int(b), SUFFIXES[flag]))
     return out
 
 
 def config_name(r: dict) -> str:
     from mimlab.config import checkpointing_mode  # records of earlier runs hold a bool
+
     mode = checkpointing_mode(r.get("grad_checkpointing", "off"))
     return f"{r['preset']}@{r['batch']}" + ("" if mode == "off" else "+" + mode)
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--configs", default="tiny@128,vit_b16@16,vit_b16@64",
-                    help="comma list of PRESET@BATCH, each measured in a fresh process; "
-                    "PRESET@BATCH+selective or +full with activation checkpointing "
-                    "(model.grad_checkpointing)")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--configs",
+        default="tiny@128,vit_b16@16,vit_b16@64",
+        help="comma list of PRESET@BATCH, each measured in a fresh process; "
+        "PRESET@BATCH+selective or +full with activation checkpointing "
+        "(model.grad_checkpointing)",
+    )
     ap.add_argument("--steps", type=int, default=2, help="training steps per configuration")
     ap.add_argument("--limit-gib", type=float, default=8.0, help="memory budget checked")
-    ap.add_argument("--fits", default="vit_b16@64",
-                    help="configuration whose fit in --limit-gib is reported on the last line")
+    ap.add_argument(
+        "--fits",
+        default="vit_b16@64",
+        help="configuration whose fit in --limit-gib is reported on the last line",
+    )
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per configuration")
     ap.add_argument("--json", help="append results as JSON lines to this file")
     ap.add_argument("--child", nargs=2, metavar=("PRESET", "BATCH"), help=argparse.SUPPRESS)
@@ -160,8 +202,11 @@ def main():
         print(RESULT + json.dumps(r), flush=True)
         return
     total, avail = meminfo_gib("MemTotal"), meminfo_gib("MemAvailable")
-    print(f"# memory: {total or 0:.1f} GiB total, {avail or 0:.1f} GiB available at start; "
-          f"{os.cpu_count()} cores; one fresh process per configuration", flush=True)
+    print(
+        f"# memory: {total or 0:.1f} GiB total, {avail or 0:.1f} GiB available at start; "
+        f"{os.cpu_count()} cores; one fresh process per configuration",
+        flush=True,
+    )
     results = []
     for preset, batch, ckpt in parse_configs(a.configs):
         r = run_config(preset, batch, a.steps, a.timeout, ckpt)
@@ -174,10 +219,13 @@ def main():
         else:
             r["fits_limit"] = bool(r["peak_gib"] <= a.limit_gib)
             steps = ", ".join(f"{v:.2f}" for v in r["peak_gib_per_step"])
-            print(f"{label:17s} batch {batch:4d}: peak RSS {r['peak_gib']:6.2f} GiB (after each "
-                  f"step: {steps}) | after imports {r['rss_after_import_gib']:.2f} GiB | "
-                  f"weights+grads+AdamW {r['state_gib']:.2f} GiB ({r['params'] / 1e6:.1f} M "
-                  f"params) | {r['threads']} threads", flush=True)
+            print(
+                f"{label:17s} batch {batch:4d}: peak RSS {r['peak_gib']:6.2f} GiB (after each "
+                f"step: {steps}) | after imports {r['rss_after_import_gib']:.2f} GiB | "
+                f"weights+grads+AdamW {r['state_gib']:.2f} GiB ({r['params'] / 1e6:.1f} M "
+                f"params) | {r['threads']} threads",
+                flush=True,
+            )
         results.append(r)
     if a.json:
         with open(a.json, "a") as f:
@@ -191,8 +239,10 @@ def main():
             print(f"# {name} fits in {a.limit_gib:g} GiB: unknown ({r['error']})")
         else:
             verdict = "yes" if r["fits_limit"] else "NO"
-            print(f"# {name} fits in {a.limit_gib:g} GiB: {verdict} (peak {r['peak_gib']:.2f} GiB, "
-                  f"{a.limit_gib - r['peak_gib']:+.2f} GiB headroom; DataLoader workers extra)")
+            print(
+                f"# {name} fits in {a.limit_gib:g} GiB: {verdict} (peak {r['peak_gib']:.2f} GiB, "
+                f"{a.limit_gib - r['peak_gib']:+.2f} GiB headroom; DataLoader workers extra)"
+            )
     if failed:
         sys.exit(1)
 

@@ -4,6 +4,7 @@ median over repetitions, with MAE measured in the same run as the reference (rat
 
     python benchmarks/bench_methods.py --preset tiny --batch 128 --reps 3
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,9 @@ def step_time(name: str, preset: str, batch: int, reps: int) -> float:
     cfg = resolve(PretrainConfig, overrides=overrides)
     m = build_method(cfg)
     m.train()
-    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4,
-                            betas=(0.9, 0.95), foreach=True)
+    opt = torch.optim.AdamW(
+        [p for p in m.parameters() if p.requires_grad], lr=1e-4, betas=(0.9, 0.95), foreach=True
+    )
     x = torch.randn(batch, cfg.model.in_chans, cfg.model.img_size, cfg.model.img_size)
 
     def step(i):
@@ -34,6 +36,7 @@ def step_time(name: str, preset: str, batch: int, reps: int) -> float:
         m(x)["loss"].backward()
         opt.step()
         m.after_step(i + 1, 1000)
+
     step(0)
     ts = []
     for i in range(reps):
@@ -44,8 +47,9 @@ def step_time(name: str, preset: str, batch: int, reps: int) -> float:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
@@ -60,8 +64,18 @@ def main():
         print(f"{name:18s} {a.batch / t:8.1f} {ref / t:7.2f}", flush=True)
         if a.json:
             with open(a.json, "a") as f:
-                f.write(json.dumps({"method": name, "preset": a.preset, "batch": a.batch,
-                                    "img_s": a.batch / t, "vs_mae": ref / t}) + "\n")
+                f.write(
+                    json.dumps(
+                        {
+                            "method": name,
+                            "preset": a.preset,
+                            "batch": a.batch,
+                            "img_s": a.batch / t,
+                            "vs_mae": ref / t,
+                        }
+                    )
+                    + "\n"
+                )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ AdamW is the fused CUDA kernel, and the peak is the best matmul of the step's pr
 device measured in the same run: fraction_of_peak is then the model-FLOPs utilisation against
 the achieved (not the datasheet) peak.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,6 @@ from mimlab.methods import build_method
 from mimlab.models import build_encoder
 from mimlab.tasks import Classifier
 
-
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -47,8 +47,9 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak_gflops(n: int = 2048, reps: int = 5, dtype=torch.float32,
-                       device: str = "cpu") -> float:
+def matmul_peak_gflops(
+    n: int = 2048, reps: int = 5, dtype=torch.float32, device: str = "cpu"
+) -> float:
     """Best GEMM throughput (GFLOP/s) of ``device`` in ``dtype``, measured now."""
     dev = torch.device(device)
     a = torch.randn(n, n, dtype=dtype, device=dev)
@@ -61,31 +62,51 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 5, dtype=torch.float32,
         a @ b
         sync(dev)
         best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best / 1e9
+    return 2 * n**3 / best / 1e9
 
 
 def hf_mae(cfg):
     from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
     m = cfg.model
-    c = ViTMAEConfig(hidden_size=m.embed_dim, num_hidden_layers=m.depth,
-                     num_attention_heads=m.num_heads, intermediate_size=int(m.embed_dim * m.mlp_ratio),
-                     image_size=m.img_size, patch_size=m.patch_size, num_channels=m.in_chans,
-                     qkv_bias=True, decoder_hidden_size=m.decoder_embed_dim,
-                     decoder_num_hidden_layers=m.decoder_depth,
-                     decoder_num_attention_heads=m.decoder_num_heads,
-                     decoder_intermediate_size=int(m.decoder_embed_dim * m.mlp_ratio),
-                     mask_ratio=cfg.method.mask_ratio, norm_pix_loss=cfg.method.norm_pix_loss,
-                     attn_implementation="sdpa")
+    c = ViTMAEConfig(
+        hidden_size=m.embed_dim,
+        num_hidden_layers=m.depth,
+        num_attention_heads=m.num_heads,
+        intermediate_size=int(m.embed_dim * m.mlp_ratio),
+        image_size=m.img_size,
+        patch_size=m.patch_size,
+        num_channels=m.in_chans,
+        qkv_bias=True,
+        decoder_hidden_size=m.decoder_embed_dim,
+        decoder_num_hidden_layers=m.decoder_depth,
+        decoder_num_attention_heads=m.decoder_num_heads,
+        decoder_intermediate_size=int(m.decoder_embed_dim * m.mlp_ratio),
+        mask_ratio=cfg.method.mask_ratio,
+        norm_pix_loss=cfg.method.target_norm == "patch",
+        attn_implementation="sdpa",
+    )
     return ViTMAEForPreTraining(c)
 
 
 def timm_vit(cfg, num_classes=10):
     import timm
+
     m = cfg.model
-    return timm.create_model("vit_base_patch16_224", pretrained=False, img_size=m.img_size,
-                             patch_size=m.patch_size, embed_dim=m.embed_dim, depth=m.depth,
-                             num_heads=m.num_heads, mlp_ratio=m.mlp_ratio, in_chans=m.in_chans,
-                             num_classes=num_classes, global_pool="avg", drop_path_rate=0.1)
+    return timm.create_model(
+        "vit_base_patch16_224",
+        pretrained=False,
+        img_size=m.img_size,
+        patch_size=m.patch_size,
+        embed_dim=m.embed_dim,
+        depth=m.depth,
+        num_heads=m.num_heads,
+        mlp_ratio=m.mlp_ratio,
+        in_chans=m.in_chans,
+        num_classes=num_classes,
+        global_pool="avg",
+        drop_path_rate=0.1,
+    )
 
 
 def make_step(model, loss_fn, x, y=None, foreach=True, amp=None):
@@ -102,6 +123,7 @@ def make_step(model, loss_fn, x, y=None, foreach=True, amp=None):
         loss.backward()
         opt.step()
         sync(dev)
+
     return step
 
 
@@ -119,6 +141,7 @@ def mimlab_mae_step(preset: str, batch: int, overrides=(), foreach: bool = True)
 
 def flops_per_image(fn, batch: int) -> float:
     from torch.utils.flop_counter import FlopCounterMode
+
     with FlopCounterMode(display=False) as fc:
         fn()
     return fc.get_total_flops() / batch
@@ -137,9 +160,17 @@ def time_pair(steps: dict, reps: int, warmup: int = 1) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench(preset: str, batch: int, reps: int, what: str, peak_size: int = 2048,
-          compile_: bool = False, checkpointing: tuple = (), device: str = "cpu",
-          precision: str = "fp32") -> dict:
+def bench(
+    preset: str,
+    batch: int,
+    reps: int,
+    what: str,
+    peak_size: int = 2048,
+    compile_: bool = False,
+    checkpointing: tuple = (),
+    device: str = "cpu",
+    precision: str = "fp32",
+) -> dict:
     """One step kind (``what``: mae | finetune) of mimlab against its reference, both on
     ``device`` under the same autocast ``precision``. With ``checkpointing`` (modes of
     ``model.grad_checkpointing``, MAE only) mimlab's step is also timed with each mode, in the
@@ -149,9 +180,17 @@ def bench(preset: str, batch: int, reps: int, what: str, peak_size: int = 2048,
     cfg = resolve(PretrainConfig, overrides=[f"model.preset={preset}"])
     m = cfg.model
     x = torch.randn(batch, m.in_chans, m.img_size, m.img_size, device=dev)
-    res = {"bench": "train", "preset": preset, "batch": batch, "reps": reps,
-           "threads": torch.get_num_threads(), "what": what, "compile": compile_,
-           "device": device, "precision": precision}
+    res = {
+        "bench": "train",
+        "preset": preset,
+        "batch": batch,
+        "reps": reps,
+        "threads": torch.get_num_threads(),
+        "what": what,
+        "compile": compile_,
+        "device": device,
+        "precision": precision,
+    }
     if dev.type == "cuda":
         res["device_name"] = torch.cuda.get_device_name(dev)
 
@@ -167,14 +206,20 @@ def bench(preset: str, batch: int, reps: int, what: str, peak_size: int = 2048,
         ref = hf_mae(cfg).to(dev)
         y = None
         ours_loss = lambda mod, a, b: mod(a)["loss"]  # noqa: E731
-        steps = {"mimlab": step_of(ours, ours_loss),
-                 "reference": step_of(ref, lambda mod, a, b: mod(pixel_values=a).loss)}
+        steps = {
+            "mimlab": step_of(ours, ours_loss),
+            "reference": step_of(ref, lambda mod, a, b: mod(pixel_values=a).loss),
+        }
         fl = counted(lambda: ours(x)["loss"].backward())
         res["reference_name"] = "transformers.ViTMAEForPreTraining"
         for mode in checkpointing:
             torch.manual_seed(0)
-            mc = build_method(resolve(PretrainConfig, overrides=[
-                f"model.preset={preset}", f"model.grad_checkpointing={mode}"])).to(dev)
+            mc = build_method(
+                resolve(
+                    PretrainConfig,
+                    overrides=[f"model.preset={preset}", f"model.grad_checkpointing={mode}"],
+                )
+            ).to(dev)
             steps[f"mimlab+{mode}"] = step_of(mc, ours_loss)
     else:
         y = torch.randint(0, 10, (batch,), device=dev)
@@ -182,8 +227,10 @@ def bench(preset: str, batch: int, reps: int, what: str, peak_size: int = 2048,
         ref = timm_vit(cfg).to(dev)
         ce = lambda logits, t: F.cross_entropy(logits, t)  # noqa: E731
         ours_loss = lambda mod, a, b: mod(a, b)["loss"]  # noqa: E731
-        steps = {"mimlab": step_of(ours, ours_loss, y),
-                 "reference": step_of(ref, lambda mod, a, b: ce(mod(a), b), y)}
+        steps = {
+            "mimlab": step_of(ours, ours_loss, y),
+            "reference": step_of(ref, lambda mod, a, b: ce(mod(a), b), y),
+        }
         fl = counted(lambda: ours(x, y)["loss"].backward())
         res["reference_name"] = "timm.VisionTransformer"
     if compile_:  # mimlab's model under torch.compile (inductor); the reference stays eager
@@ -193,10 +240,16 @@ def bench(preset: str, batch: int, reps: int, what: str, peak_size: int = 2048,
         res["compile_seconds"] = time.perf_counter() - t0
     t = time_pair(steps, reps)
     peak = matmul_peak_gflops(peak_size, dtype=amp or torch.float32, device=device)
-    res.update({
-        "mimlab_img_s": batch / t["mimlab"], "reference_img_s": batch / t["reference"],
-        "ratio": t["reference"] / t["mimlab"], "gflops_per_image": fl / 1e9,
-        "mimlab_gflop_s": fl * batch / t["mimlab"] / 1e9, "matmul_peak_gflop_s": peak})
+    res.update(
+        {
+            "mimlab_img_s": batch / t["mimlab"],
+            "reference_img_s": batch / t["reference"],
+            "ratio": t["reference"] / t["mimlab"],
+            "gflops_per_image": fl / 1e9,
+            "mimlab_gflop_s": fl * batch / t["mimlab"] / 1e9,
+            "matmul_peak_gflop_s": peak,
+        }
+    )
     res["fraction_of_peak"] = res["mimlab_gflop_s"] / peak
     if what == "mae" and checkpointing:
         res["checkpointing_img_s"] = {m: batch / t[f"mimlab+{m}"] for m in checkpointing}
@@ -207,6 +260,7 @@ def cold_compiles() -> None:
     """Time cold compiles, not hits in inductor's on-disk cache left by an earlier run."""
     try:
         import torch._inductor.config as inductor_config
+
         inductor_config.force_disable_caches = True
     except (ImportError, AttributeError):  # pragma: no cover - other torch versions
         return
@@ -214,23 +268,38 @@ def cold_compiles() -> None:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--what", choices=["mae", "finetune", "both"], default="both")
-    ap.add_argument("--peak-size", type=int, default=2048,
-                    help="matrix size of the matmul-peak measurement (8192 suits a GPU)")
+    ap.add_argument(
+        "--peak-size",
+        type=int,
+        default=2048,
+        help="matrix size of the matmul-peak measurement (8192 suits a GPU)",
+    )
     ap.add_argument("--json", help="append results as JSON lines to this file")
-    ap.add_argument("--compile", action="store_true",
-                    help="time mimlab's model under torch.compile (reference stays eager)")
+    ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="time mimlab's model under torch.compile (reference stays eager)",
+    )
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    ap.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32",
-                    help="autocast precision of both steps (the matmul peak is measured in it)")
-    ap.add_argument("--checkpointing", default="",
-                    help="comma list of model.grad_checkpointing modes (selective, full) whose "
-                    "MAE step is timed too, alternated with the others")
+    ap.add_argument(
+        "--precision",
+        choices=sorted(PRECISIONS),
+        default="fp32",
+        help="autocast precision of both steps (the matmul peak is measured in it)",
+    )
+    ap.add_argument(
+        "--checkpointing",
+        default="",
+        help="comma list of model.grad_checkpointing modes (selective, full) whose "
+        "MAE step is timed too, alternated with the others",
+    )
     a = ap.parse_args()
     modes = tuple(m.strip() for m in a.checkpointing.split(",") if m.strip())
     timed = [m for m in CHECKPOINTING if m != "off"]  # off is the plain mimlab step
@@ -244,32 +313,44 @@ def main():
     if dev.type == "cuda" and not torch.cuda.is_available():
         ap.error(f"--device {a.device}: no CUDA device is available to this torch")
     whats = ["mae", "finetune"] if a.what == "both" else [a.what]
-    where = (torch.cuda.get_device_name(dev) if dev.type == "cuda"
-             else platform.processor() or platform.machine())
-    print(f"# {where}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{a.precision}")
+    where = (
+        torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else platform.processor() or platform.machine()
+    )
+    print(f"# {where}, torch {torch.__version__}, {torch.get_num_threads()} threads, {a.precision}")
     if a.compile:
         cold_compiles()
     # lower precision only pays where the CPU has bf16 matrix units (AVX512-BF16 / AMX); once
     # per run, at most 512x512 on CPU: without bf16 units it runs ~100x slower than fp32 there
-    bf16_peak = matmul_peak_gflops(a.peak_size if dev.type == "cuda" else min(a.peak_size, 512),
-                                   reps=3, dtype=torch.bfloat16, device=a.device)
+    bf16_peak = matmul_peak_gflops(
+        a.peak_size if dev.type == "cuda" else min(a.peak_size, 512),
+        reps=3,
+        dtype=torch.bfloat16,
+        device=a.device,
+    )
     for w in whats:
-        r = bench(a.preset, a.batch, a.reps, w, a.peak_size, a.compile, modes, a.device,
-                  a.precision)
+        r = bench(
+            a.preset, a.batch, a.reps, w, a.peak_size, a.compile, modes, a.device, a.precision
+        )
         r["matmul_peak_bf16_gflop_s"] = bf16_peak
         tag = " (compiled, %.0f s to compile)" % r["compile_seconds"] if a.compile else ""
         if a.device != "cpu" or a.precision != "fp32":
             tag += f" [{a.device}, {a.precision}]"
-        print(f"{w:9s} {a.preset:8s} batch {a.batch:4d}: mimlab{tag} {r['mimlab_img_s']:8.1f} img/s | "
-              f"{r['reference_name']} {r['reference_img_s']:8.1f} img/s | ratio "
-              f"{r['ratio']:.2f}x | {r['gflops_per_image']:.2f} GFLOP/img, "
-              f"{r['mimlab_gflop_s']:.0f} GFLOP/s = {100 * r['fraction_of_peak']:.0f}% of "
-              f"{r['matmul_peak_gflop_s']:.0f} GFLOP/s {a.precision} matmul peak")
+        print(
+            f"{w:9s} {a.preset:8s} batch {a.batch:4d}: mimlab{tag} "
+            f"{r['mimlab_img_s']:8.1f} img/s | "
+            f"{r['reference_name']} {r['reference_img_s']:8.1f} img/s | ratio "
+            f"{r['ratio']:.2f}x | {r['gflops_per_image']:.2f} GFLOP/img, "
+            f"{r['mimlab_gflop_s']:.0f} GFLOP/s = {100 * r['fraction_of_peak']:.0f}% of "
+            f"{r['matmul_peak_gflop_s']:.0f} GFLOP/s {a.precision} matmul peak"
+        )
         for mode, v in r.get("checkpointing_img_s", {}).items():
-            print(f"{w:9s} {a.preset:8s} batch {a.batch:4d}: mimlab with "
-                  f"model.grad_checkpointing={mode} {v:8.1f} img/s = "
-                  f"{v / r['mimlab_img_s']:.2f}x of mimlab without checkpointing")
+            print(
+                f"{w:9s} {a.preset:8s} batch {a.batch:4d}: mimlab with "
+                f"model.grad_checkpointing={mode} {v:8.1f} img/s = "
+                f"{v / r['mimlab_img_s']:.2f}x of mimlab without checkpointing"
+            )
         if a.json:
             with open(a.json, "a") as f:
                 f.write(json.dumps(r) + "\n")

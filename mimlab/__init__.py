@@ -1,2 +1,3 @@
 """mimlab: masked image modeling research library."""
+
 __version__ = "0.1.0"

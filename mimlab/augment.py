@@ -22,6 +22,7 @@ shape, dtype and normalisation; inputs are never modified in place.
 
 Single-channel inputs get brightness / contrast only (no saturation, hue or grayscale).
 """
+
 from __future__ import annotations
 
 import math
@@ -32,24 +33,40 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["JitterSpec", "SIMSIAM_JITTER", "MOCOV3_JITTER", "color_jitter_batch", "jitter_pixels",
-           "cutmix_batch", "random_partner", "patch_mask_to_pixels",
-           "random_resized_crop_batch", "denormalize", "renormalize",
-           "adjust_brightness", "adjust_contrast", "adjust_saturation", "adjust_hue",
-           "rgb_to_grayscale", "rgb_to_hsv", "hsv_to_rgb"]
+__all__ = [
+    "JitterSpec",
+    "SIMSIAM_JITTER",
+    "MOCOV3_JITTER",
+    "color_jitter_batch",
+    "jitter_pixels",
+    "cutmix_batch",
+    "random_partner",
+    "patch_mask_to_pixels",
+    "random_resized_crop_batch",
+    "denormalize",
+    "renormalize",
+    "adjust_brightness",
+    "adjust_contrast",
+    "adjust_saturation",
+    "adjust_hue",
+    "rgb_to_grayscale",
+    "rgb_to_hsv",
+    "hsv_to_rgb",
+]
 
 
 @dataclass(frozen=True)
 class JitterSpec:
     """Strengths of the colour augmentation (torchvision ``ColorJitter`` conventions:
     factors drawn from ``[max(0, 1 - s), 1 + s]``, hue shift from ``[-hue, hue]``)."""
+
     brightness: float = 0.4
     contrast: float = 0.4
     saturation: float = 0.4
     hue: float = 0.1
-    p: float = 0.8              # probability of applying the colour jitter
-    grayscale_p: float = 0.2    # probability of converting to grayscale (after the jitter)
-    solarize_p: float = 0.0     # probability of solarising (threshold 0.5), MoCo v3 view 2
+    p: float = 0.8  # probability of applying the colour jitter
+    grayscale_p: float = 0.2  # probability of converting to grayscale (after the jitter)
+    solarize_p: float = 0.0  # probability of solarising (threshold 0.5), MoCo v3 view 2
 
 
 #: SimSiam / MoCo v2 recipe, used by C-MAE ("the detailed color jittering follows SimSiam")
@@ -112,8 +129,11 @@ def adjust_contrast(px: Tensor, f: Tensor | float, weight: Optional[Tensor] = No
     else:
         w = weight.to(gray.dtype).expand_as(gray)
         den = w.sum(dim=(-3, -2, -1), keepdim=True)
-        mean = torch.where(den > 0, (gray * w).sum(dim=(-3, -2, -1), keepdim=True) /
-                           den.clamp_min(1e-12), gray.mean(dim=(-3, -2, -1), keepdim=True))
+        mean = torch.where(
+            den > 0,
+            (gray * w).sum(dim=(-3, -2, -1), keepdim=True) / den.clamp_min(1e-12),
+            gray.mean(dim=(-3, -2, -1), keepdim=True),
+        )
     f = _per_sample(f, px)
     return (f * px + (1.0 - f) * mean).clamp(0.0, 1.0)
 
@@ -169,8 +189,9 @@ def _uniform(n: int, lo: float, hi: float, device) -> Tensor:
     return torch.rand(n, device=device) * (hi - lo) + lo
 
 
-def jitter_pixels(px: Tensor, spec: JitterSpec = SIMSIAM_JITTER,
-                  visible: Optional[Tensor] = None) -> Tensor:
+def jitter_pixels(
+    px: Tensor, spec: JitterSpec = SIMSIAM_JITTER, visible: Optional[Tensor] = None
+) -> Tensor:
     """Colour augmentation of pixels in [0, 1] [B, C, H, W] with per-image random parameters.
 
     Like torchvision's ``ColorJitter`` each image applies brightness, contrast, saturation and
@@ -213,10 +234,13 @@ def jitter_pixels(px: Tensor, spec: JitterSpec = SIMSIAM_JITTER,
     return px
 
 
-def color_jitter_batch(x: Tensor, mean: Optional[Sequence[float]] = None,
-                       std: Optional[Sequence[float]] = None,
-                       spec: JitterSpec = SIMSIAM_JITTER,
-                       visible: Optional[Tensor] = None) -> Tensor:
+def color_jitter_batch(
+    x: Tensor,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+    spec: JitterSpec = SIMSIAM_JITTER,
+    visible: Optional[Tensor] = None,
+) -> Tensor:
     """Per-image colour augmentation of dataset-normalised images (see :func:`jitter_pixels`).
 
     ``mean``/``std``: the dataset normalisation (0.5 / 0.5 per channel when None).
@@ -226,8 +250,9 @@ def color_jitter_batch(x: Tensor, mean: Optional[Sequence[float]] = None,
     if visible is not None and visible.ndim == 2:
         visible = patch_mask_to_pixels(visible, x.shape[-2:])
     with torch.no_grad():
-        return renormalize(jitter_pixels(denormalize(x, mean, std), spec, visible), mean, std,
-                           x.dtype)
+        return renormalize(
+            jitter_pixels(denormalize(x, mean, std), spec, visible), mean, std, x.dtype
+        )
 
 
 def patch_mask_to_pixels(mask: Tensor, size: Sequence[int]) -> Tensor:
@@ -237,9 +262,10 @@ def patch_mask_to_pixels(mask: Tensor, size: Sequence[int]) -> Tensor:
     g = int(round(math.sqrt(N)))
     H, W = int(size[0]), int(size[1])
     if g * g != N or H % g or W % g:
-        raise ValueError(f"patch mask with {N} patches does not tile a {H}x{W} image as a "
-                         "square grid")
-    m = mask.reshape(B, 1, g, g)                                            # [B, 1, g, g]
+        raise ValueError(
+            f"patch mask with {N} patches does not tile a {H}x{W} image as a square grid"
+        )
+    m = mask.reshape(B, 1, g, g)  # [B, 1, g, g]
     return m.repeat_interleave(H // g, dim=2).repeat_interleave(W // g, dim=3)  # [B, 1, H, W]
 
 
@@ -253,8 +279,9 @@ def random_partner(B: int, device=None) -> Tensor:
     return partner
 
 
-def cutmix_batch(x: Tensor, alpha: float = 1.0, return_mask: bool = False,
-                 partner: Optional[Tensor] = None):
+def cutmix_batch(
+    x: Tensor, alpha: float = 1.0, return_mask: bool = False, partner: Optional[Tensor] = None
+):
     """CutMix inside the batch: image ``b`` gets a box of image ``partner[b]`` (default
     ``b - 1``, i.e. ``x.roll(1, 0)``; :func:`random_partner` draws a random one).
 
@@ -274,17 +301,24 @@ def cutmix_batch(x: Tensor, alpha: float = 1.0, return_mask: bool = False,
     x1, x2 = (cx - cw // 2).clamp(0, W), (cx + cw // 2).clamp(0, W)
     ys = torch.arange(H, device=dev).view(1, H, 1)
     xs = torch.arange(W, device=dev).view(1, 1, W)
-    box = ((ys >= y1.view(B, 1, 1)) & (ys < y2.view(B, 1, 1)) &
-           (xs >= x1.view(B, 1, 1)) & (xs < x2.view(B, 1, 1))).unsqueeze(1)
+    box = (
+        (ys >= y1.view(B, 1, 1))
+        & (ys < y2.view(B, 1, 1))
+        & (xs >= x1.view(B, 1, 1))
+        & (xs < x2.view(B, 1, 1))
+    ).unsqueeze(1)
     src = x.roll(1, 0) if partner is None else x[partner]
     out = torch.where(box, src, x) if B > 1 else x.clone()
     return (out, box) if return_mask else out
 
 
 # ------------------------------------------------------------------------- crops
-def random_resized_crop_batch(x: Tensor, scale: tuple[float, float] = (0.08, 1.0),
-                              ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                              hflip_p: float = 0.5) -> Tensor:
+def random_resized_crop_batch(
+    x: Tensor,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    hflip_p: float = 0.5,
+) -> Tensor:
     """Per-image ``RandomResizedCrop(size=(H, W), scale, ratio)`` + horizontal flip.
 
     Area fraction ``s ~ U(scale)``, aspect ``r ~ logU(ratio)``; box sides are clipped to the
@@ -297,8 +331,8 @@ def random_resized_crop_batch(x: Tensor, scale: tuple[float, float] = (0.08, 1.0
     s = _uniform(B, scale[0], scale[1], dev)
     logr = _uniform(B, math.log(ratio[0]), math.log(ratio[1]), dev)
     r = logr.exp()
-    w = (s * r * H / W).sqrt().clamp(max=1.0)   # fraction of the width
-    h = (s / r * W / H).sqrt().clamp(max=1.0)   # fraction of the height
+    w = (s * r * H / W).sqrt().clamp(max=1.0)  # fraction of the width
+    h = (s / r * W / H).sqrt().clamp(max=1.0)  # fraction of the height
     cx = w / 2 + torch.rand(B, device=dev) * (1 - w)
     cy = h / 2 + torch.rand(B, device=dev) * (1 - h)
     flip = torch.where(torch.rand(B, device=dev) < hflip_p, -1.0, 1.0)
@@ -308,6 +342,7 @@ def random_resized_crop_batch(x: Tensor, scale: tuple[float, float] = (0.08, 1.0
     theta[:, 1, 1] = h
     theta[:, 1, 2] = 2 * cy - 1
     grid = F.affine_grid(theta, [B, x.shape[1], H, W], align_corners=False)
-    out = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border",
-                        align_corners=False)
+    out = F.grid_sample(
+        x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
     return out.to(x.dtype)

@@ -29,6 +29,7 @@ accessors :func:`model_config`, :func:`data_stats`, :func:`encoder_state`, :func
 Every consumer that needs an *encoder* goes through :func:`mimlab.sources.load_encoder`, which
 accepts this format and the foreign ones (``mae:``, ``timm:``, ``hf:``, ``mocov3:``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -60,8 +61,13 @@ class CheckpointError(RuntimeError):
 def git_commit() -> str:
     """Short commit of the source tree mimlab runs from, or ``'unknown'`` (installed package)."""
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True, timeout=5, cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
         return out.stdout.strip() or "unknown"
     except Exception:  # noqa: BLE001 - best effort: no git, not a repository, ...
         return "unknown"
@@ -69,17 +75,29 @@ def git_commit() -> str:
 
 def provenance() -> dict:
     """``{'mimlab', 'git', 'torch', 'time'}`` of the process writing a checkpoint."""
-    return {"mimlab": __version__, "git": git_commit(), "torch": str(torch.__version__),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {
+        "mimlab": __version__,
+        "git": git_commit(),
+        "torch": str(torch.__version__),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def _encoder_view(model_state: dict) -> dict:
-    return {k[len("encoder."):]: v for k, v in model_state.items() if k.startswith("encoder.")}
+    return {k[len("encoder.") :]: v for k, v in model_state.items() if k.startswith("encoder.")}
 
 
-def make(kind: str, config: dict, model_state: dict, *, method: Optional[str] = None,
-         data_mean: Optional[Sequence[float]] = None, data_std: Optional[Sequence[float]] = None,
-         prov: Optional[dict] = None, **states: Any) -> dict:
+def make(
+    kind: str,
+    config: dict,
+    model_state: dict,
+    *,
+    method: Optional[str] = None,
+    data_mean: Optional[Sequence[float]] = None,
+    data_std: Optional[Sequence[float]] = None,
+    prov: Optional[dict] = None,
+    **states: Any,
+) -> dict:
     """A schema checkpoint dict (see the module docstring).
 
     ``config``: the resolved run config as a dict (needs ``config['model']``);
@@ -92,11 +110,23 @@ def make(kind: str, config: dict, model_state: dict, *, method: Optional[str] = 
     mc = dict(config["model"])
     stats = None
     if data_mean is not None and data_std is not None:
-        stats = {"mean": [float(v) for v in data_mean], "std": [float(v) for v in data_std],
-                 "img_size": int(mc["img_size"]), "in_chans": int(mc["in_chans"])}
-    out = {"format_version": FORMAT_VERSION, "kind": kind, "method": method,
-           "model_config": mc, "data_stats": stats, "encoder": _encoder_view(model_state),
-           "model": model_state, "config": config, "provenance": prov or provenance()}
+        stats = {
+            "mean": [float(v) for v in data_mean],
+            "std": [float(v) for v in data_std],
+            "img_size": int(mc["img_size"]),
+            "in_chans": int(mc["in_chans"]),
+        }
+    out = {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        "method": method,
+        "model_config": mc,
+        "data_stats": stats,
+        "encoder": _encoder_view(model_state),
+        "model": model_state,
+        "config": config,
+        "provenance": prov or provenance(),
+    }
     out.update(states)
     return out
 
@@ -119,9 +149,11 @@ def save(ck: dict, path: str | Path) -> Path:
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e} "
-                              "(disk full or not writable?); the previous checkpoint is "
-                              "intact") from None
+        raise CheckpointError(
+            f"could not write checkpoint {path}: {e.strerror or e} "
+            "(disk full or not writable?); the previous checkpoint is "
+            "intact"
+        ) from None
     return path
 
 
@@ -134,8 +166,9 @@ def read(path: str | Path, trust: bool = False) -> Any:
         return torch.load(p, map_location="cpu", weights_only=not trust)
     except Exception as e:  # noqa: BLE001 - unpickling errors of every kind
         first = str(e).splitlines()[0] if str(e) else ""
-        raise CheckpointError(f"could not load checkpoint {p}: {type(e).__name__}: {first}"
-                              ) from None
+        raise CheckpointError(
+            f"could not load checkpoint {p}: {type(e).__name__}: {first}"
+        ) from None
 
 
 def load(path: str | Path, trust: bool = False) -> dict:
@@ -150,42 +183,63 @@ def upgrade(ck: Any, origin: str = "checkpoint") -> dict:
     Data statistics were not stored before version 2: they come from the run config's explicit
     ``data.mean/std`` when set, else stay ``None`` (readers then use the analysed data set's)."""
     if not isinstance(ck, dict):
-        raise CheckpointError(f"{origin}: not a mimlab checkpoint (a {type(ck).__name__}, "
-                              "not a dict)")
+        raise CheckpointError(
+            f"{origin}: not a mimlab checkpoint (a {type(ck).__name__}, not a dict)"
+        )
     version = ck.get("format_version")
     if version is not None:
         if int(version) > FORMAT_VERSION:
-            raise CheckpointError(f"{origin}: checkpoint format {version} was written by a "
-                                  f"newer mimlab (this one reads up to {FORMAT_VERSION})")
+            raise CheckpointError(
+                f"{origin}: checkpoint format {version} was written by a "
+                f"newer mimlab (this one reads up to {FORMAT_VERSION})"
+            )
         return ck
     cfg = ck.get("config")
     if not isinstance(cfg, dict) or "model" not in cfg or not isinstance(ck.get("model"), dict):
         keys = ", ".join(list(ck)[:6])
-        raise CheckpointError(f"{origin}: not a mimlab checkpoint (no format_version, config or "
-                              f"model; keys: {keys}); foreign weights load through a source "
-                              "prefix: mae:, timm:NAME@, hf:, mocov3:")
+        raise CheckpointError(
+            f"{origin}: not a mimlab checkpoint (no format_version, config or "
+            f"model; keys: {keys}); foreign weights load through a source "
+            "prefix: mae:, timm:NAME@, hf:, mocov3:"
+        )
     kind = kind_of_config(cfg)
     data = cfg.get("data") or {}
     chans = int(cfg["model"].get("in_chans", 3))
     stats = None
-    if data.get("mean") is not None and data.get("std") is not None \
-            and len(data["mean"]) == chans:
-        stats = {"mean": list(data["mean"]), "std": list(data["std"]),
-                 "img_size": int(cfg["model"]["img_size"]), "in_chans": chans}
-    method = ((cfg.get("method") or {}).get("name") if kind == "pretrain"
-              else (cfg.get("finetune") or {}).get("pretrained"))
+    if data.get("mean") is not None and data.get("std") is not None and len(data["mean"]) == chans:
+        stats = {
+            "mean": list(data["mean"]),
+            "std": list(data["std"]),
+            "img_size": int(cfg["model"]["img_size"]),
+            "in_chans": chans,
+        }
+    method = (
+        (cfg.get("method") or {}).get("name")
+        if kind == "pretrain"
+        else (cfg.get("finetune") or {}).get("pretrained")
+    )
     prov = dict(ck.get("version") or {})
     prov.setdefault("time", None)
     out = dict(ck)
-    out.update(format_version=FORMAT_VERSION, kind=kind, method=method,
-               model_config=dict(cfg["model"]), data_stats=stats,
-               encoder=_encoder_view(ck["model"]), provenance=prov)
+    out.update(
+        format_version=FORMAT_VERSION,
+        kind=kind,
+        method=method,
+        model_config=dict(cfg["model"]),
+        data_stats=stats,
+        encoder=_encoder_view(ck["model"]),
+        provenance=prov,
+    )
     if origin not in _NOTED:
         _NOTED.add(origin)
-        log.warning("note: %s uses the pre-schema checkpoint layout (format 1); read as format "
-                    "%d (%s)", origin, FORMAT_VERSION,
-                    "data statistics from its config" if stats else
-                    "no data statistics recorded: the data set's are used")
+        log.warning(
+            "note: %s uses the pre-schema checkpoint layout (format 1); read as format %d (%s)",
+            origin,
+            FORMAT_VERSION,
+            "data statistics from its config"
+            if stats
+            else "no data statistics recorded: the data set's are used",
+        )
     return out
 
 
@@ -224,4 +278,4 @@ def decoder_state(ck: dict) -> dict:
     Only meaningful for reconstructive methods; :mod:`mimlab.analysis.recon` checks that."""
     if ck.get("kind") != "pretrain":
         return {}
-    return {k[len("head."):]: v for k, v in ck["model"].items() if k.startswith("head.")}
+    return {k[len("head.") :]: v for k, v in ck["model"].items() if k.startswith("head.")}

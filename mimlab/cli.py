@@ -1,5 +1,5 @@
 """``mimlab`` command line: pretrain | finetune | linprobe | knn | demo | export | methods |
-bench | stats | shards | reproduce | analyze | visualize (the last two:
+flops | bench | stats | shards | reproduce | analyze | visualize (the last two:
 :mod:`mimlab.analysis.cli`).
 
 Every training/evaluation command takes ``--config file.yaml`` and ``key=value`` overrides
@@ -7,20 +7,42 @@ Every training/evaluation command takes ``--config file.yaml`` and ``key=value``
 with its type, default and meaning. Runs go to ``run.out_dir/run.name`` with the resolved
 ``config.yaml``. Under ``torchrun``, pretrain and finetune run data-parallel (DDP).
 """
+
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import sys
 import textwrap
+from pathlib import Path
+from types import ModuleType
 from typing import Optional
 
-from .config import (ConfigError, FinetuneConfig, PretrainConfig, ProbeConfig, describe,
-                     load_yaml, parse_overrides, resolve)
+import yaml
 
-CONFIGS = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "linprobe": ProbeConfig,
-           "knn": ProbeConfig}
+from . import __version__
+from .analysis.cli import add_parsers as add_analysis_parsers
+from .analysis.cli import dispatch as analysis_dispatch
+from .config import (
+    ConfigError,
+    DataConfig,
+    FinetuneConfig,
+    PretrainConfig,
+    ProbeConfig,
+    describe,
+    parse_overrides,
+    to_dict,
+)
+from .registry import FAMILIES, PRESETS, presets_of, reading_families
+
+CONFIGS = {
+    "pretrain": PretrainConfig,
+    "finetune": FinetuneConfig,
+    "linprobe": ProbeConfig,
+    "knn": ProbeConfig,
+}
 SUMMARY = {
     "pretrain": "self-supervised pretraining (method.name selects MAE, ...)",
     "finetune": "end-to-end fine-tuning (or supervised training from scratch) + top-1",
@@ -30,9 +52,11 @@ SUMMARY = {
     "export": "write any model source in timm's or transformers' Hub format (or a .pt)",
     "stats": "compute per-channel mean/std of a dataset",
     "shards": "write an image folder as WebDataset tar shards (data.kind=wds)",
-    "methods": "list the method presets and the parts each one composes",
-    "bench": "benchmark training steps, data pipeline and memory; write a markdown report",
-    "reproduce": "run the papers' experiment suite (quick | full), resumable; writes report.md",
+    "methods": "list the method families (the fields each reads) and their presets",
+    "bench": "benchmark training steps, data pipeline and memory; write a markdown report "
+    "(repository tool: needs the checkout's benchmarks/)",
+    "reproduce": "run the papers' experiment suites (quick | standard | full), resumable; "
+    "writes report.md",
 }
 
 
@@ -41,29 +65,57 @@ def _keys_help(cls) -> str:
     w = max(len(r[0]) for r in rows)
     lines = ["configuration keys (set with key=value or in --config YAML):"]
     for key, tp, default, docs in rows:
+        read = ""
+        if key.startswith("method.") and key != "method.name":  # from the method registry
+            read = "; read by " + ", ".join(reading_families(key.split(".", 1)[1]))
         lines.append(f"  {key.ljust(w)}  {docs}")
-        lines.append(f"  {''.ljust(w)}  [{tp}; default {default}]")
+        lines.append(f"  {''.ljust(w)}  [{tp}; default {default}{read}]")
     return "\n".join(lines)
 
 
+def methods_listing() -> str:
+    """``mimlab methods``: the registry's families, the fields each reads, and its presets."""
+    lines = []
+    for fam in FAMILIES.values():
+        lines += [
+            f"{fam.name}: {fam.title}",
+            f"  {fam.about}",
+            f"  reads method.{{{', '.join(sorted(fam.reads - {'name'}))}}}",
+        ]
+        for name in presets_of(fam.name):
+            p = PRESETS[name]
+            lines.append(f"  {name:<17} {p.about}")
+            lines.append(" " * 20 + ", ".join(f"{k}={v}" for k, v in p.values.items()))
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
 def _add_common(p: argparse.ArgumentParser, probe: bool = False, ft: bool = False) -> None:
-    p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="config overrides, e.g. optim.epochs=5 model.preset=vit_b16")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="config overrides, e.g. optim.epochs=5 model.preset=vit_b16",
+    )
     p.add_argument("--config", help="YAML config file (read with a safe loader)")
     p.add_argument("--data", help="dataset path (same as data.path=...)")
     p.add_argument("--out", help="parent folder of run directories (run.out_dir)")
     p.add_argument("--name", help="run directory name (run.name)")
     p.add_argument("--resume", help="checkpoint to resume from, or 'auto' (run.resume)")
     if probe or ft:
-        p.add_argument("--pretrained", help="mimlab checkpoint to evaluate / start from "
-                                            "(omit for a random initialisation)")
-    p.add_argument("--print-config", action="store_true",
-                   help="print the resolved config as YAML and exit")
+        p.add_argument(
+            "--pretrained",
+            help="mimlab checkpoint to evaluate / start from (omit for a random initialisation)",
+        )
+    p.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="mimlab", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="mimlab",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Masked image modeling: pretrain, evaluate and analyse Vision Transformers.",
         epilog=textwrap.dedent("""\
             examples:
@@ -71,106 +123,257 @@ def build_parser() -> argparse.ArgumentParser:
               mimlab pretrain --data ../shared/data/cifar10 optim.epochs=100
               mimlab finetune --data ../shared/data/cifar10 --pretrained runs/X/checkpoints/last.pt
               torchrun --nproc_per_node=2 -m mimlab.cli pretrain --data DIR run.device=cpu
-            """))
+            """),
+    )
     ap.add_argument("--version", action="store_true", help="print the version and exit")
     sub = ap.add_subparsers(dest="command", metavar="command")
     for name, cls in CONFIGS.items():
-        p = sub.add_parser(name, help=SUMMARY[name], description=SUMMARY[name],
-                           epilog=_keys_help(cls),
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            name,
+            help=SUMMARY[name],
+            description=SUMMARY[name],
+            epilog=_keys_help(cls),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         _add_common(p, probe=name in ("linprobe", "knn"), ft=name == "finetune")
-    d = sub.add_parser("demo", help=SUMMARY["demo"], description=textwrap.dedent("""\
+    d = sub.add_parser(
+        "demo",
+        help=SUMMARY["demo"],
+        description=textwrap.dedent("""\
         Pretrain MAE for a few minutes on real offline images (your --data, else the CIFAR-10
         copy in ../shared/data, else photos bundled with scikit-image; a small set is repeated
         per epoch, data.repeat), evaluate it (k-NN against a random initialisation where labels
         exist, reconstruction PSNR), and write a run directory with metrics, a reconstruction
         figure (masked patches with the visible patches' statistics) and summary.md."""),
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     d.add_argument("--data", help="your images: ImageFolder (labelled) or plain folder")
     d.add_argument("--out", default="runs", help="parent folder of the run directory")
-    d.add_argument("--epochs", type=int, default=None, help="pretraining epochs (default: "
-                                                            "what gives about --steps steps)")
-    d.add_argument("--steps", type=int, default=None,
-                   help="pretraining optimizer steps of 128 images (default 390)")
-    d.add_argument("--images", type=int, default=None,
-                   help="distinct training images (default 10000 for CIFAR-10, else all)")
+    d.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="pretraining epochs (default: what gives about --steps steps)",
+    )
+    d.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="pretraining optimizer steps of 128 images (default 390)",
+    )
+    d.add_argument(
+        "--images",
+        type=int,
+        default=None,
+        help="distinct training images (default 10000 for CIFAR-10, else all)",
+    )
     d.add_argument("--preset", default=None, help="model preset (default: mini)")
-    d.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="extra pretraining overrides")
+    d.add_argument("overrides", nargs="*", metavar="key=value", help="extra pretraining overrides")
     e = sub.add_parser("export", help=SUMMARY["export"], description=SUMMARY["export"])
-    e.add_argument("checkpoint", metavar="SOURCE",
-                   help="model source: a mimlab checkpoint (pretrain or finetune), "
-                        "mae:FILE, timm:NAME@FILE, hf:DIR, mocov3:FILE")
+    e.add_argument(
+        "checkpoint",
+        metavar="SOURCE",
+        help="model source: a mimlab checkpoint (pretrain or finetune), "
+        "mae:FILE, timm:NAME@FILE, hf:DIR, mocov3:FILE",
+    )
     e.add_argument("output", help="output directory (timm / hf format) or .pt file")
-    e.add_argument("--format", default="auto", choices=("auto", "timm", "hf", "pt"),
-                   help="timm: safetensors + config.json for timm.create_model('local-dir:OUT',"
-                        " pretrained=True); hf: transformers ViTMAEForPreTraining (MAE with "
-                        "decoder) or ViTModel directory; pt: state dict + timm kwargs; auto: "
-                        "pt when OUTPUT ends in .pt, else timm")
+    e.add_argument(
+        "--format",
+        default="auto",
+        choices=("auto", "timm", "hf", "pt"),
+        help="timm: safetensors + config.json for timm.create_model('local-dir:OUT',"
+        " pretrained=True); hf: transformers ViTMAEForPreTraining (MAE with "
+        "decoder) or ViTModel directory; pt: state dict + timm kwargs; auto: "
+        "pt when OUTPUT ends in .pt, else timm",
+    )
     sub.add_parser("methods", help=SUMMARY["methods"], description=SUMMARY["methods"])
-    fl = sub.add_parser("flops", help="training FLOPs per image of every method preset "
-                        "(analytic, checked against a FLOP counter)",
-                        description="Training FLOPs per image (forward + backward) of each "
-                        "method preset: analytic (mimlab/flops.py), counted with "
-                        "torch.utils.flop_counter on one step, their ratio, and the cost "
-                        "relative to MAE.")
+    fl = sub.add_parser(
+        "flops",
+        help="training FLOPs per image of every method preset "
+        "(analytic, checked against a FLOP counter)",
+        description="Training FLOPs per image (forward + backward) of each "
+        "method preset: analytic (mimlab/flops.py), counted with "
+        "torch.utils.flop_counter on one step, their ratio, and the cost "
+        "relative to MAE.",
+    )
     fl.add_argument("--preset", default="mini", help="model preset (default mini)")
-    fl.add_argument("--methods", default=None, help="comma-separated method presets "
-                                                    "(default: all)")
-    fl.add_argument("--batch", type=int, default=8, help="images of the counted step; also "
-                                                         "the InfoNCE keys (default 8)")
-    fl.add_argument("--json", default=None, metavar="OUT", help="also write the table and "
-                                                                "every breakdown as JSON")
-    from .benchmarking import add_parser as add_bench_parser
-    add_bench_parser(sub, SUMMARY["bench"])  # bench [--quick] [--out docs/performance.md]
-    sh = sub.add_parser("shards", help=SUMMARY["shards"], description=SUMMARY["shards"] + (
-        ": OUT/<split>-NNNNNN.tar ({key}.jpg|png + {key}.cls) and OUT/_info.json (timm's "
-        "reader_wds index + class names). An ImageFolder keeps its labels; train/ and test/ "
-        "become two splits; a plain folder gives one unlabelled split."))
+    fl.add_argument("--methods", default=None, help="comma-separated method presets (default: all)")
+    fl.add_argument(
+        "--batch",
+        type=int,
+        default=8,
+        help="images of the counted step; also the InfoNCE keys (default 8)",
+    )
+    fl.add_argument(
+        "--json",
+        default=None,
+        metavar="OUT",
+        help="also write the table and every breakdown as JSON",
+    )
+    _add_bench_parser(sub)
+    sh = sub.add_parser(
+        "shards",
+        help=SUMMARY["shards"],
+        description=SUMMARY["shards"]
+        + (
+            ": OUT/<split>-NNNNNN.tar ({key}.jpg|png + {key}.cls) and OUT/_info.json (timm's "
+            "reader_wds index + class names). An ImageFolder keeps its labels; train/ and test/ "
+            "become two splits; a plain folder gives one unlabelled split."
+        ),
+    )
     sh.add_argument("src", help="ImageFolder, CIFAR-style copy (train/ test/) or image folder")
     sh.add_argument("out", help="output folder (new, or without an _info.json)")
     sh.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    sh.add_argument("--limit", type=int, default=None,
-                    help="train split: a seeded random subset of this many images")
+    sh.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="train split: a seeded random subset of this many images",
+    )
     sh.add_argument("--order", default="shuffled", help="shuffled (seeded; default) | sorted")
     sh.add_argument("--seed", type=int, default=0, help="seed of --order and --limit")
-    sh.add_argument("--splits", default="train,test",
-                    help="splits to write when SRC has train/ and test/ (default both)")
+    sh.add_argument(
+        "--splits",
+        default="train,test",
+        help="splits to write when SRC has train/ and test/ (default both)",
+    )
     sh.add_argument("--no-progress", action="store_true", help="no progress bar")
     s = sub.add_parser("stats", help=SUMMARY["stats"], description=SUMMARY["stats"])
     s.add_argument("data", help="dataset path")
     s.add_argument("--in-chans", type=int, default=3)
     s.add_argument("--img-size", type=int, default=32)
     s.add_argument("--max-images", type=int, default=5000)
-    r = sub.add_parser("reproduce", help=SUMMARY["reproduce"],
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description=SUMMARY["reproduce"] + "\n\n" + textwrap.dedent("""\
+    r = sub.add_parser(
+        "reproduce",
+        help=SUMMARY["reproduce"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=SUMMARY["reproduce"]
+        + "\n\n"
+        + textwrap.dedent("""\
         Figure 1 (CKA) and Tables 1-8 of Kong & Zhang plus MaskDistill at the scale of a
         profile: 'quick' (mini ViT, ~1-1.5 h on 2 CPU cores) or 'full' (tiny ViT, all of
         CIFAR-10, 100 pretraining epochs: meant for a GPU). Each sub-experiment is a run
         directory under --out; re-running the same command skips finished ones and resumes an
         interrupted one from its last checkpoint. Profile fields can be changed with
         key=value (e.g. pretrain_epochs=1 small_ns=[1,10]); they are part of the suite's
-        identity, so a folder started with other settings is refused."""))
-    r.add_argument("overrides", nargs="*", metavar="field=value",
-                   help="profile fields to change (see mimlab.reproduce.Profile)")
-    r.add_argument("--suite", default="quick",
-                   help="quick (smoke test) | standard (decides the claims, in stages) | full "
-                        "(default quick)")
-    r.add_argument("--stage", default=None,
-                   help="standard suite: core | rmae | contrastive | cmae_variants | smalldata | augment")
-    r.add_argument("--results", default=None,
-                   help="standard suite: folder of the small result files and report.md "
-                        "(default docs/results/standard)")
-    r.add_argument("--report-only", action="store_true",
-                   help="standard suite: regenerate report.md from the result files only")
-    r.add_argument("--data", help="labelled dataset with train/ and test/ (default: the "
-                                  "CIFAR-10 copy at ../shared/data/cifar10)")
+        identity, so a folder started with other settings is refused."""),
+    )
+    r.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="field=value",
+        help="profile fields to change (see mimlab.experiments.quick.Profile)",
+    )
+    r.add_argument(
+        "--suite",
+        default="quick",
+        help="quick (smoke test) | standard (decides the claims, in stages) | full (default quick)",
+    )
+    r.add_argument(
+        "--stage",
+        default=None,
+        help="standard suite: core | rmae | contrastive | cmae_variants | smalldata | augment",
+    )
+    r.add_argument(
+        "--results",
+        default=None,
+        help="standard suite: folder of the small result files and report.md "
+        "(default docs/results/standard)",
+    )
+    r.add_argument(
+        "--report-only",
+        action="store_true",
+        help="standard suite: regenerate report.md from the result files only",
+    )
+    r.add_argument(
+        "--data",
+        help="labelled dataset with train/ and test/ (default: the "
+        "CIFAR-10 copy at ../shared/data/cifar10)",
+    )
     r.add_argument("--out", help="suite folder (default runs/reproduce-<suite>)")
     r.add_argument("--progress", action="store_true", help="progress bars of every sub-run")
-    from .analysis.cli import add_parsers as add_analysis_parsers
     add_analysis_parsers(sub)  # analyze cka | psnr, visualize
     return ap
+
+
+# ------------------------------------------------------------------ mimlab bench
+#: ``mimlab bench`` runs this file of a mimlab checkout (a repository tool: the benchmark
+#: scripts and their speed targets are not part of the installed package)
+BENCH_SUITE = Path("benchmarks") / "suite.py"
+BENCH_MISSING = (
+    "mimlab bench is a repository tool: run it from a mimlab checkout; benchmarks/ not found"
+)
+
+
+def _add_bench_parser(sub) -> None:
+    b = sub.add_parser(
+        "bench",
+        help=SUMMARY["bench"],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=SUMMARY["bench"]
+        + "\n\n"
+        + textwrap.dedent("""\
+        Runs the scripts of the checkout's benchmarks/ folder (bench_train.py, bench_data.py,
+        bench_memory.py) one after the other and writes a markdown report with the machine,
+        the versions, the commands, the result tables and the speed targets of
+        benchmarks/targets.json (+ the raw results as .json). The checkout is the current
+        directory, else the one this mimlab is installed from (pip install -e .)."""),
+    )
+    b.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: small batches, one repetition (numbers not representative)",
+    )
+    b.add_argument(
+        "--out",
+        default=None,
+        help="markdown report (default docs/performance.md; with --gpu "
+        "docs/performance-gpu.md); the raw results go to the same name with .json",
+    )
+    b.add_argument(
+        "--only",
+        default=None,
+        help="comma list of benchmarks to run: train, data, memory (default all)",
+    )
+    b.add_argument(
+        "--cifar",
+        default=None,
+        help="CIFAR-10 copy for the data benchmark (default ../shared/data/cifar10)",
+    )
+    b.add_argument(
+        "--gpu",
+        action="store_true",
+        help="instead: ViT-B/16 MAE steps on the CUDA device in bf16, eager and "
+        "torch.compile'd, against HF ViTMAE (images/s per GPU, model-FLOPs "
+        "utilisation)",
+    )
+    b.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+
+
+def find_bench_suite(cwd: Optional[Path] = None) -> Optional[Path]:
+    """``benchmarks/suite.py`` of the checkout in ``cwd`` (default: the current directory),
+    else of the checkout this package was loaded from; None outside a checkout."""
+    for root in (Path.cwd() if cwd is None else Path(cwd), Path(__file__).resolve().parents[1]):
+        if (root / BENCH_SUITE).is_file():
+            return root / BENCH_SUITE
+    return None
+
+
+def load_bench_suite(path: Optional[Path] = None) -> ModuleType:
+    """The benchmark suite module of a checkout (``benchmarks/suite.py``), loaded from its
+    file; FileNotFoundError with :data:`BENCH_MISSING` outside a checkout."""
+    path = path or find_bench_suite()
+    if path is None:
+        raise FileNotFoundError(BENCH_MISSING)
+    name = "mimlab_bench_suite"
+    mod = sys.modules.get(name)
+    if mod is not None and Path(mod.__file__).resolve() == path.resolve():
+        return mod
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _one_line(e: BaseException) -> str:
@@ -196,10 +399,9 @@ def _resolve_cmd(args, cls):
     if getattr(args, "pretrained", None):
         sec = "finetune" if cls is FinetuneConfig else "probe"
         ov.append(f"{sec}.pretrained={args.pretrained}")
-    cfg = resolve(cls, args.config, ov)
-    explicit_model = "model" in parse_overrides(list(args.overrides or [])) or (
-        args.config is not None and "model" in load_yaml(args.config))
-    return cfg, explicit_model
+    from .tasks import resolve_run_config  # lazy: torch start-up, only for these commands
+
+    return resolve_run_config(cls, args.config, ov)  # adopts a --pretrained source's model
 
 
 def run(argv: Optional[list[str]] = None) -> int:
@@ -214,41 +416,44 @@ def run(argv: Optional[list[str]] = None) -> int:
             ap.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides or []) + extra
     if args.version:
-        from . import __version__
         print(__version__)
         return 0
     if not args.command:
         ap.print_help()
         return 2
-    from .data import DataError
-    from .engine import Interrupted, TrainingError
+    from .data import DataError  # lazy: CLI start-up speed (torch), --help and --version stay fast
+    from .engine import Interrupted, TrainingError  # lazy: as above
+
     try:
         if args.command in CONFIGS:
-            cfg, explicit_model = _resolve_cmd(args, CONFIGS[args.command])
-            if args.print_config:
-                import yaml
-                from .config import to_dict
-                sec = getattr(cfg, "finetune", None) or getattr(cfg, "probe", None)
-                if sec is not None and sec.pretrained:  # show the model that will be used
-                    from .tasks import _adopt_model_config
-                    _adopt_model_config(cfg, sec.pretrained, explicit_model)
+            cfg = _resolve_cmd(args, CONFIGS[args.command])
+            if args.print_config:  # with --pretrained: the model that will be used
                 print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
                 return 0
-            from . import tasks
-            fn = getattr(tasks, args.command)
-            res = fn(cfg) if args.command == "pretrain" else fn(cfg, explicit_model)
+            from . import tasks  # lazy: CLI start-up speed (torch-heavy command module)
+
+            res = getattr(tasks, args.command)(cfg)
             print(json.dumps(res, indent=2, default=str))
             return 0
         if args.command == "demo":
-            from .demo import demo
-            res = demo(data=args.data, out=args.out, epochs=args.epochs, images=args.images,
-                       preset=args.preset, overrides=args.overrides, steps=args.steps)
+            from .demo import demo  # lazy: CLI start-up speed (torch-heavy command module)
+
+            res = demo(
+                data=args.data,
+                out=args.out,
+                epochs=args.epochs,
+                images=args.images,
+                preset=args.preset,
+                overrides=args.overrides,
+                steps=args.steps,
+            )
             print(f"demo finished: {res['run_dir']}/summary.md")
             return 0
         if args.command == "export":
-            from .export import export_checkpoint
-            from .checkpoint import CheckpointError
-            from .sources import SourceError
+            from .checkpoint import CheckpointError  # lazy: CLI start-up speed (torch)
+            from .export import export_checkpoint  # lazy: CLI start-up speed (torch)
+            from .sources import SourceError  # lazy: CLI start-up speed (torch)
+
             try:
                 info = export_checkpoint(args.checkpoint, args.output, args.format)
             except (SourceError, CheckpointError) as e:
@@ -257,11 +462,19 @@ def run(argv: Optional[list[str]] = None) -> int:
             print(json.dumps(info, indent=2))
             return 0
         if args.command == "bench":
-            from .benchmarking import main_from_args
-            return main_from_args(args)
+            try:
+                bench = load_bench_suite()
+            except FileNotFoundError as e:
+                print(e, file=sys.stderr)
+                return 1
+            return bench.main_from_args(args)
         if args.command == "reproduce" and args.suite == "standard":
-            from .data import default_data_path
-            from .experiments.standard import StandardError, reproduce_standard
+            from .data import default_data_path  # lazy: CLI start-up speed (torch)
+            from .experiments.standard import (  # lazy: CLI start-up speed (torch-heavy suite)
+                StandardError,
+                reproduce_standard,
+            )
+
             try:
                 ov = parse_overrides(list(args.overrides or []))
                 ov = {k: tuple(v) if isinstance(v, list) else v for k, v in ov.items()}
@@ -269,18 +482,30 @@ def run(argv: Optional[list[str]] = None) -> int:
                 if not data:
                     raise StandardError("no dataset: pass --data PATH (CIFAR-10 ImageFolder)")
                 if args.stage is None and not args.report_only:
-                    raise StandardError("--suite standard needs --stage (core | rmae | contrastive | "
-                                        "cmae_variants | smalldata | augment) or --report-only")
-                path = reproduce_standard(args.stage, data, args.out or "runs/standard",
-                                          args.results or "docs/results/standard",
-                                          args.progress, args.report_only, **ov)
+                    raise StandardError(
+                        "--suite standard needs --stage (core | rmae | contrastive | "
+                        "cmae_variants | smalldata | augment) or --report-only"
+                    )
+                path = reproduce_standard(
+                    args.stage,
+                    data,
+                    args.out or "runs/standard",
+                    args.results or "docs/results/standard",
+                    args.progress,
+                    args.report_only,
+                    **ov,
+                )
             except StandardError as e:
                 print(f"mimlab: error: {_one_line(e)}", file=sys.stderr)
                 return 2
             print(f"report: {path}")
             return 0
         if args.command == "reproduce":
-            from .reproduce import ReproduceError, reproduce
+            from .experiments.quick import (  # lazy: CLI start-up speed (torch-heavy suite)
+                ReproduceError,
+                reproduce,
+            )
+
             try:
                 ov = parse_overrides(list(args.overrides or []))
                 ov = {k: tuple(v) if isinstance(v, list) else v for k, v in ov.items()}
@@ -292,29 +517,39 @@ def run(argv: Optional[list[str]] = None) -> int:
             bad = json.loads((path.parent / "summary.json").read_text())["subruns"]
             return 1 if any(v["status"] in ("failed", "blocked") for v in bad.values()) else 0
         if args.command == "flops":
-            from .flops import run_cli as flops_cli
+            from .flops import run_cli as flops_cli  # lazy: CLI start-up speed (torch)
+
             return flops_cli(args.preset, args.methods, args.batch, args.json)
         if args.command == "methods":
-            from .config import METHOD_PRESETS
-            for name, fields in METHOD_PRESETS.items():
-                print(f"{name}:")
-                print("    " + ", ".join(f"{k}={v}" for k, v in fields.items()))
+            print(methods_listing())
             return 0
-        from .analysis.cli import dispatch as analysis_dispatch
         rc = analysis_dispatch(args, ap)  # analyze / visualize; None for other commands
         if rc is not None:
             return rc
         if args.command == "shards":
-            from .data import write_folder_shards
-            print(json.dumps(write_folder_shards(
-                args.src, args.out, args.shard_size, args.limit, args.seed, args.order,
-                not args.no_progress, [x for x in args.splits.split(",") if x])))
+            from .data import write_folder_shards  # lazy: CLI start-up speed (torch)
+
+            print(
+                json.dumps(
+                    write_folder_shards(
+                        args.src,
+                        args.out,
+                        args.shard_size,
+                        args.limit,
+                        args.seed,
+                        args.order,
+                        not args.no_progress,
+                        [x for x in args.splits.split(",") if x],
+                    )
+                )
+            )
             return 0
         if args.command == "stats":
-            from .config import DataConfig
-            from .data import compute_mean_std
-            mean, std = compute_mean_std(DataConfig(path=args.data), args.in_chans,
-                                         args.img_size, args.max_images)
+            from .data import compute_mean_std  # lazy: CLI start-up speed (torch)
+
+            mean, std = compute_mean_std(
+                DataConfig(path=args.data), args.in_chans, args.img_size, args.max_images
+            )
             print(json.dumps({"mean": mean, "std": std}))
             return 0
     except ConfigError as e:

@@ -9,6 +9,7 @@ where the model preset (``model.preset=vit_b16``) fills every model field the us
 set explicitly. Unknown keys fail with a did-you-mean, wrong types and impossible values fail
 with one clear line (:class:`ConfigError`) before any training starts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,11 +22,9 @@ from typing import Any, Optional
 
 import yaml
 
+from .errors import ConfigError  # noqa: F401  (re-exported: the config layer's error)
 from .paper_settings import PAPER_OPTIM, paper_optim  # noqa: F401  (re-exported: suites scale lr)
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported in one line before any work starts."""
+from .registry import METHOD_PRESETS, PRESETS, check_method, method_aliases
 
 
 def doc(text: str, **kw) -> Any:
@@ -40,34 +39,110 @@ def doc(text: str, **kw) -> Any:
 # --------------------------------------------------------------------------------------
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # for unit tests: a few thousand parameters
-    "micro": dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                  decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2),
+    "micro": dict(
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=2,
+    ),
     # reduced CIFAR ViT for CPU experiment suites (`mimlab reproduce --suite quick`)
-    "mini": dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4,
-                 decoder_embed_dim=96, decoder_depth=1, decoder_num_heads=4),
+    "mini": dict(
+        img_size=32,
+        patch_size=4,
+        embed_dim=128,
+        depth=6,
+        num_heads=4,
+        decoder_embed_dim=96,
+        decoder_depth=1,
+        decoder_num_heads=4,
+    ),
     # CIFAR-sized ViT-Tiny: 64 tokens of 4x4 px
-    "tiny": dict(img_size=32, patch_size=4, embed_dim=192, depth=12, num_heads=3,
-                 decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=4),
+    "tiny": dict(
+        img_size=32,
+        patch_size=4,
+        embed_dim=192,
+        depth=12,
+        num_heads=3,
+        decoder_embed_dim=128,
+        decoder_depth=2,
+        decoder_num_heads=4,
+    ),
     # CIFAR-sized ViT-Small
-    "small": dict(img_size=32, patch_size=4, embed_dim=384, depth=12, num_heads=6,
-                  decoder_embed_dim=256, decoder_depth=4, decoder_num_heads=8),
-    "vit_t16": dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3,
-                    decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-    "vit_s16": dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6,
-                    decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-    "vit_b16": dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                    decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-    "vit_l16": dict(img_size=224, patch_size=16, embed_dim=1024, depth=24, num_heads=16,
-                    decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
-    "vit_h14": dict(img_size=224, patch_size=14, embed_dim=1280, depth=32, num_heads=16,
-                    decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16),
+    "small": dict(
+        img_size=32,
+        patch_size=4,
+        embed_dim=384,
+        depth=12,
+        num_heads=6,
+        decoder_embed_dim=256,
+        decoder_depth=4,
+        decoder_num_heads=8,
+    ),
+    "vit_t16": dict(
+        img_size=224,
+        patch_size=16,
+        embed_dim=192,
+        depth=12,
+        num_heads=3,
+        decoder_embed_dim=512,
+        decoder_depth=8,
+        decoder_num_heads=16,
+    ),
+    "vit_s16": dict(
+        img_size=224,
+        patch_size=16,
+        embed_dim=384,
+        depth=12,
+        num_heads=6,
+        decoder_embed_dim=512,
+        decoder_depth=8,
+        decoder_num_heads=16,
+    ),
+    "vit_b16": dict(
+        img_size=224,
+        patch_size=16,
+        embed_dim=768,
+        depth=12,
+        num_heads=12,
+        decoder_embed_dim=512,
+        decoder_depth=8,
+        decoder_num_heads=16,
+    ),
+    "vit_l16": dict(
+        img_size=224,
+        patch_size=16,
+        embed_dim=1024,
+        depth=24,
+        num_heads=16,
+        decoder_embed_dim=512,
+        decoder_depth=8,
+        decoder_num_heads=16,
+    ),
+    "vit_h14": dict(
+        img_size=224,
+        patch_size=14,
+        embed_dim=1280,
+        depth=32,
+        num_heads=16,
+        decoder_embed_dim=512,
+        decoder_depth=8,
+        decoder_num_heads=16,
+    ),
 }
 
 
 @dataclass
 class ModelConfig:
-    preset: Optional[str] = doc("model preset: " + ", ".join(MODEL_PRESETS) +
-                                "; fills every model field not set explicitly", default="tiny")
+    preset: Optional[str] = doc(
+        "model preset: "
+        + ", ".join(MODEL_PRESETS)
+        + "; fills every model field not set explicitly",
+        default="tiny",
+    )
     img_size: int = doc("input resolution in pixels (square)", default=32)
     patch_size: int = doc("patch size in pixels", default=4)
     in_chans: int = doc("number of input channels (3 for RGB, 1 for grayscale)", default=3)
@@ -83,67 +158,105 @@ class ModelConfig:
         "activation checkpointing of the transformer blocks: off | selective | full. full "
         "keeps only each block's input and recomputes the block in the backward pass; "
         "selective keeps the matmul and attention outputs and recomputes only LayerNorm, GELU "
-        "and additions (true = full, false = off). Figures measured on this CPU for ViT-B/16 "
-        "MAE at batch 64 are in docs/performance.md", default="off")
+        "and additions (true = full, false = off). Figures measured for ViT-B/16 MAE at "
+        "batch 64 on a 2-core CPU are in docs/performance.md",
+        default="off",
+    )
 
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = doc("dataset root: an ImageFolder (class sub-folders), a plain folder of "
-                              "images, a CIFAR-10 copy (train/ test/), or a Fashion-MNIST IDX "
-                              "folder; 'builtin:photos' uses natural photos bundled with "
-                              "scikit-image", default=None)
-    kind: str = doc("auto | imagefolder | folder | fmnist | photos | wds (WebDataset tar "
-                    "shards, see `mimlab shards`) | hf (Hugging Face datasets on disk: "
-                    "save_to_disk folder, parquet, ...)", default="auto")
-    train_split: str = doc("sub-folder (or IDX prefix) used for training; '' = the root itself",
-                           default="train")
+    path: Optional[str] = doc(
+        "dataset root: an ImageFolder (class sub-folders), a plain folder of "
+        "images, a CIFAR-10 copy (train/ test/), or a Fashion-MNIST IDX "
+        "folder; 'builtin:photos' uses natural photos bundled with "
+        "scikit-image",
+        default=None,
+    )
+    kind: str = doc(
+        "auto | imagefolder | folder | fmnist | photos | wds (WebDataset tar "
+        "shards, see `mimlab shards`) | hf (Hugging Face datasets on disk: "
+        "save_to_disk folder, parquet, ...)",
+        default="auto",
+    )
+    train_split: str = doc(
+        "sub-folder (or IDX prefix) used for training; '' = the root itself", default="train"
+    )
     val_split: str = doc("sub-folder used for evaluation", default="test")
-    mean: Optional[list[float]] = doc("per-channel mean; null = known value for the dataset "
-                                      "or computed on the training split", default=None)
+    mean: Optional[list[float]] = doc(
+        "per-channel mean; null = known value for the dataset or computed on the training split",
+        default=None,
+    )
     std: Optional[list[float]] = doc("per-channel std; null = as for mean", default=None)
-    crop_scale: list[float] = doc("RandomResizedCrop scale range", default_factory=lambda: [0.2, 1.0])
+    crop_scale: list[float] = doc(
+        "RandomResizedCrop scale range", default_factory=lambda: [0.2, 1.0]
+    )
     hflip: bool = doc("random horizontal flip during training", default=True)
     num_workers: int = doc("data-loader worker processes", default=2)
     limit: Optional[int] = doc("use only this many training images (seeded subset)", default=None)
-    val_limit: Optional[int] = doc("evaluate on only this many held-out images (seeded, "
-                                   "class-balanced subset; null = all)", default=None)
-    subset: str = doc("how --limit picks images: random | one_per_class | one_class", default="random")
-    subset_seed: Optional[int] = doc("seed of the limit / label_fraction / val_limit / holdout "
-                                     "subsets; null = run.seed (set it to keep the same images "
-                                     "across training seeds)", default=None)
-    holdout: float = doc("hold out this class-balanced fraction of the training images as the "
-                         "evaluation split (hyper-parameter selection without the test split); "
-                         "0 = evaluate on val_split", default=0.0)
+    val_limit: Optional[int] = doc(
+        "evaluate on only this many held-out images (seeded, class-balanced subset; null = all)",
+        default=None,
+    )
+    subset: str = doc(
+        "how --limit picks images: random | one_per_class | one_class", default="random"
+    )
+    subset_seed: Optional[int] = doc(
+        "seed of the limit / label_fraction / val_limit / holdout "
+        "subsets; null = run.seed (set it to keep the same images "
+        "across training seeds)",
+        default=None,
+    )
+    holdout: float = doc(
+        "hold out this class-balanced fraction of the training images as the "
+        "evaluation split (hyper-parameter selection without the test split); "
+        "0 = evaluate on val_split",
+        default=0.0,
+    )
     repeat: int = doc("repeat a small training set this many times per epoch", default=1)
     on_bad: str = doc("unreadable images: skip (count and log them) | error", default="skip")
-    shuffle_buffer: int = doc("wds: undecoded samples each loader worker shuffles in (memory: "
-                              "this x the mean file size per worker)", default=2048)
-    image_key: Optional[str] = doc("wds: the sample entry holding the image (null = the first "
-                                   "image extension); hf: the image column (null = the first "
-                                   "Image feature)", default=None)
-    label_key: Optional[str] = doc("wds: the entry holding the class index (null = cls); hf: "
-                                   "the label column (null = the ClassLabel feature or 'label')",
-                                   default=None)
+    shuffle_buffer: int = doc(
+        "wds: undecoded samples each loader worker shuffles in (memory: "
+        "this x the mean file size per worker)",
+        default=2048,
+    )
+    image_key: Optional[str] = doc(
+        "wds: the sample entry holding the image (null = the first "
+        "image extension); hf: the image column (null = the first "
+        "Image feature)",
+        default=None,
+    )
+    label_key: Optional[str] = doc(
+        "wds: the entry holding the class index (null = cls); hf: "
+        "the label column (null = the ClassLabel feature or 'label')",
+        default=None,
+    )
 
 
 @dataclass
 class OptimConfig:
     epochs: int = doc("training epochs", default=10)
     batch_size: int = doc("per-process batch size", default=128)
-    accum_steps: int = doc("gradient accumulation steps (effective batch = batch*accum*world)",
-                           default=1)
-    lr: Optional[float] = doc("absolute learning rate; null = base_lr * eff_batch / 256", default=None)
+    accum_steps: int = doc(
+        "gradient accumulation steps (effective batch = batch*accum*world)", default=1
+    )
+    lr: Optional[float] = doc(
+        "absolute learning rate; null = base_lr * eff_batch / 256", default=None
+    )
     base_lr: float = doc("learning rate for an effective batch of 256", default=1.5e-4)
     min_lr: float = doc("final learning rate of the cosine schedule", default=0.0)
     warmup_epochs: float = doc("linear warm-up length in epochs", default=1.0)
-    weight_decay: float = doc("AdamW weight decay (not applied to norms, biases, tokens)",
-                              default=0.05)
+    weight_decay: float = doc(
+        "AdamW weight decay (not applied to norms, biases, tokens)", default=0.05
+    )
     betas: list[float] = doc("AdamW betas", default_factory=lambda: [0.9, 0.95])
     clip_grad: Optional[float] = doc("gradient-norm clipping; null = off", default=None)
-    layer_decay: Optional[float] = doc("layer-wise lr decay (fine-tuning); 1.0 = off; null "
-                                       "(fine-tuning default) = 0.75 from a pretrained encoder, "
-                                       "1.0 from scratch", default=1.0)
+    layer_decay: Optional[float] = doc(
+        "layer-wise lr decay (fine-tuning); 1.0 = off; null "
+        "(fine-tuning default) = 0.75 from a pretrained encoder, "
+        "1.0 from scratch",
+        default=1.0,
+    )
     fused: bool = doc("use the fused/foreach AdamW kernel where available", default=True)
 
 
@@ -153,24 +266,36 @@ class RunConfig:
     name: Optional[str] = doc("run directory name; null = <command>-<timestamp>", default=None)
     seed: int = doc("random seed", default=0)
     device: str = doc("auto | cpu | cuda | cuda:N", default="auto")
-    precision: str = doc("auto | fp32 | bf16 | fp16 (autocast; fp16 uses a grad scaler)",
-                         default="auto")
+    precision: str = doc(
+        "auto | fp32 | bf16 | fp16 (autocast; fp16 uses a grad scaler)", default="auto"
+    )
     ckpt_every: int = doc("write checkpoint-epochN every N epochs (0 = only 'last')", default=0)
-    save_every_steps: int = doc("also refresh checkpoints/last.pt every N optimizer steps "
-                                "(0 = only at epoch ends); bounds the work lost to a kill",
-                                default=0)
+    save_every_steps: int = doc(
+        "also refresh checkpoints/last.pt every N optimizer steps "
+        "(0 = only at epoch ends); bounds the work lost to a kill",
+        default=0,
+    )
     log_every: int = doc("log metrics every N optimizer steps", default=10)
-    max_steps: Optional[int] = doc("stop after this many optimizer steps (smoke tests)", default=None)
-    stop_at_step: Optional[int] = doc("write a checkpoint and stop after this optimizer step "
-                                      "without changing the schedule (run in chunks)",
-                                      default=None)
-    resume: Optional[str] = doc("checkpoint path, or 'auto' = the run directory's last checkpoint",
-                                default=None)
+    max_steps: Optional[int] = doc(
+        "stop after this many optimizer steps (smoke tests)", default=None
+    )
+    stop_at_step: Optional[int] = doc(
+        "write a checkpoint and stop after this optimizer step "
+        "without changing the schedule (run in chunks)",
+        default=None,
+    )
+    resume: Optional[str] = doc(
+        "checkpoint path, or 'auto' = the run directory's last checkpoint", default=None
+    )
     progress: bool = doc("show a progress bar", default=True)
-    trust_checkpoints: bool = doc("load checkpoints with full pickle (weights_only=False); only "
-                                  "for files from a trusted source", default=False)
-    nonfinite_skip: int = doc("skip up to this many batches with a non-finite loss before stopping",
-                              default=0)
+    trust_checkpoints: bool = doc(
+        "load checkpoints with full pickle (weights_only=False); only "
+        "for files from a trusted source",
+        default=False,
+    )
+    nonfinite_skip: int = doc(
+        "skip up to this many batches with a non-finite loss before stopping", default=0
+    )
     compile: bool = doc("wrap the model in torch.compile", default=False)
 
 
@@ -179,108 +304,171 @@ class MethodConfig:
     """The unified view of MIM: masking (T1/T2) + target + target normalisation + student mode
     + head + loss. ``name`` selects a preset (see :data:`METHOD_PRESETS`) that fills every field
     not set explicitly; any combination can also be written out field by field in YAML."""
-    name: str = doc("method preset: " + "see `mimlab methods`", default="mae")
+
+    name: str = doc(
+        "method preset: " + " | ".join(PRESETS) + " (`mimlab methods` lists what each composes)",
+        default="mae",
+    )
     # --- transformations
     mask: str = doc("T1 patch masking: random | block | none", default="random")
     mask_ratio: float = doc("fraction of patches removed by T1, in (0, 1)", default=0.75)
-    view2: str = doc("siamese T2: complement (of T1) | independent (own mask) | identity (T2(x)=x)"
-                     " | crop (second crop-and-jitter view, MoCo v3) | none", default="none")
+    view2: str = doc(
+        "siamese T2: complement (of T1) | independent (own mask) | identity (T2(x)=x)"
+        " | crop (second crop-and-jitter view, MoCo v3) | none",
+        default="none",
+    )
     view2_mask_ratio: float = doc("mask ratio of an independent T2", default=0.25)
-    color_jitter: str = doc("colour jitter: none | after_mask (C-MAE, both views) | whole "
-                            "(before masking) | unmasked (only the input, target unchanged)",
-                            default="none")
-    cutmix: bool = doc("add cutmix between images of the batch to the input (Table 5)",
-                       default=False)
+    color_jitter: str = doc(
+        "colour jitter: none | after_mask (C-MAE, both views) | whole "
+        "(before masking) | unmasked (only the input, target unchanged)",
+        default="none",
+    )
+    cutmix: bool = doc(
+        "add cutmix between images of the batch to the input (Table 5)", default=False
+    )
     # --- student
     student: str = doc("how the encoder hides patches: drop (MAE) | mask_token", default="drop")
     # --- target
-    target: str = doc("pixels | teacher (frozen network) | ema (EMA of the student) | hog | "
-                      "online (the student itself on T2, R-MAE)", default="pixels")
-    teacher: str = doc("teacher spec for target=teacher: effnet_lite0 | hog | timm:<name>@<path> "
-                       "| torchvision:<name>@<path> | open_clip:<model>@<path> | hf_clip:<path> "
-                       "| mimlab:<checkpoint>", default="effnet_lite0")
-    teacher_size: Optional[int] = doc("teacher input resolution; null = its default",
-                                      default=None)
-    cache_teacher: bool = doc("precompute teacher features once (needs a fixed augmentation)",
-                              default=False)
+    target: str = doc(
+        "pixels | teacher (frozen network) | ema (EMA of the student) | hog | "
+        "online (the student itself on T2, R-MAE)",
+        default="pixels",
+    )
+    teacher: str = doc(
+        "teacher spec for target=teacher: effnet_lite0 | hog | timm:<name>@<path> "
+        "| torchvision:<name>@<path> | open_clip:<model>@<path> | hf_clip:<path> "
+        "| mimlab:<checkpoint>",
+        default="effnet_lite0",
+    )
+    teacher_size: Optional[int] = doc("teacher input resolution; null = its default", default=None)
+    cache_teacher: bool = doc(
+        "precompute teacher features once (needs a fixed augmentation)", default=False
+    )
     ema_momentum: float = doc("EMA momentum of target networks", default=0.996)
-    ema_top_k: int = doc("data2vec-style EMA target: average of the top-K block outputs",
-                         default=6)
-    target_norm: str = doc("patch (per-patch, MAE norm_pix) | layernorm (no affine) | instance | "
-                           "none", default="patch")
-    norm_pix_loss: bool = doc("MAE: per-patch normalised pixel target (sets target_norm)",
-                              default=True)
+    ema_top_k: int = doc("data2vec-style EMA target: average of the top-K block outputs", default=6)
+    target_norm: str = doc(
+        "patch (per-patch, MAE norm_pix) | layernorm (no affine) | instance | none", default="patch"
+    )
     # --- head
-    head: str = doc("decoder (MAE transformer decoder) | linear | mlp (projector + predictor)",
-                    default="decoder")
-    proj_hidden: Optional[int] = doc("projector/predictor hidden width; null = 2048 * D/768",
-                                     default=None)
+    head: str = doc(
+        "decoder (MAE transformer decoder) | linear | mlp (projector + predictor)",
+        default="decoder",
+    )
+    proj_hidden: Optional[int] = doc(
+        "projector/predictor hidden width; null = 2048 * D/768", default=None
+    )
     proj_dim: Optional[int] = doc("projector output width; null = D", default=None)
     # --- loss
     loss: str = doc("l2 | l1 | smooth_l1 | cosine | infonce | byol | ce", default="l2")
     loss_beta: float = doc("smooth-L1 beta", default=2.0)
     temperature: float = doc("InfoNCE temperature", default=0.2)
-    tokens: str = doc("contrastive tokens: patch (token-wise) | patch+cls | cls | avg "
-                      "(instance-wise on averaged patch tokens)", default="patch")
-    negatives: str = doc("token-wise InfoNCE negatives: position (the same position in every "
-                         "image of the global batch: Eq. 11 applied to each patch token like "
-                         "to the class token; the position embedding is no shortcut) | image "
-                         "(the other tokens of the same image) | batch (all tokens of the "
-                         "global batch, computed in chunks)", default="position")
-    queries: str = doc("token-wise queries with mask tokens: all (every patch token, Table 3: "
-                       "'to each patch token respectively') | removed (only the patches T1 "
-                       "removes and T2 sees)", default="all")
-    cls_term: str = doc("tokens=patch+cls: instance (class token contrasted with the other "
-                        "images' class tokens, one more term of the average) | joint (class "
-                        "token joins the token set under method.negatives)", default="instance")
-    nce_chunk: int = doc("negatives=batch: queries per chunk of the InfoNCE logits (memory "
-                         "chunk x global batch tokens: lower it for large global batches)",
-                         default=1024)
+    tokens: str = doc(
+        "contrastive tokens: patch (token-wise) | patch+cls | cls | avg "
+        "(instance-wise on averaged patch tokens)",
+        default="patch",
+    )
+    negatives: str = doc(
+        "token-wise InfoNCE negatives: position (the same position in every "
+        "image of the global batch: Eq. 11 applied to each patch token like "
+        "to the class token; the position embedding is no shortcut) | image "
+        "(the other tokens of the same image) | batch (all tokens of the "
+        "global batch, computed in chunks)",
+        default="position",
+    )
+    queries: str = doc(
+        "token-wise queries with mask tokens: all (every patch token, Table 3: "
+        "'to each patch token respectively') | removed (only the patches T1 "
+        "removes and T2 sees)",
+        default="all",
+    )
+    cls_term: str = doc(
+        "tokens=patch+cls: instance (class token contrasted with the other "
+        "images' class tokens, one more term of the average) | joint (class "
+        "token joins the token set under method.negatives)",
+        default="instance",
+    )
+    nce_chunk: int = doc(
+        "negatives=batch: queries per chunk of the InfoNCE logits (memory "
+        "chunk x global batch tokens: lower it for large global batches)",
+        default=1024,
+    )
     lam: float = doc("R-MAE: weight of the auto-encoding constraint term (Eq. 8)", default=1.0)
-    rmae_stopgrad: bool = doc("R-MAE: stop the gradient of the T2 branch in the distance term "
-                              "(Eq. 8 has none; false = as in the paper)", default=False)
-    symmetric: bool = doc("siamese infonce/byol: also swap T1 and T2 (online <-> target) and "
-                          "average the two losses (MoCo v3)", default=False)
-    ema_schedule: str = doc("EMA momentum of siamese target networks: fixed | cosine (from "
-                            "ema_momentum up to 1 over training, MoCo v3 / BYOL)", default="fixed")
-    proj_norm: str = doc("normalisation inside projector / predictor MLPs: bn (MoCo v3) | ln | "
-                         "none", default="bn")
+    rmae_stopgrad: bool = doc(
+        "R-MAE: stop the gradient of the T2 branch in the distance term "
+        "(Eq. 8 has none; false = as in the paper)",
+        default=False,
+    )
+    symmetric: bool = doc(
+        "siamese infonce/byol: also swap T1 and T2 (online <-> target) and "
+        "average the two losses (MoCo v3)",
+        default=False,
+    )
+    ema_schedule: str = doc(
+        "EMA momentum of siamese target networks: fixed | cosine (from "
+        "ema_momentum up to 1 over training, MoCo v3 / BYOL)",
+        default="fixed",
+    )
+    proj_norm: str = doc(
+        "normalisation inside projector / predictor MLPs: bn (MoCo v3) | ln | none", default="bn"
+    )
 
 
 @dataclass
 class EvalConfig:
     """Online evaluation during pretraining (mimlab/eval/online.py)."""
-    online_every: int = doc("run weighted k-NN on a fixed labelled subset every N optimizer "
-                            "steps, at the start and at the end (0 = off); needs labelled data "
-                            "with a held-out split; logged as kind 'online' and drawn to "
-                            "online_eval.png", default=0)
-    online_bank: int = doc("k-NN bank: this many training images (class-balanced, seeded, "
-                           "evaluation transform; data.limit ignored)", default=2000)
-    online_queries: int = doc("k-NN queries: this many held-out images (data.val_split, or the "
-                              "data.holdout part; class-balanced, seeded)", default=1000)
+
+    online_every: int = doc(
+        "run weighted k-NN on a fixed labelled subset every N optimizer "
+        "steps, at the start and at the end (0 = off); needs labelled data "
+        "with a held-out split; logged as kind 'online' and drawn to "
+        "online_eval.png",
+        default=0,
+    )
+    online_bank: int = doc(
+        "k-NN bank: this many training images (class-balanced, seeded, "
+        "evaluation transform; data.limit ignored)",
+        default=2000,
+    )
+    online_queries: int = doc(
+        "k-NN queries: this many held-out images (data.val_split, or the "
+        "data.holdout part; class-balanced, seeded)",
+        default=1000,
+    )
     online_k: int = doc("k-NN neighbours", default=20)
     online_temperature: float = doc("k-NN vote weight exp(cosine / T): T", default=0.07)
     online_feature: str = doc("pooled feature: avg (mean of patch tokens) | cls", default="avg")
-    online_probe: bool = doc("also train a linear probe on the cached bank features (lr "
-                             "chosen on 10 % of the bank) and score the queries", default=False)
-    online_probe_lrs: list[float] = doc("learning rates of the online linear probe",
-                                        default_factory=lambda: [0.3, 0.1, 0.03, 0.01, 0.003])
-    online_probe_epochs: int = doc("epochs of the online linear probe over the bank features",
-                                   default=50)
+    online_probe: bool = doc(
+        "also train a linear probe on the cached bank features (lr "
+        "chosen on 10 % of the bank) and score the queries",
+        default=False,
+    )
+    online_probe_lrs: list[float] = doc(
+        "learning rates of the online linear probe",
+        default_factory=lambda: [0.3, 0.1, 0.03, 0.01, 0.003],
+    )
+    online_probe_epochs: int = doc(
+        "epochs of the online linear probe over the bank features", default=50
+    )
 
 
 @dataclass
 class LogConfig:
     """Extra metric sinks (mimlab/tracking.py); metrics.jsonl/csv and TensorBoard always run."""
-    wandb: bool = doc("also log to Weights & Biases (pip install 'mimlab[track]'); "
-                      "WANDB_MODE=offline or log.wandb_mode=offline writes a local run under "
-                      "<run dir>/wandb", default=False)
+
+    wandb: bool = doc(
+        "also log to Weights & Biases (pip install 'mimlab[track]'); "
+        "WANDB_MODE=offline or log.wandb_mode=offline writes a local run under "
+        "<run dir>/wandb",
+        default=False,
+    )
     wandb_project: str = doc("W&B project", default="mimlab")
-    wandb_mode: Optional[str] = doc("W&B mode: online | offline | disabled; null = WANDB_MODE "
-                                    "or wandb's default", default=None)
+    wandb_mode: Optional[str] = doc(
+        "W&B mode: online | offline | disabled; null = WANDB_MODE or wandb's default", default=None
+    )
     mlflow: bool = doc("also log to MLflow (pip install 'mimlab[track]')", default=False)
-    mlflow_uri: Optional[str] = doc("MLflow tracking URI; null = a local file store "
-                                    "<run dir>/mlruns", default=None)
+    mlflow_uri: Optional[str] = doc(
+        "MLflow tracking URI; null = a local file store <run dir>/mlruns", default=None
+    )
     mlflow_experiment: str = doc("MLflow experiment name", default="mimlab")
 
 
@@ -297,23 +485,35 @@ class PretrainConfig:
 
 @dataclass
 class FinetuneOptions:
-    pretrained: Optional[str] = doc("model to start from: a mimlab checkpoint path or a model "
-                                    "source (mimlab: | mae: | timm: | hf: | mocov3:); null = "
-                                    "random init", default=None)
+    pretrained: Optional[str] = doc(
+        "model to start from: a mimlab checkpoint path or a model "
+        "source (mimlab: | mae: | timm: | hf: | mocov3:); null = "
+        "random init",
+        default=None,
+    )
     num_classes: Optional[int] = doc("number of classes; null = from the dataset", default=None)
     mixup: float = doc("mixup alpha (0 = off)", default=0.8)
     cutmix: float = doc("cutmix alpha (0 = off)", default=1.0)
     mix_prob: float = doc("probability of applying mixup/cutmix to a batch", default=1.0)
     label_smoothing: float = doc("label smoothing", default=0.1)
-    label_fraction: float = doc("fraction of training labels used (class-balanced, seeded)",
-                                default=1.0)
-    eval_every: int = doc("evaluate on the held-out split every N epochs (0 = only at the end)",
-                          default=0)
+    label_fraction: float = doc(
+        "fraction of training labels used (class-balanced, seeded)", default=1.0
+    )
+    eval_every: int = doc(
+        "evaluate on the held-out split every N epochs (0 = only at the end)", default=0
+    )
 
 
 def _ft_optim() -> OptimConfig:
-    return OptimConfig(epochs=10, base_lr=1e-3, betas=[0.9, 0.999], layer_decay=None,
-                       warmup_epochs=1.0, weight_decay=0.05, min_lr=1e-6)
+    return OptimConfig(
+        epochs=10,
+        base_lr=1e-3,
+        betas=[0.9, 0.999],
+        layer_decay=None,
+        warmup_epochs=1.0,
+        weight_decay=0.05,
+        min_lr=1e-6,
+    )
 
 
 def _ft_model() -> ModelConfig:
@@ -332,11 +532,15 @@ class FinetuneConfig:
 
 @dataclass
 class ProbeOptions:
-    pretrained: Optional[str] = doc("model to probe: a mimlab checkpoint path or a model source "
-                                    "(mimlab: | mae: | timm: | hf: | mocov3:); null = random init",
-                                    default=None)
-    lrs: list[float] = doc("learning rates swept in one pass on cached features",
-                           default_factory=lambda: [0.3, 0.1, 0.03, 0.01, 0.003])
+    pretrained: Optional[str] = doc(
+        "model to probe: a mimlab checkpoint path or a model source "
+        "(mimlab: | mae: | timm: | hf: | mocov3:); null = random init",
+        default=None,
+    )
+    lrs: list[float] = doc(
+        "learning rates swept in one pass on cached features",
+        default_factory=lambda: [0.3, 0.1, 0.03, 0.01, 0.003],
+    )
     epochs: int = doc("epochs over the cached features", default=50)
     batch_size: int = doc("batch size over cached features", default=256)
     weight_decay: float = doc("weight decay of the linear heads", default=0.0)
@@ -442,14 +646,19 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    if cls is MethodConfig:
+        data = method_aliases(data)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for k, v in data.items():
         if k not in fields:
             close = difflib.get_close_matches(str(k), list(fields), n=1, cutoff=0.5)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else \
-                f" (valid keys: {', '.join(prefix + f for f in fields)})"
+            hint = (
+                f" (did you mean '{prefix}{close[0]}'?)"
+                if close
+                else f" (valid keys: {', '.join(prefix + f for f in fields)})"
+            )
             raise ConfigError(f"unknown config key '{prefix}{k}'{hint}")
         kwargs[k] = _coerce(v, hints[k], prefix + k)
     obj = cls()  # defaults, including per-section factories
@@ -457,7 +666,8 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         if dataclasses.is_dataclass(hints[k]):
             # merge partial section into the section's defaults
             base = to_dict(getattr(obj, k))
-            base.update({kk: vv for kk, vv in data[k].items()})
+            sub = method_aliases(data[k]) if hints[k] is MethodConfig else data[k]
+            base.update({kk: vv for kk, vv in sub.items()})
             v = from_dict(hints[k], base, prefix=prefix + k + ".")
         setattr(obj, k, v)
     return obj
@@ -507,12 +717,18 @@ def load_yaml(path: str | Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{p}: top level must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(
+            f"{p}: top level must be a mapping of sections, got {type(data).__name__}"
+        )
     return data
 
 
-def resolve(cls: type, yaml_path: Optional[str] = None, overrides: Optional[list[str]] = None,
-            base: Optional[dict] = None) -> Any:
+def resolve(
+    cls: type,
+    yaml_path: Optional[str] = None,
+    overrides: Optional[list[str]] = None,
+    base: Optional[dict] = None,
+) -> Any:
     """Defaults <- base dict <- YAML file <- overrides <- model preset; then validate."""
     data: dict = {}
     if base:
@@ -522,18 +738,19 @@ def resolve(cls: type, yaml_path: Optional[str] = None, overrides: Optional[list
     if overrides:
         _deep_update(data, parse_overrides(overrides))
     model_user = dict(data.get("model") or {}) if isinstance(data.get("model"), dict) else None
+    meth_user = method_aliases(data.get("method")) if isinstance(data.get("method"), dict) else {}
     cfg = from_dict(cls, data)
     if hasattr(cfg, "model"):
         apply_model_preset(cfg.model, model_user or {})
     if hasattr(cfg, "method"):
-        meth_user = data.get("method") if isinstance(data.get("method"), dict) else {}
         apply_method_preset(cfg.method, meth_user)
-    validate(cfg)
+    validate(cfg, meth_user)
     return cfg
 
 
-def _fill_from_preset(obj: Any, key: str, presets: dict, explicit: dict,
-                      choices: list[str]) -> None:
+def _fill_from_preset(
+    obj: Any, key: str, presets: dict, explicit: dict, choices: list[str]
+) -> None:
     """Set every field of ``obj`` that the user did not give explicitly from the preset named
     by ``obj.<name>``; an unknown name fails with a did-you-mean (``key`` is its config key)."""
     name = getattr(obj, key.split(".")[-1])
@@ -541,8 +758,7 @@ def _fill_from_preset(obj: Any, key: str, presets: dict, explicit: dict,
         close = difflib.get_close_matches(name, list(presets), n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         what = "preset" if key == "model.preset" else "method"
-        raise ConfigError(f"{key}: unknown {what} '{name}'{hint}; choose from "
-                          f"{', '.join(choices)}")
+        raise ConfigError(f"{key}: unknown {what} '{name}'{hint}; choose from {', '.join(choices)}")
     for k, v in presets[name].items():
         if k not in explicit:
             setattr(obj, k, v)
@@ -554,97 +770,9 @@ def apply_model_preset(model: ModelConfig, explicit: dict) -> None:
         _fill_from_preset(model, "model.preset", MODEL_PRESETS, explicit, list(MODEL_PRESETS))
 
 
-# siamese presets of Kong & Zhang 2022 (methods/siamese.py): the shared part of each family.
-# Paper settings (Sec. 5, "Pretraining"; optimiser settings in mimlab/paper_settings.py):
-# R-MAE: mask ratio 0.75 and "lambda is set to 1 for ours"; one decoder ("we let phi = phi'").
-_RMAE = dict(mask="random", mask_ratio=0.75, view2="complement", view2_mask_ratio=0.25,
-             student="drop", target="online", target_norm="patch", head="decoder", loss="l2",
-             lam=1.0, rmae_stopgrad=False, color_jitter="none", cutmix=False, symmetric=False)
-# C-MAE: "the momentum to update the teacher model is set to 0.996, and the temperature to
-# compute contrastive loss is set to 0.2. For projector and predictor heads, we set 2048-d for
-# hidden layers, and 768-d for output layers" (proj_hidden/proj_dim null = 2048 x D/768 and D:
-# exactly 2048 / 768 at ViT-B, scaled with the width of smaller models); "2-layer projector ...
-# 2-layer predictor ... GELU"; "learnable mask tokens"; colour jitter after masking, "follows
-# SimSiam". Token-wise (Table 3's default) on every patch token with position negatives and the
-# class-token term instance-wise: the readings argued in methods/siamese.py.
-_CMAE = dict(mask="random", mask_ratio=0.75, view2="complement", student="mask_token",
-             target="ema", ema_momentum=0.996, ema_schedule="fixed", head="mlp",
-             proj_hidden=None, proj_dim=None, proj_norm="bn", loss="infonce", temperature=0.2,
-             tokens="patch", negatives="position", queries="all", cls_term="instance",
-             symmetric=False, color_jitter="after_mask", cutmix=False)
-
-#: method presets: field values of MethodConfig; methods register theirs here
-METHOD_PRESETS: dict[str, dict[str, Any]] = {
-    # MAE (He et al.; Kong & Zhang Sec. 5: "We use the mask ratio of 0.75 ... use the patch
-    # normalization when computing loss"). method.mask=none (Table 5): reconstruct the original
-    # image from its cutmix / jittered version, loss over every patch (methods/masked.py).
-    "mae": dict(mask="random", mask_ratio=0.75, view2="none", student="drop", target="pixels",
-                target_norm="patch", head="decoder", loss="l2", color_jitter="none"),
-    # --- siamese methods (Kong & Zhang 2022, methods/siamese.py) ---------------------------
-    # R-MAE, Eq. 8: T1 random 75 %, T2 = complement; one shared MAE decoder; distance between
-    # the two reconstructions + lam * auto-encoding constraint, on patches T1 removes, T2 sees
-    "rmae": dict(_RMAE),
-    # R-MAE-dagger (Table 1): "T2 is randomly sampled with mask ratio of 25%"
-    "rmae_indep": dict(_RMAE, view2="independent", view2_mask_ratio=0.25),
-    # R-MAE-double-dagger (Table 1): "T2(x) = x", the constraint is a plain auto-encoder
-    "rmae_identity": dict(_RMAE, view2="identity"),
-    # C-MAE, Eq. 9-11: mask tokens, EMA target (0.996), projector + predictor, token-wise
-    # InfoNCE (tau 0.2) on every patch token, SimSiam colour jitter after masking
-    "cmae": dict(_CMAE),
-    # Table 3: instance-wise on the class token / on the average of patch tokens; token-wise
-    # on patch tokens plus the class token (instance-wise class-token term, method.cls_term)
-    "cmae_cls": dict(_CMAE, tokens="cls"),
-    "cmae_avg": dict(_CMAE, tokens="avg"),
-    "cmae_patch_cls": dict(_CMAE, tokens="patch+cls"),
-    # Table 4: BYOL loss ("we still make the BYOL loss in tokenwise manner"); without mask
-    # tokens ("remove the mask tokens as done in MAE's encoder"): with complementary views no
-    # position has an online and a target token, so these are instance-wise on averaged tokens
-    # -- cmae_nomask differs from cmae_avg in the mask tokens only (methods/siamese.py)
-    "cmae_byol": dict(_CMAE, loss="byol"),
-    "cmae_nomask": dict(_CMAE, student="drop", tokens="avg"),
-    "cmae_nomask_byol": dict(_CMAE, student="drop", tokens="avg", loss="byol"),
-    # MoCo v3 (Chen et al., 2021): two crop-and-jitter views, no masking, EMA key encoder
-    # (0.99 -> 1 cosine), projector + predictor, symmetric InfoNCE on the class token
-    "mocov3": dict(mask="none", view2="crop", student="drop", target="ema", ema_momentum=0.99,
-                   ema_schedule="cosine", head="mlp", proj_hidden=None, proj_dim=None,
-                   proj_norm="bn", loss="infonce", temperature=0.2, tokens="cls",
-                   negatives="position", symmetric=True, color_jitter="after_mask",
-                   cutmix=False),
-    # --- masked prediction of teacher / HOG / EMA / pixel targets (methods/targets.py) -------
-    # MaskDistill (Peng et al., "A Unified View of MIM", 2022): BEiT block masking 40 %, mask
-    # tokens, a frozen teacher's features normalised by LayerNorm without affine, one linear
-    # layer, smooth-l1 (beta 2) on the masked tokens; method.loss=l2 | cosine are the paper's
-    # ablations. The paper's teacher is CLIP ViT-B/16 (method.teacher=open_clip:ViT-B-16@<ckpt>);
-    # the offline default is ImageNet EfficientNet-Lite0.
-    "maskdistill": dict(mask="block", mask_ratio=0.4, view2="none", student="mask_token",
-                        target="teacher", teacher="effnet_lite0", target_norm="layernorm",
-                        head="linear", loss="smooth_l1", loss_beta=2.0, color_jitter="none"),
-    # SimMIM (Xie et al., 2022): random masking 60 %, mask tokens, a linear head to raw pixels
-    # (normalised-image units, no per-patch norm), l1 on the masked pixels. SimMIM masks 32 px
-    # squares (groups of 16 px patches); here every patch is masked independently.
-    "simmim": dict(mask="random", mask_ratio=0.6, view2="none", student="mask_token",
-                   target="pixels", target_norm="none", head="linear", loss="l1",
-                   color_jitter="none"),
-    # MaskFeat (Wei et al., 2022): block masking 40 %, mask tokens, HOG of every patch (9 bins,
-    # 2 x 2 cells, already l2-normalised per patch), linear head, l2.
-    "maskfeat": dict(mask="block", mask_ratio=0.4, view2="none", student="mask_token",
-                     target="hog", target_norm="none", head="linear", loss="l2",
-                     color_jitter="none"),
-    # data2vec (Baevski et al., 2022), vision: block masking 60 %, mask tokens, EMA of the
-    # student on the full image, mean of its top-6 block outputs each instance-normalised over
-    # the tokens (inside the target), linear head, smooth-l1 with beta 2 (fairseq's data2vec
-    # vision config); EMA momentum constant 0.999 (data2vec anneals 0.999 -> 0.9998).
-    "data2vec": dict(mask="block", mask_ratio=0.6, view2="none", student="mask_token",
-                     target="ema", ema_top_k=6, ema_momentum=0.999, target_norm="none",
-                     head="linear", loss="smooth_l1", loss_beta=2.0, color_jitter="none"),
-}
-
-
 def apply_method_preset(method: "MethodConfig", explicit: dict) -> None:
     """Fill the method fields the user did not set from the ``method.name`` preset."""
     _fill_from_preset(method, "method.name", METHOD_PRESETS, explicit, sorted(METHOD_PRESETS))
-    if "norm_pix_loss" in explicit and "target_norm" not in explicit:
-        method.target_norm = "patch" if method.norm_pix_loss else "none"
 
 
 #: activation-checkpointing modes of ``model.grad_checkpointing`` (see models.run_block)
@@ -655,18 +783,29 @@ def checkpointing_mode(value: Any) -> str:
     """``model.grad_checkpointing`` -> 'off' | 'selective' | 'full'; booleans (the field's
     earlier type, as saved in older configs) mean 'full' (true) and 'off' (false)."""
     v = str(value).strip().lower()
-    v = {"true": "full", "yes": "full", "1": "full", "false": "off", "no": "off", "0": "off",
-         "none": "off"}.get(v, v)
+    v = {
+        "true": "full",
+        "yes": "full",
+        "1": "full",
+        "false": "off",
+        "no": "off",
+        "0": "off",
+        "none": "off",
+    }.get(v, v)
     if v not in CHECKPOINTING:
         close = difflib.get_close_matches(v, CHECKPOINTING, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"model.grad_checkpointing: unknown mode {value!r}{hint}; choose from "
-                          f"{', '.join(CHECKPOINTING)}")
+        raise ConfigError(
+            f"model.grad_checkpointing: unknown mode {value!r}{hint}; choose from "
+            f"{', '.join(CHECKPOINTING)}"
+        )
     return v
 
 
-def validate(cfg: Any) -> None:
-    """Impossible values fail here, one clear line each."""
+def validate(cfg: Any, method_explicit: Optional[dict] = None) -> None:
+    """Impossible values fail here, one clear line each. The method section is checked by
+    :func:`mimlab.registry.check_method` (``method_explicit``: the method fields the user set,
+    so that a field the method's family does not read is an error)."""
     m = getattr(cfg, "model", None)
     if m is not None:
         if m.depth < 1:
@@ -674,14 +813,18 @@ def validate(cfg: Any) -> None:
         if m.patch_size < 1 or m.img_size < 1:
             raise ConfigError("model.img_size and model.patch_size must be positive")
         if m.img_size % m.patch_size:
-            raise ConfigError(f"model.img_size {m.img_size} is not divisible by model.patch_size "
-                              f"{m.patch_size}")
+            raise ConfigError(
+                f"model.img_size {m.img_size} is not divisible by model.patch_size {m.patch_size}"
+            )
         if m.embed_dim % m.num_heads:
-            raise ConfigError(f"model.embed_dim {m.embed_dim} is not divisible by model.num_heads "
-                              f"{m.num_heads}")
+            raise ConfigError(
+                f"model.embed_dim {m.embed_dim} is not divisible by model.num_heads {m.num_heads}"
+            )
         if m.decoder_embed_dim % m.decoder_num_heads:
-            raise ConfigError(f"model.decoder_embed_dim {m.decoder_embed_dim} is not divisible by "
-                              f"model.decoder_num_heads {m.decoder_num_heads}")
+            raise ConfigError(
+                f"model.decoder_embed_dim {m.decoder_embed_dim} is not divisible by "
+                f"model.decoder_num_heads {m.decoder_num_heads}"
+            )
         if m.in_chans < 1:
             raise ConfigError(f"model.in_chans must be >= 1, got {m.in_chans}")
         if not 0.0 <= m.drop_path < 1.0:
@@ -689,27 +832,20 @@ def validate(cfg: Any) -> None:
         m.grad_checkpointing = checkpointing_mode(m.grad_checkpointing)
     meth = getattr(cfg, "method", None)
     if meth is not None:
-        if not 0.0 < meth.mask_ratio < 1.0:
-            raise ConfigError(f"method.mask_ratio must be in (0, 1), got {meth.mask_ratio}")
-        if meth.target == "teacher" and meth.teacher_size is not None and meth.teacher_size < 32:
-            raise ConfigError(f"method.teacher_size {meth.teacher_size} is too small: the "
-                              "teacher's feature grid cannot be matched to the student's "
-                              "(CNN teachers have stride 32); use >= 32 or null")
+        check_method(meth, method_explicit)
         if meth.target == "hog" and m is not None and m.patch_size < 2:
-            raise ConfigError(f"method.target=hog needs model.patch_size >= 2 (HOG cells inside "
-                              f"each patch), got {m.patch_size}")
-        from .methods.siamese import check_method  # lazy: torch only when a method is checked
-        check_method(meth)
+            raise ConfigError(
+                f"method.target=hog needs model.patch_size >= 2 (HOG cells inside "
+                f"each patch), got {m.patch_size}"
+            )
         if meth.cache_teacher:
-            if meth.target not in ("teacher", "hog"):
-                raise ConfigError(f"method.cache_teacher caches a frozen teacher's features: it "
-                                  f"needs method.target=teacher | hog, got '{meth.target}'")
             dc = getattr(cfg, "data", None)
             if dc is not None and ([float(v) for v in dc.crop_scale] != [1.0, 1.0] or dc.hflip):
                 raise ConfigError(
                     "method.cache_teacher=true computes teacher features once per image, so the "
                     "augmentation must be fixed: set data.crop_scale=[1,1] and data.hflip=false "
-                    f"(got data.crop_scale={dc.crop_scale}, data.hflip={dc.hflip})")
+                    f"(got data.crop_scale={dc.crop_scale}, data.hflip={dc.hflip})"
+                )
     o = getattr(cfg, "optim", None)
     if o is not None:
         if o.epochs < 1:
@@ -731,11 +867,13 @@ def validate(cfg: Any) -> None:
         if d.shuffle_buffer < 0:
             raise ConfigError(f"data.shuffle_buffer must be >= 0, got {d.shuffle_buffer}")
         if d.subset not in ("random", "one_per_class", "one_class"):
-            raise ConfigError(f"data.subset must be random | one_per_class | one_class, got "
-                              f"'{d.subset}'")
+            raise ConfigError(
+                f"data.subset must be random | one_per_class | one_class, got '{d.subset}'"
+            )
         if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
-            raise ConfigError(f"data.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got "
-                              f"{d.crop_scale}")
+            raise ConfigError(
+                f"data.crop_scale must be [lo, hi] with 0 < lo <= hi <= 1, got {d.crop_scale}"
+            )
         if not 0 <= d.holdout < 1:
             raise ConfigError(f"data.holdout must be in [0, 1), got {d.holdout}")
         if d.val_limit is not None and d.val_limit < 1:
@@ -751,7 +889,9 @@ def validate(cfg: Any) -> None:
     r = getattr(cfg, "run", None)
     if r is not None:
         if r.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"run.precision must be auto | fp32 | bf16 | fp16, got '{r.precision}'")
+            raise ConfigError(
+                f"run.precision must be auto | fp32 | bf16 | fp16, got '{r.precision}'"
+            )
     ft = getattr(cfg, "finetune", None)
     if ft is not None and not 0 < ft.label_fraction <= 1:
         raise ConfigError(f"finetune.label_fraction must be in (0, 1], got {ft.label_fraction}")
@@ -770,8 +910,9 @@ def validate(cfg: Any) -> None:
             raise ConfigError("eval.online_probe_lrs must list at least one learning rate")
     lg = getattr(cfg, "log", None)
     if lg is not None and lg.wandb_mode not in (None, "online", "offline", "disabled"):
-        raise ConfigError(f"log.wandb_mode must be online | offline | disabled | null, got "
-                          f"'{lg.wandb_mode}'")
+        raise ConfigError(
+            f"log.wandb_mode must be online | offline | disabled | null, got '{lg.wandb_mode}'"
+        )
     pr = getattr(cfg, "probe", None)
     if pr is not None:
         if pr.k < 1:

@@ -22,6 +22,7 @@ converted; unreadable files (corrupt, truncated, empty, not images, decompressio
 :class:`BadImageError` naming the file, which ``data.on_bad=skip`` (default) turns into "use the
 next readable file and count it"; missing or empty folders raise :class:`DataError`.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -40,15 +41,38 @@ from PIL import Image, ImageFile
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2 as T
 
+from .batch import Batch
 from .config import DataConfig
-from .shards import (IMAGE_EXTS, INFO_FILE, HFSplit, ShardError, ShardSplit, ShardStream,
-                     find_shard_split, is_hf_dir, is_shard_dir, open_hf_split, write_info,
-                     write_shards)
+from .shards import (
+    IMAGE_EXTS,
+    INFO_FILE,
+    HFSplit,
+    ShardError,
+    ShardSplit,
+    ShardStream,
+    find_shard_split,
+    is_hf_dir,
+    is_shard_dir,
+    open_hf_split,
+    write_info,
+    write_shards,
+)
 
 log = logging.getLogger("mimlab.data")
 
-IMG_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
-            ".npy"}
+IMG_EXTS = {
+    ".jpg",
+    ".jpeg",
+    ".png",
+    ".bmp",
+    ".gif",
+    ".tif",
+    ".tiff",
+    ".webp",
+    ".ppm",
+    ".pgm",
+    ".npy",
+}
 KNOWN_STATS = {
     # measured on the JPEG CIFAR-10 copy's training split with `mimlab stats`
     "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
@@ -162,12 +186,16 @@ def decode_image_bytes(data: bytes, ext: str, in_chans: int, name: str) -> torch
             if len(data) == 0:
                 raise BadImageError(f"{p}: empty file (0 bytes)")
             if in_chans not in (1, 3, 4):
-                raise BadImageError(f"{p}: cannot make {in_chans} channels from an image file; "
-                                    f"store such data as .npy [H, W, {in_chans}]")
+                raise BadImageError(
+                    f"{p}: cannot make {in_chans} channels from an image file; "
+                    f"store such data as .npy [H, W, {in_chans}]"
+                )
             if ImageFile.LOAD_TRUNCATED_IMAGES and not _warned_truncated:
                 _warned_truncated = True
-                log.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True by other code: "
-                            "truncated images will load partly grey instead of being reported")
+                log.warning(
+                    "PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set to True by other code: "
+                    "truncated images will load partly grey instead of being reported"
+                )
             with Image.open(io.BytesIO(data)) as im:
                 im.load()
                 a = _pil_to_array(im, in_chans, p)
@@ -180,10 +208,14 @@ def decode_image_bytes(data: bytes, ext: str, in_chans: int, name: str) -> torch
         if a.shape[2] == 1:
             a = np.repeat(a, in_chans, axis=2)
         else:
-            hint = (f" (it looks like [C, H, W]; store arrays as [H, W, C])"
-                    if a.shape[0] == in_chans else "")
-            raise BadImageError(f"{p}: has {a.shape[2]} channels, model.in_chans is "
-                                f"{in_chans}{hint}")
+            hint = (
+                " (it looks like [C, H, W]; store arrays as [H, W, C])"
+                if a.shape[0] == in_chans
+                else ""
+            )
+            raise BadImageError(
+                f"{p}: has {a.shape[2]} channels, model.in_chans is {in_chans}{hint}"
+            )
     if a.shape[0] < 1 or a.shape[1] < 1:
         raise BadImageError(f"{p}: image has no pixels ({a.shape[0]}x{a.shape[1]})")
     return torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).contiguous()
@@ -197,11 +229,12 @@ def _is_image(p: Path) -> bool:
 @dataclass
 class Source:
     """What a dataset is made of, before transforms."""
+
     kind: str
-    items: list            # file paths, or indices into `array`
+    items: list  # file paths, or indices into `array`
     labels: list[int]
     classes: list[str]
-    array: Optional[np.ndarray] = None   # [n, H, W, C] uint8 for in-memory sets
+    array: Optional[np.ndarray] = None  # [n, H, W, C] uint8 for in-memory sets
     name: str = ""
     reader: Optional[Callable[[Any, int], torch.Tensor]] = None  # (item, in_chans) -> image
     shards: Optional[ShardSplit] = None  # kind 'wds': streamed, ``items`` stays empty
@@ -217,8 +250,10 @@ def _scan_imagefolder(root: Path, labelled: bool) -> Source:
         items += files
         labels += [ci] * len(files)
     if empty and labelled:
-        raise DataError(f"{root}: class folder(s) without images: {', '.join(empty[:5])}"
-                        f"{' ...' if len(empty) > 5 else ''}; add images or remove the folder(s)")
+        raise DataError(
+            f"{root}: class folder(s) without images: {', '.join(empty[:5])}"
+            f"{' ...' if len(empty) > 5 else ''}; add images or remove the folder(s)"
+        )
     if empty:
         log.warning("%s: ignoring %d class folder(s) without images", root, len(empty))
     return Source("imagefolder", items, labels, classes, name=root.name)
@@ -235,21 +270,28 @@ def _read_idx(path: Path, ndim: int) -> np.ndarray:
     want = 0x0800 | ndim
     if len(data) < 4 or struct.unpack(">I", data[:4])[0] != want:
         got = f"0x{struct.unpack('>I', data[:4])[0]:08x}" if len(data) >= 4 else "nothing"
-        raise DataError(f"{path}: not an unsigned-byte IDX file with {ndim} dimension(s) "
-                        f"(magic number {got}, expected 0x{want:08x})")
+        raise DataError(
+            f"{path}: not an unsigned-byte IDX file with {ndim} dimension(s) "
+            f"(magic number {got}, expected 0x{want:08x})"
+        )
     if len(data) < 4 + 4 * ndim:
         raise DataError(f"{path}: truncated IDX file (header cut off); re-download it")
-    dims = struct.unpack(">" + "I" * ndim, data[4:4 + 4 * ndim])
+    dims = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
     arr = np.frombuffer(bytearray(data), dtype=np.uint8, offset=4 + 4 * ndim)  # writable
     if arr.size != int(np.prod(dims)):
-        raise DataError(f"{path}: truncated IDX file ({arr.size} of {int(np.prod(dims))} values);"
-                        " re-download it")
+        raise DataError(
+            f"{path}: truncated IDX file ({arr.size} of {int(np.prod(dims))} values);"
+            " re-download it"
+        )
     return arr.reshape(dims)
 
 
 def _find_idx(root: Path, prefix: str, what: str) -> Optional[Path]:
     for ext in ("", ".gz"):
-        for name in (f"{prefix}-{what}-ubyte{ext}", f"{prefix}-{what.replace('-', '.')}-ubyte{ext}"):
+        for name in (
+            f"{prefix}-{what}-ubyte{ext}",
+            f"{prefix}-{what.replace('-', '.')}-ubyte{ext}",
+        ):
             if (root / name).exists():
                 return root / name
     return None
@@ -259,20 +301,38 @@ def _fmnist_source(root: Path, split: str) -> Source:
     prefix = {"train": "train", "test": "t10k", "val": "t10k", "t10k": "t10k"}.get(split, split)
     ip, lp = _find_idx(root, prefix, "images-idx3"), _find_idx(root, prefix, "labels-idx1")
     if ip is None or lp is None:
-        raise DataError(f"{root}: no {prefix}-images-idx3-ubyte(.gz) / {prefix}-labels-idx1-ubyte"
-                        f"(.gz) found for split '{split}'")
+        raise DataError(
+            f"{root}: no {prefix}-images-idx3-ubyte(.gz) / {prefix}-labels-idx1-ubyte"
+            f"(.gz) found for split '{split}'"
+        )
     images, labels = _read_idx(ip, 3), _read_idx(lp, 1)
     if len(images) != len(labels):
         raise DataError(f"{root}: {len(images)} images but {len(labels)} labels")
-    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-               "Sneaker", "Bag", "Ankle boot"]
-    return Source("fmnist", list(range(len(images))), labels.astype(int).tolist(), classes,
-                  array=images[..., None], name="fmnist")
+    classes = [
+        "T-shirt/top",
+        "Trouser",
+        "Pullover",
+        "Dress",
+        "Coat",
+        "Sandal",
+        "Shirt",
+        "Sneaker",
+        "Bag",
+        "Ankle boot",
+    ]
+    return Source(
+        "fmnist",
+        list(range(len(images))),
+        labels.astype(int).tolist(),
+        classes,
+        array=images[..., None],
+        name="fmnist",
+    )
 
 
 def _photos_source(spec: str) -> Source:
     try:
-        import skimage.data as skd
+        import skimage.data as skd  # lazy: optional dependency (builtin:photos only)
     except ImportError:  # pragma: no cover
         raise DataError("builtin:photos needs scikit-image (pip install scikit-image)") from None
     names = spec.split(":")[2].split(",") if spec.count(":") >= 2 else list(PHOTO_NAMES)
@@ -284,8 +344,7 @@ def _photos_source(spec: str) -> Source:
         if a.ndim == 2:
             a = np.repeat(a[..., None], 3, axis=2)
         arrs.append(a[..., :3].astype(np.uint8))
-    return Source("photos", list(range(len(arrs))), [-1] * len(arrs), [], array=arrs,
-                  name="photos")
+    return Source("photos", list(range(len(arrs))), [-1] * len(arrs), [], array=arrs, name="photos")
 
 
 def detect_kind(root: Path) -> str:
@@ -334,15 +393,21 @@ def scan_source(cfg: DataConfig, split: str, labelled: bool) -> Source:
     elif kind == "folder":
         files = sorted(p for p in root.rglob("*") if p.is_file() and _is_image(p))
         if files and labelled:
-            raise DataError(f"{root}: labels are needed but this is a plain folder of images; "
-                            "use an ImageFolder layout (one sub-folder per class)")
+            raise DataError(
+                f"{root}: labels are needed but this is a plain folder of images; "
+                "use an ImageFolder layout (one sub-folder per class)"
+            )
         src = Source("folder", files, [-1] * len(files), [], name=root.name)
     else:
-        raise DataError(f"data.kind: unknown kind '{kind}' (auto | imagefolder | folder | fmnist "
-                        "| photos | wds | hf)")
+        raise DataError(
+            f"data.kind: unknown kind '{kind}' (auto | imagefolder | folder | fmnist "
+            "| photos | wds | hf)"
+        )
     if not src.items:
-        raise DataError(f"{root}: no images found (looked for {', '.join(sorted(IMG_EXTS))}, "
-                        "recursively); check data.path")
+        raise DataError(
+            f"{root}: no images found (looked for {', '.join(sorted(IMG_EXTS))}, "
+            "recursively); check data.path"
+        )
     return src
 
 
@@ -358,12 +423,12 @@ class _HFImages:
             if path:
                 return load_image(path, in_chans)
             raise BadImageError(f"{self.split.name}[{row}]: no image stored in this row")
-        return decode_image_bytes(data, Path(path or "").suffix, in_chans,
-                                  f"{self.split.name}[{row}]")
+        return decode_image_bytes(
+            data, Path(path or "").suffix, in_chans, f"{self.split.name}[{row}]"
+        )
 
 
-def _at_scale_source(cfg: DataConfig, root: Path, sub: str, kind: str, labelled: bool
-                     ) -> Source:
+def _at_scale_source(cfg: DataConfig, root: Path, sub: str, kind: str, labelled: bool) -> Source:
     """Kinds 'hf' (random access through :class:`_HFImages`) and 'wds' (``shards`` set)."""
     try:
         if kind == "hf":
@@ -374,15 +439,20 @@ def _at_scale_source(cfg: DataConfig, root: Path, sub: str, kind: str, labelled:
         raise DataError(str(e)) from None
     if kind == "hf":
         if labelled and hs.label_key is None:
-            raise DataError(f"{root}: labels are needed but split '{hs.name}' has no label "
-                            "column; set data.label_key")
+            raise DataError(
+                f"{root}: labels are needed but split '{hs.name}' has no label "
+                "column; set data.label_key"
+            )
         if not len(hs):
             raise DataError(f"{root}: split '{hs.name}' has no rows")
-        return Source("hf", list(range(len(hs))), hs.labels(), hs.classes, name=hs.name,
-                      reader=_HFImages(hs))
+        return Source(
+            "hf", list(range(len(hs))), hs.labels(), hs.classes, name=hs.name, reader=_HFImages(hs)
+        )
     if labelled and not ss.classes:
-        raise DataError(f"{root}: labels are needed but the shards have no class list "
-                        f"('classes' in {INFO_FILE}); write them with `mimlab shards`")
+        raise DataError(
+            f"{root}: labels are needed but the shards have no class list "
+            f"('classes' in {INFO_FILE}); write them with `mimlab shards`"
+        )
     return Source("wds", [], [], ss.classes, name=f"{root.name}:{ss.name}", shards=ss)
 
 
@@ -391,8 +461,9 @@ def subset_indices(labels: Sequence[int], n: int, strategy: str, seed: int) -> l
     """Seeded choice of ``n`` items: 'random', 'one_per_class' (round-robin over classes) or
     'one_class' (all from one randomly chosen class)."""
     if strategy not in ("random", "one_per_class", "one_class"):
-        raise DataError(f"unknown subset strategy '{strategy}' (random | one_per_class | "
-                        "one_class)")
+        raise DataError(
+            f"unknown subset strategy '{strategy}' (random | one_per_class | one_class)"
+        )
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
     if n >= len(labels):
@@ -438,8 +509,14 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 def train_transform(img_size: int, mean, std, crop_scale=(0.2, 1.0), hflip: bool = True):
     """MAE pretraining transform on uint8 tensors: RandomResizedCrop (bicubic), flip, normalise."""
-    t = [T.RandomResizedCrop(img_size, scale=tuple(crop_scale),
-                             interpolation=T.InterpolationMode.BICUBIC, antialias=True)]
+    t = [
+        T.RandomResizedCrop(
+            img_size,
+            scale=tuple(crop_scale),
+            interpolation=T.InterpolationMode.BICUBIC,
+            antialias=True,
+        )
+    ]
     if hflip:
         t.append(T.RandomHorizontalFlip())
     t += [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)]
@@ -449,9 +526,14 @@ def train_transform(img_size: int, mean, std, crop_scale=(0.2, 1.0), hflip: bool
 def eval_transform(img_size: int, mean, std):
     """Resize (shorter side; /0.875 crop ratio from 128 px up) + centre crop + normalise."""
     resize = img_size if img_size < 128 else int(round(img_size / 0.875))
-    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
-                      T.CenterCrop(img_size), T.ToDtype(torch.float32, scale=True),
-                      T.Normalize(mean, std)])
+    return T.Compose(
+        [
+            T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+            T.CenterCrop(img_size),
+            T.ToDtype(torch.float32, scale=True),
+            T.Normalize(mean, std),
+        ]
+    )
 
 
 def seeded_apply(transform: Optional[Callable], img: torch.Tensor, seed: int) -> torch.Tensor:
@@ -482,9 +564,11 @@ class SeededTransform:
 
 
 class ImageDataset(Dataset):
-    """Indexable by ``int`` or by ``(index, epoch)``; returns (image [C,H,W], label, n_skipped).
+    """Indexable by ``int`` or by ``(index, epoch)``; returns a :class:`mimlab.batch.Batch` of one
+    image: ``images`` [C, H, W], ``labels``, ``index`` (position among the distinct items),
+    ``skipped``.
 
-    ``n_skipped`` counts the unreadable files visited for this sample with ``on_bad='skip'``:
+    ``skipped`` counts the unreadable files visited for this sample with ``on_bad='skip'``:
     an unreadable file is replaced by the next readable one in index order (wrapping around),
     whose label is returned, and a warning names it (once per file and process). After
     ``max_bad_run`` unreadable files in a row (or all of them, if fewer) a :class:`DataError`
@@ -500,8 +584,16 @@ class ImageDataset(Dataset):
 
     max_bad_run = 1000
 
-    def __init__(self, src: Source, transform, in_chans: int, seed: int = 0,
-                 indices: Optional[list[int]] = None, repeat: int = 1, on_bad: str = "skip"):
+    def __init__(
+        self,
+        src: Source,
+        transform,
+        in_chans: int,
+        seed: int = 0,
+        indices: Optional[list[int]] = None,
+        repeat: int = 1,
+        on_bad: str = "skip",
+    ):
         if on_bad not in ("skip", "error"):
             raise DataError(f"data.on_bad must be 'skip' or 'error', got '{on_bad}'")
         self.src, self.transform, self.in_chans, self.seed = src, transform, in_chans, seed
@@ -535,8 +627,10 @@ class ImageDataset(Dataset):
                 elif self.in_chans == 1:
                     t = (t.float().mean(0, keepdim=True)).round().to(torch.uint8)
                 else:
-                    raise DataError(f"{self.src.name}: has {t.shape[0]} channels, model.in_chans "
-                                    f"is {self.in_chans}")
+                    raise DataError(
+                        f"{self.src.name}: has {t.shape[0]} channels, model.in_chans "
+                        f"is {self.in_chans}"
+                    )
             return t.contiguous()
         return load_image(item, self.in_chans)
 
@@ -552,8 +646,10 @@ class ImageDataset(Dataset):
                 break
             except BadImageError as e:
                 if self.on_bad == "error":
-                    raise BadImageError(f"{e} -- fix or delete the file, or set data.on_bad=skip "
-                                        "to skip unreadable files") from None
+                    raise BadImageError(
+                        f"{e} -- fix or delete the file, or set data.on_bad=skip "
+                        "to skip unreadable files"
+                    ) from None
                 skipped += 1
                 last_err = e
                 if j not in self._warned:
@@ -562,11 +658,13 @@ class ImageDataset(Dataset):
         else:
             what = f"all {n}" if tries == n else f"{tries} consecutive"
             first = self.src.items[self.indices[idx % n]]
-            raise DataError(f"{self.src.name}: {what} files tried (from {first} on) were "
-                            f"unreadable; last error: {last_err}. Is this really an image "
-                            "folder, and does model.in_chans match the files?")
+            raise DataError(
+                f"{self.src.name}: {what} files tried (from {first} on) were "
+                f"unreadable; last error: {last_err}. Is this really an image "
+                "folder, and does model.in_chans match the files?"
+            )
         x = seeded_apply(self.transform, img, sample_seed(self.seed, epoch, idx))
-        return x, int(self.src.labels[j]), skipped
+        return Batch(x, int(self.src.labels[j]), idx % n, skipped)
 
 
 class EpochSampler(Sampler):
@@ -577,8 +675,16 @@ class EpochSampler(Sampler):
     (the tail is dropped so ranks stay in step).
     """
 
-    def __init__(self, n: int, seed: int, epoch: int, rank: int = 0, world: int = 1,
-                 start: int = 0, shuffle: bool = True):
+    def __init__(
+        self,
+        n: int,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world: int = 1,
+        start: int = 0,
+        shuffle: bool = True,
+    ):
         self.n, self.seed, self.epoch, self.rank, self.world = n, seed, epoch, rank, world
         self.start, self.shuffle = start, shuffle
 
@@ -589,9 +695,9 @@ class EpochSampler(Sampler):
         return torch.randperm(self.n, generator=g).tolist()
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        order = self.order()[self.start:]
+        order = self.order()[self.start :]
         usable = (len(order) // self.world) * self.world
-        for i in order[self.rank:usable:self.world]:
+        for i in order[self.rank : usable : self.world]:
             yield (i, self.epoch)
 
     def __len__(self) -> int:
@@ -609,8 +715,13 @@ class ShardDecoder:
     :class:`BadImageError` with ``on_bad='error'``.
     """
 
-    def __init__(self, in_chans: int, image_key: Optional[str] = None,
-                 label_key: Optional[str] = None, on_bad: str = "skip"):
+    def __init__(
+        self,
+        in_chans: int,
+        image_key: Optional[str] = None,
+        label_key: Optional[str] = None,
+        on_bad: str = "skip",
+    ):
         if on_bad not in ("skip", "error"):
             raise DataError(f"data.on_bad must be 'skip' or 'error', got '{on_bad}'")
         self.in_chans, self.image_key = in_chans, image_key
@@ -621,50 +732,84 @@ class ShardDecoder:
         ext = self.image_key or next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None or ext not in sample:
             have = ", ".join(k for k in sample if not k.startswith("__"))
-            raise DataError(f"{where}: no image entry '{ext or '|'.join(IMAGE_EXTS)}' in the "
-                            f"sample (it has: {have}); set data.image_key")
+            raise DataError(
+                f"{where}: no image entry '{ext or '|'.join(IMAGE_EXTS)}' in the "
+                f"sample (it has: {have}); set data.image_key"
+            )
         raw = sample.get(self.label_key)
         try:
             label = int(raw) if raw is not None else -1
         except ValueError:
-            raise DataError(f"{where}: label entry '{self.label_key}' is not an integer "
-                            f"({raw[:20]!r})") from None
+            raise DataError(
+                f"{where}: label entry '{self.label_key}' is not an integer ({raw[:20]!r})"
+            ) from None
         try:
             return decode_image_bytes(sample[ext], ext, self.in_chans, where), label
         except BadImageError as e:
             if self.on_bad == "error":
-                raise BadImageError(f"{e} -- fix or drop the sample, or set data.on_bad=skip "
-                                    "to skip unreadable images") from None
+                raise BadImageError(
+                    f"{e} -- fix or drop the sample, or set data.on_bad=skip "
+                    "to skip unreadable images"
+                ) from None
             if where not in self._warned:
                 self._warned.add(where)
                 log.warning("skipping unreadable sample: %s", e)
             return None, label
 
 
-def shard_stream(cfg: DataConfig, src: Source, split: str, transform, in_chans: int, seed: int,
-                 train_aug: bool, label_fraction: float = 1.0) -> ShardStream:
+def shard_stream(
+    cfg: DataConfig,
+    src: Source,
+    split: str,
+    transform,
+    in_chans: int,
+    seed: int,
+    train_aug: bool,
+    label_fraction: float = 1.0,
+) -> ShardStream:
     """The stream of a 'wds' source for ``build_dataset`` (shuffled when ``train_aug``).
     ``data.limit`` / ``data.val_limit`` keep the first N samples in shard order (a random
     subset when the shards were written shuffled, as ``mimlab shards`` does by default); the
     options that need random access are refused."""
-    refused = [name for name, on in (
-        ("data.holdout", cfg.holdout > 0), ("a label_fraction below 1", label_fraction < 1),
-        ("data.repeat", split == "train" and cfg.repeat > 1),
-        (f"data.subset={cfg.subset}", cfg.subset != "random" and cfg.limit is not None)) if on]
+    refused = [
+        name
+        for name, on in (
+            ("data.holdout", cfg.holdout > 0),
+            ("a label_fraction below 1", label_fraction < 1),
+            ("data.repeat", split == "train" and cfg.repeat > 1),
+            (f"data.subset={cfg.subset}", cfg.subset != "random" and cfg.limit is not None),
+        )
+        if on
+    ]
     if refused:
-        raise DataError(f"{', '.join(refused)}: not available for tar shards (data.kind=wds, "
-                        "streamed without random access); write the subset you need with "
-                        "`mimlab shards --limit N`, or use an image folder / data.kind=hf")
+        raise DataError(
+            f"{', '.join(refused)}: not available for tar shards (data.kind=wds, "
+            "streamed without random access); write the subset you need with "
+            "`mimlab shards --limit N`, or use an image folder / data.kind=hf"
+        )
     n = cfg.limit if split == "train" else cfg.val_limit
     ss = src.shards if n is None else src.shards.head(n)
-    return ShardStream(ss, ShardDecoder(in_chans, cfg.image_key, cfg.label_key, cfg.on_bad),
-                       SeededTransform(transform, seed), seed=seed, shuffle=train_aug,
-                       shuffle_buffer=cfg.shuffle_buffer, error=DataError)
+    return ShardStream(
+        ss,
+        ShardDecoder(in_chans, cfg.image_key, cfg.label_key, cfg.on_bad),
+        SeededTransform(transform, seed),
+        seed=seed,
+        shuffle=train_aug,
+        shuffle_buffer=cfg.shuffle_buffer,
+        error=DataError,
+    )
 
 
-def write_folder_shards(src: str | Path, out: str | Path, shard_size: int,
-                        limit: Optional[int] = None, seed: int = 0, order: str = "shuffled",
-                        progress: bool = True, splits: Sequence[str] = ("train", "test")) -> dict:
+def write_folder_shards(
+    src: str | Path,
+    out: str | Path,
+    shard_size: int,
+    limit: Optional[int] = None,
+    seed: int = 0,
+    order: str = "shuffled",
+    progress: bool = True,
+    splits: Sequence[str] = ("train", "test"),
+) -> dict:
     """``mimlab shards``: write an image folder as WebDataset tar shards with an ``_info.json``.
 
     ``src`` is an ImageFolder (labels kept as ``.cls``, class names in the index), a CIFAR-style
@@ -683,8 +828,9 @@ def write_folder_shards(src: str | Path, out: str | Path, shard_size: int,
         raise DataError(f"{out} already holds shards ({INFO_FILE}); choose a new folder")
     cfg = DataConfig(path=str(root))
     has_train = (root / cfg.train_split).is_dir()
-    plan = [("train", "train")] + ([("test", "val")] if has_train and
-                                   (root / cfg.val_split).is_dir() else [])
+    plan = [("train", "train")] + (
+        [("test", "val")] if has_train and (root / cfg.val_split).is_dir() else []
+    )
     plan = [p for p in plan if p[0] in splits]
     if not has_train:
         cfg.train_split = ""
@@ -692,37 +838,55 @@ def write_folder_shards(src: str | Path, out: str | Path, shard_size: int,
     for name, which in plan:
         s = scan_source(cfg, which, labelled=False)
         if s.kind not in ("imagefolder", "folder"):
-            raise DataError(f"{root}: `mimlab shards` needs image files (an ImageFolder or a "
-                            f"folder of images), not a '{s.kind}' data set")
-        idx = (subset_indices(s.labels, limit, "random", seed) if limit and name == "train"
-               else list(range(len(s.items))))
+            raise DataError(
+                f"{root}: `mimlab shards` needs image files (an ImageFolder or a "
+                f"folder of images), not a '{s.kind}' data set"
+            )
+        idx = (
+            subset_indices(s.labels, limit, "random", seed)
+            if limit and name == "train"
+            else list(range(len(s.items)))
+        )
         if order == "shuffled":
             idx = np.random.default_rng(seed).permutation(idx).tolist()
         classes = s.classes if classes is None else classes
         if s.classes != classes:
             raise DataError(f"{root}: the {name} split's classes differ from the train split's")
         try:
-            written[name] = write_shards([(s.items[i], s.labels[i]) for i in idx], out, name,
-                                         shard_size, progress)
+            written[name] = write_shards(
+                [(s.items[i], s.labels[i]) for i in idx], out, name, shard_size, progress
+            )
         except ShardError as e:
             raise DataError(str(e)) from None
     if not written:
         raise DataError(f"{root}: none of the splits {', '.join(splits)} found")
-    write_info(out, written, classes or [],
-               {"mimlab": {"source": str(root), "order": order, "seed": seed, "limit": limit}})
-    return {"out": str(out), "classes": len(classes or []),
-            **{k: {"images": v["num_samples"], "shards": len(v["filenames"])}
-               for k, v in written.items()}}
+    write_info(
+        out,
+        written,
+        classes or [],
+        {"mimlab": {"source": str(root), "order": order, "seed": seed, "limit": limit}},
+    )
+    return {
+        "out": str(out),
+        "classes": len(classes or []),
+        **{
+            k: {"images": v["num_samples"], "shards": len(v["filenames"])}
+            for k, v in written.items()
+        },
+    }
 
 
-def resolve_stats(cfg: DataConfig, src: Optional[Source], in_chans: int
-                  ) -> tuple[list[float], list[float]]:
+def resolve_stats(
+    cfg: DataConfig, src: Optional[Source], in_chans: int
+) -> tuple[list[float], list[float]]:
     """Mean/std: explicit config, else known values for the dataset, else ImageNet's (RGB) or
     0.5 (other channel counts). Use :func:`compute_mean_std` to measure a new dataset."""
     if cfg.mean is not None:
         if len(cfg.mean) != in_chans or len(cfg.std) != in_chans:
-            raise DataError(f"data.mean/std have {len(cfg.mean)}/{len(cfg.std)} values but "
-                            f"model.in_chans is {in_chans}")
+            raise DataError(
+                f"data.mean/std have {len(cfg.mean)}/{len(cfg.std)} values but "
+                f"model.in_chans is {in_chans}"
+            )
         return list(cfg.mean), list(cfg.std)
     key = None
     if src is not None:
@@ -734,49 +898,77 @@ def resolve_stats(cfg: DataConfig, src: Optional[Source], in_chans: int
             key = "imagenet"
     if key and len(KNOWN_STATS[key][0]) == in_chans:
         return list(KNOWN_STATS[key][0]), list(KNOWN_STATS[key][1])
+    return default_stats(in_chans)
+
+
+def default_stats(in_chans: int) -> tuple[list[float], list[float]]:
+    """The one default normalisation: ImageNet's for RGB, 0.5 / 0.5 for other channel counts."""
     if in_chans == 3:
         return list(KNOWN_STATS["imagenet"][0]), list(KNOWN_STATS["imagenet"][1])
     return [0.5] * in_chans, [0.5] * in_chans
 
 
-def compute_mean_std(cfg: DataConfig, in_chans: int, img_size: int, max_images: int = 5000,
-                     seed: int = 0) -> tuple[list[float], list[float]]:
+def compute_mean_std(
+    cfg: DataConfig, in_chans: int, img_size: int, max_images: int = 5000, seed: int = 0
+) -> tuple[list[float], list[float]]:
     """Per-channel mean/std of the training split (on up to ``max_images`` resized images: a
     seeded subset, or for tar shards the first ones)."""
     src = scan_source(cfg, "train", labelled=False)
-    tf = T.Compose([T.Resize(img_size, antialias=True), T.CenterCrop(img_size),
-                    T.ToDtype(torch.float32, scale=True)])
+    tf = T.Compose(
+        [
+            T.Resize(img_size, antialias=True),
+            T.CenterCrop(img_size),
+            T.ToDtype(torch.float32, scale=True),
+        ]
+    )
     if src.shards is not None:
-        first = DataConfig(path=cfg.path, kind=cfg.kind, limit=max_images,
-                           image_key=cfg.image_key, label_key=cfg.label_key)
-        images = (x for x, _, _ in shard_stream(first, src, "train", tf, in_chans, seed, False))
+        first = DataConfig(
+            path=cfg.path,
+            kind=cfg.kind,
+            limit=max_images,
+            image_key=cfg.image_key,
+            label_key=cfg.label_key,
+        )
+        images = (b.images for b in shard_stream(first, src, "train", tf, in_chans, seed, False))
     else:
         idx = subset_indices(src.labels, max_images, "random", seed)
         ds = ImageDataset(src, tf, in_chans, indices=idx, on_bad="skip")
-        images = (ds[i][0] for i in range(len(ds)))
+        images = (ds[i].images for i in range(len(ds)))
     s = torch.zeros(in_chans, dtype=torch.float64)
     s2 = torch.zeros(in_chans, dtype=torch.float64)
     cnt = 0
     for x in images:
         x = x.double()
         s += x.sum((1, 2))
-        s2 += (x ** 2).sum((1, 2))
+        s2 += (x**2).sum((1, 2))
         cnt += x.shape[1] * x.shape[2]
     mean = s / cnt
-    std = (s2 / cnt - mean ** 2).clamp_min(0).sqrt()
+    std = (s2 / cnt - mean**2).clamp_min(0).sqrt()
     return [round(float(v), 4) for v in mean], [round(float(v), 4) for v in std]
 
 
-def build_dataset(cfg: DataConfig, split: str, img_size: int, in_chans: int, seed: int,
-                  train_aug: bool, labelled: bool, label_fraction: float = 1.0,
-                  mean=None, std=None) -> ImageDataset:
+def build_dataset(
+    cfg: DataConfig,
+    split: str,
+    img_size: int,
+    in_chans: int,
+    seed: int,
+    train_aug: bool,
+    labelled: bool,
+    label_fraction: float = 1.0,
+    mean=None,
+    std=None,
+) -> ImageDataset:
     """Dataset for ``split`` ('train' | 'val'): training augmentation or eval transform."""
     held_out = cfg.holdout > 0 and labelled
     src = scan_source(cfg, "train" if held_out else split, labelled)
     if mean is None:
         mean, std = resolve_stats(cfg, src, in_chans)
-    tf = (train_transform(img_size, mean, std, cfg.crop_scale, cfg.hflip) if train_aug
-          else eval_transform(img_size, mean, std))
+    tf = (
+        train_transform(img_size, mean, std, cfg.crop_scale, cfg.hflip)
+        if train_aug
+        else eval_transform(img_size, mean, std)
+    )
     if src.shards is not None:  # tar shards: streamed, split by rank and worker (mimlab.shards)
         ds = shard_stream(cfg, src, split, tf, in_chans, seed, train_aug, label_fraction)
         ds.mean, ds.std = mean, std
@@ -785,8 +977,11 @@ def build_dataset(cfg: DataConfig, split: str, img_size: int, in_chans: int, see
     idx = None
     if held_out:
         # train and val both come from the training split: a class-balanced, seeded hold-out
-        base = (subset_indices(src.labels, cfg.limit, cfg.subset, sseed)
-                if cfg.limit is not None else list(range(len(src.items))))
+        base = (
+            subset_indices(src.labels, cfg.limit, cfg.subset, sseed)
+            if cfg.limit is not None
+            else list(range(len(src.items)))
+        )
         held = set(balanced_fraction([src.labels[i] for i in base], cfg.holdout, sseed + 1))
         if split == "train":
             base = [b for j, b in enumerate(base) if j not in held]
@@ -807,10 +1002,52 @@ def build_dataset(cfg: DataConfig, split: str, img_size: int, in_chans: int, see
         labels = src.labels
         strategy = "one_per_class" if src.classes else "random"
         idx = subset_indices(labels, cfg.val_limit, strategy, sseed)
-    ds = ImageDataset(src, tf, in_chans, seed=seed, indices=idx,
-                      repeat=cfg.repeat if split == "train" else 1, on_bad=cfg.on_bad)
+    ds = ImageDataset(
+        src,
+        tf,
+        in_chans,
+        seed=seed,
+        indices=idx,
+        repeat=cfg.repeat if split == "train" else 1,
+        on_bad=cfg.on_bad,
+    )
     ds.mean, ds.std = mean, std
     return ds
+
+
+def labelled_splits(
+    cfg: DataConfig,
+    img_size: int,
+    in_chans: int,
+    seed: int,
+    train_aug: bool,
+    label_fraction: float = 1.0,
+) -> tuple[ImageDataset, ImageDataset]:
+    """``(train, val)`` of a labelled dataset for the evaluation protocols: the training split
+    (augmented when ``train_aug``, ``label_fraction`` of its labels) and the held-out split with
+    the eval transform, normalised with the training split's statistics."""
+    train = build_dataset(
+        cfg,
+        "train",
+        img_size,
+        in_chans,
+        seed,
+        train_aug=train_aug,
+        labelled=True,
+        label_fraction=label_fraction,
+    )
+    val = build_dataset(
+        cfg,
+        "val",
+        img_size,
+        in_chans,
+        seed,
+        train_aug=False,
+        labelled=True,
+        mean=train.mean,
+        std=train.std,
+    )
+    return train, val
 
 
 def default_data_path() -> Optional[str]:
@@ -821,4 +1058,3 @@ def default_data_path() -> Optional[str]:
             if (p / "train").is_dir():
                 return str(p)
     return None
-

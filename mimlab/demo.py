@@ -5,9 +5,10 @@ Data: ``--data PATH`` (ImageFolder or plain folder), else the CIFAR-10 copy at
 ``../shared/data/cifar10``, else natural photos bundled with scikit-image (random crops).
 
 Budget: the ``mini`` ViT (patch 4, 32 px), batch 128, base lr 1.5e-3, and :data:`DEMO_STEPS`
-optimizer steps (5 epochs of a 10,000-image CIFAR-10 subset). Measured learning curves of this
-recipe (issue 13) put the point where MAE's k-NN accuracy passes a random initialisation's
-between 156 and 312 steps, so the demo trains past it; fewer steps can show MAE *below* random
+optimizer steps (5 epochs of a 10,000-image CIFAR-10 subset). The learning curves of this
+recipe measured by the standard suite's ``core`` stage (``mimlab reproduce --suite standard``)
+put the point where MAE's k-NN accuracy passes a random initialisation's between 156 and 312
+steps, so the demo trains past it; fewer steps can show MAE *below* random
 init, which says nothing about MAE. A labelled data set is evaluated with k-NN for the MAE
 encoder and for a random initialisation of the same architecture, and both figures are printed
 with their budget.
@@ -21,6 +22,7 @@ The reconstruction figure shows one held-out image per class (where there are cl
 de-normalises masked ``norm_pix`` patches with statistics of the visible patches only (no
 leak; see :mod:`mimlab.analysis.recon`), labelled as such.
 """
+
 from __future__ import annotations
 
 import json
@@ -32,17 +34,22 @@ from typing import Optional, Sequence
 import torch
 
 from . import tasks
-from .analysis.recon import (load_reconstructive, reconstruct, reconstruction_psnr, save_grid,
-                             stats_label)
+from .analysis.recon import (
+    load_reconstructive,
+    reconstruct,
+    reconstruction_psnr,
+    save_grid,
+    stats_label,
+)
 from .config import DataConfig, PretrainConfig, ProbeConfig, parse_overrides, resolve
 from .data import build_dataset, default_data_path, detect_kind, scan_source, subset_indices
 
-DEMO_STEPS = 390           # optimizer steps of pretraining (5 epochs of 10,000 images)
+DEMO_STEPS = 390  # optimizer steps of pretraining (5 epochs of 10,000 images)
 DEMO_BATCH = 128
-DEMO_IMAGES = 10_000       # labelled data: training subset for pretraining and k-NN
-MIN_STEPS_PER_EPOCH = 10   # smaller data sets are repeated within an epoch (data.repeat)
-GRID_ROWS = 10             # reconstruction figure: images (one per class where labelled)
-PSNR_IMAGES = 200          # held-out images for the reconstruction PSNR
+DEMO_IMAGES = 10_000  # labelled data: training subset for pretraining and k-NN
+MIN_STEPS_PER_EPOCH = 10  # smaller data sets are repeated within an epoch (data.repeat)
+GRID_ROWS = 10  # reconstruction figure: images (one per class where labelled)
+PSNR_IMAGES = 200  # held-out images for the reconstruction PSNR
 
 
 def _labelled(path: str) -> bool:
@@ -52,14 +59,18 @@ def _labelled(path: str) -> bool:
     try:
         if detect_kind(p) == "fmnist":
             return True
-        return (p / "train").is_dir() and (p / "test").is_dir() and \
-            detect_kind(p / "train") == "imagefolder"
+        return (
+            (p / "train").is_dir()
+            and (p / "test").is_dir()
+            and detect_kind(p / "train") == "imagefolder"
+        )
     except OSError:
         return False
 
 
-def plan_budget(n_images: int, steps: int = DEMO_STEPS, batch: int = DEMO_BATCH,
-                epochs: Optional[int] = None) -> dict:
+def plan_budget(
+    n_images: int, steps: int = DEMO_STEPS, batch: int = DEMO_BATCH, epochs: Optional[int] = None
+) -> dict:
     """Epochs and ``data.repeat`` that give about ``steps`` optimizer steps of ``batch`` images
     on ``n_images`` distinct images.
 
@@ -103,9 +114,15 @@ def _knn_line(name: str, r: dict, budget: str) -> str:
     return f"{name} {r['top1']:.2f}% ({budget})"
 
 
-def demo(data: Optional[str] = None, out: str = "runs", epochs: Optional[int] = None,
-         images: Optional[int] = None, preset: Optional[str] = None,
-         overrides: Sequence[str] = (), steps: Optional[int] = None) -> dict:
+def demo(
+    data: Optional[str] = None,
+    out: str = "runs",
+    epochs: Optional[int] = None,
+    images: Optional[int] = None,
+    preset: Optional[str] = None,
+    overrides: Sequence[str] = (),
+    steps: Optional[int] = None,
+) -> dict:
     """Run the demo (see the module docstring); returns the results and the run directory.
 
     ``epochs`` / ``steps``: pretraining length (default about :data:`DEMO_STEPS` steps);
@@ -125,10 +142,18 @@ def demo(data: Optional[str] = None, out: str = "runs", epochs: Optional[int] = 
     user = parse_overrides(list(overrides))
     batch = int((user.get("optim") or {}).get("batch_size", DEMO_BATCH))
     plan = plan_budget(n_img, steps or DEMO_STEPS, batch, epochs)
-    ov = [f"data.path={path}", f"run.out_dir={run_dir}", "run.name=pretrain",
-          f"model.preset={preset or 'mini'}", f"optim.epochs={plan['epochs']}",
-          f"optim.batch_size={batch}", "optim.base_lr=1.5e-3", "optim.warmup_epochs=0.5",
-          f"data.repeat={plan['repeat']}", "run.log_every=10"]
+    ov = [
+        f"data.path={path}",
+        f"run.out_dir={run_dir}",
+        "run.name=pretrain",
+        f"model.preset={preset or 'mini'}",
+        f"optim.epochs={plan['epochs']}",
+        f"optim.batch_size={batch}",
+        "optim.base_lr=1.5e-3",
+        "optim.warmup_epochs=0.5",
+        f"data.repeat={plan['repeat']}",
+        "run.log_every=10",
+    ]
     if plan["steps"] > (steps or DEMO_STEPS) and epochs is None:  # fewer steps than one epoch
         ov.append(f"run.max_steps={steps or DEMO_STEPS}")
     if photos:  # a few photos: many small random crops of each
@@ -140,91 +165,147 @@ def demo(data: Optional[str] = None, out: str = "runs", epochs: Optional[int] = 
     cfg = resolve(PretrainConfig, overrides=ov + list(overrides))
     repeated = cfg.data.repeat > 1
     if repeated:
-        print(f"[demo] {n_img} images are fewer than {MIN_STEPS_PER_EPOCH} batches of {batch}: "
-              f"repeating the set {cfg.data.repeat}x per epoch (data.repeat, as the paper's "
-              f"small-data pretraining does), {cfg.optim.epochs} epochs", flush=True)
+        print(
+            f"[demo] {n_img} images are fewer than {MIN_STEPS_PER_EPOCH} batches of {batch}: "
+            f"repeating the set {cfg.data.repeat}x per epoch (data.repeat, as the paper's "
+            f"small-data pretraining does), {cfg.optim.epochs} epochs",
+            flush=True,
+        )
     pre = tasks.pretrain(cfg)
     ckpt = pre["checkpoint"]
     mean, std = pre["data_mean"], pre["data_std"]
     seen = pre["steps"] * batch
-    budget = (f"{cfg.model.preset} ViT, {pre['steps']} steps x {batch} = {seen:,} images seen "
-              f"({n_img:,} distinct" + (f", repeated {cfg.data.repeat}x per epoch" if repeated
-                                        else "") + f"), {pre['seconds']:.0f} s of pretraining")
+    budget = (
+        f"{cfg.model.preset} ViT, {pre['steps']} steps x {batch} = {seen:,} images seen "
+        f"({n_img:,} distinct"
+        + (f", repeated {cfg.data.repeat}x per epoch" if repeated else "")
+        + f"), {pre['seconds']:.0f} s of pretraining"
+    )
 
     # reconstructions: held-out images (training images when there is no held-out split)
     method, _ = load_reconstructive(ckpt)
     split = "val" if labelled else "train"
-    ds = build_dataset(cfg.data, split, cfg.model.img_size, cfg.model.in_chans, cfg.run.seed,
-                       train_aug=not labelled, labelled=labelled, mean=mean, std=std)
+    ds = build_dataset(
+        cfg.data,
+        split,
+        cfg.model.img_size,
+        cfg.model.in_chans,
+        cfg.run.seed,
+        train_aug=not labelled,
+        labelled=labelled,
+        mean=mean,
+        std=std,
+    )
     if labelled and ds.classes:
         labels = ds.labels
         rows = _spread_over_classes(labels, min(GRID_ROWS, len(ds)))
         row_names = [ds.classes[labels[i]] for i in rows]
-        extra = [i for i in subset_indices(labels, PSNR_IMAGES, "one_per_class", cfg.run.seed)
-                 if i not in set(rows)]
+        extra = [
+            i
+            for i in subset_indices(labels, PSNR_IMAGES, "one_per_class", cfg.run.seed)
+            if i not in set(rows)
+        ]
     else:
         rows = list(range(min(8, len(ds))))
         row_names = None
         extra = list(range(len(rows), min(PSNR_IMAGES, len(ds))))
-    idx = rows + extra[:max(0, PSNR_IMAGES - len(rows))]
-    x = torch.stack([ds[(i, 0)][0] for i in idx])
-    noise = torch.rand(len(idx), method.encoder.num_patches,
-                       generator=torch.Generator().manual_seed(0))
+    idx = rows + extra[: max(0, PSNR_IMAGES - len(rows))]
+    x = torch.stack([ds[(i, 0)].images for i in idx])
+    noise = torch.rand(
+        len(idx), method.encoder.num_patches, generator=torch.Generator().manual_seed(0)
+    )
     rec = reconstruct(method, x, noise)
     ps = reconstruction_psnr(rec, mean, std)
-    fig = save_grid(rec, mean, std, run_dir / "reconstructions.png", n=len(rows),
-                    title=f"MAE, {cfg.model.preset} ViT after {pre['steps']} steps x {batch} "
-                          f"images, mask ratio {cfg.method.mask_ratio:g}; "
-                          f"{'held-out' if labelled else 'training'} images",
-                    stats="visible", row_labels=row_names)
-    results = {"data": path, "pretrain": pre, "budget": budget, "distinct_images": n_img,
-               "repeat": cfg.data.repeat, "reconstruction": ps, "reconstruction_images": len(idx),
-               "figure": str(fig), "figure_stats": "visible", "figure_rows": row_names}
+    fig = save_grid(
+        rec,
+        mean,
+        std,
+        run_dir / "reconstructions.png",
+        n=len(rows),
+        title=f"MAE, {cfg.model.preset} ViT after {pre['steps']} steps x {batch} "
+        f"images, mask ratio {cfg.method.mask_ratio:g}; "
+        f"{'held-out' if labelled else 'training'} images",
+        stats="visible",
+        row_labels=row_names,
+    )
+    results = {
+        "data": path,
+        "pretrain": pre,
+        "budget": budget,
+        "distinct_images": n_img,
+        "repeat": cfg.data.repeat,
+        "reconstruction": ps,
+        "reconstruction_images": len(idx),
+        "figure": str(fig),
+        "figure_stats": "visible",
+        "figure_rows": row_names,
+    }
 
     if labelled:
         for tag, pretrained in (("mae", ckpt), ("random", None)):
             t1 = time.time()
-            pov = [f"data.path={path}", f"run.out_dir={run_dir}", f"run.name=knn-{tag}",
-                   f"data.limit={n_img}", "data.val_limit=2000", "run.progress=false",
-                   f"data.num_workers={cfg.data.num_workers}"]
-            pov += [f"probe.pretrained={pretrained}"] if pretrained else \
-                [f"model.preset={cfg.model.preset}", f"run.seed={cfg.run.seed}"]
-            pc = resolve(ProbeConfig, overrides=pov)
-            results[f"knn_{tag}"] = tasks.knn(pc, explicit_model=pretrained is None)
+            pov = [
+                f"data.path={path}",
+                f"run.out_dir={run_dir}",
+                f"run.name=knn-{tag}",
+                f"data.limit={n_img}",
+                "data.val_limit=2000",
+                "run.progress=false",
+                f"data.num_workers={cfg.data.num_workers}",
+            ]
+            pov += (
+                [f"probe.pretrained={pretrained}"]
+                if pretrained
+                else [f"model.preset={cfg.model.preset}", f"run.seed={cfg.run.seed}"]
+            )
+            pc = tasks.resolve_run_config(ProbeConfig, overrides=pov)
+            results[f"knn_{tag}"] = tasks.knn(pc)
             results[f"knn_{tag}"]["seconds"] = round(time.time() - t1, 1)
             results[f"knn_{tag}"].pop("correct", None)
     results["seconds"] = round(time.time() - t0, 1)
     (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    lines = [f"# mimlab demo ({time.strftime('%Y-%m-%d %H:%M')})", "",
-             f"- data: `{path}` ({'labelled' if labelled else 'unlabelled'}), {n_img:,} "
-             f"distinct training images",
-             f"- MAE pretraining: {budget} ({pre['images_per_s']} images/s; "
-             f"{cfg.model.img_size} px, patch {cfg.model.patch_size}); final loss "
-             f"{pre['final_loss']:.4f}"]
+    lines = [
+        f"# mimlab demo ({time.strftime('%Y-%m-%d %H:%M')})",
+        "",
+        f"- data: `{path}` ({'labelled' if labelled else 'unlabelled'}), {n_img:,} "
+        f"distinct training images",
+        f"- MAE pretraining: {budget} ({pre['images_per_s']} images/s; "
+        f"{cfg.model.img_size} px, patch {cfg.model.patch_size}); final loss "
+        f"{pre['final_loss']:.4f}",
+    ]
     if repeated:
-        lines.append(f"- small data set: repeated {cfg.data.repeat}x per epoch (data.repeat, as "
-                     f"the paper's small-data pretraining does) for {cfg.optim.epochs} epochs")
+        lines.append(
+            f"- small data set: repeated {cfg.data.repeat}x per epoch (data.repeat, as "
+            f"the paper's small-data pretraining does) for {cfg.optim.epochs} epochs"
+        )
     if labelled:
         km, kr = results["knn_mae"], results["knn_random"]
-        lines += [f"- k-NN top-1 (k={km['k']}, features of {km['train_images']:,} training "
-                  f"images, {km['val_images']:,} held-out test images; {km['seconds']:.0f} s "
-                  f"and {kr['seconds']:.0f} s to evaluate):",
-                  f"  - {_knn_line('MAE', km, budget)}",
-                  f"  - {_knn_line('random init', kr, f'same {cfg.model.preset} ViT, 0 steps')}",
-                  f"  - MAE minus random init: {km['top1'] - kr['top1']:+.2f} points"]
+        lines += [
+            f"- k-NN top-1 (k={km['k']}, features of {km['train_images']:,} training "
+            f"images, {km['val_images']:,} held-out test images; {km['seconds']:.0f} s "
+            f"and {kr['seconds']:.0f} s to evaluate):",
+            f"  - {_knn_line('MAE', km, budget)}",
+            f"  - {_knn_line('random init', kr, f'same {cfg.model.preset} ViT, 0 steps')}",
+            f"  - MAE minus random init: {km['top1'] - kr['top1']:+.2f} points",
+        ]
         if km["top1"] <= kr["top1"]:
-            lines.append("  - at this budget MAE's features are not yet better than a random "
-                         "network's; train longer (--steps or --epochs)")
+            lines.append(
+                "  - at this budget MAE's features are not yet better than a random "
+                "network's; train longer (--steps or --epochs)"
+            )
     what = "held-out images" if labelled else "augmented crops of the training images"
     shown = f"{len(rows)} images" + (", one per class" if row_names else "")
-    lines += [f"- reconstruction PSNR on {len(idx)} {what}, visible patches pasted back: "
-              f"{ps['psnr_visible_stats']:.2f} dB with masked patches de-normalised by the "
-              f"visible patches' mean/std (no leak), {ps['psnr_true_stats']:.2f} dB with their "
-              "true mean/std (leak)",
-              f"- figure: `reconstructions.png` ({shown}; "
-              f"{stats_label(rec['norm_pix'], 'visible')})",
-              "", f"Pretraining run: `{pre['run_dir']}` (config.yaml, metrics.csv, tb/, "
-              "checkpoints/)", f"Total time: {results['seconds']} s", ""]
+    lines += [
+        f"- reconstruction PSNR on {len(idx)} {what}, visible patches pasted back: "
+        f"{ps['psnr_visible_stats']:.2f} dB with masked patches de-normalised by the "
+        f"visible patches' mean/std (no leak), {ps['psnr_true_stats']:.2f} dB with their "
+        "true mean/std (leak)",
+        f"- figure: `reconstructions.png` ({shown}; {stats_label(rec['norm_pix'], 'visible')})",
+        "",
+        f"Pretraining run: `{pre['run_dir']}` (config.yaml, metrics.csv, tb/, checkpoints/)",
+        f"Total time: {results['seconds']} s",
+        "",
+    ]
     (run_dir / "summary.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return {"run_dir": str(run_dir), **results}

@@ -4,10 +4,12 @@
 :func:`init` reads them and creates the process group (gloo on CPU, nccl on CUDA). Without
 those variables everything runs as a single process.
 """
+
 from __future__ import annotations
 
 import datetime
 import os
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -99,3 +101,16 @@ def max_param_divergence(module: torch.nn.Module) -> float:
     d = (flat - ref).abs().max().reshape(1)
     dist.all_reduce(d, op=dist.ReduceOp.MAX)
     return float(d.item())
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    # auto: bf16 on GPUs that support it, full precision on CPU
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return None

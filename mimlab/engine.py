@@ -7,6 +7,7 @@ torchrun, atomic checkpoints with everything needed for an exact resume (RNG sta
 position inside the epoch), SIGTERM/SIGINT handling, non-finite loss detection, CSV/JSONL and
 TensorBoard metrics, and a progress bar with images/s and ETA.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,11 +27,13 @@ import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import BatchSampler, DataLoader
+from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt_format
 from . import dist
 from .config import OptimConfig, RunConfig, to_dict
 from .data import EpochSampler
+from .dist import autocast_dtype  # noqa: F401  (re-exported)
 from .tracking import Sink, build_sinks
 
 log = logging.getLogger("mimlab.engine")
@@ -69,9 +72,14 @@ def lr_at(step: int, total_steps: int, warmup_steps: int, peak: float, min_lr: f
     return min_lr + (peak - min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_decay_names: set[str] = frozenset(),
-                 layer_decay: float = 1.0, layer_id: Optional[Callable[[str], int]] = None,
-                 num_layers: int = 0) -> list[dict]:
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    no_decay_names: set[str] = frozenset(),
+    layer_decay: float = 1.0,
+    layer_id: Optional[Callable[[str], int]] = None,
+    num_layers: int = 0,
+) -> list[dict]:
     """AdamW groups: 1-D params (norms, biases) and ``no_decay_names`` get no weight decay;
     with ``layer_decay < 1`` each group carries ``lr_scale = layer_decay ** (L - layer_id)``."""
     groups: dict[tuple, dict] = {}
@@ -83,8 +91,12 @@ def param_groups(model: nn.Module, weight_decay: float, no_decay_names: set[str]
         scale = layer_decay ** (num_layers - lid) if layer_decay < 1.0 else 1.0
         key = (no_wd, lid)
         if key not in groups:
-            groups[key] = {"params": [], "weight_decay": 0.0 if no_wd else weight_decay,
-                           "lr_scale": scale, "names": []}
+            groups[key] = {
+                "params": [],
+                "weight_decay": 0.0 if no_wd else weight_decay,
+                "lr_scale": scale,
+                "names": [],
+            }
         groups[key]["params"].append(p)
         groups[key]["names"].append(name)
     return list(groups.values())
@@ -95,31 +107,53 @@ def git_version() -> str:
     return ckpt_format.git_commit()
 
 
-def make_loader(dataset, batch_size: int, seed: int, epoch: int, start: int = 0, rank: int = 0,
-                world: int = 1, num_workers: int = 0, pin_memory: bool = False) -> DataLoader:
+def make_loader(
+    dataset,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    start: int = 0,
+    rank: int = 0,
+    world: int = 1,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> DataLoader:
     """The training DataLoader of one epoch (what :class:`Engine` iterates; also used by
     ``benchmarks/bench_data.py``): seeded :class:`EpochSampler` order from sample ``start``
     on, this rank's share, full batches only, ``num_workers`` forked worker processes."""
     if hasattr(dataset, "make_loader"):  # tar shard streams plan the epoch themselves
-        return dataset.make_loader(batch_size, seed, epoch, start, rank, world, num_workers,
-                                   pin_memory)
+        return dataset.make_loader(
+            batch_size, seed, epoch, start, rank, world, num_workers, pin_memory
+        )
     sampler = EpochSampler(len(dataset), seed, epoch, rank, world, start=start)
     bs = BatchSampler(sampler, batch_size, drop_last=True)
     # a private generator: creating a loader must not consume the global RNG (which drives
     # masking and dropout), or a resumed run would diverge from an uninterrupted one
     gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-    return DataLoader(dataset, batch_sampler=bs, num_workers=num_workers, generator=gen,
-                      pin_memory=pin_memory, persistent_workers=False,
-                      multiprocessing_context="fork" if num_workers > 0 and os.name == "posix"
-                      else None)
+    return DataLoader(
+        dataset,
+        batch_sampler=bs,
+        num_workers=num_workers,
+        generator=gen,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+        multiprocessing_context="fork" if num_workers > 0 and os.name == "posix" else None,
+    )
 
 
 def rng_state() -> dict:
     np_state = np.random.get_state()
-    st = {"torch": torch.get_rng_state(),
-          "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                    int(np_state[3]), float(np_state[4])],
-          "python": random.getstate()}
+    st = {
+        "torch": torch.get_rng_state(),
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -137,7 +171,7 @@ def set_rng_state(st: dict) -> None:
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
+    np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
@@ -169,25 +203,17 @@ def check_writable(d: Path) -> None:
         raise TrainingError(f"run directory {d} is not writable: {e.strerror or e}") from None
 
 
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    # auto: bf16 on GPUs that support it, full precision on CPU
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return None
-
-
 # ------------------------------------------------------------------------- metrics
 class MetricLogger:
     """metrics.jsonl (append-only, the source of truth), metrics.csv, TensorBoard."""
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: Optional[int] = None,
-                 sinks: Sequence[Sink] = ()):
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        resume_step: Optional[int] = None,
+        sinks: Sequence[Sink] = (),
+    ):
         self.enabled = enabled
         self.jsonl = run_dir / "metrics.jsonl"
         self.csv = run_dir / "metrics.csv"
@@ -197,11 +223,15 @@ class MetricLogger:
             return
         if resume_step is not None and self.jsonl.exists():
             # drop rows logged after the checkpoint we resume from
-            keep = [ln for ln in self.jsonl.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+            keep = [
+                ln
+                for ln in self.jsonl.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= resume_step
+            ]
             self.jsonl.write_text("".join(k + "\n" for k in keep))
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # lazy: ~1 s import, rank 0 only
+
             self.tb = SummaryWriter(str(run_dir / "tb"))
         except Exception as e:  # noqa: BLE001
             log.warning("TensorBoard logging disabled: %s", e)
@@ -348,20 +378,31 @@ class _SignalCatcher:
 
 
 class Engine:
-    """Train ``method`` on ``dataset`` (items ``(image, label, n_skipped)``).
+    """Train ``method`` on ``dataset`` (items :class:`mimlab.batch.Batch`).
 
     ``config`` is the resolved top-level config (saved into every checkpoint); ``optim`` and
     ``run`` are its sections. ``eval_fn(model, epoch) -> dict`` runs on rank 0 after epochs
-    (every ``eval_every`` epochs and at the end). ``batch_fn(images, labels) -> (images, labels)``
-    transforms a batch on the device before the forward (mixup/cutmix). ``evaluators`` run
-    every ``ev.every`` optimizer steps (see :class:`Evaluator`).
+    (every ``eval_every`` epochs and at the end). ``batch_fn(batch) -> batch``
+    transforms a :class:`~mimlab.batch.Batch` on the device before the forward (mixup/cutmix,
+    the teacher cache's row lookup); the method is called as ``method(images, labels)``.
+    ``evaluators`` run every ``ev.every`` optimizer steps (see :class:`Evaluator`).
     """
 
-    def __init__(self, method: nn.Module, dataset, config: Any, optim: OptimConfig,
-                 run: RunConfig, run_dir: Path, eval_fn: Optional[Callable] = None,
-                 eval_every: int = 0, batch_fn: Optional[Callable] = None,
-                 device: Optional[torch.device] = None, layer_decay_fn=None,
-                 evaluators: Sequence[Evaluator] = ()):
+    def __init__(
+        self,
+        method: nn.Module,
+        dataset,
+        config: Any,
+        optim: OptimConfig,
+        run: RunConfig,
+        run_dir: Path,
+        eval_fn: Optional[Callable] = None,
+        eval_every: int = 0,
+        batch_fn: Optional[Callable] = None,
+        device: Optional[torch.device] = None,
+        layer_decay_fn=None,
+        evaluators: Sequence[Evaluator] = (),
+    ):
         self.device = device or dist.init(run.device)
         self.method, self.dataset, self.config = method.to(self.device), dataset, config
         self.optim_cfg, self.run_cfg, self.run_dir = optim, run, Path(run_dir)
@@ -380,7 +421,8 @@ class Engine:
             raise TrainingError(
                 f"dataset of {len(dataset)} images is smaller than one optimizer step "
                 f"(batch {optim.batch_size} x accum {optim.accum_steps} x {self.world} "
-                "processes); lower optim.batch_size or raise data.repeat")
+                "processes); lower optim.batch_size or raise data.repeat"
+            )
         self.total_steps = self.steps_per_epoch * optim.epochs
         if run.max_steps is not None:
             self.total_steps = min(self.total_steps, run.max_steps)
@@ -390,24 +432,33 @@ class Engine:
         layer_id, nlayers = None, 0
         ld = 1.0 if optim.layer_decay is None else optim.layer_decay  # None: resolved by caller
         if ld < 1.0 and enc is not None and hasattr(enc, "layer_id"):
-            layer_id = layer_decay_fn or (lambda n: enc.layer_id(n[len("encoder."):])
-                                          if n.startswith("encoder.") else enc.depth + 1)
+            layer_id = layer_decay_fn or (
+                lambda n: (
+                    enc.layer_id(n[len("encoder.") :])
+                    if n.startswith("encoder.")
+                    else enc.depth + 1
+                )
+            )
             nlayers = enc.depth + 1
         self.groups = param_groups(self.method, optim.weight_decay, nd, ld, layer_id, nlayers)
         opt_groups = [{k: v for k, v in g.items() if k != "names"} for g in self.groups]
         kw = {}
         if optim.fused:
             kw = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
-        self.optimizer = torch.optim.AdamW(opt_groups, lr=self.peak_lr, betas=tuple(optim.betas),
-                                           **kw)
+        self.optimizer = torch.optim.AdamW(
+            opt_groups, lr=self.peak_lr, betas=tuple(optim.betas), **kw
+        )
         self.amp_dtype = autocast_dtype(run.precision, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type,
-                                           enabled=self.amp_dtype == torch.float16)
+        self.scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.amp_dtype == torch.float16
+        )
         self.model: nn.Module = self.method
         if self.world > 1:
             self.model = nn.parallel.DistributedDataParallel(
-                self.method, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=getattr(method, "ddp_find_unused", False))
+                self.method,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=getattr(method, "ddp_find_unused", False),
+            )
         if run.compile:
             self.model = torch.compile(self.model)
         self.global_step = 0
@@ -424,12 +475,22 @@ class Engine:
         exact resume needs."""
         cfg = to_dict(self.config)
         kind = ckpt_format.kind_of_config(cfg)
-        method = ((cfg.get("method") or {}).get("name") if kind == "pretrain"
-                  else (cfg.get("finetune") or {}).get("pretrained"))
+        method = (
+            (cfg.get("method") or {}).get("name")
+            if kind == "pretrain"
+            else (cfg.get("finetune") or {}).get("pretrained")
+        )
         mean = getattr(self.dataset, "mean", None) or getattr(self.method, "data_mean", None)
         std = getattr(self.dataset, "std", None) or getattr(self.method, "data_std", None)
-        return ckpt_format.make(kind, cfg, self.method.state_dict(), method=method,
-                                data_mean=mean, data_std=std, **self._engine_states())
+        return ckpt_format.make(
+            kind,
+            cfg,
+            self.method.state_dict(),
+            method=method,
+            data_mean=mean,
+            data_std=std,
+            **self._engine_states(),
+        )
 
     def _engine_states(self) -> dict:
         return {
@@ -461,8 +522,10 @@ class Engine:
         ck = load_checkpoint(path, trust=self.run_cfg.trust_checkpoints)
         missing, unexpected = self.method.load_state_dict(ck["model"], strict=False)
         if missing or unexpected:
-            raise TrainingError(f"checkpoint {path} does not match this model: missing "
-                                f"{list(missing)[:8]}, unexpected {list(unexpected)[:8]}")
+            raise TrainingError(
+                f"checkpoint {path} does not match this model: missing "
+                f"{list(missing)[:8]}, unexpected {list(unexpected)[:8]}"
+            )
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scaler.load_state_dict(ck["scaler"])
         self.global_step = int(ck["global_step"])
@@ -474,7 +537,8 @@ class Engine:
         if samples % (self.optim_cfg.batch_size * self.world):
             raise TrainingError(
                 f"cannot resume mid-epoch: {samples} samples consumed is not a multiple of the "
-                f"new global micro-batch ({self.optim_cfg.batch_size} x {self.world})")
+                f"new global micro-batch ({self.optim_cfg.batch_size} x {self.world})"
+            )
         self.micro_in_epoch = samples // (self.optim_cfg.batch_size * self.world)
         if self.micro_in_epoch >= self.micro_per_epoch:
             self.epoch, self.micro_in_epoch = self.epoch + 1, 0
@@ -488,14 +552,26 @@ class Engine:
     def _loader(self, epoch: int, start_micro: int) -> DataLoader:
         nw = getattr(self.config, "data", None)
         nw = nw.num_workers if nw is not None else 0
-        return make_loader(self.dataset, self.optim_cfg.batch_size, self.run_cfg.seed, epoch,
-                           start=start_micro * self.optim_cfg.batch_size * self.world,
-                           rank=self.rank, world=self.world, num_workers=nw,
-                           pin_memory=self.device.type == "cuda")
+        return make_loader(
+            self.dataset,
+            self.optim_cfg.batch_size,
+            self.run_cfg.seed,
+            epoch,
+            start=start_micro * self.optim_cfg.batch_size * self.world,
+            rank=self.rank,
+            world=self.world,
+            num_workers=nw,
+            pin_memory=self.device.type == "cuda",
+        )
 
     def _set_lr(self) -> float:
-        lr = lr_at(self.global_step, self.total_steps, self.warmup_steps, self.peak_lr,
-                   self.optim_cfg.min_lr)
+        lr = lr_at(
+            self.global_step,
+            self.total_steps,
+            self.warmup_steps,
+            self.peak_lr,
+            self.optim_cfg.min_lr,
+        )
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         return lr
@@ -508,9 +584,14 @@ class Engine:
                 f"non-finite loss ({loss.item()}) at step {self.global_step} (epoch "
                 f"{self.epoch}); last good checkpoint: {self.last_ckpt or 'none'}; try a lower "
                 "optim.base_lr, a longer warm-up, optim.clip_grad=1.0 or run.precision=fp32, or "
-                "run.nonfinite_skip=N to skip such batches")
-        log.warning("non-finite loss at step %d: batch skipped (%d/%d)", self.global_step,
-                    self.nonfinite_skipped, self.run_cfg.nonfinite_skip)
+                "run.nonfinite_skip=N to skip such batches"
+            )
+        log.warning(
+            "non-finite loss at step %d: batch skipped (%d/%d)",
+            self.global_step,
+            self.nonfinite_skipped,
+            self.run_cfg.nonfinite_skip,
+        )
 
     def _usable_micro(self) -> int:
         """Micro-batches of an epoch that form whole optimizer steps (the rest is dropped)."""
@@ -549,32 +630,51 @@ class Engine:
         if self.main:
             check_writable(self.run_dir)
         if self.run_cfg.resume:
-            path = (self.ckpt_dir / "last.pt") if self.run_cfg.resume == "auto" \
+            path = (
+                (self.ckpt_dir / "last.pt")
+                if self.run_cfg.resume == "auto"
                 else Path(self.run_cfg.resume)
+            )
             if path.exists() or self.run_cfg.resume != "auto":
                 self.load(path)
                 if self.main:
-                    log.info("resumed from %s at step %d (epoch %d, batch %d)", path,
-                             self.global_step, self.epoch, self.micro_in_epoch)
+                    log.info(
+                        "resumed from %s at step %d (epoch %d, batch %d)",
+                        path,
+                        self.global_step,
+                        self.epoch,
+                        self.micro_in_epoch,
+                    )
                 return False
         seed_everything(self.run_cfg.seed + self.rank)
         return True
 
     def _open_logger(self) -> MetricLogger:
-        sinks = build_sinks(getattr(self.config, "log", None), self.run_dir,
-                            to_dict(self.config)) if self.main else []
-        return MetricLogger(self.run_dir, self.main, sinks=sinks,
-                            resume_step=self.global_step if self.run_cfg.resume else None)
+        sinks = (
+            build_sinks(getattr(self.config, "log", None), self.run_dir, to_dict(self.config))
+            if self.main
+            else []
+        )
+        return MetricLogger(
+            self.run_dir,
+            self.main,
+            sinks=sinks,
+            resume_step=self.global_step if self.run_cfg.resume else None,
+        )
 
     def _progress_bar(self):
         if not (self.main and self.run_cfg.progress):
             return None
-        from tqdm.auto import tqdm  # CLI start-up speed: tqdm only when a bar is shown
-        return tqdm(total=self.total_steps, initial=self.global_step, unit="step",
-                    dynamic_ncols=True, desc=self.run_dir.name, mininterval=1.0)
+        return tqdm(
+            total=self.total_steps,
+            initial=self.global_step,
+            unit="step",
+            dynamic_ncols=True,
+            desc=self.run_dir.name,
+            mininterval=1.0,
+        )
 
-    def _run_epoch(self, sig: _SignalCatcher, logger: MetricLogger, bar,
-                   result: FitResult) -> bool:
+    def _run_epoch(self, sig: _SignalCatcher, logger: MetricLogger, bar, result: FitResult) -> bool:
         """The rest of the current epoch; True when training must stop (run.stop_at_step)."""
         accum = self.optim_cfg.accum_steps
         loader = self._loader(self.epoch, self.micro_in_epoch)
@@ -599,17 +699,17 @@ class Engine:
         across ranks on the last one). A non-finite loss on any rank drops the rest of the
         optimizer step's micro-batches and returns False."""
         accum = self.optim_cfg.accum_steps
-        images, labels, nbad = batch
-        images = images.to(self.device, non_blocking=True)
-        labels = labels.to(self.device, non_blocking=True)
-        self.skipped_files += int(nbad.sum())
+        batch = batch.to(self.device)
+        self.skipped_files += int(batch.skipped.sum())
         if self.batch_fn is not None:
-            images, labels = self.batch_fn(images, labels)
+            batch = self.batch_fn(batch)
+        images, labels = batch.images, batch.labels
         sync = (k == accum - 1) or self.world == 1
         ctx = self.model.no_sync() if not sync else contextlib.nullcontext()
         with ctx:
-            with torch.autocast(self.device.type, dtype=self.amp_dtype,
-                                enabled=self.amp_dtype is not None):
+            with torch.autocast(
+                self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+            ):
                 out = self.model(images, labels)
             loss = out["loss"]
             if dist.any_true(not bool(torch.isfinite(loss.detach())), self.device):
@@ -635,19 +735,21 @@ class Engine:
         if hasattr(self.method, "after_step"):
             self.method.after_step(self.global_step, self.total_steps)
 
-    def _after_step(self, sig: _SignalCatcher, logger: MetricLogger, bar,
-                    result: FitResult) -> bool:
+    def _after_step(
+        self, sig: _SignalCatcher, logger: MetricLogger, bar, result: FitResult
+    ) -> bool:
         """Log, evaluate, checkpoint and honour signals after an optimizer step; True when
         this was the last step to run now."""
-        if self.global_step % self.run_cfg.log_every == 0 or \
-                self.global_step == self.total_steps:
+        if self.global_step % self.run_cfg.log_every == 0 or self.global_step == self.total_steps:
             self._log_window(logger, result, bar)
         if bar is not None:
             bar.update(1)
         self._run_evaluators(logger, result)
-        if self.run_cfg.save_every_steps and \
-                self.global_step % self.run_cfg.save_every_steps == 0 and \
-                self.micro_in_epoch < self._usable_micro():
+        if (
+            self.run_cfg.save_every_steps
+            and self.global_step % self.run_cfg.save_every_steps == 0
+            and self.micro_in_epoch < self._usable_micro()
+        ):
             self._checkpoint("last")
         if dist.any_true(sig.signum is not None, self.device):
             self._checkpoint("last")
@@ -656,9 +758,10 @@ class Engine:
             raise Interrupted(
                 f"stopped by signal {signal.Signals(signum).name} at step {self.global_step}; "
                 f"checkpoint written to {self.ckpt_dir / 'last.pt'}; continue with "
-                "run.resume=auto (same run directory)", 128 + int(signum))
-        return self.global_step >= self.total_steps or \
-            self.global_step == self.run_cfg.stop_at_step
+                "run.resume=auto (same run directory)",
+                128 + int(signum),
+            )
+        return self.global_step >= self.total_steps or self.global_step == self.run_cfg.stop_at_step
 
     def _log_window(self, logger: MetricLogger, result: FitResult, bar) -> None:
         """One 'train' row: window means (loss averaged over ranks), lr, epoch, images/s."""
@@ -667,21 +770,35 @@ class Engine:
         metrics = self.window.means()
         t = torch.tensor([metrics.get("loss", 0.0)], device=self.device)
         metrics["loss"] = float(dist.all_reduce_mean(t))
-        metrics.update(lr=self.lr, epoch=self.epoch + self.micro_in_epoch / self.micro_per_epoch,
-                       images_per_s=ips)
+        metrics.update(
+            lr=self.lr,
+            epoch=self.epoch + self.micro_in_epoch / self.micro_per_epoch,
+            images_per_s=ips,
+        )
         logger.log(self.global_step, metrics)
         result.last_metrics = metrics
         self.window.reset(now)
         if bar is not None:
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{self.lr:.2e}",
-                            img_s=f"{ips:.0f}", ep=self.epoch)
+            bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}",
+                lr=f"{self.lr:.2e}",
+                img_s=f"{ips:.0f}",
+                ep=self.epoch,
+            )
 
-    def _run_evaluators(self, logger: MetricLogger, result: FitResult,
-                        at_start: bool = False) -> None:
+    def _run_evaluators(
+        self, logger: MetricLogger, result: FitResult, at_start: bool = False
+    ) -> None:
         """Evaluators due at this step (every ``ev.every`` steps, at the start of a fresh run
         and at the last step); their time is kept out of the images/s window."""
-        due = [ev for ev in self.evaluators if ev.every > 0 and (
-            at_start or self.global_step % ev.every == 0 or self.global_step == self.total_steps)]
+        due = [
+            ev
+            for ev in self.evaluators
+            if ev.every > 0
+            and (
+                at_start or self.global_step % ev.every == 0 or self.global_step == self.total_steps
+            )
+        ]
         if not due:
             return
         t0 = time.time()
@@ -691,8 +808,12 @@ class Engine:
                 metrics = {**metrics, "images_seen": self.global_step * self.eff_batch}
                 logger.log(self.global_step, metrics, prefix=ev.kind)
                 result.online_metrics[ev.kind] = metrics
-                log.info("step %d %s: %s", self.global_step, ev.kind,
-                         ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                log.info(
+                    "step %d %s: %s",
+                    self.global_step,
+                    ev.kind,
+                    ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+                )
                 ev.plot([r for r in logger.rows() if r.get("kind") == ev.kind])
         logger.flush()
         self.window.t0 += time.time() - t0
@@ -712,14 +833,17 @@ class Engine:
         finished = self.epoch >= self.optim_cfg.epochs or self.global_step >= self.total_steps
         if not finished and self.global_step == self.run_cfg.stop_at_step:
             self._checkpoint("last")
-            log.info("stopped at step %d (run.stop_at_step); resume with run.resume=auto",
-                     self.global_step)
+            log.info(
+                "stopped at step %d (run.stop_at_step); resume with run.resume=auto",
+                self.global_step,
+            )
             return True
         if epoch_done and self.run_cfg.ckpt_every and self.epoch % self.run_cfg.ckpt_every == 0:
             self._checkpoint(f"checkpoint-epoch{self.epoch}")
         self._checkpoint("last")
-        if self.eval_fn is not None and (finished or (
-                self.eval_every and epoch_done and self.epoch % self.eval_every == 0)):
+        if self.eval_fn is not None and (
+            finished or (self.eval_every and epoch_done and self.epoch % self.eval_every == 0)
+        ):
             if self.main:
                 result.eval_metrics = self.eval_fn(self.method, self.epoch)
                 logger.log(self.global_step, result.eval_metrics, prefix="eval")
@@ -737,6 +861,5 @@ class Engine:
         result.world_size = self.world
         result.ddp_max_param_divergence = dist.max_param_divergence(self.method)
         if self.skipped_files and self.main:
-            log.warning("%d unreadable file(s) were skipped (data.on_bad=skip)",
-                        self.skipped_files)
+            log.warning("%d unreadable file(s) were skipped (data.on_bad=skip)", self.skipped_files)
         return result

@@ -12,6 +12,7 @@ load.
 A pretrained encoder exports with ``global_pool='token'`` (its class token); a fine-tuned
 checkpoint with ``global_pool='avg'`` whose ``fc_norm`` and ``head`` are mimlab's (same logits).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -45,8 +46,16 @@ def export_checkpoint(source: str | Path, output: str | Path, fmt: str = "auto")
     if fmt == "hf":
         return {**save_hf(sm, output), "loaded": sm.description}
     kw = timm_model_args(sm)
-    atomic_save({"state_dict": timm_state_dict(sm), "timm_model": TIMM_ARCH, "timm_kwargs": kw},
-                Path(output))
-    return {"format": "pt", "output": str(output), "timm_model": TIMM_ARCH, "timm_kwargs": kw,
-            "loaded": sm.description, "usage": "m = timm.create_model(d['timm_model'], pretrained=False, **d['timm_kwargs']);"
-                     " m.load_state_dict(d['state_dict'])"}
+    atomic_save(
+        {"state_dict": timm_state_dict(sm), "timm_model": TIMM_ARCH, "timm_kwargs": kw},
+        Path(output),
+    )
+    return {
+        "format": "pt",
+        "output": str(output),
+        "timm_model": TIMM_ARCH,
+        "timm_kwargs": kw,
+        "loaded": sm.description,
+        "usage": "m = timm.create_model(d['timm_model'], pretrained=False, **d['timm_kwargs']);"
+        " m.load_state_dict(d['state_dict'])",
+    }

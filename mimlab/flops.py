@@ -41,6 +41,7 @@ view), element-wise work. On CPU, torch's counter has no formula for
 ``_scaled_dot_product_flash_attention_for_cpu``: :func:`measured_train_flops_per_image`
 registers torch's own attention formulas for it (``ATTENTION_FORMULAS``).
 """
+
 from __future__ import annotations
 
 import functools
@@ -53,16 +54,22 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .augment import MOCOV3_JITTER, SIMSIAM_JITTER
-from .config import (METHOD_PRESETS, ConfigError, ModelConfig, PretrainConfig,
-                     checkpointing_mode, resolve)
+from .config import (
+    METHOD_PRESETS,
+    ConfigError,
+    ModelConfig,
+    PretrainConfig,
+    checkpointing_mode,
+    resolve,
+)
 from .methods import build_method, is_siamese  # importing methods registers source teachers
 from .ops import num_visible
 from .teachers import build_teacher
 
 #: backward / forward FLOP ratios (see the module docstring)
-BACKWARD_MATMUL = 2.0        # input and weight gradients
-BACKWARD_ONE_OPERAND = 1.0   # only one operand needs a gradient (patch embedding, InfoNCE)
-BACKWARD_ATTENTION = 2.5     # FlashAttention backward: recompute scores + 4 products
+BACKWARD_MATMUL = 2.0  # input and weight gradients
+BACKWARD_ONE_OPERAND = 1.0  # only one operand needs a gradient (patch embedding, InfoNCE)
+BACKWARD_ATTENTION = 2.5  # FlashAttention backward: recompute scores + 4 products
 PARTS = ("encoder", "decoder", "heads", "target", "loss", "augment")
 
 
@@ -90,7 +97,7 @@ def block_flops(tokens: float, dim: int, mlp_ratio: float = 4.0) -> float:
 
 def patch_embed_flops(num_patches: int, patch_size: int, in_chans: int, dim: int) -> float:
     """Forward FLOPs of the patch embedding (stride-p p x p convolution): ``2 N p^2 C D``."""
-    return 2.0 * num_patches * patch_size ** 2 * in_chans * dim
+    return 2.0 * num_patches * patch_size**2 * in_chans * dim
 
 
 def mlp_head_flops(tokens: float, d_in: int, hidden: int, d_out: int) -> float:
@@ -118,6 +125,7 @@ class Pass:
     operand does (patch embedding, InfoNCE logits); ``attention``: attention products;
     ``recompute``: forward FLOPs redone in the backward by full activation checkpointing;
     ``grad``: False for passes without gradients (their forward only counts)."""
+
     part: str
     what: str
     matmul: float = 0.0
@@ -135,13 +143,19 @@ class Pass:
         """Forward + backward FLOPs per image."""
         if not self.grad:
             return self.forward
-        return (self.matmul * (1 + BACKWARD_MATMUL) + self.one_operand * (1 + BACKWARD_ONE_OPERAND)
-                + self.attention * (1 + BACKWARD_ATTENTION) + self.recompute)
+        return (
+            self.matmul * (1 + BACKWARD_MATMUL)
+            + self.one_operand * (1 + BACKWARD_ONE_OPERAND)
+            + self.attention * (1 + BACKWARD_ATTENTION)
+            + self.recompute
+        )
 
 
 def _blocks(tokens: float, dim: int, depth: int, m: ModelConfig, grad: bool) -> dict:
-    mat, att = depth * block_matmul_flops(tokens, dim, m.mlp_ratio), depth * attention_flops(
-        tokens, dim)
+    mat, att = (
+        depth * block_matmul_flops(tokens, dim, m.mlp_ratio),
+        depth * attention_flops(tokens, dim),
+    )
     # full checkpointing redoes each block's forward up to its last saved tensor: torch's
     # non-reentrant checkpoint stops early, before the final MLP product (fc2)
     fc2 = depth * linear_flops(tokens, int(dim * m.mlp_ratio), dim)
@@ -149,14 +163,17 @@ def _blocks(tokens: float, dim: int, depth: int, m: ModelConfig, grad: bool) -> 
     return dict(matmul=mat, attention=att, recompute=mat - fc2 + att if full else 0.0)
 
 
-def encoder_pass(m: ModelConfig, tokens: int, grad: bool, what: str, part: str = "encoder"
-                 ) -> Pass:
+def encoder_pass(m: ModelConfig, tokens: int, grad: bool, what: str, part: str = "encoder") -> Pass:
     """ViT encoder on ``tokens`` tokens (class token included); the patch embedding always
     runs on all N patches (tokens are dropped after it)."""
     N = (m.img_size // m.patch_size) ** 2
-    return Pass(part, f"{what}: {tokens} tokens", one_operand=patch_embed_flops(
-        N, m.patch_size, m.in_chans, m.embed_dim), grad=grad,
-        **_blocks(tokens, m.embed_dim, m.depth, m, grad))
+    return Pass(
+        part,
+        f"{what}: {tokens} tokens",
+        one_operand=patch_embed_flops(N, m.patch_size, m.in_chans, m.embed_dim),
+        grad=grad,
+        **_blocks(tokens, m.embed_dim, m.depth, m, grad),
+    )
 
 
 def decoder_pass(m: ModelConfig, enc_tokens: int, out_dim: int, what: str) -> Pass:
@@ -170,8 +187,9 @@ def decoder_pass(m: ModelConfig, enc_tokens: int, out_dim: int, what: str) -> Pa
 
 
 @functools.lru_cache(maxsize=16)
-def _counted_teacher(spec: str, teacher_size: Optional[int], chans: int, size: int
-                     ) -> tuple[float, int]:
+def _counted_teacher(
+    spec: str, teacher_size: Optional[int], chans: int, size: int
+) -> tuple[float, int]:
     kw = {} if teacher_size is None else {"teacher_size": teacher_size}
     try:
         teacher = build_teacher(spec, [0.5] * chans, [0.5] * chans, **kw)
@@ -207,7 +225,7 @@ def _masked_passes(cfg: PretrainConfig) -> tuple[list[Pass], list[str]]:
     and the head (MAE decoder or a linear layer on the N patch tokens)."""
     m, mc = cfg.method, cfg.model
     N = (mc.img_size // mc.patch_size) ** 2
-    pix = mc.patch_size ** 2 * mc.in_chans
+    pix = mc.patch_size**2 * mc.in_chans
     if m.mask == "none" or m.student == "mask_token":
         K = N
     elif m.mask == "block":
@@ -223,8 +241,14 @@ def _masked_passes(cfg: PretrainConfig) -> tuple[list[Pass], list[str]]:
     elif m.target in ("teacher", "hog"):
         fl, out, was_counted = teacher_forward_flops(cfg)
         name = m.teacher if m.target == "teacher" else "hog"
-        passes.append(Pass("target", f"frozen teacher {name}"
-                           + (" (counted)" if was_counted else ""), matmul=fl, grad=False))
+        passes.append(
+            Pass(
+                "target",
+                f"frozen teacher {name}" + (" (counted)" if was_counted else ""),
+                matmul=fl,
+                grad=False,
+            )
+        )
         if was_counted:
             counted.append("target")
     if m.head == "decoder":
@@ -232,8 +256,9 @@ def _masked_passes(cfg: PretrainConfig) -> tuple[list[Pass], list[str]]:
             raise ConfigError("method.head=decoder needs method.student=drop")
         passes.append(decoder_pass(mc, 1 + K, out, "MAE decoder"))
     else:
-        passes.append(Pass("heads", f"linear head on {N} tokens",
-                           matmul=linear_flops(N, mc.embed_dim, out)))
+        passes.append(
+            Pass("heads", f"linear head on {N} tokens", matmul=linear_flops(N, mc.embed_dim, out))
+        )
     return passes, counted
 
 
@@ -257,12 +282,12 @@ def _queries(cfg: PretrainConfig, vis: tuple[int, int], q: int) -> float:
     mask_token = m.student == "mask_token"
     if m.mask == "none" or (mask_token and m.queries == "all"):
         return float(N)
-    own = N - vis[q] if mask_token else vis[q]   # removed (mask tokens) / seen (drop) by q
-    if m.view2 == "complement":                 # the key view sees exactly what q removes
+    own = N - vis[q] if mask_token else vis[q]  # removed (mask tokens) / seen (drop) by q
+    if m.view2 == "complement":  # the key view sees exactly what q removes
         return float(own if mask_token else 0)
-    if vis[1 - q] == N:                         # the key view is unmasked
+    if vis[1 - q] == N:  # the key view is unmasked
         return float(own)
-    if vis[q] == N:                             # the query view is unmasked
+    if vis[q] == N:  # the query view is unmasked
         return float(0 if mask_token else vis[1 - q])
     return own * vis[1 - q] / N
 
@@ -303,27 +328,37 @@ def _siamese_passes(cfg: PretrainConfig, batch: int) -> list[Pass]:
     if m.target == "online":  # R-MAE: both views through encoder and shared decoder
         for i in (0, 1):
             passes.append(encoder_pass(mc, tok[i], True, f"encoder on T{i + 1}"))
-            passes.append(decoder_pass(mc, tok[i], mc.patch_size ** 2 * mc.in_chans,
-                                       f"decoder on T{i + 1}"))
+            passes.append(
+                decoder_pass(mc, tok[i], mc.patch_size**2 * mc.in_chans, f"decoder on T{i + 1}")
+            )
         return passes
     D = mc.embed_dim
     hidden = m.proj_hidden or max(1, round(2048 * D / 768))
     out = m.proj_dim or D
     for q, k in ((0, 1), (1, 0)) if m.symmetric else ((0, 1),):
         passes.append(encoder_pass(mc, tok[q], True, f"online encoder on T{q + 1}"))
-        passes.append(encoder_pass(mc, tok[k], False, f"EMA target encoder on T{k + 1}",
-                                   "target"))
-        M = 1.0 if m.tokens in ("cls", "avg") else _queries(cfg, vis, q) + (
-            m.tokens == "patch+cls")
-        passes.append(Pass("heads", f"projector + predictor on {M:g} tokens",
-                           matmul=mlp_head_flops(M, D, hidden, out)
-                           + mlp_head_flops(M, out, hidden, out)))
-        passes.append(Pass("target", f"EMA target projector on {M:g} tokens",
-                           matmul=mlp_head_flops(M, D, hidden, out), grad=False))
+        passes.append(encoder_pass(mc, tok[k], False, f"EMA target encoder on T{k + 1}", "target"))
+        M = 1.0 if m.tokens in ("cls", "avg") else _queries(cfg, vis, q) + (m.tokens == "patch+cls")
+        passes.append(
+            Pass(
+                "heads",
+                f"projector + predictor on {M:g} tokens",
+                matmul=mlp_head_flops(M, D, hidden, out) + mlp_head_flops(M, out, hidden, out),
+            )
+        )
+        passes.append(
+            Pass(
+                "target",
+                f"EMA target projector on {M:g} tokens",
+                matmul=mlp_head_flops(M, D, hidden, out),
+                grad=False,
+            )
+        )
         loss, redo = _loss_flops(cfg, M - (m.tokens == "patch+cls"), batch)
         if loss:
-            passes.append(Pass("loss", f"{m.loss} logits, {batch} keys", one_operand=loss,
-                               recompute=redo))
+            passes.append(
+                Pass("loss", f"{m.loss} logits, {batch} keys", one_operand=loss, recompute=redo)
+            )
     return passes
 
 
@@ -341,9 +376,14 @@ def train_passes(cfg: PretrainConfig, batch: Optional[int] = None) -> tuple[list
         jittered = _jitter_views(m.color_jitter, 1)
         spec = SIMSIAM_JITTER
     if jittered and mc.in_chans == 3 and spec.hue > 0:
-        passes.append(Pass("augment", f"colour jitter (hue) x {jittered} views",
-                           matmul=jittered * hue_jitter_flops(mc.img_size, mc.img_size),
-                           grad=False))
+        passes.append(
+            Pass(
+                "augment",
+                f"colour jitter (hue) x {jittered} views",
+                matmul=jittered * hue_jitter_flops(mc.img_size, mc.img_size),
+                grad=False,
+            )
+        )
     return passes, counted
 
 
@@ -362,8 +402,9 @@ def train_flops_per_image(cfg: PretrainConfig, batch: Optional[int] = None) -> d
     out["total"] = sum(out[p] for p in PARTS)
     out["forward"] = sum(p.forward for p in passes)
     out["counted"] = counted
-    out["passes"] = [f"{p.part}: {p.what}{'' if p.grad else ' (no grad)'}: {p.train:.4g}"
-                     for p in passes]
+    out["passes"] = [
+        f"{p.part}: {p.what}{'' if p.grad else ' (no grad)'}: {p.train:.4g}" for p in passes
+    ]
     return out
 
 
@@ -380,21 +421,29 @@ def _attn_bwd(g_shape, q_shape, k_shape, v_shape, *args, **kwargs) -> int:
 #: the CPU fused attention ops that ``FlopCounterMode`` has no formula for, with the formulas
 #: torch uses for the CUDA ones (forward 2 products, backward 5)
 ATTENTION_FORMULAS = {
-    op: f for name, f in (("_scaled_dot_product_flash_attention_for_cpu", _attn_fwd),
-                          ("_scaled_dot_product_flash_attention_for_cpu_backward", _attn_bwd))
-    if (op := getattr(torch.ops.aten, name, None)) is not None}
+    op: f
+    for name, f in (
+        ("_scaled_dot_product_flash_attention_for_cpu", _attn_fwd),
+        ("_scaled_dot_product_flash_attention_for_cpu_backward", _attn_bwd),
+    )
+    if (op := getattr(torch.ops.aten, name, None)) is not None
+}
 
 
-def measured_train_flops_per_image(cfg: PretrainConfig, batch: Union[int, torch.Tensor] = 4,
-                                   seed: int = 0) -> float:
+def measured_train_flops_per_image(
+    cfg: PretrainConfig, batch: Union[int, torch.Tensor] = 4, seed: int = 0
+) -> float:
     """FLOPs per image counted by ``FlopCounterMode`` (plus :data:`ATTENTION_FORMULAS`) around
     one forward + backward of ``build_method(cfg)`` in training mode on ``batch`` (images
     [B, C, H, W], or a batch size for seeded random images)."""
     mc = cfg.model
     with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left as it was
         torch.manual_seed(seed)
-        x = batch if isinstance(batch, torch.Tensor) else torch.randn(
-            batch, mc.in_chans, mc.img_size, mc.img_size)                 # [B, C, H, W]
+        x = (
+            batch
+            if isinstance(batch, torch.Tensor)
+            else torch.randn(batch, mc.in_chans, mc.img_size, mc.img_size)
+        )  # [B, C, H, W]
         method = build_method(cfg).train()
         with FlopCounterMode(display=False, custom_mapping=ATTENTION_FORMULAS) as fc:
             method(x)["loss"].backward()
@@ -402,17 +451,20 @@ def measured_train_flops_per_image(cfg: PretrainConfig, batch: Union[int, torch.
 
 
 # ------------------------------------------------------------------------- comparisons
-def preset_config(method: str, preset: str = "mini", overrides: Sequence[str] = ()
-                  ) -> PretrainConfig:
+def preset_config(
+    method: str, preset: str = "mini", overrides: Sequence[str] = ()
+) -> PretrainConfig:
     """The resolved config of method preset ``method`` at model preset ``preset``."""
     if method not in METHOD_PRESETS:
         raise ConfigError(f"unknown method '{method}'; choose from {', '.join(METHOD_PRESETS)}")
-    return resolve(PretrainConfig, overrides=[f"model.preset={preset}", f"method.name={method}",
-                                              *overrides])
+    return resolve(
+        PretrainConfig, overrides=[f"model.preset={preset}", f"method.name={method}", *overrides]
+    )
 
 
-def compute_matched_epochs(method: str, mae_epochs: float, preset: str = "mini",
-                           batch: Optional[int] = None) -> float:
+def compute_matched_epochs(
+    method: str, mae_epochs: float, preset: str = "mini", batch: Optional[int] = None
+) -> float:
     """Epochs of ``method`` that cost the training FLOPs of ``mae_epochs`` epochs of MAE at
     model preset ``preset`` (analytic, per image): ``mae_epochs * F_mae / F_method``."""
     f = train_flops_per_image(preset_config(method, preset), batch)["total"]
@@ -420,8 +472,9 @@ def compute_matched_epochs(method: str, mae_epochs: float, preset: str = "mini",
     return mae_epochs * f_mae / f
 
 
-def flops_table(preset: str = "mini", methods: Optional[Sequence[str]] = None,
-                batch: int = 8) -> list[dict[str, Any]]:
+def flops_table(
+    preset: str = "mini", methods: Optional[Sequence[str]] = None, batch: int = 8
+) -> list[dict[str, Any]]:
     """One row per method: analytic breakdown, counted FLOPs per image (one step of ``batch``
     random images), ``ratio`` = analytic / counted over the parts derived by formula (a counted
     teacher is left out of both sides, so the check is never circular; ``ratio_total`` keeps
@@ -434,50 +487,73 @@ def flops_table(preset: str = "mini", methods: Optional[Sequence[str]] = None,
         ana = train_flops_per_image(cfg, batch)
         counted = measured_train_flops_per_image(cfg, batch)
         by_counter = sum(ana[p] for p in ana["counted"])
-        rows.append({"method": name, "analytic": ana["total"], "counted": counted,
-                     "ratio": (ana["total"] - by_counter) / (counted - by_counter),
-                     "ratio_total": ana["total"] / counted,
-                     "relative_to_mae": ana["total"] / f_mae,
-                     "counted_parts": ana["counted"], "breakdown": ana})
+        rows.append(
+            {
+                "method": name,
+                "analytic": ana["total"],
+                "counted": counted,
+                "ratio": (ana["total"] - by_counter) / (counted - by_counter),
+                "ratio_total": ana["total"] / counted,
+                "relative_to_mae": ana["total"] / f_mae,
+                "counted_parts": ana["counted"],
+                "breakdown": ana,
+            }
+        )
     return rows
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown table of :func:`flops_table` rows (MFLOPs per image)."""
-    lines = ["| method | analytic MFLOP/img | counted MFLOP/img | analytic / counted | x MAE |",
-             "|---|---:|---:|---:|---:|"]
+    lines = [
+        "| method | analytic MFLOP/img | counted MFLOP/img | analytic / counted | x MAE |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for r in rows:
         star = " (*)" if r["counted_parts"] else ""
-        lines.append(f"| {r['method']}{star} | {r['analytic'] / 1e6:,.1f} | "
-                     f"{r['counted'] / 1e6:,.1f} | {r['ratio']:.4f} | "
-                     f"{r['relative_to_mae']:.2f} |")
+        lines.append(
+            f"| {r['method']}{star} | {r['analytic'] / 1e6:,.1f} | "
+            f"{r['counted'] / 1e6:,.1f} | {r['ratio']:.4f} | "
+            f"{r['relative_to_mae']:.2f} |"
+        )
     if any(r["counted_parts"] for r in rows):
-        lines.append("\n(*) the frozen teacher's forward is counted with FlopCounterMode, not "
-                     "derived; it is in both totals, and the ratio compares the rest.")
+        lines.append(
+            "\n(*) the frozen teacher's forward is counted with FlopCounterMode, not "
+            "derived; it is in both totals, and the ratio compares the rest."
+        )
     return "\n".join(lines)
 
 
-def run_cli(preset: str = "mini", methods: Optional[str] = None, batch: int = 8,
-            json_out: Optional[str] = None) -> int:
+def run_cli(
+    preset: str = "mini",
+    methods: Optional[str] = None,
+    batch: int = 8,
+    json_out: Optional[str] = None,
+) -> int:
     """``mimlab flops``: print the table of :func:`flops_table` (``methods``: comma-separated
     preset names, default all) and optionally write it with every breakdown as JSON."""
     names = [s.strip() for s in methods.split(",") if s.strip()] if methods else None
     if batch < 2:
         raise ConfigError(f"--batch must be >= 2 (BatchNorm heads need two images), got {batch}")
     rows = flops_table(preset, names, batch)
-    print(f"training FLOPs per image (forward + backward), model preset {preset}, counted on "
-          f"one step of {batch} random images; 1 multiply-add = 2 FLOPs")
+    print(
+        f"training FLOPs per image (forward + backward), model preset {preset}, counted on "
+        f"one step of {batch} random images; 1 multiply-add = 2 FLOPs"
+    )
     print(format_table(rows))
     if json_out:
         path = Path(json_out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        doc = {"preset": preset, "batch": batch, "torch": torch.__version__,
-               "convention": "FLOPs per image of one forward + backward; 1 multiply-add = 2 "
-                             "FLOPs; matrix products, convolutions and attention only "
-                             "(torch.utils.flop_counter); analytic from mimlab/flops.py",
-               "command": f"mimlab flops --preset {preset} --batch {batch}"
-                          + (f" --methods {methods}" if methods else ""),
-               "rows": rows}
+        doc = {
+            "preset": preset,
+            "batch": batch,
+            "torch": torch.__version__,
+            "convention": "FLOPs per image of one forward + backward; 1 multiply-add = 2 "
+            "FLOPs; matrix products, convolutions and attention only "
+            "(torch.utils.flop_counter); analytic from mimlab/flops.py",
+            "command": f"mimlab flops --preset {preset} --batch {batch}"
+            + (f" --methods {methods}" if methods else ""),
+            "rows": rows,
+        }
         path.write_text(json.dumps(doc, indent=2) + "\n")
         print(f"wrote {path}")
     return 0

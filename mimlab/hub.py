@@ -17,6 +17,7 @@ exported model needs no re-initialisation. LayerNorm eps: transformers' config c
 timm's ViT uses 1e-6 (a source with another eps, e.g. transformers' 1e-12, differs by ~1e-6
 after export; the returned info says so).
 """
+
 from __future__ import annotations
 
 import json
@@ -35,13 +36,22 @@ TIMM_ARCH = "vit_base_patch16_224"  # the registered name; every size comes from
 def timm_model_args(sm: SourceModel, num_classes: Optional[int] = None) -> dict:
     """``timm.create_model(TIMM_ARCH, **args)`` arguments that rebuild ``sm``'s encoder."""
     mc = sm.model_config
-    nc = (sm.head.out_features if sm.head is not None else 0) if num_classes is None \
-        else num_classes
-    args = dict(img_size=mc.img_size, patch_size=mc.patch_size, in_chans=mc.in_chans,
-                embed_dim=mc.embed_dim, depth=mc.depth, num_heads=mc.num_heads,
-                mlp_ratio=mc.mlp_ratio, qkv_bias=True, class_token=True, num_classes=nc,
-                global_pool="avg" if sm.fc_norm is not None else ("avg" if sm.pool == "avg"
-                                                                  else "token"))
+    nc = (
+        (sm.head.out_features if sm.head is not None else 0) if num_classes is None else num_classes
+    )
+    args = dict(
+        img_size=mc.img_size,
+        patch_size=mc.patch_size,
+        in_chans=mc.in_chans,
+        embed_dim=mc.embed_dim,
+        depth=mc.depth,
+        num_heads=mc.num_heads,
+        mlp_ratio=mc.mlp_ratio,
+        qkv_bias=True,
+        class_token=True,
+        num_classes=nc,
+        global_pool="avg" if sm.fc_norm is not None else ("avg" if sm.pool == "avg" else "token"),
+    )
     args["fc_norm"] = sm.fc_norm is not None
     return args
 
@@ -64,8 +74,10 @@ def to_timm(sm: SourceModel, num_classes: Optional[int] = None) -> torch.nn.Modu
     missing, unexpected = model.load_state_dict(timm_state_dict(sm), strict=False)
     allowed = {"head.weight", "head.bias"} if args["num_classes"] and sm.head is None else set()
     if set(missing) - allowed or unexpected:
-        raise SourceError(f"{sm.spec}: timm export mismatch: missing {sorted(missing)[:6]}, "
-                          f"unexpected {sorted(unexpected)[:6]}")
+        raise SourceError(
+            f"{sm.spec}: timm export mismatch: missing {sorted(missing)[:6]}, "
+            f"unexpected {sorted(unexpected)[:6]}"
+        )
     return model.eval()
 
 
@@ -79,9 +91,13 @@ def save_timm(sm: SourceModel, out_dir: str | Path) -> dict:
     if sm.mean is not None:
         data.update(mean=tuple(sm.mean), std=tuple(sm.std))
     save_for_hf(model, str(out), safe_serialization=True, data_config=data)
-    info = {"format": "timm", "output": str(out), "timm_model": TIMM_ARCH,
-            "model_args": timm_model_args(sm),
-            "usage": f"timm.create_model('local-dir:{out}', pretrained=True)"}
+    info = {
+        "format": "timm",
+        "output": str(out),
+        "timm_model": TIMM_ARCH,
+        "model_args": timm_model_args(sm),
+        "usage": f"timm.create_model('local-dir:{out}', pretrained=True)",
+    }
     if abs(sm.eps - 1e-6) > 1e-12:
         info["note"] = f"source LayerNorm eps {sm.eps:g}; timm's ViT uses 1e-6"
     return info
@@ -93,18 +109,26 @@ def _hf_value(key: str, enc: dict, dec: dict, D: int, Dd: int) -> torch.Tensor:
     generation: ``encoder.layer.i.attention.attention.query`` or ``layers.i.attention.q_proj``).
     """
     if key.startswith("decoder."):
-        k, sd, width = key[len("decoder."):], dec, Dd
+        k, sd, width = key[len("decoder.") :], dec, Dd
         flat = {"mask_token": "mask_token", "decoder_pos_embed": "pos_embed"}
         if k in flat:
             return sd[flat[k]]
         head, _, leaf = k.partition(".")
         if head in ("decoder_embed", "decoder_norm", "decoder_pred"):
-            return sd[{"decoder_embed": "decoder_embed", "decoder_norm": "norm",
-                       "decoder_pred": "pred"}[head] + "." + leaf]
+            return sd[
+                {"decoder_embed": "decoder_embed", "decoder_norm": "norm", "decoder_pred": "pred"}[
+                    head
+                ]
+                + "."
+                + leaf
+            ]
     else:
-        k, sd, width = (key[len("vit."):] if key.startswith("vit.") else key), enc, D
-        flat = {"embeddings.cls_token": "cls_token", "embeddings.position_embeddings":
-                "pos_embed", "embeddings.mask_token": "mask_token"}
+        k, sd, width = (key[len("vit.") :] if key.startswith("vit.") else key), enc, D
+        flat = {
+            "embeddings.cls_token": "cls_token",
+            "embeddings.position_embeddings": "pos_embed",
+            "embeddings.mask_token": "mask_token",
+        }
         if k in flat:
             return sd[flat[k]]
         if k.startswith("embeddings.patch_embeddings.projection."):
@@ -119,39 +143,55 @@ def _hf_value(key: str, enc: dict, dec: dict, D: int, Dd: int) -> torch.Tensor:
             if mm:
                 if tgt in ("q", "k", "v"):
                     j = "qkv".index(tgt)
-                    return sd[f"blocks.{i}.attn.qkv.{mm.group(1)}"][j * width:(j + 1) * width]
+                    return sd[f"blocks.{i}.attn.qkv.{mm.group(1)}"][j * width : (j + 1) * width]
                 return sd[f"blocks.{i}.{tgt}.{mm.group(1)}"]
     raise SourceError(f"transformers export: no mimlab weight for '{key}'")
 
 
 def to_hf(sm: SourceModel):
     """transformers ``ViTMAEForPreTraining`` (MAE with decoder) or ``ViTModel`` (encoder)."""
-    import transformers  # optional heavy dependency, only for this export
+    import transformers  # lazy: optional heavy dependency, only for this export
+
     mc = sm.model_config
     if sm.fc_norm is not None:
-        raise SourceError(f"{sm.spec}: average pooling + fc_norm (a fine-tuned classifier) has "
-                          "no transformers ViT equivalent; export with --format timm")
-    common = dict(hidden_size=mc.embed_dim, num_hidden_layers=mc.depth,
-                  num_attention_heads=mc.num_heads,
-                  intermediate_size=int(round(mc.mlp_ratio * mc.embed_dim)),
-                  image_size=mc.img_size, patch_size=mc.patch_size, num_channels=mc.in_chans,
-                  hidden_act="gelu", layer_norm_eps=sm.eps, qkv_bias=True,
-                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+        raise SourceError(
+            f"{sm.spec}: average pooling + fc_norm (a fine-tuned classifier) has "
+            "no transformers ViT equivalent; export with --format timm"
+        )
+    common = dict(
+        hidden_size=mc.embed_dim,
+        num_hidden_layers=mc.depth,
+        num_attention_heads=mc.num_heads,
+        intermediate_size=int(round(mc.mlp_ratio * mc.embed_dim)),
+        image_size=mc.img_size,
+        patch_size=mc.patch_size,
+        num_channels=mc.in_chans,
+        hidden_act="gelu",
+        layer_norm_eps=sm.eps,
+        qkv_bias=True,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     if sm.decoder is not None:
         cfg = transformers.ViTMAEConfig(
-            **common, decoder_hidden_size=mc.decoder_embed_dim,
+            **common,
+            decoder_hidden_size=mc.decoder_embed_dim,
             decoder_num_hidden_layers=mc.decoder_depth,
             decoder_num_attention_heads=mc.decoder_num_heads,
             decoder_intermediate_size=int(round(mc.mlp_ratio * mc.decoder_embed_dim)),
-            mask_ratio=sm.mask_ratio, norm_pix_loss=bool(sm.norm_pix))
+            mask_ratio=sm.mask_ratio,
+            norm_pix_loss=bool(sm.norm_pix),
+        )
         model = transformers.ViTMAEForPreTraining(cfg)
     else:
         cfg = transformers.ViTConfig(**common)
         model = transformers.ViTModel(cfg, add_pooling_layer=False)
     enc = sm.encoder.state_dict()
     dec = sm.decoder.state_dict() if sm.decoder is not None else {}
-    new = {k: _hf_value(k, enc, dec, mc.embed_dim, mc.decoder_embed_dim).clone()
-           for k in model.state_dict()}
+    new = {
+        k: _hf_value(k, enc, dec, mc.embed_dim, mc.decoder_embed_dim).clone()
+        for k in model.state_dict()
+    }
     model.load_state_dict(new, strict=True)
     return model.eval()
 
@@ -164,11 +204,25 @@ def save_hf(sm: SourceModel, out_dir: str | Path) -> dict:
     model.save_pretrained(str(out))
     mc = sm.model_config
     if sm.mean is not None:
-        (out / "preprocessor_config.json").write_text(json.dumps({
-            "image_processor_type": "ViTImageProcessor", "do_resize": True,
-            "size": {"height": mc.img_size, "width": mc.img_size}, "do_normalize": True,
-            "image_mean": list(sm.mean), "image_std": list(sm.std), "do_rescale": True,
-            "rescale_factor": 1 / 255}, indent=2))
+        (out / "preprocessor_config.json").write_text(
+            json.dumps(
+                {
+                    "image_processor_type": "ViTImageProcessor",
+                    "do_resize": True,
+                    "size": {"height": mc.img_size, "width": mc.img_size},
+                    "do_normalize": True,
+                    "image_mean": list(sm.mean),
+                    "image_std": list(sm.std),
+                    "do_rescale": True,
+                    "rescale_factor": 1 / 255,
+                },
+                indent=2,
+            )
+        )
     arch = type(model).__name__
-    return {"format": "hf", "output": str(out), "architecture": arch,
-            "usage": f"transformers.{arch}.from_pretrained('{out}')"}
+    return {
+        "format": "hf",
+        "output": str(out),
+        "architecture": arch,
+        "usage": f"transformers.{arch}.from_pretrained('{out}')",
+    }

@@ -27,6 +27,7 @@ Paper references:
   :func:`instance_norm_tokens`.
 * BYOL (Grill et al., 2020): ``2 - 2 cos(p, z)`` -> :func:`byol_loss`.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -35,6 +36,8 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
+
+from .registry import NEGATIVES
 
 __all__ = [
     "masked_mean",
@@ -130,7 +133,9 @@ def regression_loss(
         0-dim tensor.
     """
     if pred.shape != target.shape:
-        raise ValueError(f"regression_loss: pred {tuple(pred.shape)} vs target {tuple(target.shape)}")
+        raise ValueError(
+            f"regression_loss: pred {tuple(pred.shape)} vs target {tuple(target.shape)}"
+        )
     pred, target = _f32(pred), _f32(target)
     if kind == "l2":
         per_token = (pred - target).pow(2).mean(dim=-1)
@@ -143,7 +148,9 @@ def regression_loss(
     elif kind == "cosine":
         per_token = 1.0 - F.cosine_similarity(pred, target, dim=-1, eps=1e-8)
     else:
-        raise ValueError(f"regression_loss: unknown kind {kind!r}, expected one of {REGRESSION_KINDS}")
+        raise ValueError(
+            f"regression_loss: unknown kind {kind!r}, expected one of {REGRESSION_KINDS}"
+        )
     return masked_mean(per_token, mask)
 
 
@@ -172,7 +179,9 @@ def info_nce(q: Tensor, k: Tensor, temperature: float = 0.2) -> Tensor:
         0-dim tensor (float32 for half-precision inputs).
     """
     if q.ndim != 2 or q.shape != k.shape:
-        raise ValueError(f"info_nce: expected q, k of equal shape [M, D], got {tuple(q.shape)}, {tuple(k.shape)}")
+        raise ValueError(
+            f"info_nce: expected q, k of equal shape [M, D], got {tuple(q.shape)}, {tuple(k.shape)}"
+        )
     qn = F.normalize(_f32(q), dim=-1)
     kn = F.normalize(_f32(k), dim=-1)
     logits = _f32(qn @ kn.transpose(0, 1)) / temperature
@@ -180,18 +189,16 @@ def info_nce(q: Tensor, k: Tensor, temperature: float = 0.2) -> Tensor:
     return F.cross_entropy(logits, targets)
 
 
-NEGATIVES = ("position", "image", "batch")
-
-
 def _row_nce(qn: Tensor, kn: Tensor, pos: Tensor, temperature: float) -> Tensor:
     """Per-row InfoNCE ``logsumexp_j(q_i . k_j / T) - q_i . k_pos(i) / T`` for unit vectors
     qn [c, D], kn [M, D], pos [c] (long) -> [c]; logits [c, M] live only inside this call."""
-    logits = _f32(qn @ kn.transpose(0, 1)) / temperature                     # [c, M]
+    logits = _f32(qn @ kn.transpose(0, 1)) / temperature  # [c, M]
     return torch.logsumexp(logits, dim=1) - logits.gather(1, pos.unsqueeze(1)).squeeze(1)
 
 
-def chunked_info_nce(q: Tensor, k: Tensor, pos: Tensor, temperature: float = 0.2,
-                     chunk_size: int = 1024) -> Tensor:
+def chunked_info_nce(
+    q: Tensor, k: Tensor, pos: Tensor, temperature: float = 0.2, chunk_size: int = 1024
+) -> Tensor:
     """Per-query InfoNCE of ``M`` queries against ``K`` keys, computed ``chunk_size`` rows at a
     time: ``loss_i = -log softmax_j(cos(q_i, k_j) / T)[pos_i]`` -> [M] (float32 or wider).
 
@@ -212,10 +219,13 @@ def chunked_info_nce(q: Tensor, k: Tensor, pos: Tensor, temperature: float = 0.2
     grad = torch.is_grad_enabled() and (qn.requires_grad or kn.requires_grad)
     out = []
     for s in range(0, qn.shape[0], chunk_size):
-        qc, pc = qn[s:s + chunk_size], pos[s:s + chunk_size]
+        qc, pc = qn[s : s + chunk_size], pos[s : s + chunk_size]
         if grad and qn.shape[0] > chunk_size:
-            out.append(torch.utils.checkpoint.checkpoint(_row_nce, qc, kn, pc, temperature,
-                                                         use_reentrant=False))
+            out.append(
+                torch.utils.checkpoint.checkpoint(
+                    _row_nce, qc, kn, pc, temperature, use_reentrant=False
+                )
+            )
         else:
             out.append(_row_nce(qc, kn, pc, temperature))
     return torch.cat(out) if out else qn.new_zeros(0)
@@ -270,11 +280,14 @@ def token_info_nce(
         0-dim tensor, or ``[B, N]``. If no token is selected: zero (keeps the graph).
     """
     if q.ndim != 3 or k.ndim != 3 or q.shape[1:] != k.shape[1:] or k.shape[0] < q.shape[0]:
-        raise ValueError(f"token_info_nce: expected q [B, N, D] and k [Bk >= B, N, D], got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}")
+        raise ValueError(
+            f"token_info_nce: expected q [B, N, D] and k [Bk >= B, N, D], got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}"
+        )
     if negatives not in NEGATIVES:
-        raise ValueError(f"token_info_nce: negatives must be one of {' | '.join(NEGATIVES)}, "
-                         f"got {negatives!r}")
+        raise ValueError(
+            f"token_info_nce: negatives must be one of {' | '.join(NEGATIVES)}, got {negatives!r}"
+        )
     if reduction not in ("mean", "none"):
         raise ValueError(f"token_info_nce: reduction must be 'mean' or 'none', got {reduction!r}")
     B, N, _ = q.shape
@@ -292,23 +305,28 @@ def token_info_nce(
     if negatives == "position":
         logits = _f32(torch.bmm(qn.transpose(0, 1), kn.transpose(0, 1).transpose(1, 2)))
         logits = (logits / temperature).masked_fill(~km.t().unsqueeze(1), -1e9)  # [N, B, Bk]
-        tgt = (torch.arange(B, device=q.device) + key_offset).repeat(N)              # [N * B]
+        tgt = (torch.arange(B, device=q.device) + key_offset).repeat(N)  # [N * B]
         per = F.cross_entropy(logits.reshape(N * B, Bk), tgt, reduction="none")
-        per = per.view(N, B).t()                                                     # [B, N]
+        per = per.view(N, B).t()  # [B, N]
     elif negatives == "image":
-        kl, kml = kn[key_offset:key_offset + B], km[key_offset:key_offset + B]
-        logits = _f32(torch.bmm(qn, kl.transpose(1, 2))) / temperature              # [B, N, N]
+        kl, kml = kn[key_offset : key_offset + B], km[key_offset : key_offset + B]
+        logits = _f32(torch.bmm(qn, kl.transpose(1, 2))) / temperature  # [B, N, N]
         logits = logits.masked_fill(~kml.unsqueeze(1), -1e9)
         tgt = torch.arange(N, device=q.device).repeat(B)
         per = F.cross_entropy(logits.reshape(B * N, N), tgt, reduction="none").view(B, N)
     else:  # batch: the selected keys of every image, flattened in (image, position) order
         flat_k = km.reshape(-1)
-        rank_k = torch.cumsum(flat_k.long(), 0) - 1              # index among selected keys
+        rank_k = torch.cumsum(flat_k.long(), 0) - 1  # index among selected keys
         own = torch.arange(B * N, device=q.device) + key_offset * N
         sel_q = qm.reshape(-1)
         pos = rank_k[own[sel_q]]
-        rows = chunked_info_nce(qn.reshape(B * N, -1)[sel_q], kn.reshape(Bk * N, -1)[flat_k],
-                                pos, temperature, chunk_size)
+        rows = chunked_info_nce(
+            qn.reshape(B * N, -1)[sel_q],
+            kn.reshape(Bk * N, -1)[flat_k],
+            pos,
+            temperature,
+            chunk_size,
+        )
         base = rows.new_zeros(B * N) + 0.0 * qn.sum()  # keeps the graph if nothing is selected
         per = base.masked_scatter(sel_q, rows).view(B, N)
     per = per.masked_fill(~qm, 0.0)
@@ -317,8 +335,9 @@ def token_info_nce(
     return masked_mean(per, qm)
 
 
-def instance_info_nce(q: Tensor, k: Tensor, temperature: float = 0.2, key_offset: int = 0,
-                      reduction: str = "mean") -> Tensor:
+def instance_info_nce(
+    q: Tensor, k: Tensor, temperature: float = 0.2, key_offset: int = 0, reduction: str = "mean"
+) -> Tensor:
     """Instance-wise InfoNCE over the batch (MoCo v3 style; C-MAE's class-token / mean-token loss).
 
     Same as :func:`info_nce` when ``k`` holds exactly q's images: the positive of image ``b`` is
@@ -336,17 +355,20 @@ def instance_info_nce(q: Tensor, k: Tensor, temperature: float = 0.2, key_offset
         0-dim tensor or ``[B]``.
     """
     if q.ndim != 2 or k.ndim != 2 or q.shape[1] != k.shape[1] or k.shape[0] < q.shape[0]:
-        raise ValueError(f"instance_info_nce: expected q [B, D], k [Bk >= B, D], got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}")
+        raise ValueError(
+            f"instance_info_nce: expected q [B, D], k [Bk >= B, D], got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}"
+        )
     qn = F.normalize(_f32(q), dim=-1)
     kn = F.normalize(_f32(k), dim=-1)
-    logits = _f32(qn @ kn.transpose(0, 1)) / temperature                      # [B, Bk]
+    logits = _f32(qn @ kn.transpose(0, 1)) / temperature  # [B, Bk]
     tgt = torch.arange(q.shape[0], device=q.device) + key_offset
     return F.cross_entropy(logits, tgt, reduction=reduction)
 
 
-def byol_loss(p: Tensor, z: Tensor, mask: Optional[Tensor] = None,
-              reduction: str = "mean") -> Tensor:
+def byol_loss(
+    p: Tensor, z: Tensor, mask: Optional[Tensor] = None, reduction: str = "mean"
+) -> Tensor:
     """BYOL regression loss ``2 - 2 cos(p, z)`` (Grill et al., 2020, Eq. (2)), averaged.
 
     Equal to ``|| p/|p| - z/|z| ||^2``; range [0, 4].
@@ -390,13 +412,13 @@ def layernorm_target(t: Tensor, eps: float = 1e-6) -> Tensor:
     return F.layer_norm(t, t.shape[-1:], eps=eps)
 
 
-def patch_norm_target(t: Tensor, eps: float = 1e-6, unbiased: bool = False) -> Tensor:
-    """Per-token (per-patch) normalisation of pixel targets: MAE's ``norm_pix_loss``.
+def patch_norm_target(t: Tensor, eps: float = 1e-6, unbiased: bool = True) -> Tensor:
+    """Per-token (per-patch) normalisation of pixel targets: MAE's ``norm_pix_loss``, the one
+    implementation (MAE, R-MAE, reconstructions).
 
     ``(t - mean) / sqrt(var + eps)`` with mean / variance over the last dim of each token.
-    ``unbiased=False`` (default) uses the population variance; the official MAE code calls
-    ``target.var(dim=-1)`` which is the unbiased estimate: pass ``unbiased=True`` to reproduce
-    it exactly.
+    ``unbiased=True`` (default) is the official MAE code's ``target.var(dim=-1)`` (Bessel's
+    correction), bit for bit; ``unbiased=False`` the population variance.
 
     Args:
         t: ``[B, N, C]`` patchified pixels (``C = p * p * 3``), any ``[..., C]``.
@@ -404,12 +426,12 @@ def patch_norm_target(t: Tensor, eps: float = 1e-6, unbiased: bool = False) -> T
         unbiased: Bessel's correction in the variance.
 
     Returns:
-        Tensor of the same shape.
+        Tensor of the same shape (float32 for half-precision input).
     """
     t = _f32(t)
     mean = t.mean(dim=-1, keepdim=True)
     var = t.var(dim=-1, unbiased=unbiased, keepdim=True)
-    return (t - mean) / (var + eps).sqrt()
+    return (t - mean) / (var + eps) ** 0.5
 
 
 def instance_norm_tokens(t: Tensor, eps: float = 1e-5) -> Tensor:

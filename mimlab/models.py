@@ -4,6 +4,7 @@ The encoder's parameter names are those of ``timm.models.vision_transformer.Visi
 (``cls_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.i.*``, ``norm``) so a pretrained
 encoder loads into ``timm.create_model`` of the same shape (see :mod:`mimlab.export`).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -13,6 +14,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
+from torch.utils.checkpoint import CheckpointPolicy
 
 from .config import ModelConfig, checkpointing_mode
 from .ops import gather_tokens, sincos_pos_embed_2d
@@ -33,7 +35,8 @@ def init_mae_weights(module: nn.Module) -> None:
 
 
 def _aten_ops(*names: str) -> frozenset:
-    """The ``torch.ops.aten.<name>.default`` overloads of this torch build (missing ones skipped)."""
+    """The ``torch.ops.aten.<name>.default`` overloads of this torch build (missing ones
+    skipped)."""
     ops = (getattr(getattr(torch.ops.aten, n, None), "default", None) for n in names)
     return frozenset(op for op in ops if op is not None)
 
@@ -41,17 +44,25 @@ def _aten_ops(*names: str) -> frozenset:
 #: ops whose outputs selective checkpointing keeps: matrix products and fused attention (the
 #: expensive part of a block); everything else (LayerNorm, GELU, additions, views) is recomputed
 SAVED_BY_SELECTIVE = _aten_ops(
-    "mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_cudnn_attention")
+    "mm",
+    "addmm",
+    "bmm",
+    "baddbmm",
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+)
 
 
 def keep_matmuls_policy(ctx, op, *args, **kwargs):
     """Selective-checkpointing policy: save the outputs of :data:`SAVED_BY_SELECTIVE`, recompute
     the rest in the backward pass (cheap elementwise and normalisation ops)."""
-    from torch.utils.checkpoint import CheckpointPolicy
-    return (CheckpointPolicy.MUST_SAVE if op in SAVED_BY_SELECTIVE
-            else CheckpointPolicy.PREFER_RECOMPUTE)
+    return (
+        CheckpointPolicy.MUST_SAVE
+        if op in SAVED_BY_SELECTIVE
+        else CheckpointPolicy.PREFER_RECOMPUTE
+    )
 
 
 def _selective_context():
@@ -75,10 +86,12 @@ def run_block(blk: nn.Module, x: torch.Tensor, checkpointing: str) -> torch.Tens
     if checkpointing == "full":
         return torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
     if checkpointing == "selective":
-        return torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False,
-                                                 context_fn=_selective_context)
-    raise ValueError(f"unknown activation checkpointing mode {checkpointing!r} "
-                     "(off | selective | full)")
+        return torch.utils.checkpoint.checkpoint(
+            blk, x, use_reentrant=False, context_fn=_selective_context
+        )
+    raise ValueError(
+        f"unknown activation checkpointing mode {checkpointing!r} (off | selective | full)"
+    )
 
 
 class ViTEncoder(nn.Module):
@@ -90,27 +103,47 @@ class ViTEncoder(nn.Module):
         ``mask_token`` before adding positions (SimMIM / C-MAE / MaskDistill).
     """
 
-    def __init__(self, img_size: int = 32, patch_size: int = 4, in_chans: int = 3,
-                 embed_dim: int = 192, depth: int = 12, num_heads: int = 3,
-                 mlp_ratio: float = 4.0, drop_path: float = 0.0, mask_token: bool = True,
-                 grad_checkpointing: str = "off"):
+    def __init__(
+        self,
+        img_size: int = 32,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        embed_dim: int = 192,
+        depth: int = 12,
+        num_heads: int = 3,
+        mlp_ratio: float = 4.0,
+        drop_path: float = 0.0,
+        mask_token: bool = True,
+        grad_checkpointing: str = "off",
+    ):
         super().__init__()
         self.grad_checkpointing = checkpointing_mode(grad_checkpointing)
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
-        self.embed_dim, self.depth, self.num_heads, self.mlp_ratio = (embed_dim, depth, num_heads,
-                                                                      mlp_ratio)
+        self.embed_dim, self.depth, self.num_heads, self.mlp_ratio = (
+            embed_dim,
+            depth,
+            num_heads,
+            mlp_ratio,
+        )
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.grid = (img_size // patch_size, img_size // patch_size)
         self.num_patches = self.grid[0] * self.grid[1]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.register_buffer("pos_embed", torch.from_numpy(
-            sincos_pos_embed_2d(embed_dim, self.grid, cls_token=True)).unsqueeze(0),
-            persistent=True)
+        self.register_buffer(
+            "pos_embed",
+            torch.from_numpy(sincos_pos_embed_2d(embed_dim, self.grid, cls_token=True)).unsqueeze(
+                0
+            ),
+            persistent=True,
+        )
         self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if mask_token else None
         dpr = [x.item() for x in torch.linspace(0, drop_path, depth)]
-        self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i])
-            for i in range(depth)])
+        self.blocks = nn.ModuleList(
+            [
+                Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=dpr[i])
+                for i in range(depth)
+            ]
+        )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self._init_weights()
 
@@ -136,9 +169,14 @@ class ViTEncoder(nn.Module):
             t = t * (1 - w) + self.mask_token.to(t.dtype) * w
         return t + self.pos_embed[:, 1:, :].to(t.dtype)
 
-    def forward_features(self, x: torch.Tensor, ids_keep: Optional[torch.Tensor] = None,
-                         mask: Optional[torch.Tensor] = None, return_blocks: bool = False,
-                         apply_norm: bool = True):
+    def forward_features(
+        self,
+        x: torch.Tensor,
+        ids_keep: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+        return_blocks: bool = False,
+        apply_norm: bool = True,
+    ):
         """Tokens after the final norm: [B, 1 + K (or N), D], class token first.
 
         ``apply_norm=False`` skips the final LayerNorm (fine-tuning replaces it by a fresh
@@ -188,18 +226,31 @@ class MAEDecoder(nn.Module):
     """MAE's lightweight decoder: linear embed, mask tokens, own sin-cos positions, blocks,
     norm and a linear prediction of ``out_dim`` values per patch (p*p*C for pixels)."""
 
-    def __init__(self, grid: tuple[int, int], embed_dim: int, decoder_embed_dim: int = 128,
-                 depth: int = 2, num_heads: int = 4, mlp_ratio: float = 4.0, out_dim: int = 48,
-                 grad_checkpointing: str = "off"):
+    def __init__(
+        self,
+        grid: tuple[int, int],
+        embed_dim: int,
+        decoder_embed_dim: int = 128,
+        depth: int = 2,
+        num_heads: int = 4,
+        mlp_ratio: float = 4.0,
+        out_dim: int = 48,
+        grad_checkpointing: str = "off",
+    ):
         super().__init__()
         self.grad_checkpointing = checkpointing_mode(grad_checkpointing)
         self.grid = grid
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.register_buffer("pos_embed", torch.from_numpy(
-            sincos_pos_embed_2d(decoder_embed_dim, grid, cls_token=True)).unsqueeze(0))
-        self.blocks = nn.ModuleList([Block(decoder_embed_dim, num_heads, mlp_ratio, qkv_bias=True)
-                                     for _ in range(depth)])
+        self.register_buffer(
+            "pos_embed",
+            torch.from_numpy(
+                sincos_pos_embed_2d(decoder_embed_dim, grid, cls_token=True)
+            ).unsqueeze(0),
+        )
+        self.blocks = nn.ModuleList(
+            [Block(decoder_embed_dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)]
+        )
         self.norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.pred = nn.Linear(decoder_embed_dim, out_dim)
         init_mae_weights(self)
@@ -208,8 +259,9 @@ class MAEDecoder(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"mask_token", "pos_embed"}
 
-    def forward(self, latent: torch.Tensor, ids_restore: Optional[torch.Tensor] = None
-                ) -> torch.Tensor:
+    def forward(
+        self, latent: torch.Tensor, ids_restore: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """latent [B, 1 + K, D_enc] (class token first) -> predictions [B, N, out_dim].
 
         With ``ids_restore`` (drop mode) the missing N-K positions are filled with the decoder's
@@ -230,16 +282,32 @@ class MAEDecoder(nn.Module):
         return self.pred(x)[:, 1:, :]
 
 
-def build_encoder(m: ModelConfig, mask_token: bool = True, drop_path: Optional[float] = None
-                  ) -> ViTEncoder:
-    return ViTEncoder(m.img_size, m.patch_size, m.in_chans, m.embed_dim, m.depth, m.num_heads,
-                      m.mlp_ratio, m.drop_path if drop_path is None else drop_path, mask_token,
-                      grad_checkpointing=m.grad_checkpointing)
+def build_encoder(
+    m: ModelConfig, mask_token: bool = True, drop_path: Optional[float] = None
+) -> ViTEncoder:
+    return ViTEncoder(
+        m.img_size,
+        m.patch_size,
+        m.in_chans,
+        m.embed_dim,
+        m.depth,
+        m.num_heads,
+        m.mlp_ratio,
+        m.drop_path if drop_path is None else drop_path,
+        mask_token,
+        grad_checkpointing=m.grad_checkpointing,
+    )
 
 
 def build_decoder(m: ModelConfig, out_dim: Optional[int] = None) -> MAEDecoder:
     grid = (m.img_size // m.patch_size,) * 2
-    return MAEDecoder(grid, m.embed_dim, m.decoder_embed_dim, m.decoder_depth,
-                      m.decoder_num_heads, m.mlp_ratio,
-                      out_dim or m.patch_size ** 2 * m.in_chans,
-                      grad_checkpointing=m.grad_checkpointing)
+    return MAEDecoder(
+        grid,
+        m.embed_dim,
+        m.decoder_embed_dim,
+        m.decoder_depth,
+        m.decoder_num_heads,
+        m.mlp_ratio,
+        out_dim or m.patch_size**2 * m.in_chans,
+        grad_checkpointing=m.grad_checkpointing,
+    )

@@ -5,6 +5,7 @@ K visible patches, D token width. Masks are float or bool tensors of shape [B, N
 **1 = removed (masked)**, 0 = visible, as in MAE (Eq. 2 of Kong & Zhang writes M for the kept
 part; our ``mask`` is their ``1 - M``).
 """
+
 from __future__ import annotations
 
 import math
@@ -37,17 +38,6 @@ def unpatchify(x: torch.Tensor, p: int, grid: tuple[int, int], channels: int) ->
     return x.reshape(B, channels, h * p, w * p)
 
 
-def patch_normalize(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """MAE ``norm_pix_loss`` target: each patch standardised over its own pixels.
-
-    [B, N, L] -> [B, N, L]; (t - mean) / sqrt(var + eps) with the unbiased variance, exactly as
-    the reference MAE implementation computes it.
-    """
-    mean = target.mean(dim=-1, keepdim=True)
-    var = target.var(dim=-1, keepdim=True)
-    return (target - mean) / (var + eps) ** 0.5
-
-
 # ---------------------------------------------------------------------------- masking
 def num_visible(num_patches: int, mask_ratio: float) -> int:
     """Number of kept patches K = int(N * (1 - ratio)) (MAE's rounding), at least 1."""
@@ -56,8 +46,9 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
     return max(1, int(num_patches * (1 - mask_ratio)))
 
 
-def random_masking(noise: torch.Tensor, mask_ratio: float
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def random_masking(
+    noise: torch.Tensor, mask_ratio: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample random masking by argsort of noise (MAE).
 
     noise: [B, N] any real values (uniform in MAE); the K patches with the *smallest* noise stay.
@@ -94,9 +85,15 @@ def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def block_masking(batch: int, grid: tuple[int, int], mask_ratio: float,
-                  generator: Optional[torch.Generator] = None, min_block: int = 4,
-                  max_aspect: float = 3.0, device=None) -> torch.Tensor:
+def block_masking(
+    batch: int,
+    grid: tuple[int, int],
+    mask_ratio: float,
+    generator: Optional[torch.Generator] = None,
+    min_block: int = 4,
+    max_aspect: float = 3.0,
+    device=None,
+) -> torch.Tensor:
     """BEiT-style block-wise masking: rectangles are added until ``round(ratio*N)`` patches
     are masked (then topped up / trimmed at random so every sample has exactly that count).
 
@@ -114,8 +111,9 @@ def block_masking(batch: int, grid: tuple[int, int], mask_ratio: float,
             tries += 1
             remaining = target - int(m.sum())
             area = float(torch.empty(1).uniform_(min_block, max(min_block, remaining), generator=g))
-            log_r = torch.empty(1).uniform_(-math.log(max_aspect), math.log(max_aspect),
-                                            generator=g)
+            log_r = torch.empty(1).uniform_(
+                -math.log(max_aspect), math.log(max_aspect), generator=g
+            )
             ar = math.exp(float(log_r))
             bh = int(round(math.sqrt(area * ar)))
             bw = int(round(math.sqrt(area / ar)))
@@ -123,7 +121,7 @@ def block_masking(batch: int, grid: tuple[int, int], mask_ratio: float,
                 continue
             top = int(torch.randint(0, h - bh + 1, (1,), generator=g))
             left = int(torch.randint(0, w - bw + 1, (1,), generator=g))
-            m[top:top + bh, left:left + bw] = True
+            m[top : top + bh, left : left + bw] = True
         flat = m.flatten()
         cnt = int(flat.sum())
         if cnt > target:  # trim at random
@@ -148,8 +146,9 @@ def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], cls_token: bool = False
     if dim % 4:
         raise ValueError(f"sin-cos position embedding needs dim divisible by 4, got {dim}")
     h, w = grid
-    gy, gx = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64),
-                         indexing="ij")
+    gy, gx = np.meshgrid(
+        np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij"
+    )
 
     def enc_1d(d: int, pos: np.ndarray) -> np.ndarray:
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))

@@ -35,6 +35,7 @@ all.
 ``datasets.load_dataset`` understands (e.g. ``imagefolder``); random access, so it uses the
 same sampler, subsets and exact resume as image folders.
 """
+
 from __future__ import annotations
 
 import copy
@@ -53,13 +54,17 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
+from .batch import Batch
+
 log = logging.getLogger("mimlab.shards")
 
 INFO_FILE = "_info.json"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff", "ppm", "pgm", "npy")
-HF_SPLIT_ALIASES = {"test": ("test", "validation", "valid", "val"),
-                    "val": ("validation", "val", "valid", "test"),
-                    "validation": ("validation", "val", "valid", "test")}
+HF_SPLIT_ALIASES = {
+    "test": ("test", "validation", "valid", "val"),
+    "val": ("validation", "val", "valid", "test"),
+    "validation": ("validation", "val", "valid", "test"),
+}
 
 
 class ShardError(RuntimeError):
@@ -68,19 +73,23 @@ class ShardError(RuntimeError):
 
 def _wds():
     try:
-        import webdataset  # optional dependency: only data.kind=wds and `mimlab shards` need it
+        import webdataset  # lazy: optional dependency (data.kind=wds, `mimlab shards`)
     except ImportError:
-        raise ShardError("tar shards need the webdataset package: pip install 'mimlab[data]' "
-                         "(or pip install webdataset)") from None
+        raise ShardError(
+            "tar shards need the webdataset package: pip install 'mimlab[data]' "
+            "(or pip install webdataset)"
+        ) from None
     return webdataset
 
 
 def _hf():
     try:
-        import datasets  # optional, heavy dependency (pyarrow): only data.kind=hf needs it
+        import datasets  # lazy: optional heavy dependency (pyarrow); only data.kind=hf needs it
     except ImportError:
-        raise ShardError("data.kind=hf needs the datasets package: pip install 'mimlab[data]' "
-                         "(or pip install datasets)") from None
+        raise ShardError(
+            "data.kind=hf needs the datasets package: pip install 'mimlab[data]' "
+            "(or pip install datasets)"
+        ) from None
     return datasets
 
 
@@ -93,6 +102,7 @@ def _seed(*ints: int) -> int:
 @dataclass
 class ShardSplit:
     """One split's shards in their natural order, samples per shard, and class names."""
+
     name: str
     files: list[str]
     lengths: list[int]
@@ -115,7 +125,7 @@ class ShardSplit:
                 break
             lengths.append(min(k, left))
             left -= lengths[-1]
-        return ShardSplit(self.name, self.files[:len(lengths)], lengths, self.classes)
+        return ShardSplit(self.name, self.files[: len(lengths)], lengths, self.classes)
 
 
 SPLIT_DIRS = ("train", "test", "val", "validation")
@@ -124,8 +134,11 @@ SPLIT_DIRS = ("train", "test", "val", "validation")
 def is_shard_dir(root: Path) -> bool:
     """An ``_info.json`` index, or ``.tar`` files at the top or in a split folder (train/,
     test/, val/, validation/; not every sub-folder: a large ImageFolder stays cheap to probe)."""
-    return ((root / INFO_FILE).is_file() or any(root.glob("*.tar"))
-            or any(any((root / d).glob("*.tar")) for d in SPLIT_DIRS if (root / d).is_dir()))
+    return (
+        (root / INFO_FILE).is_file()
+        or any(root.glob("*.tar"))
+        or any(any((root / d).glob("*.tar")) for d in SPLIT_DIRS if (root / d).is_dir())
+    )
 
 
 def _key_of(name: str) -> Optional[str]:
@@ -163,24 +176,32 @@ def find_shard_split(root: Path, split: str) -> ShardSplit:
             raise ShardError(f"{info_path}: unreadable index ({e}); fix or delete it") from None
         classes = list(info.get("classes") or [])
         splits = info.get("splits") or {}
-        name = split if split in splits else next(
-            (a for a in HF_SPLIT_ALIASES.get(split, ()) if a in splits), None)
+        name = (
+            split
+            if split in splits
+            else next((a for a in HF_SPLIT_ALIASES.get(split, ()) if a in splits), None)
+        )
         if name is None and split == "" and len(splits) == 1:
             name = next(iter(splits))
         if name is None:
-            raise ShardError(f"{info_path}: no split '{split}' (it has: "
-                             f"{', '.join(splits) or 'none'}); set data.train_split / "
-                             "data.val_split")
+            raise ShardError(
+                f"{info_path}: no split '{split}' (it has: "
+                f"{', '.join(splits) or 'none'}); set data.train_split / "
+                "data.val_split"
+            )
         s = splits[name]
         files = [str(root / f) for f in s["filenames"]]
         missing = [f for f in files if not Path(f).is_file()]
         if missing:
-            raise ShardError(f"{info_path}: {len(missing)} shard(s) listed but missing, e.g. "
-                             f"{missing[0]}")
+            raise ShardError(
+                f"{info_path}: {len(missing)} shard(s) listed but missing, e.g. {missing[0]}"
+            )
         lengths = [int(k) for k in s.get("shard_lengths") or [count_tar_samples(f) for f in files]]
         if len(lengths) != len(files):
-            raise ShardError(f"{info_path}: split '{name}' lists {len(files)} files but "
-                             f"{len(lengths)} shard_lengths")
+            raise ShardError(
+                f"{info_path}: split '{name}' lists {len(files)} files but "
+                f"{len(lengths)} shard_lengths"
+            )
         return ShardSplit(name, files, lengths, classes)
     if split and (root / split).is_dir():
         files = sorted((root / split).glob("*.tar"))
@@ -191,17 +212,29 @@ def find_shard_split(root: Path, split: str) -> ShardSplit:
     else:
         files = sorted(root.glob("*.tar"))
     if not files:
-        raise ShardError(f"{root}: no .tar shards for split '{split}' (looked for {INFO_FILE}, "
-                         f"{split}/*.tar, {split}-*.tar)")
-    log.info("%s: no %s, counting the samples of %d shard(s) from their headers", root,
-             INFO_FILE, len(files))
-    return ShardSplit(split or "train", [str(f) for f in files],
-                      [count_tar_samples(f) for f in files], classes)
+        raise ShardError(
+            f"{root}: no .tar shards for split '{split}' (looked for {INFO_FILE}, "
+            f"{split}/*.tar, {split}-*.tar)"
+        )
+    log.info(
+        "%s: no %s, counting the samples of %d shard(s) from their headers",
+        root,
+        INFO_FILE,
+        len(files),
+    )
+    return ShardSplit(
+        split or "train", [str(f) for f in files], [count_tar_samples(f) for f in files], classes
+    )
 
 
 # ------------------------------------------------------------------------------ writing
-def write_shards(samples: Sequence[tuple[str | Path, int]], out_dir: str | Path, split: str,
-                 shard_size: int, progress: bool = True) -> dict:
+def write_shards(
+    samples: Sequence[tuple[str | Path, int]],
+    out_dir: str | Path,
+    split: str,
+    shard_size: int,
+    progress: bool = True,
+) -> dict:
     """Write ``(image file, label)`` pairs, in the given order, as ``out_dir/<split>-NNNNNN.tar``
     (WebDataset layout: ``{key}.<ext>`` with the file's bytes unchanged, ``{key}.cls`` when
     label >= 0; keys are the sample's position, 8 digits). Tar headers carry a fixed mtime, so
@@ -213,8 +246,14 @@ def write_shards(samples: Sequence[tuple[str | Path, int]], out_dir: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     files, lengths = [], []
     writer = None
-    bar = tqdm(total=len(samples), unit="img", desc=f"shards {split}", disable=not progress,
-               dynamic_ncols=True, mininterval=0.5)
+    bar = tqdm(
+        total=len(samples),
+        unit="img",
+        desc=f"shards {split}",
+        disable=not progress,
+        dynamic_ncols=True,
+        mininterval=0.5,
+    )
     try:
         for i, (path, label) in enumerate(samples):
             if i % shard_size == 0:
@@ -238,16 +277,23 @@ def write_shards(samples: Sequence[tuple[str | Path, int]], out_dir: str | Path,
         if writer is not None:
             writer.close()
         bar.close()
-    return {"name": split, "num_samples": len(samples), "filenames": files,
-            "shard_lengths": lengths}
+    return {
+        "name": split,
+        "num_samples": len(samples),
+        "filenames": files,
+        "shard_lengths": lengths,
+    }
 
 
-def write_info(out_dir: str | Path, splits: dict[str, dict], classes: Sequence[str],
-               extra: Optional[dict] = None) -> Path:
+def write_info(
+    out_dir: str | Path,
+    splits: dict[str, dict],
+    classes: Sequence[str],
+    extra: Optional[dict] = None,
+) -> Path:
     """``out_dir/_info.json`` in timm's ``reader_wds`` format plus ``classes`` (and ``extra``)."""
     path = Path(out_dir) / INFO_FILE
-    info = {"name": Path(out_dir).name, "splits": splits, "classes": list(classes),
-            **(extra or {})}
+    info = {"name": Path(out_dir).name, "splits": splits, "classes": list(classes), **(extra or {})}
     path.write_text(json.dumps(info, indent=1) + "\n")
     return path
 
@@ -256,6 +302,7 @@ def write_info(out_dir: str | Path, splits: dict[str, dict], classes: Sequence[s
 @dataclass(frozen=True)
 class Piece:
     """Samples ``[start, stop)`` (natural order) of shard ``shard``."""
+
     shard: int
     start: int
     stop: int
@@ -266,6 +313,7 @@ class SlotPlan:
     """What one (rank, worker) reads in an epoch: ``pieces`` in order, through a shuffle buffer
     seeded with ``stream_seed``; the first ``skip`` samples of that stream are dropped (already
     consumed before a resume) and the next ``count`` are delivered."""
+
     pieces: tuple[Piece, ...]
     skip: int
     count: int
@@ -279,8 +327,9 @@ def shard_order(n_shards: int, seed: int, epoch: int, shuffle: bool) -> list[int
     return np.random.default_rng(_seed(seed, epoch, 0x5EED)).permutation(n_shards).tolist()
 
 
-def range_pieces(lengths: Sequence[int], order: Sequence[int], lo: int, hi: int
-                 ) -> tuple[Piece, ...]:
+def range_pieces(
+    lengths: Sequence[int], order: Sequence[int], lo: int, hi: int
+) -> tuple[Piece, ...]:
     """Positions ``[lo, hi)`` of the sequence made by concatenating shards in ``order``."""
     out, pos = [], 0
     for s in order:
@@ -293,9 +342,19 @@ def range_pieces(lengths: Sequence[int], order: Sequence[int], lo: int, hi: int
     return tuple(out)
 
 
-def plan_slot(lengths: Sequence[int], *, seed: int, epoch: int, shuffle: bool, rank: int,
-              world: int, slots: int, slot: int, batch_size: Optional[int] = None,
-              start_batch: int = 0) -> SlotPlan:
+def plan_slot(
+    lengths: Sequence[int],
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    rank: int,
+    world: int,
+    slots: int,
+    slot: int,
+    batch_size: Optional[int] = None,
+    start_batch: int = 0,
+) -> SlotPlan:
     """The part of epoch ``epoch`` that worker ``slot`` (of ``slots``) of rank ``rank`` (of
     ``world``) reads (see the module docstring).
 
@@ -315,22 +374,25 @@ def plan_slot(lengths: Sequence[int], *, seed: int, epoch: int, shuffle: bool, r
     if batch_size is None:
         lo = lo_rank + per_rank * slot // slots
         hi = lo_rank + per_rank * (slot + 1) // slots
-        return SlotPlan(range_pieces(lengths, order, lo, hi), 0, hi - lo,
-                        _seed(seed, epoch, rank, slot))
+        return SlotPlan(
+            range_pieces(lengths, order, lo, hi), 0, hi - lo, _seed(seed, epoch, rank, slot)
+        )
     m_total = per_rank // batch_size
     counts = [len(range(o, m_total, slots)) for o in range(slots)]
     o = (start_batch + slot) % slots
     lo = lo_rank + batch_size * sum(counts[:o])
     hi = lo + batch_size * counts[o]
     skip = batch_size * len(range(o, min(start_batch, m_total), slots))
-    return SlotPlan(range_pieces(lengths, order, lo, hi), skip, hi - lo - skip,
-                    _seed(seed, epoch, rank, o))
+    return SlotPlan(
+        range_pieces(lengths, order, lo, hi), skip, hi - lo - skip, _seed(seed, epoch, rank, o)
+    )
 
 
 # ------------------------------------------------------------------------------ streaming
 @dataclass(frozen=True)
 class LoaderPlan:
     """The training-loader settings a :class:`ShardStream` copy plans its epoch with."""
+
     batch_size: int
     rank: int
     world: int
@@ -339,7 +401,8 @@ class LoaderPlan:
 
 
 class ShardStream(IterableDataset):
-    """Streams one split of tar shards as ``(image, label, n_skipped)``.
+    """Streams one split of tar shards as :class:`mimlab.batch.Batch` items (``index``: the
+    sample's position in the split, ``skipped``: 1 when an unreadable sample was replaced).
 
     ``decode(sample, where) -> (uint8 image [C, H, W] or None if unreadable, label)`` and
     ``augment(image, epoch, index) -> tensor`` are supplied by :mod:`mimlab.data` (robust
@@ -354,10 +417,17 @@ class ShardStream(IterableDataset):
     loader's copy, what that loader delivers).
     """
 
-    def __init__(self, split: ShardSplit, decode: Callable[[dict, str], tuple],
-                 augment: Callable[[torch.Tensor, int, int], torch.Tensor], *, seed: int = 0,
-                 shuffle: bool = True, shuffle_buffer: int = 2048,
-                 error: type = ShardError):
+    def __init__(
+        self,
+        split: ShardSplit,
+        decode: Callable[[dict, str], tuple],
+        augment: Callable[[torch.Tensor, int, int], torch.Tensor],
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        shuffle_buffer: int = 2048,
+        error: type = ShardError,
+    ):
         if split.num_samples < 1:
             raise error(f"shard split '{split.name}' has no samples")
         try:
@@ -391,8 +461,16 @@ class ShardStream(IterableDataset):
         p = self.plan
         if nw != p.slots:
             raise self.error(f"shard loader planned for {p.slots} worker(s) runs in {nw}")
-        return plan_slot(self.split.lengths, rank=p.rank, world=p.world, slots=p.slots, slot=wid,
-                         batch_size=p.batch_size, start_batch=p.start_batch, **common)
+        return plan_slot(
+            self.split.lengths,
+            rank=p.rank,
+            world=p.world,
+            slots=p.slots,
+            slot=wid,
+            batch_size=p.batch_size,
+            start_batch=p.start_batch,
+            **common,
+        )
 
     def _read(self, pieces: Sequence[Piece]) -> Iterator[tuple[int, dict]]:
         """(index in the split, undecoded sample) for each piece, via webdataset's tar reader."""
@@ -414,8 +492,10 @@ class ShardStream(IterableDataset):
             finally:
                 it.close()
             if got < pc.stop:
-                raise self.error(f"{url}: has {got} samples, the index says "
-                                 f"{self.split.lengths[pc.shard]}; rewrite {INFO_FILE}")
+                raise self.error(
+                    f"{url}: has {got} samples, the index says "
+                    f"{self.split.lengths[pc.shard]}; rewrite {INFO_FILE}"
+                )
 
     def raw_stream(self, plan: SlotPlan) -> Iterator[tuple[int, dict]]:
         """The slot's undecoded samples after shuffling and the resume skip."""
@@ -423,61 +503,88 @@ class ShardStream(IterableDataset):
         if self.shuffle and self.shuffle_buffer > 1:
             # start yielding once a quarter of the buffer is filled (as timm does), then keep
             # it full: a shorter start-up, the same determinism
-            s = _wds().filters.shuffle(self.shuffle_buffer,
-                                       initial=max(1, self.shuffle_buffer // 4),
-                                       rng=random.Random(plan.stream_seed))(s)
+            s = _wds().filters.shuffle(
+                self.shuffle_buffer,
+                initial=max(1, self.shuffle_buffer // 4),
+                rng=random.Random(plan.stream_seed),
+            )(s)
         return itertools.islice(s, plan.skip, plan.skip + plan.count)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, int, int]]:
+    def __iter__(self) -> Iterator[Batch]:
         plan = self.slot_plan()
         last: Optional[tuple[torch.Tensor, int]] = None
-        pending: list[int] = []          # indices of unreadable samples before the first good
+        pending: list[int] = []  # indices of unreadable samples before the first good
         for index, sample in self.raw_stream(plan):
             img, label = self.decode(sample, f"{sample.get('__url__')}:{sample.get('__key__')}")
             if img is None:
                 if last is None:
                     pending.append(index)
                     continue
-                yield self.augment(last[0], self.epoch, index), last[1], 1
+                yield Batch(self.augment(last[0], self.epoch, index), last[1], index, 1)
                 continue
             last = (img, int(label))
             for k in pending:
-                yield self.augment(img, self.epoch, k), last[1], 1
+                yield Batch(self.augment(img, self.epoch, k), last[1], k, 1)
             pending = []
-            yield self.augment(img, self.epoch, index), last[1], 0
+            yield Batch(self.augment(img, self.epoch, index), last[1], index, 0)
         if pending:
-            raise self.error(f"all {len(pending)} samples of this worker's part of shard split "
-                             f"'{self.split.name}' were unreadable")
+            raise self.error(
+                f"all {len(pending)} samples of this worker's part of shard split "
+                f"'{self.split.name}' were unreadable"
+            )
 
-    def make_loader(self, batch_size: int, seed: int, epoch: int, start: int = 0, rank: int = 0,
-                    world: int = 1, num_workers: int = 0, pin_memory: bool = False
-                    ) -> DataLoader:
+    def make_loader(
+        self,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        start: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+    ) -> DataLoader:
         """Training DataLoader of one epoch for one rank, from global sample ``start`` on (a
         multiple of ``batch_size * world``), the same arguments as ``engine.make_loader``."""
         if start % (batch_size * world):
-            raise self.error(f"cannot start a shard epoch at sample {start}: not a multiple of "
-                             f"the global batch {batch_size} x {world}")
+            raise self.error(
+                f"cannot start a shard epoch at sample {start}: not a multiple of "
+                f"the global batch {batch_size} x {world}"
+            )
         ds = copy.copy(self)
         ds.seed, ds.epoch = seed, epoch
-        ds.plan = LoaderPlan(batch_size, rank, world, max(1, num_workers),
-                             start // (batch_size * world))
+        ds.plan = LoaderPlan(
+            batch_size, rank, world, max(1, num_workers), start // (batch_size * world)
+        )
         gen = torch.Generator().manual_seed(seed * 1000 + epoch)
-        return DataLoader(ds, batch_size=batch_size, drop_last=True, num_workers=num_workers,
-                          pin_memory=pin_memory, generator=gen, persistent_workers=False,
-                          multiprocessing_context="fork" if num_workers > 0 else None)
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            drop_last=True,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            generator=gen,
+            persistent_workers=False,
+            multiprocessing_context="fork" if num_workers > 0 else None,
+        )
 
 
 # ------------------------------------------------------------------------------ Hugging Face
 def is_hf_dir(root: Path) -> bool:
     """A ``save_to_disk`` folder (``dataset_dict.json`` / ``state.json``) or parquet files."""
-    return ((root / "dataset_dict.json").is_file() or (root / "state.json").is_file()
-            or any(root.glob("*.parquet")) or any(root.glob("data/*.parquet")))
+    return (
+        (root / "dataset_dict.json").is_file()
+        or (root / "state.json").is_file()
+        or any(root.glob("*.parquet"))
+        or any(root.glob("data/*.parquet"))
+    )
 
 
 @dataclass
 class HFSplit:
     """One split of a Hugging Face dataset with its image column left undecoded."""
-    table: Any                 # datasets.Dataset
+
+    table: Any  # datasets.Dataset
     image_key: str
     label_key: Optional[str]
     classes: list[str]
@@ -497,8 +604,13 @@ class HFSplit:
         return (v.get("bytes"), v.get("path")) if isinstance(v, dict) else (None, None)
 
 
-def open_hf_split(root: str | Path, split: str, image_key: Optional[str] = None,
-                  label_key: Optional[str] = None, cache_dir: Optional[str] = None) -> HFSplit:
+def open_hf_split(
+    root: str | Path,
+    split: str,
+    image_key: Optional[str] = None,
+    label_key: Optional[str] = None,
+    cache_dir: Optional[str] = None,
+) -> HFSplit:
     """``split`` of the dataset at ``root``: ``datasets.load_from_disk`` for a ``save_to_disk``
     folder, else ``datasets.load_dataset(root)`` (parquet files, an image folder, ...; built
     into ``cache_dir``, default the datasets cache). Image column: ``image_key`` or the first
@@ -512,17 +624,24 @@ def open_hf_split(root: str | Path, split: str, image_key: Optional[str] = None,
         else:
             d = ds_mod.load_dataset(str(root), cache_dir=cache_dir)
     except Exception as e:  # noqa: BLE001 - datasets raises many types for unusable folders
-        raise ShardError(f"{root}: not a Hugging Face dataset ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ShardError(
+            f"{root}: not a Hugging Face dataset ({type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     if isinstance(d, ds_mod.DatasetDict):
         names = list(d)
-        pick = split if split in d else next(
-            (a for a in HF_SPLIT_ALIASES.get(split, ()) if a in d), None)
+        pick = (
+            split
+            if split in d
+            else next((a for a in HF_SPLIT_ALIASES.get(split, ()) if a in d), None)
+        )
         if pick is None and not split and len(names) == 1:
             pick = names[0]
         if pick is None:
-            raise ShardError(f"{root}: no split '{split}' (it has: {', '.join(names)}); set "
-                             "data.train_split / data.val_split")
+            raise ShardError(
+                f"{root}: no split '{split}' (it has: {', '.join(names)}); set "
+                "data.train_split / data.val_split"
+            )
         table, name = d[pick], pick
     else:
         table, name = d, split or "train"
@@ -530,14 +649,19 @@ def open_hf_split(root: str | Path, split: str, image_key: Optional[str] = None,
     if image_key is None:
         image_key = next((k for k, f in feats.items() if isinstance(f, ds_mod.Image)), None)
     if image_key is None or image_key not in feats:
-        raise ShardError(f"{root}: no image column{f' {image_key!r}' if image_key else ''} "
-                         f"(columns: {', '.join(feats)}); set data.image_key")
+        raise ShardError(
+            f"{root}: no image column{f' {image_key!r}' if image_key else ''} "
+            f"(columns: {', '.join(feats)}); set data.image_key"
+        )
     if not isinstance(feats[image_key], ds_mod.Image):
-        raise ShardError(f"{root}: column '{image_key}' is {type(feats[image_key]).__name__}, "
-                         "not an Image feature")
+        raise ShardError(
+            f"{root}: column '{image_key}' is {type(feats[image_key]).__name__}, "
+            "not an Image feature"
+        )
     if label_key is None:
-        label_key = next((k for k, f in feats.items() if isinstance(f, ds_mod.ClassLabel)),
-                         None) or next((k for k in ("label", "labels") if k in feats), None)
+        label_key = next(
+            (k for k, f in feats.items() if isinstance(f, ds_mod.ClassLabel)), None
+        ) or next((k for k in ("label", "labels") if k in feats), None)
     elif label_key not in feats:
         raise ShardError(f"{root}: no label column '{label_key}' (columns: {', '.join(feats)})")
     # only the two columns, the image left encoded (mimlab decodes it, robustly)

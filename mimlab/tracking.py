@@ -9,6 +9,7 @@ continues the same W&B / MLflow run (its id is kept in the run directory).
 A sink has ``log(step, metrics, prefix)`` and ``close()``; :class:`mimlab.engine.MetricLogger`
 forwards every row it writes (rank 0 only).
 """
+
 from __future__ import annotations
 
 import os
@@ -27,8 +28,10 @@ class Sink(Protocol):
 
 
 def _missing(flag: str, package: str) -> ConfigError:
-    return ConfigError(f"{flag}=true needs the {package} package: pip install '{package}' "
-                       "(or pip install 'mimlab[track]'), or set it to false")
+    return ConfigError(
+        f"{flag}=true needs the {package} package: pip install '{package}' "
+        "(or pip install 'mimlab[track]'), or set it to false"
+    )
 
 
 def _run_id(run_dir: Path, name: str) -> Optional[str]:
@@ -41,14 +44,21 @@ class WandbSink:
 
     def __init__(self, cfg: LogConfig, run_dir: Path, config: dict):
         try:
-            import wandb  # optional heavy dependency: only when log.wandb=true
+            import wandb  # lazy: optional heavy dependency, only when log.wandb=true
         except ImportError:
             raise _missing("log.wandb", "wandb") from None
         id_file = "wandb_run_id"
         run_id = _run_id(run_dir, id_file) or secrets.token_hex(4)
-        self.run = wandb.init(project=cfg.wandb_project, name=run_dir.name, dir=str(run_dir),
-                              config=config, id=run_id, resume="allow", mode=cfg.wandb_mode,
-                              reinit="create_new")
+        self.run = wandb.init(
+            project=cfg.wandb_project,
+            name=run_dir.name,
+            dir=str(run_dir),
+            config=config,
+            id=run_id,
+            resume="allow",
+            mode=cfg.wandb_mode,
+            reinit="create_new",
+        )
         (run_dir / id_file).write_text(run_id)
 
     def log(self, step: int, metrics: dict[str, float], prefix: str) -> None:
@@ -68,8 +78,8 @@ class MlflowSink:
             # MLflow >= 3.7 refuses file stores unless opted in; a local store is the point here
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
         try:
-            from mlflow import MlflowClient  # optional heavy dependency: only when enabled
-            from mlflow.entities import Metric, Param
+            from mlflow import MlflowClient  # lazy: optional heavy dependency, only when enabled
+            from mlflow.entities import Metric, Param  # lazy: as above
         except ImportError:
             raise _missing("log.mlflow", "mlflow") from None
         self._metric = Metric
@@ -82,7 +92,7 @@ class MlflowSink:
             run_id = self.client.create_run(eid, run_name=run_dir.name).info.run_id
             params = [Param(k, str(v)[:500]) for k, v in _flatten(config).items()]
             for i in range(0, len(params), 100):  # MLflow's batch limit
-                self.client.log_batch(run_id, params=params[i:i + 100])
+                self.client.log_batch(run_id, params=params[i : i + 100])
             (run_dir / "mlflow_run_id").write_text(run_id)
         else:
             self.client.update_run(run_id, status="RUNNING")
@@ -90,8 +100,10 @@ class MlflowSink:
 
     def log(self, step: int, metrics: dict[str, float], prefix: str) -> None:
         ts = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[
-            self._metric(f"{prefix}/{k}", float(v), ts, step) for k, v in metrics.items()])
+        self.client.log_batch(
+            self.run_id,
+            metrics=[self._metric(f"{prefix}/{k}", float(v), ts, step) for k, v in metrics.items()],
+        )
 
     def close(self) -> None:
         self.client.set_terminated(self.run_id)

@@ -1,5 +1,6 @@
 """Shared fixtures. Tests use tiny models and a few hundred images; one torch thread keeps
 them fast on a shared 2-core machine."""
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,14 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def make_imagefolder(root: Path, classes: int = 3, per_class: int = 8, size: int = 32,
-                     splits=("train", "test"), seed: int = 0) -> Path:
+def make_imagefolder(
+    root: Path,
+    classes: int = 3,
+    per_class: int = 8,
+    size: int = 32,
+    splits=("train", "test"),
+    seed: int = 0,
+) -> Path:
     rng = np.random.default_rng(seed)
     for split in splits:
         for c in range(classes):

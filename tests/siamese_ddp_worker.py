@@ -3,6 +3,7 @@
 process, the loss and gradients of each C-MAE variant on the *global* batch (before the process
 group exists), then joins the gloo group, runs the same variant under DistributedDataParallel
 on its half of the batch, and rank 0 writes the differences to the JSON file ``argv[1]``."""
+
 import json
 import sys
 
@@ -51,8 +52,13 @@ def main(path: str) -> None:
         m2 = m2i if name == "independent" else None
         single[name] = run(make(ov), images, m1, m2)
         # control: the two halves alone (what per-process negatives / BN statistics give)
-        halves[name] = sum(float(run(make(ov), images[s], m1[s], None if m2 is None else m2[s])[0])
-                           for s in (slice(0, G // 2), slice(G // 2, G))) / 2
+        halves[name] = (
+            sum(
+                float(run(make(ov), images[s], m1[s], None if m2 is None else m2[s])[0])
+                for s in (slice(0, G // 2), slice(G // 2, G))
+            )
+            / 2
+        )
     dist.init_process_group("gloo")
     r, W = dist.get_rank(), dist.get_world_size()
     sl = slice(r * G // W, (r + 1) * G // W)
@@ -64,11 +70,14 @@ def main(path: str) -> None:
         dist.all_reduce(mean)
         ref_loss, ref_grads = single[name]
         report[name] = {
-            "world": W, "loss_ddp": float(mean) / W, "loss_single": float(ref_loss),
+            "world": W,
+            "loss_ddp": float(mean) / W,
+            "loss_single": float(ref_loss),
             "loss_halves": halves[name],
             "max_grad_diff": max(float((grads[k] - ref_grads[k]).abs().max()) for k in ref_grads),
             "max_grad": max(float(v.abs().max()) for v in ref_grads.values()),
-            "same_params": sorted(grads) == sorted(ref_grads)}
+            "same_params": sorted(grads) == sorted(ref_grads),
+        }
     if r == 0:
         with open(path, "w") as f:
             json.dump(report, f, indent=1)

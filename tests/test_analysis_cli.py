@@ -1,21 +1,35 @@
 """Analysis commands: ``mimlab analyze cka`` (block-wise CKA full vs masked images),
 ``mimlab visualize`` and ``mimlab analyze psnr`` on micro checkpoints of 2-step pretrainings."""
+
 import csv
 import json
 
 import pytest
 import torch
-
 from conftest import make_imagefolder
-from mimlab.analysis.cka import (AnalysedModel, load_encoder, model_cka, noise_digest,
-                                 random_encoder, random_model_config)
+
+from mimlab import tasks
+from mimlab.analysis.cka import (
+    AnalysedModel,
+    load_encoder,
+    model_cka,
+    noise_digest,
+    random_encoder,
+    random_model_config,
+)
 from mimlab.analysis.common import analysis_dataset, mask_noise
 from mimlab.cli import run
 from mimlab.config import FinetuneConfig, PretrainConfig, resolve
-from mimlab import tasks
 
-COMMON = ["run.progress=false", "data.num_workers=0", "optim.batch_size=8", "run.max_steps=2",
-          "optim.epochs=1", "model.preset=micro", "run.log_every=1"]
+COMMON = [
+    "run.progress=false",
+    "data.num_workers=0",
+    "optim.batch_size=8",
+    "run.max_steps=2",
+    "optim.epochs=1",
+    "model.preset=micro",
+    "run.log_every=1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,14 +43,29 @@ def ckpts(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     paths = {}
     for name in ("mae", "rmae", "cmae"):
-        cfg = resolve(PretrainConfig, overrides=[f"data.path={data_dir}", f"run.out_dir={out}",
-                                                 f"run.name={name}", f"method.name={name}",
-                                                 *COMMON])
+        cfg = resolve(
+            PretrainConfig,
+            overrides=[
+                f"data.path={data_dir}",
+                f"run.out_dir={out}",
+                f"run.name={name}",
+                f"method.name={name}",
+                *COMMON,
+            ],
+        )
         paths[name] = tasks.pretrain(cfg)["checkpoint"]
-    cfg = resolve(FinetuneConfig, overrides=[
-        f"data.path={data_dir}", f"run.out_dir={out}", "run.name=ft",
-        f"finetune.pretrained={paths['mae']}", "finetune.mixup=0", "finetune.cutmix=0",
-        *[o for o in COMMON if not o.startswith("model.")]])
+    cfg = tasks.resolve_run_config(
+        FinetuneConfig,
+        overrides=[
+            f"data.path={data_dir}",
+            f"run.out_dir={out}",
+            "run.name=ft",
+            f"finetune.pretrained={paths['mae']}",
+            "finetune.mixup=0",
+            "finetune.cutmix=0",
+            *[o for o in COMMON if not o.startswith("model.")],
+        ],
+    )
     tasks.finetune(cfg)
     paths["ft"] = str(out / "ft/checkpoints/last.pt")
     return paths
@@ -69,17 +98,38 @@ def test_cka_of_model_with_itself_is_one_without_masking(data_dir, ckpts):
 def test_cli_cka_writes_every_row_with_shared_masks(data_dir, ckpts, tmp_path, capsys):
     out = tmp_path / "cka"
     ratios = ["0.25", "0.5", "0.75"]
-    rc = run(["analyze", "cka", "--data", str(data_dir), "--checkpoints", ckpts["mae"],
-              ckpts["rmae"], ckpts["ft"], "--random-init", "--ratios", *ratios,
-              "--images", "20", "--batch", "8", "--workers", "0", "--no-progress",
-              "--out", str(out)])
+    rc = run(
+        [
+            "analyze",
+            "cka",
+            "--data",
+            str(data_dir),
+            "--checkpoints",
+            ckpts["mae"],
+            ckpts["rmae"],
+            ckpts["ft"],
+            "--random-init",
+            "--ratios",
+            *ratios,
+            "--images",
+            "20",
+            "--batch",
+            "8",
+            "--workers",
+            "0",
+            "--no-progress",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "last-block linear CKA" in printed
     rows = list(csv.DictReader(open(out / "cka.csv")))
     labels = ["mae", "rmae", "ft", "random-micro"]
     assert {(r["model"], r["ratio"], int(r["block"])) for r in rows} == {
-        (m, r, b) for m in labels for r in ratios for b in (1, 2)}
+        (m, r, b) for m in labels for r in ratios for b in (1, 2)
+    }
     assert len(rows) == 4 * 3 * 2
     assert all(0.0 <= float(r["cka"]) <= 1.0 + 1e-9 for r in rows)
     for m in labels:
@@ -96,9 +146,25 @@ def test_cli_cka_writes_every_row_with_shared_masks(data_dir, ckpts, tmp_path, c
 
 def test_cli_cka_mask_token_mode(data_dir, ckpts, tmp_path):
     out = tmp_path / "mt"
-    args = ["analyze", "cka", "--data", str(data_dir), "--ratios", "0.5", "--images", "8",
-            "--batch", "8", "--workers", "0", "--no-progress", "--out", str(out),
-            "--mode", "mask_token"]
+    args = [
+        "analyze",
+        "cka",
+        "--data",
+        str(data_dir),
+        "--ratios",
+        "0.5",
+        "--images",
+        "8",
+        "--batch",
+        "8",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--out",
+        str(out),
+        "--mode",
+        "mask_token",
+    ]
     assert run(args + ["--checkpoints", ckpts["cmae"], "--random-init", "micro"]) == 0
     assert len(list(csv.DictReader(open(out / "cka.csv")))) == 2 * 2
     assert run(args + ["--checkpoints", ckpts["mae"]]) == 1  # MAE encoder: no mask token
@@ -107,14 +173,49 @@ def test_cli_cka_mask_token_mode(data_dir, ckpts, tmp_path):
 def test_visualize_and_psnr(ckpts, data_dir, tmp_path, capsys):
     for name in ("mae", "rmae"):
         png = tmp_path / f"{name}.png"
-        assert run(["visualize", "--checkpoint", ckpts[name], "--data", str(data_dir),
-                    "--n", "4", "--ratio", "0.75", "--out", str(png)]) == 0
+        assert (
+            run(
+                [
+                    "visualize",
+                    "--checkpoint",
+                    ckpts[name],
+                    "--data",
+                    str(data_dir),
+                    "--n",
+                    "4",
+                    "--ratio",
+                    "0.75",
+                    "--out",
+                    str(png),
+                ]
+            )
+            == 0
+        )
         assert png.stat().st_size > 1000
         assert "PSNR" in capsys.readouterr().out
     js = tmp_path / "psnr.json"
-    assert run(["analyze", "psnr", "--checkpoint", ckpts["mae"], "--data", str(data_dir),
-                "--images", "12", "--batch", "8", "--workers", "0", "--no-progress",
-                "--out", str(js)]) == 0
+    assert (
+        run(
+            [
+                "analyze",
+                "psnr",
+                "--checkpoint",
+                ckpts["mae"],
+                "--data",
+                str(data_dir),
+                "--images",
+                "12",
+                "--batch",
+                "8",
+                "--workers",
+                "0",
+                "--no-progress",
+                "--out",
+                str(js),
+            ]
+        )
+        == 0
+    )
     res = json.loads(js.read_text())
     assert json.loads(capsys.readouterr().out)["psnr"] == res["psnr"]
     assert res["images"] == 12 and res["mask_ratio"] == 0.75
@@ -131,23 +232,55 @@ def test_visualize_and_psnr(ckpts, data_dir, tmp_path, capsys):
 
 def test_visualize_stats_option(ckpts, data_dir, tmp_path, capsys):
     from mimlab.analysis.recon import visualize_checkpoint
-    res = {s: visualize_checkpoint(ckpts["mae"], str(data_dir), n=3, ratio=0.75,
-                                   out=str(tmp_path / f"{s}.png"), stats=s)
-           for s in ("visible", "true")}
+
+    res = {
+        s: visualize_checkpoint(
+            ckpts["mae"], str(data_dir), n=3, ratio=0.75, out=str(tmp_path / f"{s}.png"), stats=s
+        )
+        for s in ("visible", "true")
+    }
     assert res["visible"]["psnr_shown"] == res["visible"]["psnr_visible_stats"]
     assert res["true"]["psnr_shown"] == res["true"]["psnr_true_stats"]
-    assert run(["visualize", "--checkpoint", ckpts["mae"], "--data", str(data_dir), "--n", "2",
-                "--stats", "true", "--out", str(tmp_path / "cli.png")]) == 0
+    assert (
+        run(
+            [
+                "visualize",
+                "--checkpoint",
+                ckpts["mae"],
+                "--data",
+                str(data_dir),
+                "--n",
+                "2",
+                "--stats",
+                "true",
+                "--out",
+                str(tmp_path / "cli.png"),
+            ]
+        )
+        == 0
+    )
     assert "figure: true stats" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         run(["visualize", "--checkpoint", ckpts["mae"], "--stats", "leaky"])
 
 
 @pytest.mark.parametrize("kind", ["cmae", "ft"])
-def test_psnr_on_non_reconstructive_checkpoint_fails_in_one_line(ckpts, data_dir, kind,
-                                                                 capsys):
-    rc = run(["analyze", "psnr", "--checkpoint", ckpts[kind], "--data", str(data_dir),
-              "--images", "4", "--workers", "0", "--no-progress"])
+def test_psnr_on_non_reconstructive_checkpoint_fails_in_one_line(ckpts, data_dir, kind, capsys):
+    rc = run(
+        [
+            "analyze",
+            "psnr",
+            "--checkpoint",
+            ckpts[kind],
+            "--data",
+            str(data_dir),
+            "--images",
+            "4",
+            "--workers",
+            "0",
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert rc == 1
     assert len(err.splitlines()) == 1 and "no pixel decoder" in err, err

@@ -1,4 +1,5 @@
 """Tests for mimlab.analysis.metrics: linear CKA, the mini-batch CKA accumulator and PSNR."""
+
 import math
 
 import numpy as np
@@ -106,7 +107,7 @@ def test_accumulator_token_inputs(reduce):
     y = _rand(n, 2, 3, seed=1) + x[:, :2]  # different token counts
     acc = CKAAccumulator(reduce=reduce)
     for lo in range(0, n, 5):
-        acc.update("k", x[lo:lo + 5], y[lo:lo + 5])
+        acc.update("k", x[lo : lo + 5], y[lo : lo + 5])
     expect = linear_cka(to_2d(x, reduce), to_2d(y, reduce))
     assert abs(acc.value().item() - expect.item()) < 1e-8
 
@@ -163,7 +164,10 @@ def test_psnr_reference_and_from_mse():
     assert np.allclose(psnr(a, b, reduction="none").numpy(), ref, atol=1e-10)
     assert psnr(a, b).item() == pytest.approx(sum(ref) / 2, abs=1e-10)
     assert psnr_from_mse(0.01).item() == pytest.approx(20.0, abs=1e-12)
-    assert psnr_from_mse(torch.tensor([1e-4, 0.0]), data_range=1.0).tolist() == [pytest.approx(40.0), math.inf]
+    assert psnr_from_mse(torch.tensor([1e-4, 0.0]), data_range=1.0).tolist() == [
+        pytest.approx(40.0),
+        math.inf,
+    ]
     with pytest.raises(ValueError):
         psnr(a, b[:1])
     with pytest.raises(ValueError):

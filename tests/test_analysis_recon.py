@@ -1,11 +1,19 @@
 """Reconstructions (mimlab/analysis/recon.py): de-normalising norm_pix predictions with the true
 per-patch statistics (a leak for masked patches) or with statistics of the visible patches only
 (no leak). Micro MAE (32 px, patch 8: N = 16 patches of 8*8*3 = 192 values)."""
+
 import pytest
 import torch
 
-from mimlab.analysis.recon import (patch_stats, per_image_psnr, pred_to_patches, reconstruct,
-                                   reconstruction_psnr, save_grid, visible_stats)
+from mimlab.analysis.recon import (
+    patch_stats,
+    per_image_psnr,
+    pred_to_patches,
+    reconstruct,
+    reconstruction_psnr,
+    save_grid,
+    visible_stats,
+)
 from mimlab.config import PretrainConfig, resolve
 from mimlab.methods import build_method
 from mimlab.ops import patchify, random_masking, unpatchify
@@ -28,13 +36,19 @@ def _mask(B=2, ratio=0.75, seed=1):
 def test_visible_stats_hand_example():
     """3 patches of 4 values, the middle one masked: it gets the average of the visible
     patches' means (1 and 5 -> 3) and of their stds (unbiased: sqrt(var + eps))."""
-    t = torch.tensor([[[0.0, 0.0, 2.0, 2.0],      # mean 1, var 4/3
-                       [100.0, -50.0, 7.0, 9.0],  # masked: its values must not matter
-                       [5.0, 5.0, 5.0, 5.0]]])    # mean 5, var 0
+    t = torch.tensor(
+        [
+            [
+                [0.0, 0.0, 2.0, 2.0],  # mean 1, var 4/3
+                [100.0, -50.0, 7.0, 9.0],  # masked: its values must not matter
+                [5.0, 5.0, 5.0, 5.0],
+            ]
+        ]
+    )  # mean 5, var 0
     mask = torch.tensor([[0.0, 1.0, 0.0]])
     eps = 1e-6
     mu, sd = visible_stats(t, mask, eps)
-    s0, s2 = (4 / 3 + eps) ** 0.5, eps ** 0.5
+    s0, s2 = (4 / 3 + eps) ** 0.5, eps**0.5
     assert mu.shape == sd.shape == (1, 3, 1)
     assert torch.allclose(mu[0, :, 0], torch.tensor([1.0, 3.0, 5.0]))
     assert torch.allclose(sd[0, :, 0], torch.tensor([s0, (s0 + s2) / 2, s2]))
@@ -91,8 +105,12 @@ def test_no_leak_reconstruction_ignores_masked_pixels():
     assert ps["psnr_all_predicted"] == ps["psnr_all_predicted_true_stats"]
     assert ps["psnr_visible_stats"] != ps["psnr_true_stats"]
     per = per_image_psnr(a, MEAN, STD)
-    assert set(per) == {"psnr_true_stats", "psnr_visible_stats", "psnr_all_predicted_true_stats",
-                        "psnr_all_predicted_visible_stats"} and per["psnr_true_stats"].shape == (2,)
+    assert set(per) == {
+        "psnr_true_stats",
+        "psnr_visible_stats",
+        "psnr_all_predicted_true_stats",
+        "psnr_all_predicted_visible_stats",
+    } and per["psnr_true_stats"].shape == (2,)
 
 
 def test_without_norm_pix_both_statistics_agree():
@@ -107,8 +125,9 @@ def test_without_norm_pix_both_statistics_agree():
 def test_save_grid_stats_option(tmp_path):
     rec = reconstruct(_mae(), torch.randn(3, 3, 32, 32), mask=_mask(3))
     for stats in ("visible", "true"):
-        path = save_grid(rec, MEAN, STD, tmp_path / f"{stats}.png", n=3, stats=stats,
-                         row_labels=["a", "b", "c"])
+        path = save_grid(
+            rec, MEAN, STD, tmp_path / f"{stats}.png", n=3, stats=stats, row_labels=["a", "b", "c"]
+        )
         assert path.stat().st_size > 1000
     with pytest.raises(ValueError, match="stats"):
         save_grid(rec, MEAN, STD, tmp_path / "x.png", stats="leaky")

@@ -1,5 +1,6 @@
 """Batch augmentations (mimlab.augment): per-image colour jitter equal to torchvision's maths,
 cutmix boxes, random resized crops."""
+
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
@@ -13,8 +14,11 @@ MEAN, STD = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
 def test_per_image_colour_ops_match_torchvision(name):
     torch.manual_seed(0)
     px = torch.rand(4, 3, 8, 8)
-    f = torch.tensor([-0.1, 0.0, 0.05, 0.1]) if name == "hue" else \
-        torch.tensor([0.6, 1.0, 1.3, 0.8])
+    f = (
+        torch.tensor([-0.1, 0.0, 0.05, 0.1])
+        if name == "hue"
+        else torch.tensor([0.6, 1.0, 1.3, 0.8])
+    )
     mine = getattr(A, f"adjust_{name}")(px, f)
     ref = torch.stack([getattr(TF, f"adjust_{name}")(px[i], float(f[i])) for i in range(4)])
     assert torch.allclose(mine, ref, atol=2e-6)
@@ -52,10 +56,12 @@ def test_grayscale_and_solarize():
     x = torch.randn(3, 3, 8, 8)
     y = A.color_jitter_batch(x, spec=A.JitterSpec(p=0.0, grayscale_p=1.0))
     px = A.denormalize(y)
-    assert torch.allclose(px[:, 0], px[:, 1], atol=1e-6) and torch.allclose(px[:, 1], px[:, 2],
-                                                                            atol=1e-6)
-    s = A.jitter_pixels(torch.full((2, 3, 4, 4), 0.8), A.JitterSpec(p=0, grayscale_p=0,
-                                                                    solarize_p=1.0))
+    assert torch.allclose(px[:, 0], px[:, 1], atol=1e-6) and torch.allclose(
+        px[:, 1], px[:, 2], atol=1e-6
+    )
+    s = A.jitter_pixels(
+        torch.full((2, 3, 4, 4), 0.8), A.JitterSpec(p=0, grayscale_p=0, solarize_p=1.0)
+    )
     assert torch.allclose(s, torch.full_like(s, 0.2))
 
 
@@ -74,7 +80,7 @@ def test_cutmix_pastes_a_box_of_the_neighbour():
         m = box[b, 0]
         if m.any():
             rows, cols = m.any(1).nonzero().flatten(), m.any(0).nonzero().flatten()
-            assert m[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+            assert m[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
             assert int(m.sum()) == len(rows) * len(cols)
     assert box.any() and not box.all()
     assert torch.equal(A.cutmix_batch(x[:1]), x[:1])  # a batch of one has nobody to mix with
@@ -102,19 +108,21 @@ def test_contrast_mean_from_visible_pixels_only():
     vis = torch.zeros(3, 1, 8, 8, dtype=torch.bool)
     vis[:, :, :4] = True
     changed = px.clone()
-    changed[:, :, 4:] = 1.0 - changed[:, :, 4:]      # only hidden pixels change
+    changed[:, :, 4:] = 1.0 - changed[:, :, 4:]  # only hidden pixels change
     a, b = A.adjust_contrast(px, f, vis), A.adjust_contrast(changed, f, vis)
     assert torch.equal(a[:, :, :4], b[:, :, :4])
-    assert not torch.allclose(A.adjust_contrast(px, f)[:, :, :4],
-                              A.adjust_contrast(changed, f)[:, :, :4])
+    assert not torch.allclose(
+        A.adjust_contrast(px, f)[:, :, :4], A.adjust_contrast(changed, f)[:, :, :4]
+    )
     # the blend target is the mean grey of the visible pixels
     gray = A.rgb_to_grayscale(px)[:, :, :4].mean((1, 2, 3)).view(3, 1, 1, 1)
-    assert torch.allclose(a, (f.view(3, 1, 1, 1) * px + (1 - f.view(3, 1, 1, 1)) * gray)
-                          .clamp(0, 1), atol=1e-6)
+    assert torch.allclose(
+        a, (f.view(3, 1, 1, 1) * px + (1 - f.view(3, 1, 1, 1)) * gray).clamp(0, 1), atol=1e-6
+    )
 
 
 def test_patch_mask_to_pixels_and_random_partner():
-    m = torch.tensor([[1., 0., 0., 1.]])
+    m = torch.tensor([[1.0, 0.0, 0.0, 1.0]])
     px = A.patch_mask_to_pixels(m, (4, 4))
     assert px.shape == (1, 1, 4, 4)
     assert px[0, 0].tolist() == [[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]

@@ -2,41 +2,104 @@
 end on the micro preset with minimal sizes, one torch thread. Smoke test: every script exits 0,
 its ``--json`` lines parse and the rates and ratios are positive finite numbers. Nothing is
 asserted about speed."""
+
 from __future__ import annotations
 
 import json
 import math
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from mimlab import benchmarking, cli
-from mimlab.benchmarking import Step
+from mimlab import cli
+
+REPO = Path(__file__).resolve().parents[1]
+suite = cli.load_bench_suite(REPO / "benchmarks" / "suite.py")  # a repository tool, not mimlab
+Step = suite.Step
 
 pytestmark = pytest.mark.slow
 
 
 def micro_steps(cifar_dir) -> list[Step]:
     return [
-        Step("train micro", "train", "bench_train.py",
-             ["--preset", "micro", "--batch", "4", "--what", "both", "--reps", "1",
-              "--peak-size", "128", "--checkpointing", "selective,full"]),
-        Step("data micro", "data", "bench_data.py",
-             ["--cifar", str(cifar_dir), "--workers", "2",
-              "--preset-cifar", "micro", "--batch-cifar", "8",
-              "--preset-folder", "micro", "--batch-folder", "4", "--folder-images", "16",
-              "--folder-side", "48", "--batches", "4", "--reps", "1", "--fed-steps", "1"]),
-        Step("memory micro", "memory", "bench_memory.py",
-             ["--configs", "micro@4,micro@8,micro@8+selective,micro@8+ckpt", "--steps", "1",
-              "--fits", "micro@8"]),
+        Step(
+            "train micro",
+            "train",
+            "bench_train.py",
+            [
+                "--preset",
+                "micro",
+                "--batch",
+                "4",
+                "--what",
+                "both",
+                "--reps",
+                "1",
+                "--peak-size",
+                "128",
+                "--checkpointing",
+                "selective,full",
+            ],
+        ),
+        Step(
+            "data micro",
+            "data",
+            "bench_data.py",
+            [
+                "--cifar",
+                str(cifar_dir),
+                "--workers",
+                "2",
+                "--preset-cifar",
+                "micro",
+                "--batch-cifar",
+                "8",
+                "--preset-folder",
+                "micro",
+                "--batch-folder",
+                "4",
+                "--folder-images",
+                "16",
+                "--folder-side",
+                "48",
+                "--batches",
+                "4",
+                "--reps",
+                "1",
+                "--fed-steps",
+                "1",
+            ],
+        ),
+        Step(
+            "memory micro",
+            "memory",
+            "bench_memory.py",
+            [
+                "--configs",
+                "micro@4,micro@8,micro@8+selective,micro@8+ckpt",
+                "--steps",
+                "1",
+                "--fits",
+                "micro@8",
+            ],
+        ),
     ]
 
 
 @pytest.fixture(scope="module")
 def bench_results(cifar_dir, tmp_path_factory):
-    return benchmarking.run_steps(micro_steps(cifar_dir), tmp_path_factory.mktemp("bench"),
-                                  echo=False, timeout=300, env={"OMP_NUM_THREADS": "1"})
+    return suite.run_steps(
+        micro_steps(cifar_dir),
+        tmp_path_factory.mktemp("bench"),
+        echo=False,
+        timeout=300,
+        env={"OMP_NUM_THREADS": "1"},
+    )
 
 
 def positive(x) -> bool:
@@ -56,8 +119,15 @@ def test_train_records(bench_results):
     assert sorted(r["what"] for r in s["records"]) == ["finetune", "mae"]
     for r in s["records"]:
         assert r["preset"] == "micro" and r["batch"] == 4
-        for k in ("mimlab_img_s", "reference_img_s", "ratio", "gflops_per_image",
-                  "mimlab_gflop_s", "matmul_peak_gflop_s", "fraction_of_peak"):
+        for k in (
+            "mimlab_img_s",
+            "reference_img_s",
+            "ratio",
+            "gflops_per_image",
+            "mimlab_gflop_s",
+            "matmul_peak_gflop_s",
+            "fraction_of_peak",
+        ):
             assert positive(r[k]), (k, r[k])
     (mae,) = [r for r in s["records"] if r["what"] == "mae"]
     assert sorted(mae["checkpointing_img_s"]) == ["full", "selective"]
@@ -72,8 +142,16 @@ def test_data_records(bench_results):
     assert [r["case"] for r in s["records"]] == ["cifar", "folder"]
     for r in s["records"]:
         assert r["workers"] == 2 and r["train_preset"] == "micro"
-        for k in ("data_img_s", "data_overall_img_s", "train_img_s", "ratio", "cores_for_data",
-                  "fed_img_s", "fed_over_train", "mask_us_per_image"):
+        for k in (
+            "data_img_s",
+            "data_overall_img_s",
+            "train_img_s",
+            "ratio",
+            "cores_for_data",
+            "fed_img_s",
+            "fed_over_train",
+            "mask_us_per_image",
+        ):
             assert positive(r[k]), (k, r[k])
         assert r["ratio"] == pytest.approx(r["data_img_s"] / r["train_img_s"])
         assert r["training_waits"] is (r["ratio"] < 1)
@@ -87,8 +165,11 @@ def test_memory_records(bench_results):
     (s,) = [s for s in bench_results if s["kind"] == "memory"]
     recs = s["records"]
     assert [(r["preset"], r["batch"], r["grad_checkpointing"]) for r in recs] == [
-        ("micro", 4, "off"), ("micro", 8, "off"), ("micro", 8, "selective"),
-        ("micro", 8, "full")]  # '+ckpt' is the earlier spelling of '+full'
+        ("micro", 4, "off"),
+        ("micro", 8, "off"),
+        ("micro", 8, "selective"),
+        ("micro", 8, "full"),
+    ]  # '+ckpt' is the earlier spelling of '+full'
     assert len({r["pid"] for r in recs} | {os.getpid()}) == 5  # one fresh process each
     for r in recs:
         assert "error" not in r
@@ -98,13 +179,20 @@ def test_memory_records(bench_results):
 
 
 def test_report(bench_results, tmp_path, monkeypatch, cifar_dir):
-    monkeypatch.setattr(benchmarking, "run_steps", lambda *a, **k: bench_results)
+    monkeypatch.setattr(suite, "run_steps", lambda *a, **k: bench_results)
     out = tmp_path / "docs" / "performance.md"
-    rc = benchmarking.run_bench(str(out), quick=True, steps=micro_steps(cifar_dir), echo=False)
+    rc = suite.run_bench(str(out), quick=True, steps=micro_steps(cifar_dir), echo=False)
     assert rc == 0
     md = out.read_text()
-    for head in ("# mimlab performance", "## Machine and software", "## Commands",
-                 "## Training step", "## Data pipeline", "## Peak memory", "## Console output"):
+    for head in (
+        "# mimlab performance",
+        "## Machine and software",
+        "## Commands",
+        "## Training step",
+        "## Data pipeline",
+        "## Peak memory",
+        "## Console output",
+    ):
         assert head in md
     assert "python benchmarks/bench_data.py" in md and "torch / torchvision" in md
     assert "| mae | micro | 4 |" in md and "| cifar | 32 | 2 | 8 |" in md
@@ -120,47 +208,142 @@ def test_cli_bench_dry_run(capsys):
     assert cli.run(["bench", "--quick", "--dry-run"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert [ln.split()[1] for ln in lines] == ["benchmarks/bench_train.py"] * 2 + [
-        "benchmarks/bench_data.py", "benchmarks/bench_memory.py"]
+        "benchmarks/bench_data.py",
+        "benchmarks/bench_memory.py",
+    ]
     assert cli.run(["bench", "--only", "memory,nope"]) == 2
+
+
+def test_bench_is_found_from_the_checkout(tmp_path):
+    """cwd first, then the checkout this mimlab was loaded from; the loaded module is reused."""
+    assert cli.find_bench_suite(REPO) == REPO / "benchmarks" / "suite.py"
+    assert cli.find_bench_suite(tmp_path) == REPO / "benchmarks" / "suite.py"  # editable install
+    other = tmp_path / "benchmarks"
+    other.mkdir()
+    (other / "suite.py").write_text("")
+    assert cli.find_bench_suite(tmp_path) == other / "suite.py"
+    assert cli.load_bench_suite(REPO / "benchmarks" / "suite.py") is suite
+    assert suite.TARGETS[("mae", "tiny")] == 1.5 and suite.GPU_REFERENCE_IMG_S > 0
+
+
+def test_bench_outside_a_checkout_fails_in_one_line(tmp_path):
+    """An installed mimlab (here: a copy of the package without benchmarks/ beside it), run from
+    a folder that is not a checkout: one line on stderr, exit status 1."""
+    shutil.copytree(
+        REPO / "mimlab", tmp_path / "site" / "mimlab", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    p = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, mimlab.cli; "
+            "assert mimlab.cli.__file__.startswith(sys.argv[1]); "
+            "sys.exit(mimlab.cli.run(['bench', '--quick', '--dry-run']))",
+            str(tmp_path / "site"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 1, p.stderr
+    assert p.stdout == "" and p.stderr.strip().splitlines() == [cli.BENCH_MISSING]
 
 
 def test_target_rows_needed_fraction():
     """needed = target x reference img/s x GFLOP/img / peak; records without a target are left
     out; 'met' compares the measured ratio with the target."""
     recs = [
-        {"what": "mae", "preset": "tiny", "batch": 128, "ratio": 1.2, "reference_img_s": 100.0,
-         "gflops_per_image": 0.5, "matmul_peak_gflop_s": 150.0, "fraction_of_peak": 0.4},
-        {"what": "finetune", "preset": "tiny", "batch": 128, "ratio": 1.01, "compile": True,
-         "reference_img_s": 50.0, "gflops_per_image": 2.0, "matmul_peak_gflop_s": 200.0,
-         "fraction_of_peak": 0.505},
-        {"what": "mae", "preset": "micro", "batch": 4, "ratio": 9.0, "reference_img_s": 1.0,
-         "gflops_per_image": 1.0, "matmul_peak_gflop_s": 1.0, "fraction_of_peak": 1.0},
+        {
+            "what": "mae",
+            "preset": "tiny",
+            "batch": 128,
+            "ratio": 1.2,
+            "reference_img_s": 100.0,
+            "gflops_per_image": 0.5,
+            "matmul_peak_gflop_s": 150.0,
+            "fraction_of_peak": 0.4,
+        },
+        {
+            "what": "finetune",
+            "preset": "tiny",
+            "batch": 128,
+            "ratio": 1.01,
+            "compile": True,
+            "reference_img_s": 50.0,
+            "gflops_per_image": 2.0,
+            "matmul_peak_gflop_s": 200.0,
+            "fraction_of_peak": 0.505,
+        },
+        {
+            "what": "mae",
+            "preset": "micro",
+            "batch": 4,
+            "ratio": 9.0,
+            "reference_img_s": 1.0,
+            "gflops_per_image": 1.0,
+            "matmul_peak_gflop_s": 1.0,
+            "fraction_of_peak": 1.0,
+        },
     ]
-    rows = benchmarking.target_rows(recs)
+    rows = suite.target_rows(recs)
     assert [(r["what"], r["preset"]) for r in rows] == [("mae", "tiny"), ("finetune", "tiny")]
     assert rows[0]["target"] == 1.5 and rows[0]["met"] is False
     assert rows[0]["needed_fraction_of_peak"] == pytest.approx(1.5 * 100 * 0.5 / 150)
     assert rows[1]["met"] is True and rows[1]["compile"] is True
     assert rows[1]["needed_fraction_of_peak"] == pytest.approx(50 * 2.0 / 200)
-    only = benchmarking.target_rows(recs, {("mae", "micro"): 10.0})
+    only = suite.target_rows(recs, {("mae", "micro"): 10.0})
     assert len(only) == 1 and only[0]["met"] is False
 
 
 def render_train_records(records: list[dict], command: str = "mimlab bench") -> str:
     """The markdown report of one train step holding ``records`` (this machine's meta)."""
-    meta = {"command": command, "date": "d", "seconds": 1.0, "quick": False,
-            "machine": benchmarking.machine_info(), "versions": benchmarking.versions()}
-    return benchmarking.render(meta, [{"name": "train", "kind": "train", "command": "c",
-                                       "seconds": 1.0, "rc": 0, "records": records,
-                                       "output": ""}])
+    meta = {
+        "command": command,
+        "date": "d",
+        "seconds": 1.0,
+        "quick": False,
+        "machine": suite.machine_info(),
+        "versions": suite.versions(),
+    }
+    return suite.render(
+        meta,
+        [
+            {
+                "name": "train",
+                "kind": "train",
+                "command": "c",
+                "seconds": 1.0,
+                "rc": 0,
+                "records": records,
+                "output": "",
+            }
+        ],
+    )
 
 
 def test_report_targets_section():
-    rec = {"bench": "train", "what": "mae", "preset": "tiny", "batch": 128, "reps": 5,
-           "threads": 2, "compile": True, "compile_seconds": 42.0, "mimlab_img_s": 150.0,
-           "reference_name": "ref", "reference_img_s": 100.0, "ratio": 1.5,
-           "gflops_per_image": 0.7, "mimlab_gflop_s": 105.0, "matmul_peak_gflop_s": 160.0,
-           "fraction_of_peak": 105 / 160, "matmul_peak_bf16_gflop_s": 1.0}
+    rec = {
+        "bench": "train",
+        "what": "mae",
+        "preset": "tiny",
+        "batch": 128,
+        "reps": 5,
+        "threads": 2,
+        "compile": True,
+        "compile_seconds": 42.0,
+        "mimlab_img_s": 150.0,
+        "reference_name": "ref",
+        "reference_img_s": 100.0,
+        "ratio": 1.5,
+        "gflops_per_image": 0.7,
+        "mimlab_gflop_s": 105.0,
+        "matmul_peak_gflop_s": 160.0,
+        "fraction_of_peak": 105 / 160,
+        "matmul_peak_bf16_gflop_s": 1.0,
+    }
     md = render_train_records([rec])
     assert "| mae (compiled, 42 s to compile) | tiny | 128 |" in md
     assert "| mae | tiny | 128 | yes | 1.50x | 1.50x | yes | 66 % | 66 % |" in md
@@ -171,49 +354,78 @@ def test_report_gpu_record():
     """A CUDA bf16 record: labelled with the GPU and precision, summarised against the ~2,000
     images/s per A100 figure with its model-FLOPs utilisation, and kept out of the CPU targets
     and the CPU bf16 paragraph."""
-    rec = {"bench": "train", "what": "mae", "preset": "vit_b16", "batch": 256, "reps": 10,
-           "threads": 16, "compile": False, "device": "cuda", "precision": "bf16",
-           "device_name": "NVIDIA H200", "mimlab_img_s": 3000.0, "reference_name": "ref",
-           "reference_img_s": 2500.0, "ratio": 1.2, "gflops_per_image": 56.0,
-           "mimlab_gflop_s": 168000.0, "matmul_peak_gflop_s": 700000.0,
-           "fraction_of_peak": 0.24, "matmul_peak_bf16_gflop_s": 700000.0}
-    assert benchmarking.target_rows([rec]) == []
+    rec = {
+        "bench": "train",
+        "what": "mae",
+        "preset": "vit_b16",
+        "batch": 256,
+        "reps": 10,
+        "threads": 16,
+        "compile": False,
+        "device": "cuda",
+        "precision": "bf16",
+        "device_name": "NVIDIA H200",
+        "mimlab_img_s": 3000.0,
+        "reference_name": "ref",
+        "reference_img_s": 2500.0,
+        "ratio": 1.2,
+        "gflops_per_image": 56.0,
+        "mimlab_gflop_s": 168000.0,
+        "matmul_peak_gflop_s": 700000.0,
+        "fraction_of_peak": 0.24,
+        "matmul_peak_bf16_gflop_s": 700000.0,
+    }
+    assert suite.target_rows([rec]) == []
     md = render_train_records([rec], "mimlab bench --gpu")
     assert "| mae [NVIDIA H200, bf16] | vit_b16 | 256 |" in md
     assert "MAE pretraining at 3,000 images/s per GPU (1.50x the ~2,000" in md
     assert "utilisation 24 % of the 700 TFLOP/s bf16 matmul peak" in md
     assert "Against the targets" not in md and "Lower precision" not in md
-    assert benchmarking.plan(gpu=True)[0].args[:4] == ["--device", "cuda", "--precision", "bf16"]
+    assert suite.plan(gpu=True)[0].args[:4] == ["--device", "cuda", "--precision", "bf16"]
 
 
 def test_memory_config_syntax(monkeypatch):
-    monkeypatch.syspath_prepend(str(benchmarking.benchmarks_dir()))
+    monkeypatch.syspath_prepend(str(suite.benchmarks_dir()))
     import bench_memory
-    assert bench_memory.parse_configs("tiny@128, vit_b16@64+selective,vit_b16@64+full,a@2+ckpt") \
-        == [("tiny", 128, "off"), ("vit_b16", 64, "selective"), ("vit_b16", 64, "full"),
-            ("a", 2, "full")]
+
+    assert bench_memory.parse_configs(
+        "tiny@128, vit_b16@64+selective,vit_b16@64+full,a@2+ckpt"
+    ) == [
+        ("tiny", 128, "off"),
+        ("vit_b16", 64, "selective"),
+        ("vit_b16", 64, "full"),
+        ("a", 2, "full"),
+    ]
     for bad in ("tiny", "tiny@x", "tiny@8+", "tiny@8+fast"):
         with pytest.raises(SystemExit, match="PRESET@BATCH"):
             bench_memory.parse_configs(bad)
-    assert bench_memory.config_name({"preset": "p", "batch": 2, "grad_checkpointing": True}) \
+    assert (
+        bench_memory.config_name({"preset": "p", "batch": 2, "grad_checkpointing": True})
         == "p@2+full"
-    assert bench_memory.config_name({"preset": "p", "batch": 2, "grad_checkpointing": "off"}) \
-        == "p@2"
+    )
+    assert (
+        bench_memory.config_name({"preset": "p", "batch": 2, "grad_checkpointing": "off"}) == "p@2"
+    )
 
 
 def test_bench_train_under_autocast(monkeypatch):
     """--precision bf16 runs both steps under autocast (here on the CPU) and records it; the
     peak is measured in that precision."""
-    monkeypatch.syspath_prepend(str(benchmarking.benchmarks_dir()))
+    monkeypatch.syspath_prepend(str(suite.benchmarks_dir()))
     import bench_train
+
     seen = []
     real = bench_train.matmul_peak_gflops
-    monkeypatch.setattr(bench_train, "matmul_peak_gflops",
-                        lambda *a, **k: seen.append(k.get("dtype")) or real(*a, **k))
+    monkeypatch.setattr(
+        bench_train,
+        "matmul_peak_gflops",
+        lambda *a, **k: seen.append(k.get("dtype")) or real(*a, **k),
+    )
     amps = []
     real_step = bench_train.make_step
-    monkeypatch.setattr(bench_train, "make_step",
-                        lambda *a, **k: amps.append(k.get("amp")) or real_step(*a, **k))
+    monkeypatch.setattr(
+        bench_train, "make_step", lambda *a, **k: amps.append(k.get("amp")) or real_step(*a, **k)
+    )
     r = bench_train.bench("micro", 2, 1, "mae", peak_size=64, precision="bf16")
     assert (r["device"], r["precision"]) == ("cpu", "bf16") and "device_name" not in r
     assert seen == [torch.bfloat16] and amps == [torch.bfloat16] * 2  # mimlab and reference

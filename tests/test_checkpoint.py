@@ -1,5 +1,6 @@
 """The checkpoint schema (mimlab.checkpoint): fields, atomic save, weights-only load, and the
 pre-schema files written by the code before it (committed fixtures)."""
+
 from __future__ import annotations
 
 import logging
@@ -14,9 +15,9 @@ from mimlab.config import PretrainConfig, resolve
 from mimlab.sources import load_encoder
 
 FIX = Path(__file__).parent / "fixtures"
-LEGACY_PRE = FIX / "legacy_mae_micro_pretrain.pt"     # written by commit a33b153 (pre-schema)
-LEGACY_FT = FIX / "legacy_micro_finetune.pt"          # fine-tuned from LEGACY_PRE, same code
-EXPECTED = FIX / "legacy_expected.pt"                 # outputs computed by that same code
+LEGACY_PRE = FIX / "legacy_mae_micro_pretrain.pt"  # written by commit a33b153 (pre-schema)
+LEGACY_FT = FIX / "legacy_micro_finetune.pt"  # fine-tuned from LEGACY_PRE, same code
+EXPECTED = FIX / "legacy_expected.pt"  # outputs computed by that same code
 
 
 def test_fixtures_are_small():
@@ -27,14 +28,17 @@ def test_fixtures_are_small():
 def test_legacy_checkpoints_load_with_one_note(caplog):
     ckf._NOTED.clear()
     raw = torch.load(LEGACY_PRE, weights_only=True)
-    assert "format_version" not in raw                        # really the old layout
+    assert "format_version" not in raw  # really the old layout
     with caplog.at_level(logging.WARNING, logger="mimlab.checkpoint"):
         ck = ckf.load(LEGACY_PRE)
-        ckf.load(LEGACY_PRE)                                  # noted once per file
+        ckf.load(LEGACY_PRE)  # noted once per file
     notes = [r.message for r in caplog.records if r.name == "mimlab.checkpoint"]
     assert len(notes) == 1 and "pre-schema checkpoint layout" in notes[0]
-    assert (ck["format_version"], ck["kind"], ck["method"]) == (ckf.FORMAT_VERSION,
-                                                                "pretrain", "mae")
+    assert (ck["format_version"], ck["kind"], ck["method"]) == (
+        ckf.FORMAT_VERSION,
+        "pretrain",
+        "mae",
+    )
     assert ckf.model_config(ck).embed_dim == 16 and ckf.data_stats(ck) is None
     ft = ckf.load(LEGACY_FT)
     assert ft["kind"] == "finetune" and ckf.is_classifier(ft)
@@ -53,16 +57,31 @@ def test_legacy_checkpoints_give_the_old_outputs():
 
 
 def test_new_checkpoint_schema(tiny_folder, tmp_path):
-    cfg = resolve(PretrainConfig, overrides=[
-        f"data.path={tiny_folder}", "model.preset=micro", "optim.epochs=1",
-        "optim.batch_size=8", "data.num_workers=0", f"run.out_dir={tmp_path}", "run.name=p",
-        "run.progress=false", "data.mean=[0.5,0.4,0.3]", "data.std=[0.2,0.2,0.2]"])
+    cfg = resolve(
+        PretrainConfig,
+        overrides=[
+            f"data.path={tiny_folder}",
+            "model.preset=micro",
+            "optim.epochs=1",
+            "optim.batch_size=8",
+            "data.num_workers=0",
+            f"run.out_dir={tmp_path}",
+            "run.name=p",
+            "run.progress=false",
+            "data.mean=[0.5,0.4,0.3]",
+            "data.std=[0.2,0.2,0.2]",
+        ],
+    )
     res = tasks.pretrain(cfg)
-    raw = torch.load(res["checkpoint"], weights_only=True)   # weights_only readable
+    raw = torch.load(res["checkpoint"], weights_only=True)  # weights_only readable
     assert raw["format_version"] == ckf.FORMAT_VERSION and raw["kind"] == "pretrain"
     assert raw["method"] == "mae" and raw["model_config"]["embed_dim"] == 32
-    assert raw["data_stats"] == {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.2],
-                                 "img_size": 32, "in_chans": 3}
+    assert raw["data_stats"] == {
+        "mean": [0.5, 0.4, 0.3],
+        "std": [0.2, 0.2, 0.2],
+        "img_size": 32,
+        "in_chans": 3,
+    }
     assert set(raw["provenance"]) == {"mimlab", "git", "torch", "time"}
     assert raw["encoder"]["cls_token"].equal(raw["model"]["encoder.cls_token"])
     for k in ("optimizer", "scaler", "rng", "global_step", "epoch", "micro_in_epoch"):
@@ -78,6 +97,7 @@ def test_save_is_atomic_and_load_refuses_foreign_or_newer(tmp_path, monkeypatch)
     def boom(obj, f, *a, **k):
         Path(f).write_bytes(b"partial")
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(ckf.CheckpointError, match="previous checkpoint is intact"):
         ckf.save({"format_version": 2, "x": torch.zeros(1)}, p)

@@ -3,8 +3,17 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mimlab.config import (ConfigError, FinetuneConfig, PretrainConfig, ProbeConfig, from_dict,
-                           parse_overrides, resolve, save_yaml, to_dict)
+from mimlab.config import (
+    ConfigError,
+    FinetuneConfig,
+    PretrainConfig,
+    ProbeConfig,
+    from_dict,
+    parse_overrides,
+    resolve,
+    save_yaml,
+    to_dict,
+)
 
 
 @pytest.mark.parametrize("cls", [PretrainConfig, FinetuneConfig, ProbeConfig])
@@ -29,25 +38,31 @@ def test_section_defaults_differ_per_command():
     assert resolve(PretrainConfig).optim.layer_decay == 1.0
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("optim.epoch=3", "did you mean 'optim.epochs'"),
-    ("modle.depth=3", "did you mean 'model'"),
-    ("optim.epochs=abc", "expected an integer"),
-    ("optim.epochs=2.5", "expected an integer"),
-    ("method.mask_ratio=1.0", "mask_ratio must be in (0, 1)"),
-    ("method.mask_ratio=0", "mask_ratio must be in (0, 1)"),
-    ("model.img_size=30", "not divisible"),
-    ("model.depth=0", "depth must be >= 1"),
-    ("run.precision=fp8", "precision"),
-    ("model.preset=vit_b61", "did you mean 'vit_b16'"),
-    ("data.crop_scale=[0.5]", "crop_scale"),
-    ("noequals", "key=value"),
-    ("method.teacher_size=8", "teacher_size 8 is too small"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("optim.epoch=3", "did you mean 'optim.epochs'"),
+        ("modle.depth=3", "did you mean 'model'"),
+        ("optim.epochs=abc", "expected an integer"),
+        ("optim.epochs=2.5", "expected an integer"),
+        ("method.mask_ratio=1.0", "mask_ratio must be in (0, 1)"),
+        ("method.mask_ratio=0", "mask_ratio must be in (0, 1)"),
+        ("model.img_size=30", "not divisible"),
+        ("model.depth=0", "depth must be >= 1"),
+        ("run.precision=fp8", "precision"),
+        ("model.preset=vit_b61", "did you mean 'vit_b16'"),
+        ("data.crop_scale=[0.5]", "crop_scale"),
+        ("noequals", "key=value"),
+        ("method.teacher_size=8", "teacher_size 8 is too small"),
+    ],
+)
 def test_bad_configs_fail_with_one_clear_line(override, needle):
     with pytest.raises(ConfigError) as e:
-        resolve(PretrainConfig, overrides=[override] + (
-            ["method.name=maskdistill"] if "teacher_size" in override else []))
+        resolve(
+            PretrainConfig,
+            overrides=[override]
+            + (["method.name=maskdistill"] if "teacher_size" in override else []),
+        )
     assert needle in str(e.value)
     assert "\n" not in str(e.value)
 
@@ -72,10 +87,15 @@ _keys = st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=1, max_size=8)
 
 
 @settings(max_examples=60, deadline=None)
-@given(path=st.lists(_keys, min_size=1, max_size=3),
-       value=st.one_of(st.integers(-10**6, 10**6), st.booleans(),
-                       st.floats(allow_nan=False, allow_infinity=False, width=32),
-                       st.text(alphabet="abcdefxyz", min_size=1, max_size=6)))
+@given(
+    path=st.lists(_keys, min_size=1, max_size=3),
+    value=st.one_of(
+        st.integers(-(10**6), 10**6),
+        st.booleans(),
+        st.floats(allow_nan=False, allow_infinity=False, width=32),
+        st.text(alphabet="abcdefxyz", min_size=1, max_size=6),
+    ),
+)
 def test_parse_overrides_property(path, value):
     key = ".".join(path)
     text = yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
@@ -87,8 +107,7 @@ def test_parse_overrides_property(path, value):
 
 
 @settings(max_examples=60, deadline=None)
-@given(epochs=st.integers(-5, 50), ratio=st.floats(-1, 2, allow_nan=False),
-       bs=st.integers(-2, 300))
+@given(epochs=st.integers(-5, 50), ratio=st.floats(-1, 2, allow_nan=False), bs=st.integers(-2, 300))
 def test_resolve_accepts_valid_rejects_invalid(epochs, ratio, bs):
     ov = [f"optim.epochs={epochs}", f"method.mask_ratio={ratio}", f"optim.batch_size={bs}"]
     valid = epochs >= 1 and 0 < ratio < 1 and bs >= 1

@@ -1,5 +1,6 @@
 """mimlab.data: every source kind by path, deterministic augmentation and sampling, subsets,
 statistics, and robustness to bad data (generated fixtures; see docs/reliability.md)."""
+
 from __future__ import annotations
 
 import gzip
@@ -17,20 +18,36 @@ from PIL import Image, ImageFile
 from torch.utils.data import DataLoader
 
 from mimlab.config import DataConfig
-from mimlab.data import (KNOWN_STATS, BadImageError, DataError, EpochSampler, ImageDataset,
-                         Source, balanced_fraction, build_dataset, compute_mean_std,
-                         default_data_path, detect_kind, load_image, resolve_stats, scan_source,
-                         subset_indices, train_transform)
+from mimlab.data import (
+    KNOWN_STATS,
+    BadImageError,
+    DataError,
+    EpochSampler,
+    ImageDataset,
+    Source,
+    balanced_fraction,
+    build_dataset,
+    compute_mean_std,
+    default_data_path,
+    detect_kind,
+    load_image,
+    resolve_stats,
+    scan_source,
+    subset_indices,
+    train_transform,
+)
 
 
 def _cfg(path, **kw) -> DataConfig:
     return DataConfig(path=str(path), **kw)
 
 
-def _build(path, img_size=16, in_chans=3, split="train", train_aug=True, labelled=False,
-           seed=0, **kw):
-    return build_dataset(_cfg(path, **kw), split, img_size, in_chans, seed, train_aug=train_aug,
-                         labelled=labelled)
+def _build(
+    path, img_size=16, in_chans=3, split="train", train_aug=True, labelled=False, seed=0, **kw
+):
+    return build_dataset(
+        _cfg(path, **kw), split, img_size, in_chans, seed, train_aug=train_aug, labelled=labelled
+    )
 
 
 def _save_const(path: Path, colour, size=(20, 20), mode="RGB"):
@@ -38,8 +55,16 @@ def _save_const(path: Path, colour, size=(20, 20), mode="RGB"):
 
 
 # ------------------------------------------------------------------------ bad-data fixture
-GOOD_UNUSUAL = ("gray.png", "rgba.png", "pal.png", "pal_transparent.png", "g16.png", "cmyk.jpg",
-                "tiny1.png", "tiny35.png")
+GOOD_UNUSUAL = (
+    "gray.png",
+    "rgba.png",
+    "pal.png",
+    "pal_transparent.png",
+    "g16.png",
+    "cmyk.jpg",
+    "tiny1.png",
+    "tiny35.png",
+)
 UNREADABLE = ("corrupt.jpg", "trunc.jpg", "trunc.png", "empty.jpg", "text.png", "bomb.png")
 
 
@@ -61,7 +86,8 @@ def make_bad_folder(root: Path) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for k in range(4):
         Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(
-            root / f"good{k}.png")
+            root / f"good{k}.png"
+        )
     # unreadable
     (root / "corrupt.jpg").write_bytes(rng.integers(0, 256, 2000, dtype=np.uint8).tobytes())
     real = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
@@ -113,10 +139,17 @@ def _expected_skips(names: list[str]) -> list[int]:
 
 
 def test_bad_fixture_has_expected_pil_modes(bad_folder):
-    modes = {n: Image.open(bad_folder / n).mode for n in ("gray.png", "rgba.png", "pal.png",
-                                                           "g16.png", "cmyk.jpg")}
-    assert modes == {"gray.png": "L", "rgba.png": "RGBA", "pal.png": "P", "g16.png": "I;16",
-                     "cmyk.jpg": "CMYK"}
+    modes = {
+        n: Image.open(bad_folder / n).mode
+        for n in ("gray.png", "rgba.png", "pal.png", "g16.png", "cmyk.jpg")
+    }
+    assert modes == {
+        "gray.png": "L",
+        "rgba.png": "RGBA",
+        "pal.png": "P",
+        "g16.png": "I;16",
+        "cmyk.jpg": "CMYK",
+    }
 
 
 # ------------------------------------------------------------------------ unusual images
@@ -150,7 +183,7 @@ def test_unusual_images_load_with_sensible_values(bad_folder, in_chans):
     g16 = load_image(bad_folder / "g16.png", in_chans)
     assert g16.shape == (in_chans, 6, 6)
     assert g16[0, 0, :5].tolist() == [255, 128, 4, 1, 0]
-    assert (g16[:min(in_chans, 3)] == g16[:1]).all()
+    assert (g16[: min(in_chans, 3)] == g16[:1]).all()
     if in_chans == 4:
         assert (g16[3] == 255).all()
     # images smaller than the crop
@@ -202,7 +235,7 @@ def test_skip_mode_replaces_and_counts_bad_files(bad_folder):
     want = _expected_skips(names)
     got = []
     for i in range(len(ds)):
-        x, y, k = ds[i]
+        x, y, _, k = ds[i]
         assert x.shape == (3, 16, 16) and torch.isfinite(x).all() and y == -1
         got.append(k)
     assert got == want and sum(got) >= len(UNREADABLE)
@@ -245,7 +278,7 @@ def test_long_run_of_bad_files_is_bounded(tmp_path):
         (root / f"b{k}.jpg").write_bytes(b"")
     _save_const(root / "z_good.png", (1, 2, 3))
     ds = _build(root)
-    assert ds[0][2] == 6  # found the good one after 6 bad files
+    assert ds[0].skipped == 6  # found the good one after 6 bad files
     ds.max_bad_run = 3
     with pytest.raises(DataError, match="3 consecutive"):
         ds[0]
@@ -288,7 +321,7 @@ def test_dataloader_workers_skip_counts(bad_folder):
     ds = _build(bad_folder)
     want = sum(_expected_skips([p.name for p in ds.src.items]))
     total, seen = 0, 0
-    for x, y, k in DataLoader(ds, batch_size=5, num_workers=2):
+    for x, y, _, k in DataLoader(ds, batch_size=5, num_workers=2):
         assert x.shape[1:] == (3, 16, 16) and torch.isfinite(x).all()
         total += int(k.sum())
         seen += len(x)
@@ -365,7 +398,7 @@ def test_imagefolder_labelled(tiny_folder):
     ds = _build(tiny_folder, labelled=True)
     assert ds.classes == ["class0", "class1", "class2"] and len(ds) == 24
     assert sorted(set(ds.labels)) == [0, 1, 2]
-    x, y, k = ds[9]
+    x, y, _, k = ds[9]
     assert x.shape == (3, 16, 16) and y == 1 and k == 0
     val = _build(tiny_folder, split="val", train_aug=False, labelled=True)
     assert len(val) == 24 and val[0][0].shape == (3, 16, 16)
@@ -374,10 +407,9 @@ def test_imagefolder_labelled(tiny_folder):
 def test_cifar10(cifar_dir):
     ds = _build(cifar_dir, img_size=32, labelled=True)
     assert len(ds.classes) == 10 and len(ds) >= 300
-    x, y, _ = ds[len(ds) - 1]
+    x, y, _, _ = ds[len(ds) - 1]
     assert x.shape == (3, 32, 32) and y == 9
-    val = _build(cifar_dir, img_size=32, split="val", train_aug=False, labelled=True,
-                 val_limit=20)
+    val = _build(cifar_dir, img_size=32, split="val", train_aug=False, labelled=True, val_limit=20)
     assert len(val) == 20 and len(set(val.labels)) == 10  # class-balanced val subset
     if "cifar" in str(cifar_dir).lower():
         assert ds.mean == KNOWN_STATS["cifar10"][0]
@@ -389,8 +421,11 @@ def test_default_data_path():
 
 
 def _write_idx(path: Path, arr: np.ndarray, magic: int):
-    data = struct.pack(">I", magic) + struct.pack(">" + "I" * arr.ndim, *arr.shape) + \
-        arr.astype(np.uint8).tobytes()
+    data = (
+        struct.pack(">I", magic)
+        + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+        + arr.astype(np.uint8).tobytes()
+    )
     with gzip.open(path, "wb") as f:
         f.write(data)
 
@@ -399,8 +434,11 @@ def make_fmnist(root: Path, n_train=12, n_test=6) -> Path:
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
     for prefix, n in (("train", n_train), ("t10k", n_test)):
-        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz",
-                   rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), 0x00000803)
+        _write_idx(
+            root / f"{prefix}-images-idx3-ubyte.gz",
+            rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
+            0x00000803,
+        )
         _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10, 0x00000801)
     return root
 
@@ -414,8 +452,7 @@ def test_fashion_mnist_idx(tmp_path, in_chans):
     assert ds[3][0].shape == (in_chans, 28, 28) and ds[3][1] == 3
     if in_chans == 1:
         assert ds.mean == KNOWN_STATS["fmnist"][0]
-    val = _build(root, img_size=28, in_chans=in_chans, split="val", train_aug=False,
-                 labelled=True)
+    val = _build(root, img_size=28, in_chans=in_chans, split="val", train_aug=False, labelled=True)
     assert len(val) == 6
 
 
@@ -440,8 +477,9 @@ def test_fashion_mnist_bad_files(tmp_path):
 
 def test_builtin_photos():
     one = _build("builtin:photos:astronaut", img_size=32)
-    assert len(one) == 1 and one[0][0].shape == (3, 32, 32) and one.mean == \
-        KNOWN_STATS["imagenet"][0]
+    assert (
+        len(one) == 1 and one[0][0].shape == (3, 32, 32) and one.mean == KNOWN_STATS["imagenet"][0]
+    )
     allp = _build("builtin:photos", img_size=16, in_chans=1)
     assert len(allp) == 5 and all(allp[i][0].shape == (1, 16, 16) for i in range(5))
     with pytest.raises(DataError, match="no labels"):
@@ -458,7 +496,7 @@ def test_npy_five_channels_end_to_end(tmp_path):
         np.save(root / f"{k}.npy", rng.integers(0, 256, (20, 24, 5), dtype=np.uint8))
     ds = _build(root, in_chans=5)
     assert ds.mean == [0.5] * 5
-    x, y, k = next(iter(DataLoader(ds, batch_size=3)))
+    x, y, _, k = next(iter(DataLoader(ds, batch_size=3)))
     assert x.shape == (3, 5, 16, 16) and torch.isfinite(x).all() and k.sum() == 0
     mean, std = compute_mean_std(_cfg(root), 5, 16)
     assert len(mean) == 5 and all(0.4 < m < 0.6 for m in mean)
@@ -536,8 +574,7 @@ def test_augmentation_same_in_workers(tiny_folder):
     ds = _build(tiny_folder, img_size=16)
     keys = [(i, 3) for i in range(8)]
     main = torch.stack([ds[k][0] for k in keys])
-    got = torch.cat([x for x, _, _ in DataLoader(ds, batch_size=2, num_workers=2,
-                                                  sampler=keys)])
+    got = torch.cat([b.images for b in DataLoader(ds, batch_size=2, num_workers=2, sampler=keys)])
     assert torch.equal(main, got)
 
 
@@ -547,8 +584,9 @@ def test_epoch_sampler_partitions_ranks():
     assert sorted(i for i, _ in full) == list(range(n))
     parts = [list(EpochSampler(n, 0, 0, rank=r, world=world)) for r in range(world)]
     flat = [i for p in parts for i, _ in p]
-    assert all(len(p) == n // world == len(EpochSampler(n, 0, 0, r, world))
-               for r, p in enumerate(parts))
+    assert all(
+        len(p) == n // world == len(EpochSampler(n, 0, 0, r, world)) for r, p in enumerate(parts)
+    )
     assert len(set(flat)) == len(flat)  # no overlap
     assert set(flat) == {i for i, _ in full[: (n // world) * world]}
     assert all(e == 0 for p in parts for _, e in p)
@@ -561,8 +599,9 @@ def test_epoch_sampler_start_skips_exactly():
     parts = [list(EpochSampler(50, 7, 2, rank=r, world=2, start=10)) for r in range(2)]
     assert sorted(parts[0] + parts[1]) == sorted(full[10:])
     assert [x for pair in zip(*parts) for x in pair] == full[10:]
-    assert len(EpochSampler(50, 7, 2, start=60)) == 0 and list(EpochSampler(50, 7, 2, start=60)) \
-        == []
+    assert (
+        len(EpochSampler(50, 7, 2, start=60)) == 0 and list(EpochSampler(50, 7, 2, start=60)) == []
+    )
 
 
 def test_epoch_sampler_epochs_differ():
@@ -618,8 +657,9 @@ def test_balanced_fraction():
 def test_build_dataset_limit_and_label_fraction(tiny_folder):
     ds = _build(tiny_folder, labelled=True, limit=6, subset="one_per_class")
     assert len(ds) == 6 and np.bincount(ds.labels).tolist() == [2, 2, 2]
-    ds = build_dataset(_cfg(tiny_folder), "train", 16, 3, 0, train_aug=True, labelled=True,
-                       label_fraction=0.25)
+    ds = build_dataset(
+        _cfg(tiny_folder), "train", 16, 3, 0, train_aug=True, labelled=True, label_fraction=0.25
+    )
     assert np.bincount(ds.labels).tolist() == [2, 2, 2]
     assert len(_build(tiny_folder, repeat=3)) == 72
 
@@ -628,8 +668,12 @@ def test_build_dataset_limit_and_label_fraction(tiny_folder):
 def test_compute_mean_std_known_colours(tmp_path):
     root = tmp_path / "colours"
     root.mkdir()
-    for name, c in (("red", (255, 0, 0)), ("blue", (0, 0, 255)), ("white", (255, 255, 255)),
-                    ("black", (0, 0, 0))):
+    for name, c in (
+        ("red", (255, 0, 0)),
+        ("blue", (0, 0, 255)),
+        ("white", (255, 255, 255)),
+        ("black", (0, 0, 0)),
+    ):
         _save_const(root / f"{name}.png", c)
     mean, std = compute_mean_std(_cfg(root), 3, 8)
     assert mean == pytest.approx([0.5, 0.25, 0.5], abs=1e-3)
@@ -642,8 +686,9 @@ def test_compute_mean_std_known_colours(tmp_path):
 
 def test_resolve_stats():
     src = Source("imagefolder", [], [], [])
-    assert resolve_stats(_cfg("/data/CIFAR10-copy"), src, 3) == tuple(map(list,
-                                                                        KNOWN_STATS["cifar10"]))
+    assert resolve_stats(_cfg("/data/CIFAR10-copy"), src, 3) == tuple(
+        map(list, KNOWN_STATS["cifar10"])
+    )
     assert resolve_stats(_cfg("/data/pets"), src, 3) == tuple(map(list, KNOWN_STATS["imagenet"]))
     assert resolve_stats(_cfg("/data/cifar10"), src, 1) == ([0.5], [0.5])
     assert resolve_stats(_cfg("/x", mean=[0.1], std=[0.2]), src, 1) == ([0.1], [0.2])
@@ -655,7 +700,7 @@ def test_resolve_stats():
 def test_detect_kind_shards_and_hf(tmp_path):
     (tmp_path / "sh" / "train").mkdir(parents=True)
     (tmp_path / "sh" / "train" / "train-000000.tar").write_bytes(b"")
-    assert detect_kind(tmp_path / "sh") == "wds"               # .tar one folder down
+    assert detect_kind(tmp_path / "sh") == "wds"  # .tar one folder down
     (tmp_path / "idx").mkdir()
     (tmp_path / "idx" / "_info.json").write_text("{}")
     assert detect_kind(tmp_path / "idx") == "wds"
@@ -671,6 +716,7 @@ def test_detect_kind_shards_and_hf(tmp_path):
 
 def test_decode_image_bytes_matches_load_image(tiny_folder, tmp_path):
     from mimlab.data import decode_image_bytes
+
     f = sorted((tiny_folder / "train" / "class1").glob("*.png"))[0]
     assert torch.equal(decode_image_bytes(f.read_bytes(), ".png", 3, "x"), load_image(f, 3))
     a = np.arange(2 * 3 * 5, dtype=np.uint8).reshape(2, 3, 5)

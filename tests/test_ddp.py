@@ -1,4 +1,5 @@
 """torchrun + DistributedDataParallel on CPU (gloo, 2 processes)."""
+
 import json
 import os
 import shutil
@@ -12,14 +13,30 @@ import torch
 from mimlab.cli import run
 
 REPO = Path(__file__).resolve().parents[1]
-TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which(
+    "torchrun"
+)
 
 
 def _ft(data, out, name, bs):
-    return ["finetune", f"--data={data}", f"--out={out}", f"--name={name}", "model.preset=micro",
-            "model.drop_path=0", "finetune.mixup=0", "finetune.cutmix=0", "data.limit=64",
-            "data.val_limit=20", f"optim.batch_size={bs}", "optim.epochs=2", "run.log_every=1",
-            "run.progress=false", "data.num_workers=0", "run.device=cpu"]
+    return [
+        "finetune",
+        f"--data={data}",
+        f"--out={out}",
+        f"--name={name}",
+        "model.preset=micro",
+        "model.drop_path=0",
+        "finetune.mixup=0",
+        "finetune.cutmix=0",
+        "data.limit=64",
+        "data.val_limit=20",
+        f"optim.batch_size={bs}",
+        "optim.epochs=2",
+        "run.log_every=1",
+        "run.progress=false",
+        "data.num_workers=0",
+        "run.device=cpu",
+    ]
 
 
 def _torchrun(args, tmp_path, nproc=2):
@@ -37,8 +54,8 @@ def test_ddp_two_processes_match_single_process(cifar_dir, tmp_path):
     ddp = json.loads((tmp_path / "ddp/results.json").read_text())
     single = json.loads((tmp_path / "single/results.json").read_text())
     assert ddp["world_size"] == 2 and single["world_size"] == 1
-    assert ddp["ddp_max_param_divergence"] == 0.0       # replicas identical on every rank
-    assert ddp["steps"] == single["steps"] == 8          # same global batch -> same steps
+    assert ddp["ddp_max_param_divergence"] == 0.0  # replicas identical on every rank
+    assert ddp["steps"] == single["steps"] == 8  # same global batch -> same steps
     a = torch.load(tmp_path / "ddp/checkpoints/last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "single/checkpoints/last.pt", weights_only=True)["model"]
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
@@ -51,10 +68,21 @@ def test_ddp_two_processes_match_single_process(cifar_dir, tmp_path):
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found")
 def test_resume_with_a_different_number_of_processes(cifar_dir, tmp_path):
-    pre = ["pretrain", f"--data={cifar_dir}", f"--out={tmp_path}", "--name=p",
-           "model.preset=micro", "data.limit=64", "optim.batch_size=8", "optim.epochs=2",
-           "run.progress=false", "data.num_workers=0", "run.device=cpu", "run.log_every=1"]
-    _torchrun(pre + ["run.stop_at_step=2"], tmp_path)      # 2 processes, global batch 16
+    pre = [
+        "pretrain",
+        f"--data={cifar_dir}",
+        f"--out={tmp_path}",
+        "--name=p",
+        "model.preset=micro",
+        "data.limit=64",
+        "optim.batch_size=8",
+        "optim.epochs=2",
+        "run.progress=false",
+        "data.num_workers=0",
+        "run.device=cpu",
+        "run.log_every=1",
+    ]
+    _torchrun(pre + ["run.stop_at_step=2"], tmp_path)  # 2 processes, global batch 16
     ck = torch.load(tmp_path / "p/checkpoints/last.pt", weights_only=True)
     assert ck["world_size"] == 2 and ck["global_step"] == 2 and ck["samples_in_epoch"] == 32
     # continue on 1 process with the same global batch
@@ -68,13 +96,30 @@ def test_resume_with_a_different_number_of_processes(cifar_dir, tmp_path):
 def test_a_dying_rank_does_not_hang_the_others(cifar_dir, tmp_path):
     import signal
     import time
-    args = ["pretrain", f"--data={cifar_dir}", f"--out={tmp_path}", "--name=die",
-            "model.preset=micro", "data.limit=64", "optim.batch_size=8", "optim.epochs=200",
-            "run.progress=false", "data.num_workers=0", "run.device=cpu", "run.log_every=1"]
+
+    args = [
+        "pretrain",
+        f"--data={cifar_dir}",
+        f"--out={tmp_path}",
+        "--name=die",
+        "model.preset=micro",
+        "data.limit=64",
+        "optim.batch_size=8",
+        "optim.epochs=200",
+        "run.progress=false",
+        "data.num_workers=0",
+        "run.device=cpu",
+        "run.log_every=1",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.Popen([TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "mimlab.cli",
-                          *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen(
+        [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "mimlab.cli", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     metrics = tmp_path / "die/metrics.jsonl"
     t0 = time.time()
     while not (metrics.exists() and metrics.read_text().strip()):
@@ -83,9 +128,9 @@ def test_a_dying_rank_does_not_hang_the_others(cifar_dir, tmp_path):
     kids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True)
     pids = [int(x) for x in kids.stdout.split()]
     assert len(pids) == 2
-    os.kill(pids[-1], signal.SIGKILL)          # one rank dies
+    os.kill(pids[-1], signal.SIGKILL)  # one rank dies
     t1 = time.time()
-    p.communicate(timeout=180)                 # the other must not hang
+    p.communicate(timeout=180)  # the other must not hang
     assert p.returncode != 0
     assert time.time() - t1 < 180
 
@@ -99,13 +144,25 @@ def test_siamese_losses_under_ddp_equal_one_process(tmp_path):
     (per-process negatives and BN statistics would be wrong)."""
     out = tmp_path / "ddp_siamese.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", str(REPO / "tests/siamese_ddp_worker.py"),
-           str(out)]
+    cmd = [
+        TORCHRUN,
+        "--standalone",
+        "--nproc_per_node=2",
+        str(REPO / "tests/siamese_ddp_worker.py"),
+        str(out),
+    ]
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-3000:]
     report = json.loads(out.read_text())
-    assert set(report) == {"position", "batch_chunked", "image_removed", "patch_cls", "cls",
-                           "byol", "independent"}
+    assert set(report) == {
+        "position",
+        "batch_chunked",
+        "image_removed",
+        "patch_cls",
+        "cls",
+        "byol",
+        "independent",
+    }
     for name, r in report.items():
         assert r["world"] == 2 and r["same_params"], name
         assert abs(r["loss_ddp"] - r["loss_single"]) < 1e-5 * max(1.0, r["loss_single"]), (name, r)
@@ -121,24 +178,50 @@ def test_online_eval_and_logging_under_two_processes(cifar_dir, tmp_path):
     from mimlab.config import PretrainConfig, resolve
     from mimlab.eval.online import build_online_evaluator
     from mimlab.methods import build_method
-    args = ["pretrain", f"--data={cifar_dir}", f"--out={tmp_path}", "--name=oe",
-            "model.preset=micro", "data.limit=64", "optim.batch_size=8", "optim.epochs=2",
-            "run.progress=false", "data.num_workers=0", "run.device=cpu", "run.log_every=1",
-            "eval.online_every=3", "eval.online_bank=41", "eval.online_queries=21"]
+
+    args = [
+        "pretrain",
+        f"--data={cifar_dir}",
+        f"--out={tmp_path}",
+        "--name=oe",
+        "model.preset=micro",
+        "data.limit=64",
+        "optim.batch_size=8",
+        "optim.epochs=2",
+        "run.progress=false",
+        "data.num_workers=0",
+        "run.device=cpu",
+        "run.log_every=1",
+        "eval.online_every=3",
+        "eval.online_bank=41",
+        "eval.online_queries=21",
+    ]
     p = _torchrun(args, tmp_path)
     assert p.stderr.count("pretrain mae on 64 images") == 1, p.stderr[-2000:]
     assert "INFO:mimlab" not in p.stderr
     rows = [json.loads(l) for l in (tmp_path / "oe/metrics.jsonl").read_text().splitlines()]
     online = [r for r in rows if r["kind"] == "online"]
-    assert [r["step"] for r in online] == [0, 3, 6, 8]     # 4 steps/epoch at global batch 16
-    cfg = resolve(PretrainConfig, overrides=[a for a in args[1:] if "=" in a and "." in
-                                             a.split("=")[0]] + [f"data.path={cifar_dir}"])
+    assert [r["step"] for r in online] == [0, 3, 6, 8]  # 4 steps/epoch at global batch 16
+    cfg = resolve(
+        PretrainConfig,
+        overrides=[a for a in args[1:] if "=" in a and "." in a.split("=")[0]]
+        + [f"data.path={cifar_dir}"],
+    )
     method = build_method(cfg)
-    method.load_state_dict(torch.load(tmp_path / "oe/checkpoints/last.pt",
-                                      weights_only=True)["model"])
+    method.load_state_dict(
+        torch.load(tmp_path / "oe/checkpoints/last.pt", weights_only=True)["model"]
+    )
     res = json.loads((tmp_path / "oe/results.json").read_text())
-    ev = build_online_evaluator(cfg.eval, cfg.data, cfg.model, cfg.run.seed, res["data_mean"],
-                                res["data_std"], torch.device("cpu"), tmp_path)
+    ev = build_online_evaluator(
+        cfg.eval,
+        cfg.data,
+        cfg.model,
+        cfg.run.seed,
+        res["data_mean"],
+        res["data_std"],
+        torch.device("cpu"),
+        tmp_path,
+    )
     got = ev(method, 8)["knn_top1"]
     # same features up to float rounding of different batch shapes: at most one query differs
     assert abs(got - online[-1]["knn_top1"]) <= 100 / 21 + 1e-9

@@ -6,8 +6,7 @@ import torch
 
 from mimlab import tasks
 from mimlab.config import PretrainConfig, resolve
-from mimlab.engine import (NonFiniteLossError, TrainingError, atomic_save, lr_at,
-                           param_groups)
+from mimlab.engine import NonFiniteLossError, TrainingError, atomic_save, lr_at, param_groups
 from mimlab.methods import build_method
 
 
@@ -36,6 +35,7 @@ def test_no_weight_decay_on_norms_biases_tokens():
 
 def test_layer_decay_scales():
     from mimlab.models import ViTEncoder
+
     enc = ViTEncoder(32, 8, 3, 32, 3, 2)
     groups = param_groups(enc, 0.05, enc.no_weight_decay(), 0.5, enc.layer_id, enc.depth + 1)
     scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
@@ -46,10 +46,23 @@ def test_layer_decay_scales():
 
 
 def _cfg(data, out, name, *extra):
-    return resolve(PretrainConfig, overrides=[
-        "model.preset=micro", f"data.path={data}", "data.limit=96", "optim.batch_size=16",
-        "optim.epochs=2", "optim.warmup_epochs=0.5", "run.log_every=1", "run.progress=false",
-        f"run.out_dir={out}", f"run.name={name}", "data.num_workers=0", *extra])
+    return resolve(
+        PretrainConfig,
+        overrides=[
+            "model.preset=micro",
+            f"data.path={data}",
+            "data.limit=96",
+            "optim.batch_size=16",
+            "optim.epochs=2",
+            "optim.warmup_epochs=0.5",
+            "run.log_every=1",
+            "run.progress=false",
+            f"run.out_dir={out}",
+            f"run.name={name}",
+            "data.num_workers=0",
+            *extra,
+        ],
+    )
 
 
 def _losses(run_dir):
@@ -59,12 +72,15 @@ def _losses(run_dir):
 
 @pytest.mark.parametrize("workers,accum", [(0, 1), (2, 2)])
 def test_resume_matches_uninterrupted_run(cifar_dir, tmp_path, workers, accum):
-    ex = [f"data.num_workers={workers}", f"optim.accum_steps={accum}",
-          f"optim.batch_size={16 // accum}"]
+    ex = [
+        f"data.num_workers={workers}",
+        f"optim.accum_steps={accum}",
+        f"optim.batch_size={16 // accum}",
+    ]
     full = tasks.pretrain(_cfg(cifar_dir, tmp_path, "full", *ex))
     tasks.pretrain(_cfg(cifar_dir, tmp_path, "split", *ex, "run.stop_at_step=4"))
     part = _losses(tmp_path / "split")
-    assert [s for s, _ in part] == [1, 2, 3, 4]   # stopped mid-epoch (6 steps/epoch)
+    assert [s for s, _ in part] == [1, 2, 3, 4]  # stopped mid-epoch (6 steps/epoch)
     tasks.pretrain(_cfg(cifar_dir, tmp_path, "split", *ex, "run.resume=auto"))
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "split")
     assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, full["steps"] + 1))
@@ -78,13 +94,31 @@ def test_resume_matches_uninterrupted_run(cifar_dir, tmp_path, workers, accum):
 def test_run_dir_contents(cifar_dir, tmp_path):
     tasks.pretrain(_cfg(cifar_dir, tmp_path, "r", "optim.epochs=1", "run.ckpt_every=1"))
     d = tmp_path / "r"
-    for f in ("config.yaml", "metrics.csv", "metrics.jsonl", "results.json", "log.txt",
-              "checkpoints/last.pt", "checkpoints/checkpoint-epoch1.pt"):
+    for f in (
+        "config.yaml",
+        "metrics.csv",
+        "metrics.jsonl",
+        "results.json",
+        "log.txt",
+        "checkpoints/last.pt",
+        "checkpoints/checkpoint-epoch1.pt",
+    ):
         assert (d / f).exists(), f
     assert list((d / "tb").glob("events.out.tfevents*"))
     ck = torch.load(d / "checkpoints/last.pt", weights_only=True)
-    assert {"model", "optimizer", "scaler", "rng", "config", "provenance", "global_step",
-            "samples_in_epoch", "format_version", "encoder", "data_stats"} <= set(ck)
+    assert {
+        "model",
+        "optimizer",
+        "scaler",
+        "rng",
+        "config",
+        "provenance",
+        "global_step",
+        "samples_in_epoch",
+        "format_version",
+        "encoder",
+        "data_stats",
+    } <= set(ck)
     header = (d / "metrics.csv").read_text().splitlines()[0]
     assert "loss" in header and "lr" in header and "images_per_s" in header
 
@@ -104,7 +138,8 @@ class _NaNAfter(torch.nn.Module):
 
 
 def test_nonfinite_loss_stops_with_step_and_hint(cifar_dir, tmp_path, monkeypatch):
-    import mimlab.tasks as T
+    import mimlab.train as T
+
     real = T.build_method
     monkeypatch.setattr(T, "build_method", lambda cfg, **kw: _NaNAfter(real(cfg, **kw), 3))
     with pytest.raises(NonFiniteLossError) as e:
@@ -114,7 +149,8 @@ def test_nonfinite_loss_stops_with_step_and_hint(cifar_dir, tmp_path, monkeypatc
 
 
 def test_nonfinite_skip_budget(cifar_dir, tmp_path, monkeypatch):
-    import mimlab.tasks as T
+    import mimlab.train as T
+
     real = T.build_method
 
     class OneNaN(_NaNAfter):
@@ -123,9 +159,11 @@ def test_nonfinite_skip_budget(cifar_dir, tmp_path, monkeypatch):
             if self.calls != 3:
                 out["loss"] = self.inner(x, y)["loss"]
             return out
+
     monkeypatch.setattr(T, "build_method", lambda cfg, **kw: OneNaN(real(cfg, **kw), 2))
-    res = tasks.pretrain(_cfg(cifar_dir, tmp_path, "skip", "run.nonfinite_skip=1",
-                              "optim.epochs=1"))
+    res = tasks.pretrain(
+        _cfg(cifar_dir, tmp_path, "skip", "run.nonfinite_skip=1", "optim.epochs=1")
+    )
     assert res["steps"] == 5 and math.isfinite(res["final_loss"])  # one of 6 steps skipped
 
 
@@ -137,6 +175,7 @@ def test_atomic_save_keeps_previous_on_failure(tmp_path, monkeypatch):
         with open(f, "wb") as fh:
             fh.write(b"partial")
         raise OSError(28, "No space left on device")
+
     monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(TrainingError, match="previous checkpoint is intact"):
         atomic_save({"a": torch.zeros(2)}, p)
@@ -146,15 +185,13 @@ def test_atomic_save_keeps_previous_on_failure(tmp_path, monkeypatch):
 
 
 def test_fp16_uses_a_grad_scaler(cifar_dir, tmp_path):
-    res = tasks.pretrain(_cfg(cifar_dir, tmp_path, "fp16", "run.precision=fp16",
-                              "optim.epochs=1"))
+    res = tasks.pretrain(_cfg(cifar_dir, tmp_path, "fp16", "run.precision=fp16", "optim.epochs=1"))
     assert math.isfinite(res["final_loss"])
     ck = torch.load(tmp_path / "fp16/checkpoints/last.pt", weights_only=True)
-    assert ck["scaler"] and ck["scaler"]["scale"] > 0   # an enabled scaler has state
-    res = tasks.pretrain(_cfg(cifar_dir, tmp_path, "fp32", "run.precision=fp32",
-                              "optim.epochs=1"))
+    assert ck["scaler"] and ck["scaler"]["scale"] > 0  # an enabled scaler has state
+    res = tasks.pretrain(_cfg(cifar_dir, tmp_path, "fp32", "run.precision=fp32", "optim.epochs=1"))
     ck = torch.load(tmp_path / "fp32/checkpoints/last.pt", weights_only=True)
-    assert not ck["scaler"]                                # disabled scaler: empty state
+    assert not ck["scaler"]  # disabled scaler: empty state
 
 
 class Opaque:  # an arbitrary pickled object: refused by weights_only loading
@@ -163,6 +200,7 @@ class Opaque:  # an arbitrary pickled object: refused by weights_only loading
 
 def test_checkpoints_load_weights_only_unless_trusted(tmp_path):
     from mimlab.engine import load_checkpoint
+
     p = tmp_path / "odd.pt"
     torch.save({"model": {}, "extra": Opaque()}, p)
     with pytest.raises(TrainingError, match="could not load checkpoint"):

@@ -1,6 +1,7 @@
 """Analytic training FLOPs (mimlab/flops.py) against torch's FLOP counter, for every method
 preset at the micro model (MAE also at mini), a few non-preset variants, the formulas of one
 transformer block, compute-matched epochs and the ``mimlab flops`` command."""
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,17 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mimlab.cli import run
 from mimlab.config import METHOD_PRESETS, ConfigError
-from mimlab.flops import (ATTENTION_FORMULAS, BACKWARD_ATTENTION, attention_flops,
-                          block_flops, block_matmul_flops, compute_matched_epochs,
-                          measured_train_flops_per_image, preset_config, train_flops_per_image)
+from mimlab.flops import (
+    ATTENTION_FORMULAS,
+    BACKWARD_ATTENTION,
+    attention_flops,
+    block_flops,
+    block_matmul_flops,
+    compute_matched_epochs,
+    measured_train_flops_per_image,
+    preset_config,
+    train_flops_per_image,
+)
 
 BATCH = 4
 
@@ -33,8 +42,9 @@ def _check(cfg) -> dict:
 @pytest.mark.parametrize("method", list(METHOD_PRESETS))
 def test_preset_matches_counter_micro(method):
     ana = _check(preset_config(method, "micro"))
-    assert ana["total"] == pytest.approx(sum(ana[p] for p in ("encoder", "decoder", "heads",
-                                                              "target", "loss", "augment")))
+    assert ana["total"] == pytest.approx(
+        sum(ana[p] for p in ("encoder", "decoder", "heads", "target", "loss", "augment"))
+    )
     if method == "maskdistill":  # EfficientNet-Lite0 teacher: counted, and said so
         assert ana["counted"] == ["target"] and ana["target"] > ana["encoder"]
     else:
@@ -46,13 +56,16 @@ def test_mae_matches_counter_mini():
     assert ana["decoder"] > 0 and ana["target"] == 0
 
 
-@pytest.mark.parametrize("method,overrides", [
-    ("mae", ["model.grad_checkpointing=full"]),
-    ("cmae", ["method.queries=removed"]),
-    ("cmae", ["method.negatives=batch", "method.nce_chunk=8"]),
-    ("cmae", ["method.symmetric=true", "method.negatives=image"]),
-    ("mae", ["method.mask=none", "method.cutmix=true"]),
-])
+@pytest.mark.parametrize(
+    "method,overrides",
+    [
+        ("mae", ["model.grad_checkpointing=full"]),
+        ("cmae", ["method.queries=removed"]),
+        ("cmae", ["method.negatives=batch", "method.nce_chunk=8"]),
+        ("cmae", ["method.symmetric=true", "method.negatives=image"]),
+        ("mae", ["method.mask=none", "method.cutmix=true"]),
+    ],
+)
 def test_variants_match_counter(method, overrides):
     _check(preset_config(method, "micro", overrides))
 
@@ -64,7 +77,7 @@ def test_block_formulas_match_counter():
     with FlopCounterMode(display=False, custom_mapping=ATTENTION_FORMULAS) as fc:
         y = blk(x)
     fwd = fc.get_total_flops() / 3
-    assert fwd == block_flops(T, D) == 2 * T * (4 + 2 * 4) * D ** 2 + 4 * T ** 2 * D
+    assert fwd == block_flops(T, D) == 2 * T * (4 + 2 * 4) * D**2 + 4 * T**2 * D
     with FlopCounterMode(display=False, custom_mapping=ATTENTION_FORMULAS) as fc:
         y.sum().backward()
     bwd = fc.get_total_flops() / 3
@@ -92,8 +105,22 @@ def test_compute_matched_epochs():
 
 def test_cli_flops_table_and_json(tmp_path, capsys):
     out = tmp_path / "flops.json"
-    assert run(["flops", "--preset", "micro", "--methods", "mae,simmim", "--batch", "4",
-                "--json", str(out)]) == 0
+    assert (
+        run(
+            [
+                "flops",
+                "--preset",
+                "micro",
+                "--methods",
+                "mae,simmim",
+                "--batch",
+                "4",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "| simmim |" in printed and "x MAE" in printed
     doc = json.loads(out.read_text())

@@ -4,6 +4,7 @@ the architecture / fidelity work), see tests/golden/compute_golden.py.
 Equal means bitwise equal on CPU (one thread). Values that an intended fix changed are listed in
 ``CHANGED`` with the reason; for them the test checks that they did change (so the list stays
 true) and, where the change is only rounding, that it stays at rounding level."""
+
 from __future__ import annotations
 
 import json
@@ -17,17 +18,28 @@ HERE = Path(__file__).parent / "golden"
 sys.path.insert(0, str(HERE))
 from compute_golden import compute  # noqa: E402
 
-_CMAE = ("issue 16: C-MAE defaults are now negatives=position and queries=all, the contrast "
-         "jitter takes image statistics from visible patches only, and the views draw their "
-         "masks before the augmentations")
+_CMAE = (
+    "C-MAE fidelity fixes: C-MAE defaults are now negatives=position and queries=all, the contrast "
+    "jitter takes image statistics from visible patches only, and the views draw their "
+    "masks before the augmentations"
+)
 CHANGED = {  # preset -> (reason, tolerance or None when the value legitimately moved)
-    "cmae": (_CMAE, None), "cmae_patch_cls": (_CMAE, None), "cmae_byol": (_CMAE, None),
-    "cmae_cls": (_CMAE, None), "cmae_avg": (_CMAE, None), "cmae_nomask": (_CMAE, None),
+    "cmae": (_CMAE, None),
+    "cmae_patch_cls": (_CMAE, None),
+    "cmae_byol": (_CMAE, None),
+    "cmae_cls": (_CMAE, None),
+    "cmae_avg": (_CMAE, None),
+    "cmae_nomask": (_CMAE, None),
     "cmae_nomask_byol": (_CMAE, None),
-    "mocov3": ("issue 16: the projector/predictor BatchNorm is a SyncBatchNorm1d (DDP-correct) "
-               "whose statistics are summed in another order: rounding only", 1e-5),
-    "maskfeat": ("issue 14: the HOG target follows MaskFeat's reference HOGLayerC by default",
-                 None),
+    "mocov3": (
+        "C-MAE fidelity fixes: the projector/predictor BatchNorm is a SyncBatchNorm1d "
+        "(DDP-correct) whose statistics are summed in another order: rounding only",
+        1e-5,
+    ),
+    "maskfeat": (
+        "MaskFeat fidelity: the HOG target follows MaskFeat's reference HOGLayerC by default",
+        None,
+    ),
 }
 
 
@@ -59,5 +71,5 @@ def test_evaluations_and_cka(values):
     golden, now = values
     for k in ("finetune_top1", "linprobe_top1", "knn_top1"):
         assert now[k] == golden[k], k
-    assert 0 < golden["finetune_top1"] < 100      # an informative task, not a trivial one
+    assert 0 < golden["finetune_top1"] < 100  # an informative task, not a trivial one
     assert now["cka"] == golden["cka"]

@@ -1,5 +1,6 @@
 """Export to the Hub formats (mimlab.hub, ``mimlab export``): the reference libraries load
 the files and reproduce mimlab's outputs."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,8 @@ from mimlab.sources import SourceError, load_encoder
 transformers = pytest.importorskip("transformers")
 
 FIX = Path(__file__).parent / "fixtures"
-PRE = str(FIX / "legacy_mae_micro_pretrain.pt")   # a mimlab MAE pretraining (micro, width 16)
-FT = str(FIX / "legacy_micro_finetune.pt")         # fine-tuned from it (10-class head)
+PRE = str(FIX / "legacy_mae_micro_pretrain.pt")  # a mimlab MAE pretraining (micro, width 16)
+FT = str(FIX / "legacy_micro_finetune.pt")  # fine-tuned from it (10-class head)
 TOL = 1e-5
 
 
@@ -50,13 +51,14 @@ def test_mae_pretrain_as_transformers_vitmae(tmp_path):
     # and back in through the hf: source
     back = load_encoder(f"hf:{tmp_path / 'hf'}")
     with torch.no_grad():
-        assert (back.encoder.forward_features(x) - ours.encoder.forward_features(x)
-                ).abs().max() < TOL
+        assert (
+            back.encoder.forward_features(x) - ours.encoder.forward_features(x)
+        ).abs().max() < TOL
 
 
 def test_encoder_and_finetuned_in_timm_hub_format(tmp_path):
     x = torch.randn(2, 3, 32, 32)
-    info = export_checkpoint(PRE, tmp_path / "enc")          # default: timm directory
+    info = export_checkpoint(PRE, tmp_path / "enc")  # default: timm directory
     assert info["format"] == "timm"
     assert {"model.safetensors", "config.json"} <= {p.name for p in (tmp_path / "enc").iterdir()}
     m = timm.create_model(f"local-dir:{tmp_path / 'enc'}", pretrained=True).eval()
@@ -75,7 +77,7 @@ def test_encoder_and_finetuned_in_timm_hub_format(tmp_path):
 
 
 def test_cli_export_formats(tmp_path, capsys):
-    assert run(["export", PRE, str(tmp_path / "e.pt")]) == 0          # the original .pt
+    assert run(["export", PRE, str(tmp_path / "e.pt")]) == 0  # the original .pt
     d = torch.load(tmp_path / "e.pt", weights_only=True)
     m = timm.create_model(d["timm_model"], pretrained=False, **d["timm_kwargs"])
     m.load_state_dict(d["state_dict"])

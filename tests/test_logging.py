@@ -1,4 +1,5 @@
 """Logged metrics across a resume, and log output under torchrun (non-zero ranks)."""
+
 import json
 import logging
 import re
@@ -11,10 +12,23 @@ from mimlab.engine import LogWindow
 
 
 def _cfg(data, out, name, *extra):
-    return resolve(PretrainConfig, overrides=[
-        "model.preset=micro", f"data.path={data}", "data.limit=96", "optim.batch_size=16",
-        "optim.epochs=2", "optim.warmup_epochs=0.5", "run.log_every=4", "run.progress=false",
-        f"run.out_dir={out}", f"run.name={name}", "data.num_workers=0", *extra])
+    return resolve(
+        PretrainConfig,
+        overrides=[
+            "model.preset=micro",
+            f"data.path={data}",
+            "data.limit=96",
+            "optim.batch_size=16",
+            "optim.epochs=2",
+            "optim.warmup_epochs=0.5",
+            "run.log_every=4",
+            "run.progress=false",
+            f"run.out_dir={out}",
+            f"run.name={name}",
+            "data.num_workers=0",
+            *extra,
+        ],
+    )
 
 
 def _rows(d):
@@ -32,7 +46,7 @@ def test_window_spanning_a_resume_logs_the_uninterrupted_rows(cifar_dir, tmp_pat
     tasks.pretrain(_cfg(cifar_dir, tmp_path, "split", "run.resume=auto"))
     full, split = _rows(tmp_path / "full"), _rows(tmp_path / "split")
     assert [r["step"] for r in full if r["kind"] == "train"] == [4, 8, 12]
-    assert full == split                                   # every field, bitwise
+    assert full == split  # every field, bitwise
 
 
 def test_log_window_means_and_state_round_trip():
@@ -43,14 +57,14 @@ def test_log_window_means_and_state_round_trip():
     v = LogWindow()
     v.load(w.state())
     assert v.means() == w.means() and v.images == 0
-    v.load(None)                                           # checkpoint without a window
+    v.load(None)  # checkpoint without a window
     assert v.means() == {} and v.n == 0
 
 
 def test_non_zero_ranks_log_warnings_only_in_the_same_format(monkeypatch, capsys):
     root = logging.getLogger()
     monkeypatch.setattr(root, "handlers", [])
-    logging.basicConfig(level=logging.WARNING)            # what `mimlab` (cli.main) does
+    logging.basicConfig(level=logging.WARNING)  # what `mimlab` (cli.main) does
     monkeypatch.setattr(dist, "is_main", lambda: False)
     try:
         tasks.setup_logging(None)
@@ -58,14 +72,16 @@ def test_non_zero_ranks_log_warnings_only_in_the_same_format(monkeypatch, capsys
         log.info("pretrain mae on 1024 images")
         log.warning("something odd")
         err = capsys.readouterr().err
-        assert "pretrain mae" not in err                   # neither formatted nor via root
+        assert "pretrain mae" not in err  # neither formatted nor via root
         lines = [ln for ln in err.splitlines() if ln.strip()]
         assert len(lines) == 1 and re.fullmatch(
-            r"\d\d:\d\d:\d\d WARNING mimlab\.engine: something odd", lines[0]), lines
+            r"\d\d:\d\d:\d\d WARNING mimlab\.engine: something odd", lines[0]
+        ), lines
         monkeypatch.setattr(dist, "is_main", lambda: True)
         tasks.setup_logging(None)
         log.info("rank zero info")
-        assert re.search(r"\d\d:\d\d:\d\d INFO mimlab\.engine: rank zero info",
-                         capsys.readouterr().err)
+        assert re.search(
+            r"\d\d:\d\d:\d\d INFO mimlab\.engine: rank zero info", capsys.readouterr().err
+        )
     finally:
         tasks.setup_logging(None)

@@ -2,14 +2,16 @@ import pytest
 import torch
 
 from mimlab.config import PretrainConfig, resolve
+from mimlab.losses import patch_norm_target as patch_normalize
 from mimlab.losses import regression_loss
 from mimlab.methods import build_method
-from mimlab.ops import patch_normalize, patchify
+from mimlab.ops import patchify
 
 
 def _mae(**ov):
-    cfg = resolve(PretrainConfig, overrides=["model.preset=micro"] +
-                  [f"{k}={v}" for k, v in ov.items()])
+    cfg = resolve(
+        PretrainConfig, overrides=["model.preset=micro"] + [f"{k}={v}" for k, v in ov.items()]
+    )
     torch.manual_seed(0)
     return build_method(cfg), cfg
 
@@ -79,6 +81,7 @@ class _CountOps:
 
     def __init__(self):
         import collections
+
         from torch.utils._python_dispatch import TorchDispatchMode
 
         counts = self.counts = collections.Counter()
@@ -87,6 +90,7 @@ class _CountOps:
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 counts[func.overloadpacket.__name__] += 1
                 return func(*args, **(kwargs or {}))
+
         self.mode = Mode()
 
     def __enter__(self):
@@ -103,26 +107,38 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(monkeypatch):
     state is replayed). selective recomputes LayerNorm and GELU but no matmul; full recomputes
     the matmuls too."""
     import torch.utils.checkpoint as tuc
+
     calls = []
     real = tuc.checkpoint
-    monkeypatch.setattr(tuc, "checkpoint",
-                        lambda *a, **k: calls.append("context_fn" in k) or real(*a, **k))
+    monkeypatch.setattr(
+        tuc, "checkpoint", lambda *a, **k: calls.append("context_fn" in k) or real(*a, **k)
+    )
     runs = {}
     for mode in ("off", "selective", "full"):
         torch.manual_seed(0)
-        cfg = resolve(PretrainConfig, overrides=["model.preset=micro", "model.drop_path=0.2",
-                                                 f"model.grad_checkpointing={mode}"])
+        cfg = resolve(
+            PretrainConfig,
+            overrides=[
+                "model.preset=micro",
+                "model.drop_path=0.2",
+                f"model.grad_checkpointing={mode}",
+            ],
+        )
         m = build_method(cfg)
         m.train()
         assert m.encoder.grad_checkpointing == mode and m.head.grad_checkpointing == mode
-        x = torch.randn(4, 3, cfg.model.img_size, cfg.model.img_size,
-                        generator=torch.Generator().manual_seed(1))
+        x = torch.randn(
+            4, 3, cfg.model.img_size, cfg.model.img_size, generator=torch.Generator().manual_seed(1)
+        )
         torch.manual_seed(2)
         loss = m(x)["loss"]
         with _CountOps() as backward_ops:
             loss.backward()
-        runs[mode] = (loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()
-                                      if p.grad is not None}, backward_ops)
+        runs[mode] = (
+            loss.detach(),
+            {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None},
+            backward_ops,
+        )
     micro = resolve(PretrainConfig, overrides=["model.preset=micro"]).model
     blocks = micro.depth + micro.decoder_depth
     # every block, only when enabled; selective passes its policy as context_fn
@@ -151,8 +167,13 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(monkeypatch):
 def test_grad_checkpointing_modes_in_config():
     """Booleans of older configs map to full / off; unknown modes fail with a hint."""
     from mimlab.config import ConfigError
-    for given, want in (("true", "full"), ("false", "off"), ("Selective", "selective"),
-                        ("off", "off")):
+
+    for given, want in (
+        ("true", "full"),
+        ("false", "off"),
+        ("Selective", "selective"),
+        ("off", "off"),
+    ):
         cfg = resolve(PretrainConfig, overrides=[f"model.grad_checkpointing={given}"])
         assert cfg.model.grad_checkpointing == want
     with pytest.raises(ConfigError, match="did you mean 'selective'"):

@@ -1,4 +1,5 @@
 """Online k-NN / linear-probe evaluation during pretraining (eval.online_every)."""
+
 import json
 from pathlib import Path
 
@@ -11,15 +12,32 @@ from mimlab.eval.knn import knn_classify, top1
 from mimlab.eval.online import build_online_evaluator
 from mimlab.methods import build_method
 
-ONLINE = ["eval.online_bank=60", "eval.online_queries=30", "eval.online_probe=true",
-          "eval.online_probe_epochs=5"]
+ONLINE = [
+    "eval.online_bank=60",
+    "eval.online_queries=30",
+    "eval.online_probe=true",
+    "eval.online_probe_epochs=5",
+]
 
 
 def _cfg(data, out, name, *extra):
-    return resolve(PretrainConfig, overrides=[
-        "model.preset=micro", f"data.path={data}", "data.limit=96", "optim.batch_size=16",
-        "optim.epochs=2", "optim.warmup_epochs=0.5", "run.log_every=1", "run.progress=false",
-        f"run.out_dir={out}", f"run.name={name}", "data.num_workers=0", *extra])
+    return resolve(
+        PretrainConfig,
+        overrides=[
+            "model.preset=micro",
+            f"data.path={data}",
+            "data.limit=96",
+            "optim.batch_size=16",
+            "optim.epochs=2",
+            "optim.warmup_epochs=0.5",
+            "run.log_every=1",
+            "run.progress=false",
+            f"run.out_dir={out}",
+            f"run.name={name}",
+            "data.num_workers=0",
+            *extra,
+        ],
+    )
 
 
 def _rows(d: Path, kind: str) -> list[dict]:
@@ -52,7 +70,7 @@ def test_online_eval_leaves_training_bitwise_unchanged(runs):
     out, off, on = runs
     a = [(r["step"], r["loss"]) for r in _rows(out / "noeval", "train")]
     b = [(r["step"], r["loss"]) for r in _rows(out / "witheval", "train")]
-    assert len(a) == 12 and a == b                      # bitwise equal losses
+    assert len(a) == 12 and a == b  # bitwise equal losses
     wa = torch.load(out / "noeval/checkpoints/last.pt", weights_only=True)["model"]
     wb = torch.load(out / "witheval/checkpoints/last.pt", weights_only=True)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -72,6 +90,7 @@ def test_online_rows_curve_and_results(runs):
     header = (out / "witheval/metrics.csv").read_text().splitlines()[0].split(",")
     assert {"knn_top1", "probe_top1", "images_seen"} <= set(header)
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     ea = EventAccumulator(str(out / "witheval/tb"))
     ea.Reload()
     assert [e.step for e in ea.Scalars("online/knn_top1")] == [0, 5, 10, 12]
@@ -82,12 +101,16 @@ def test_online_value_is_the_final_weights_knn(runs, cifar_dir):
     out, _, _ = runs
     cfg = _cfg(cifar_dir, out, "witheval", "eval.online_every=5", *ONLINE)
     method = build_method(cfg)
-    method.load_state_dict(torch.load(out / "witheval/checkpoints/last.pt",
-                                      weights_only=True)["model"])
-    ds_mean, ds_std = json.loads((out / "witheval/results.json").read_text())["data_mean"], \
-        json.loads((out / "witheval/results.json").read_text())["data_std"]
-    ev = build_online_evaluator(cfg.eval, cfg.data, cfg.model, cfg.run.seed, ds_mean, ds_std,
-                                torch.device("cpu"), out)
+    method.load_state_dict(
+        torch.load(out / "witheval/checkpoints/last.pt", weights_only=True)["model"]
+    )
+    ds_mean, ds_std = (
+        json.loads((out / "witheval/results.json").read_text())["data_mean"],
+        json.loads((out / "witheval/results.json").read_text())["data_std"],
+    )
+    ev = build_online_evaluator(
+        cfg.eval, cfg.data, cfg.model, cfg.run.seed, ds_mean, ds_std, torch.device("cpu"), out
+    )
     got = ev(method, 12)
     last = _rows(out / "witheval", "online")[-1]
     assert got["knn_top1"] == last["knn_top1"] and got["probe_top1"] == last["probe_top1"]
@@ -110,13 +133,13 @@ def test_online_curve_continues_across_resume(runs, cifar_dir):
 
 def test_online_eval_without_labels_fails_in_one_line(tmp_path):
     from tests.conftest import make_imagefolder
+
     flat = tmp_path / "flat"
     make_imagefolder(tmp_path / "tmp", splits=("train",))
     flat.mkdir()
     for i, p in enumerate(sorted((tmp_path / "tmp/train").rglob("*.png"))):
         p.rename(flat / f"{i}.png")
-    cfg = _cfg(flat, tmp_path, "x", "eval.online_every=5", "data.limit=24",
-               "data.train_split=")
+    cfg = _cfg(flat, tmp_path, "x", "eval.online_every=5", "data.limit=24", "data.train_split=")
     with pytest.raises(ConfigError) as e:
         tasks.pretrain(cfg)
     msg = str(e.value)

@@ -2,8 +2,16 @@ import numpy as np
 import pytest
 import torch
 
-from mimlab.ops import (block_masking, gather_tokens, mask_to_ids, num_visible, patchify,
-                        random_masking, sincos_pos_embed_2d, unpatchify)
+from mimlab.ops import (
+    block_masking,
+    gather_tokens,
+    mask_to_ids,
+    num_visible,
+    patchify,
+    random_masking,
+    sincos_pos_embed_2d,
+    unpatchify,
+)
 
 
 @pytest.mark.parametrize("ratio", [0.1, 0.5, 0.75, 0.9])

@@ -1,8 +1,8 @@
 """The fair evaluation protocol: held-out split from training data, fixed subsets across seeds,
 layer-decay default, per-image correctness, --print-config with --pretrained."""
+
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 
@@ -35,21 +35,32 @@ def test_holdout_split_is_disjoint_balanced_and_from_train(tiny_folder):
 
 def test_holdout_validation():
     from mimlab.config import ConfigError
+
     with pytest.raises(ConfigError, match="data.holdout"):
         resolve(FinetuneConfig, overrides=["data.holdout=1.5"])
 
 
 def test_layer_decay_default_depends_on_init(tiny_folder, tmp_path):
     from mimlab import tasks
-    ov = [f"data.path={tiny_folder}", f"run.out_dir={tmp_path}", "model.preset=micro",
-          "optim.epochs=1", "optim.batch_size=8", "data.num_workers=0", "run.progress=false",
-          "finetune.mixup=0", "finetune.cutmix=0"]
+
+    ov = [
+        f"data.path={tiny_folder}",
+        f"run.out_dir={tmp_path}",
+        "model.preset=micro",
+        "optim.epochs=1",
+        "optim.batch_size=8",
+        "data.num_workers=0",
+        "run.progress=false",
+        "finetune.mixup=0",
+        "finetune.cutmix=0",
+    ]
     cfg = resolve(FinetuneConfig, overrides=ov + ["run.name=scratch"])
     assert cfg.optim.layer_decay is None
-    res = tasks.finetune(cfg, explicit_model=True)
+    res = tasks.finetune(cfg)
     assert res["layer_decay"] == 1.0
     # per-image correctness is kept for paired statistics and matches top-1
     from mimlab.stats import unpack_correct
+
     c = unpack_correct(res["correct"])
     assert len(c) == res["val_images"]
     assert 100 * c.mean() == pytest.approx(res["top1"])
@@ -58,14 +69,52 @@ def test_layer_decay_default_depends_on_init(tiny_folder, tmp_path):
 def test_print_config_shows_the_pretrained_model(tiny_folder, tmp_path):
     from mimlab import tasks
     from mimlab.config import PretrainConfig
-    cfg = resolve(PretrainConfig, overrides=[
-        f"data.path={tiny_folder}", f"run.out_dir={tmp_path}", "run.name=pt",
-        "model.preset=micro", "optim.epochs=1", "optim.batch_size=8", "data.num_workers=0",
-        "run.progress=false"])
+
+    cfg = resolve(
+        PretrainConfig,
+        overrides=[
+            f"data.path={tiny_folder}",
+            f"run.out_dir={tmp_path}",
+            "run.name=pt",
+            "model.preset=micro",
+            "optim.epochs=1",
+            "optim.batch_size=8",
+            "data.num_workers=0",
+            "run.progress=false",
+        ],
+    )
     ck = tasks.pretrain(cfg)["checkpoint"]
-    out = subprocess.run([sys.executable, "-m", "mimlab.cli", "finetune", "--pretrained", ck,
-                          "--print-config"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "mimlab.cli", "finetune", "--pretrained", ck, "--print-config"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     import yaml
+
     printed = yaml.safe_load(out)
     assert printed["model"]["preset"] == "micro"
     assert printed["model"]["embed_dim"] == cfg.model.embed_dim
+    # the source's model is adopted while resolving; drop_path stays the run's
+    ft = tasks.resolve_run_config(
+        FinetuneConfig, overrides=[f"finetune.pretrained={ck}", "model.drop_path=0.2"]
+    )
+    assert (ft.model.embed_dim, ft.model.depth, ft.model.drop_path) == (
+        cfg.model.embed_dim,
+        cfg.model.depth,
+        0.2,
+    )
+    assert (
+        tasks.resolve_run_config(
+            FinetuneConfig, overrides=[f"finetune.pretrained={ck}", "model.preset=tiny"]
+        ).model.preset
+        == "tiny"
+    )  # user's model
+    # a config resolved without adopting: one line that says how to adopt
+    from mimlab.engine import TrainingError
+
+    plain = resolve(
+        FinetuneConfig, overrides=[f"finetune.pretrained={ck}", f"data.path={tiny_folder}"]
+    )
+    with pytest.raises(TrainingError, match="embed_dim=.*resolve_run_config"):
+        tasks.finetune(plain)

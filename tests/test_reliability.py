@@ -1,4 +1,5 @@
 """Crash safety: SIGTERM/SIGINT, kill -9 at several points, unwritable run directories."""
+
 import json
 import os
 import signal
@@ -15,9 +16,20 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _args(data, out, name, *extra):
-    return ["pretrain", f"--data={data}", f"--out={out}", f"--name={name}", "model.preset=micro",
-            "data.limit=128", "optim.batch_size=16", "optim.epochs=6", "run.log_every=1",
-            "run.progress=false", "data.num_workers=0", *extra]
+    return [
+        "pretrain",
+        f"--data={data}",
+        f"--out={out}",
+        f"--name={name}",
+        "model.preset=micro",
+        "data.limit=128",
+        "optim.batch_size=16",
+        "optim.epochs=6",
+        "run.log_every=1",
+        "run.progress=false",
+        "data.num_workers=0",
+        *extra,
+    ]
 
 
 def _curve(d):
@@ -27,11 +39,20 @@ def _curve(d):
 
 def _spawn(args):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-c",
-                             "import torch,sys; torch.set_num_threads(1); "
-                             "from mimlab.cli import run; sys.exit(run(sys.argv[1:]))", *args],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import torch,sys; torch.set_num_threads(1); "
+            "from mimlab.cli import run; sys.exit(run(sys.argv[1:]))",
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for_step(d: Path, step: int, proc, timeout=120):
@@ -83,6 +104,7 @@ def test_kill9_then_resume_matches_uninterrupted(kill_after, cifar_dir, tmp_path
     ck = tmp_path / "run/checkpoints/last.pt"
     if kill_after >= 4:  # save_every_steps=3: a checkpoint exists and is complete
         import torch
+
         assert torch.load(ck, weights_only=True)["global_step"] >= 3
     assert run(_args(cifar_dir, tmp_path, "run", "--resume=auto")) == 0
     _assert_same_curve(_curve(tmp_path / "run"), reference)
@@ -122,8 +144,9 @@ def test_kill9_mid_window_then_resume_logs_the_same_rows(cifar_dir, tmp_path):
     p.kill()
     p.communicate()
     import torch
+
     ck = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)
-    assert ck["global_step"] % 7 and ck["log_window"]["n"] > 0   # a window spans the kill
+    assert ck["global_step"] % 7 and ck["log_window"]["n"] > 0  # a window spans the kill
     assert run(_args(cifar_dir, tmp_path, "run", *args, "--resume=auto")) == 0
     ref, got = _rows(tmp_path / "ref"), _rows(tmp_path / "run")
     assert [r["step"] for r in ref if r["kind"] == "train"] == list(range(7, 48, 7)) + [48]

@@ -1,6 +1,7 @@
-"""``mimlab reproduce``: the suite runs end to end at micro scale, records failures without
+"""``mimlab reproduce``: the quick suite runs end to end at micro scale, records failures without
 stopping, resumes (finished sub-runs skipped), refuses a folder of other settings, and its
 ordering checks say what the numbers say."""
+
 from __future__ import annotations
 
 import json
@@ -9,13 +10,35 @@ from pathlib import Path
 import pytest
 
 from mimlab import cli
-from mimlab.reproduce import QUICK, Outcome, ReproduceError, Suite, ordering_checks, reproduce
+from mimlab.experiments.quick import (
+    QUICK,
+    Outcome,
+    ReproduceError,
+    Suite,
+    ordering_checks,
+    reproduce,
+)
 from tests.conftest import make_imagefolder
 
-MICRO = dict(preset="micro", methods=("mae", "rmae"), pretrain_images=None,
-             pretrain_epochs=1, batch=8, ft_images=None, ft_epochs=1, fewshot_epochs=1,
-             eval_images=30, lp_epochs=2, psnr_images=8, cka_images=8, small_ns=(1,),
-             small_steps=2, sampling_n=10, teacher_size=None, workers=0)
+MICRO = dict(
+    preset="micro",
+    methods=("mae", "rmae"),
+    pretrain_images=None,
+    pretrain_epochs=1,
+    batch=8,
+    ft_images=None,
+    ft_epochs=1,
+    fewshot_epochs=1,
+    eval_images=30,
+    lp_epochs=2,
+    psnr_images=8,
+    cka_images=8,
+    small_ns=(1,),
+    small_steps=2,
+    sampling_n=10,
+    teacher_size=None,
+    workers=0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -63,25 +86,32 @@ def test_suite_records_failure_then_resumes(ten_classes, tmp_path, monkeypatch, 
     cells = [c.strip() for c in mae_row.strip("|").split("|")]
     ft = float(cells[3])
     assert ft == pytest.approx(runs["ft/mae"]["result"]["top1"], abs=0.01)
-    assert cells[8] == "83.1" and cells[9] == "22.2"        # Table 1: MAE FT, PSNR
+    assert cells[8] == "83.1" and cells[9] == "22.2"  # Table 1: MAE FT, PSNR
     assert float(cells[7]) == pytest.approx(runs["psnr/mae"]["result"]["psnr"], abs=0.01)
-    for f in ("accuracy.png", "small_data.png", "cka/cka.csv", "psnr/mae/grid.png",
-              "psnr/rmae/grid.png"):
+    for f in (
+        "accuracy.png",
+        "small_data.png",
+        "cka/cka.csv",
+        "psnr/mae/grid.png",
+        "psnr/rmae/grid.png",
+    ):
         assert (out / f).is_file(), f
     assert "![accuracy per method](accuracy.png)" in text
     # CKA last-block table has one row per analysed model with values in [0, 1]
-    cka_rows = [ln for ln in text.split("## Figure 1")[1].split("##")[0].splitlines()
-                if ln.startswith("| ") and not ln.startswith("| model")]
+    cka_rows = [
+        ln
+        for ln in text.split("## Figure 1")[1].split("##")[0].splitlines()
+        if ln.startswith("| ") and not ln.startswith("| model")
+    ]
     labels = [r.split("|")[1].strip() for r in cka_rows]
     assert {"MAE", "R-MAE", "supervised", "random init"} <= set(labels)
     for r in cka_rows:
         for v in r.strip("|").split("|")[1:]:
             assert 0.0 <= float(v) <= 1.0 + 1e-6
     # small-data rows: the sampling strategies of Table 7 and the photo
-    for tag in ("n1-random", "n10-one_class", "n10-one_per_class", "n10-random",
-                "photo-astronaut"):
+    for tag in ("n1-random", "n10-one_class", "n10-one_per_class", "n10-random", "photo-astronaut"):
         r = runs[f"small/ft-{tag}"]
-        assert r["status"] == "skipped", tag        # finished in the first invocation
+        assert r["status"] == "skipped", tag  # finished in the first invocation
         assert 0.0 <= r["result"]["top1"] <= 100.0
 
     # a different profile in the same folder is refused, naming the field
@@ -93,14 +123,22 @@ def test_small_data_subsets_follow_table7(ten_classes, tmp_path):
     """The one_class run really sees one class, one_per_class all ten (config of the run)."""
     from mimlab.config import DataConfig, from_dict
     from mimlab.data import build_dataset
+
     s = Suite(QUICK, str(ten_classes), tmp_path)
     runs = dict(s.small_data_runs())
-    assert set(runs) >= {"n1-random", "n10-random", "n10-one_class", "n10-one_per_class",
-                         "photo-astronaut"}
+    assert set(runs) >= {
+        "n1-random",
+        "n10-random",
+        "n10-one_class",
+        "n10-one_per_class",
+        "photo-astronaut",
+    }
     for tag, n_classes in (("n10-one_class", 1), ("n10-one_per_class", 10)):
         ov = dict(e.split("=", 1) for e in runs[tag])
-        dc = from_dict(DataConfig, {"path": str(ten_classes), "limit": int(ov["data.limit"]),
-                                    "subset": ov["data.subset"]})
+        dc = from_dict(
+            DataConfig,
+            {"path": str(ten_classes), "limit": int(ov["data.limit"]), "subset": ov["data.subset"]},
+        )
         ds = build_dataset(dc, "train", 32, 3, 0, train_aug=False, labelled=True)
         assert len(ds) == 10
         assert len({int(ds[i][1]) for i in range(len(ds))}) == n_classes
@@ -115,8 +153,9 @@ def test_bad_arguments_are_clear(ten_classes, tmp_path, capsys):
     flat.mkdir()
     with pytest.raises(ReproduceError, match="train/ and test/"):
         reproduce("quick", str(flat), str(tmp_path / "c"))
-    rc = cli.run(["reproduce", "--suite", "quick", "--data", str(flat), "--out",
-                  str(tmp_path / "d")])
+    rc = cli.run(
+        ["reproduce", "--suite", "quick", "--data", str(flat), "--out", str(tmp_path / "d")]
+    )
     assert rc == 2
     assert "train/ and test/" in capsys.readouterr().err
 
@@ -133,17 +172,27 @@ def _row(rows, start):
 
 
 def test_ordering_checks_follow_the_numbers(tmp_path):
-    s = _suite_with(tmp_path, {"ft/random": 50.0, "ft/mae": 60.0, "ft/rmae": 59.5,
-                               "ft/cmae": 55.0, "linprobe/mae": 40.0, "linprobe/cmae": 45.0,
-                               "linprobe/mocov3": 30.0, "ft/mocov3": 58.0})
+    s = _suite_with(
+        tmp_path,
+        {
+            "ft/random": 50.0,
+            "ft/mae": 60.0,
+            "ft/rmae": 59.5,
+            "ft/cmae": 55.0,
+            "linprobe/mae": 40.0,
+            "linprobe/cmae": 45.0,
+            "linprobe/mocov3": 30.0,
+            "ft/mocov3": 58.0,
+        },
+    )
     rows = ordering_checks(s, noise=None)
     assert "| yes |" in _row(rows, "MAE > random init on FT")
-    assert "| yes |" in _row(rows, "R-MAE ≈ MAE")                 # 0.5 apart, tolerance 1
-    assert "| **no** |" in _row(rows, "C-MAE ≈ MAE")              # 5 apart
+    assert "| yes |" in _row(rows, "R-MAE ≈ MAE")  # 0.5 apart, tolerance 1
+    assert "| **no** |" in _row(rows, "C-MAE ≈ MAE")  # 5 apart
     assert "| **no** |" in _row(rows, "MAE > C-MAE on linear probe")
     assert "| **no** |" in _row(rows, "MoCo v3 > MAE on linear probe")
     assert "| yes |" in _row(rows, "MAE > MoCo v3 on FT")
-    assert "| n/a |" in _row(rows, "R-MAE† ≈ MAE")               # not run
+    assert "| n/a |" in _row(rows, "R-MAE† ≈ MAE")  # not run
     # a larger seed spread widens "approximately equal"
     rows = ordering_checks(s, noise=3.0)
     assert "| yes |" in _row(rows, "C-MAE ≈ MAE") and "±6.00" in _row(rows, "C-MAE ≈ MAE")

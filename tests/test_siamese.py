@@ -1,6 +1,7 @@
 """Siamese methods of Kong & Zhang 2022 (methods/siamese.py): R-MAE (Eq. 8 and its dagger
 variants), C-MAE (Eq. 9-11, Tables 3-4), MoCo v3, the Table-5 augmentation switches and the
 config-time checks. Micro model (32 px, patch 8: N = 16 tokens of width 32)."""
+
 import json
 import math
 
@@ -11,18 +12,25 @@ from mimlab import tasks
 from mimlab.analysis.recon import reconstruct
 from mimlab.config import ConfigError, PretrainConfig, resolve
 from mimlab.engine import load_checkpoint
+from mimlab.losses import patch_norm_target as patch_normalize
 from mimlab.losses import regression_loss, token_info_nce
 from mimlab.methods import build_method
-from mimlab.methods.siamese import (ContrastiveSiamese, Encoded, RelaxedMAE, cosine_momentum,
-                                    query_positions, rmae_distance, select_positions)
+from mimlab.methods.siamese import (
+    ContrastiveSiamese,
+    Encoded,
+    RelaxedMAE,
+    cosine_momentum,
+    query_positions,
+    rmae_distance,
+    select_positions,
+)
 from mimlab.models import build_encoder
-from mimlab.ops import patch_normalize, patchify, random_masking
+from mimlab.ops import patchify, random_masking
+from mimlab.registry import presets_of
 from mimlab.tasks import encoder_state, load_encoder_weights
 
-RMAE = ["rmae", "rmae_indep", "rmae_identity"]
-CMAE = ["cmae", "cmae_cls", "cmae_avg", "cmae_patch_cls", "cmae_byol", "cmae_nomask",
-        "cmae_nomask_byol"]
-SIAMESE = RMAE + CMAE + ["mocov3"]
+RMAE = presets_of("relaxed")
+SIAMESE = RMAE + presets_of("contrastive")
 N = 16
 
 
@@ -57,8 +65,9 @@ def test_forward_backward_gradients(name):
         assert isinstance(m, ContrastiveSiamese) and target
         # the EMA branch is stop-gradient: frozen, no gradient at all
         assert all(not p.requires_grad and p.grad is None for p in target.values())
-        assert set(target) == {"target_" + n for n in online
-                               if n.startswith(("encoder.", "projector."))}
+        assert set(target) == {
+            "target_" + n for n in online if n.startswith(("encoder.", "projector."))
+        }
         assert 0 <= float(out["pos_cos"].abs()) <= 1
 
 
@@ -92,11 +101,14 @@ def test_rmae_distance_gradient_reaches_both_branches_unless_stopgrad():
     assert _build("rmae")[0].stopgrad is False
 
 
-@pytest.mark.parametrize("name,region_of", [
-    ("rmae", lambda m1, m2: m1),                      # complement: every T1-removed patch
-    ("rmae_indep", lambda m1, m2: m1 * (1 - m2)),     # removed by T1 and seen by T2
-    ("rmae_identity", lambda m1, m2: m1),             # T2(x) = x sees everything
-])
+@pytest.mark.parametrize(
+    "name,region_of",
+    [
+        ("rmae", lambda m1, m2: m1),  # complement: every T1-removed patch
+        ("rmae_indep", lambda m1, m2: m1 * (1 - m2)),  # removed by T1 and seen by T2
+        ("rmae_identity", lambda m1, m2: m1),  # T2(x) = x sees everything
+    ],
+)
 def test_rmae_terms_on_the_right_patches(name, region_of):
     m, _ = _build(name)
     m.eval()  # no augmentation: the target is the per-patch normalised input
@@ -135,14 +147,20 @@ def test_ema_update_is_exact():
             p.add_(torch.randn_like(p))
     pairs = [(m.target_encoder, m.encoder), (m.target_projector, m.projector)]
     old = [[t.detach().clone() for t in tgt.parameters()] for tgt, _ in pairs]
-    bufs = [b.clone() for b in m.target_projector.buffers()]
+    m.projector.train()(torch.randn(8, m.projector.fc1.in_features))  # online BN stats move
+    assert not all(
+        torch.equal(a, b) for a, b in zip(m.projector.buffers(), m.target_projector.buffers())
+    )
     m.after_step(1, 10)
     mom = 0.996
     for (tgt, onl), olds in zip(pairs, old):
         for t, o, t0 in zip(tgt.parameters(), onl.parameters(), olds):
             assert torch.allclose(t, mom * t0 + (1 - mom) * o, rtol=0, atol=1e-6)
             assert not torch.equal(t, t0)
-    assert all(torch.equal(a, b) for a, b in zip(bufs, m.target_projector.buffers()))
+    # the one EMA (methods/base.py) copies buffers: the target's BN statistics follow
+    assert all(
+        torch.equal(a, b) for a, b in zip(m.projector.buffers(), m.target_projector.buffers())
+    )
     assert m.momentum_at(500, 1000) == 0.996  # constant for C-MAE
 
 
@@ -155,20 +173,21 @@ def test_mocov3_cosine_momentum():
 
 
 def test_query_positions_hand_built():
-    q = torch.tensor([[1., 1., 0., 0.]])      # T1 removes 0, 1
-    comp = 1 - q                              # T2 = complement sees 0, 1
-    indep = torch.tensor([[0., 1., 0., 1.]])  # an independent T2 removes 1, 3
+    q = torch.tensor([[1.0, 1.0, 0.0, 0.0]])  # T1 removes 0, 1
+    comp = 1 - q  # T2 = complement sees 0, 1
+    indep = torch.tensor([[0.0, 1.0, 0.0, 1.0]])  # an independent T2 removes 1, 3
     pos = lambda mq, mk, s, qu="removed": query_positions(mq, mk, s, 1, 4, "cpu", qu).tolist()  # noqa: E731,E501
     assert pos(q, comp, "mask_token") == [[True, True, False, False]]
     assert pos(q, indep, "mask_token") == [[True, False, False, False]]
     assert pos(q, None, "mask_token") == [[True, True, False, False]]
-    assert pos(q, comp, "mask_token", "all") == [[True] * 4]   # every patch token
+    assert pos(q, comp, "mask_token", "all") == [[True] * 4]  # every patch token
     assert pos(q, None, "drop") == [[False, False, True, True]]
     assert pos(q, indep, "drop") == [[False, False, True, False]]
     assert pos(q, indep, "drop", "all") == [[False, False, True, False]]  # drop: both see
-    assert pos(None, None, "mask_token") == [[True] * 4]       # no patch masking
-    idx, valid = select_positions(torch.tensor([[True, False, True, True], [False, True, False,
-                                                                          False]]))
+    assert pos(None, None, "mask_token") == [[True] * 4]  # no patch masking
+    idx, valid = select_positions(
+        torch.tensor([[True, False, True, True], [False, True, False, False]])
+    )
     assert idx[0].tolist() == [0, 2, 3] and idx[1, 0] == 1
     assert valid.tolist() == [[True, True, True], [True, False, False]]
 
@@ -201,14 +220,20 @@ def test_cmae_token_loss_on_the_query_positions():
     assert not torch.allclose(m.pair_loss(Encoded(h1b), Encoded(h2b), m1, m2)[0], loss)
     for neg in ("position", "batch"):
         m.negatives = neg
-        assert torch.allclose(m.pair_loss(Encoded(h1), Encoded(h2), m1, m2)[0],
-                              token_info_nce(h1[:, 1:], h2[:, 1:], sel, 0.2, neg), atol=1e-6)
+        assert torch.allclose(
+            m.pair_loss(Encoded(h1), Encoded(h2), m1, m2)[0],
+            token_info_nce(h1[:, 1:], h2[:, 1:], sel, 0.2, neg),
+            atol=1e-6,
+        )
     # queries=all: every patch token of both views is paired (Table 3's 14 x 14)
     m.queries = "all"
     for neg in ("position", "image", "batch"):
         m.negatives = neg
-        assert torch.allclose(m.pair_loss(Encoded(h1), Encoded(h2), m1, m2)[0],
-                              token_info_nce(h1[:, 1:], h2[:, 1:], None, 0.2, neg), atol=1e-6)
+        assert torch.allclose(
+            m.pair_loss(Encoded(h1), Encoded(h2), m1, m2)[0],
+            token_info_nce(h1[:, 1:], h2[:, 1:], None, 0.2, neg),
+            atol=1e-6,
+        )
 
 
 def test_token_plus_cls_readings():
@@ -225,14 +250,16 @@ def test_token_plus_cls_readings():
     per_tok = token_info_nce(h1[:, 1:], h2[:, 1:], None, T, "image", reduction="none")
     per_cls = torch.nn.functional.cross_entropy(
         torch.nn.functional.normalize(h1[:, 0], dim=-1)
-        @ torch.nn.functional.normalize(h2[:, 0], dim=-1).T / T, torch.arange(B),
-        reduction="none")
+        @ torch.nn.functional.normalize(h2[:, 0], dim=-1).T
+        / T,
+        torch.arange(B),
+        reduction="none",
+    )
     inst = (per_tok.sum() + per_cls.sum()) / (B * N + B)
     assert torch.allclose(m.pair_loss(Encoded(h1), Encoded(h2), m1, 1 - m1)[0], inst, atol=1e-6)
     m.cls_term = "joint"
     joint = token_info_nce(h1, h2, None, T, "image")  # class token = one more token per image
-    assert torch.allclose(m.pair_loss(Encoded(h1), Encoded(h2), m1, 1 - m1)[0], joint,
-                          atol=1e-6)
+    assert torch.allclose(m.pair_loss(Encoded(h1), Encoded(h2), m1, 1 - m1)[0], joint, atol=1e-6)
     assert abs(float(joint) - float(inst)) > 1e-3  # two different readings
     m.negatives = "position"
     a = m.pair_loss(Encoded(h1), Encoded(h2), m1, 1 - m1)[0]
@@ -241,13 +268,16 @@ def test_token_plus_cls_readings():
 
 
 def test_token_loss_without_mask_tokens_pairs_positions_both_views_see():
-    m = _identity_heads(_build("cmae_nomask", "method.tokens=patch", "method.view2=identity",
-                               "method.negatives=image")[0])
+    m = _identity_heads(
+        _build(
+            "cmae_nomask", "method.tokens=patch", "method.view2=identity", "method.negatives=image"
+        )[0]
+    )
     B, D = 2, 32
     m1 = _masks(B)
     ids_keep = torch.stack([r.nonzero().flatten() for r in (1 - m1)])  # 4 visible per row
-    h1 = torch.randn(B, 1 + 4, D)          # drop mode: only the visible tokens
-    h2 = torch.randn(B, 1 + N, D)          # T2(x) = x: every token
+    h1 = torch.randn(B, 1 + 4, D)  # drop mode: only the visible tokens
+    h2 = torch.randn(B, 1 + N, D)  # T2(x) = x: every token
     on = Encoded(h1, ids_keep)
     assert torch.equal(on.grid(N)[torch.arange(B)[:, None], ids_keep], h1[:, 1:])
     loss, _ = m.pair_loss(on, Encoded(h2), m1, None)
@@ -261,17 +291,23 @@ def test_varying_query_counts_average_every_term():
     valid = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
     l0 = token_info_nce(q[:1, :3], k[:1, :3], None, 0.2)
     l1 = token_info_nce(q[1:], k[1:], None, 0.2)
-    assert torch.allclose(token_info_nce(q, k, valid, 0.2, "image"), (3 * l0 + 5 * l1) / 8,
-                          atol=1e-6)
+    assert torch.allclose(
+        token_info_nce(q, k, valid, 0.2, "image"), (3 * l0 + 5 * l1) / 8, atol=1e-6
+    )
 
 
 def test_cmae_independent_view_and_batch_negatives_run():
-    for ov in (["method.view2=independent"], ["method.negatives=batch"],
-               ["method.view2=independent", "method.negatives=batch"], ["method.proj_norm=ln"],
-               ["method.symmetric=true"], ["method.cutmix=true", "method.color_jitter=whole"],
-               ["method.negatives=image", "method.queries=removed"],
-               ["method.view2=independent", "method.queries=removed", "method.negatives=position"],
-               ["method.tokens=patch+cls", "method.cls_term=joint", "method.negatives=batch"]):
+    for ov in (
+        ["method.view2=independent"],
+        ["method.negatives=batch"],
+        ["method.view2=independent", "method.negatives=batch"],
+        ["method.proj_norm=ln"],
+        ["method.symmetric=true"],
+        ["method.cutmix=true", "method.color_jitter=whole"],
+        ["method.negatives=image", "method.queries=removed"],
+        ["method.view2=independent", "method.queries=removed", "method.negatives=position"],
+        ["method.tokens=patch+cls", "method.cls_term=joint", "method.negatives=batch"],
+    ):
         m, _ = _build("cmae", *ov)
         out = m(torch.randn(3, 3, 32, 32))
         assert torch.isfinite(out["loss"]), ov
@@ -296,6 +332,7 @@ def test_cmae_views_are_colour_jittered_and_complementary(monkeypatch):
         v = real(*a, **kw)
         seen.append(v)
         return v
+
     monkeypatch.setattr(m, "views", spy)
     x = torch.randn(4, 3, 32, 32)
     m(x)
@@ -327,35 +364,62 @@ def test_mae_colour_jitter_and_cutmix_hook():
 
 
 # ------------------------------------------------------------------------- config checks
-@pytest.mark.parametrize("overrides,needle", [
-    (["method.name=cmae", "method.head=decoder"], "method.head=mlp"),
-    (["method.name=mae", "method.loss=infonce"], "needs a second view"),
-    (["method.name=cmae", "method.mask=none", "method.color_jitter=none"],
-     "identity map / identical views"),
-    (["method.name=mae", "method.mask=none"], "identity map / identical views"),
-    (["method.name=mae", "method.mask=none", "method.color_jitter=whole"], "input only"),
-    (["method.name=cmae", "method.mask=none", "method.cutmix=true",
-      "method.color_jitter=whole"], "one jitter per view"),
-    (["method.name=cmae", "method.queries=some"], "method.queries"),
-    (["method.name=cmae", "method.cls_term=half"], "method.cls_term"),
-    (["method.name=cmae", "method.nce_chunk=0"], "nce_chunk"),
-    (["method.name=cmae", "method.student=drop"], "share no visible position"),
-    (["method.name=mocov3", "method.tokens=patch"], "do not share positions"),
-    (["method.name=cmae", "method.target=pixels"], "method.target=ema"),
-    (["method.name=rmae", "method.loss=infonce"], "R-MAE"),
-    (["method.name=rmae", "method.head=mlp"], "method.head=decoder"),
-    (["method.name=rmae", "method.color_jitter=after_mask"], "none | whole"),
-    (["method.name=rmae_indep", "method.view2_mask_ratio=1.0"], "view2_mask_ratio"),
-    (["method.name=cmae", "method.tokens=tokenwise"], "method.tokens"),
-    (["method.name=cmae", "method.negatives=all"], "method.negatives"),
-    (["method.name=mae", "method.color_jitter=sometimes"], "method.color_jitter"),
-    (["method.name=cmae", "method.ema_momentum=1.5"], "ema_momentum"),
-    (["method.name=cmae", "method.temperature=0"], "temperature"),
-    (["method.name=cmae", "method.view2=identity", "method.symmetric=true",
-      "method.queries=removed"], "symmetric"),
-    (["method.name=maskdistill", "method.cache_teacher=true", "method.cutmix=true",
-      "data.crop_scale=[1,1]", "data.hflip=false"], "cache_teacher"),
-])
+@pytest.mark.parametrize(
+    "overrides,needle",
+    [
+        (["method.name=cmae", "method.head=decoder"], "method.head=mlp"),
+        (["method.name=mae", "method.loss=infonce"], "needs a second view"),
+        (
+            ["method.name=cmae", "method.mask=none", "method.color_jitter=none"],
+            "identity map / identical views",
+        ),
+        (["method.name=mae", "method.mask=none"], "identity map / identical views"),
+        (["method.name=mae", "method.mask=none", "method.color_jitter=whole"], "input only"),
+        (
+            [
+                "method.name=cmae",
+                "method.mask=none",
+                "method.cutmix=true",
+                "method.color_jitter=whole",
+            ],
+            "one jitter per view",
+        ),
+        (["method.name=cmae", "method.queries=some"], "method.queries"),
+        (["method.name=cmae", "method.cls_term=half"], "method.cls_term"),
+        (["method.name=cmae", "method.nce_chunk=0"], "nce_chunk"),
+        (["method.name=cmae", "method.student=drop"], "share no visible position"),
+        (["method.name=mocov3", "method.tokens=patch"], "do not share positions"),
+        (["method.name=cmae", "method.target=pixels"], "method.target=ema"),
+        (["method.name=rmae", "method.loss=infonce"], "R-MAE"),
+        (["method.name=rmae", "method.head=mlp"], "method.head=decoder"),
+        (["method.name=rmae", "method.color_jitter=after_mask"], "none | whole"),
+        (["method.name=rmae_indep", "method.view2_mask_ratio=1.0"], "view2_mask_ratio"),
+        (["method.name=cmae", "method.tokens=tokenwise"], "method.tokens"),
+        (["method.name=cmae", "method.negatives=all"], "method.negatives"),
+        (["method.name=mae", "method.color_jitter=sometimes"], "method.color_jitter"),
+        (["method.name=cmae", "method.ema_momentum=1.5"], "ema_momentum"),
+        (["method.name=cmae", "method.temperature=0"], "temperature"),
+        (
+            [
+                "method.name=cmae",
+                "method.view2=identity",
+                "method.symmetric=true",
+                "method.queries=removed",
+            ],
+            "symmetric",
+        ),
+        (
+            [
+                "method.name=maskdistill",
+                "method.cache_teacher=true",
+                "method.cutmix=true",
+                "data.crop_scale=[1,1]",
+                "data.hflip=false",
+            ],
+            "cache_teacher",
+        ),
+    ],
+)
 def test_invalid_combinations_fail_at_config_time(overrides, needle):
     with pytest.raises(ConfigError) as e:
         resolve(PretrainConfig, overrides=["model.preset=micro", *overrides])
@@ -371,9 +435,16 @@ def test_build_checks_too():
 
 def test_presets_resolve_as_declared():
     c = resolve(PretrainConfig, overrides=["method.name=cmae"]).method
-    assert (c.student, c.target, c.view2, c.loss, c.tokens, c.color_jitter, c.temperature,
-            c.ema_momentum) == ("mask_token", "ema", "complement", "infonce", "patch",
-                                "after_mask", 0.2, 0.996)
+    assert (
+        c.student,
+        c.target,
+        c.view2,
+        c.loss,
+        c.tokens,
+        c.color_jitter,
+        c.temperature,
+        c.ema_momentum,
+    ) == ("mask_token", "ema", "complement", "infonce", "patch", "after_mask", 0.2, 0.996)
     assert (c.negatives, c.queries, c.cls_term) == ("position", "all", "instance")
     # cmae_nomask differs from cmae_avg in the mask tokens only (see methods/siamese.py)
     a = resolve(PretrainConfig, overrides=["method.name=cmae_avg"]).method
@@ -382,24 +453,48 @@ def test_presets_resolve_as_declared():
     assert diff == {"name", "student"}, diff
     r = resolve(PretrainConfig, overrides=["method.name=rmae_indep"]).method
     assert (r.target, r.view2, r.view2_mask_ratio, r.student, r.head) == (
-        "online", "independent", 0.25, "drop", "decoder")
+        "online",
+        "independent",
+        0.25,
+        "drop",
+        "decoder",
+    )
     # ViT-B widths of the heads: 2048 hidden, 768 out
-    cfg = resolve(PretrainConfig, overrides=["method.name=cmae", "model.preset=vit_b16",
-                                             "model.depth=1"])
+    cfg = resolve(
+        PretrainConfig, overrides=["method.name=cmae", "model.preset=vit_b16", "model.depth=1"]
+    )
     m = build_method(cfg)
     assert m.projector.fc1.out_features == 2048 and m.projector.fc2.out_features == 768
     assert m.predictor.fc1.in_features == 768
 
 
 # ------------------------------------------------------------------------- engine
-@pytest.mark.parametrize("name,extra", [(n, ()) for n in SIAMESE] + [
-    ("mae", ("method.color_jitter=whole", "method.cutmix=true")),
-    ("mae", ("method.color_jitter=unmasked",))])
+@pytest.mark.parametrize(
+    "name,extra",
+    [(n, ()) for n in SIAMESE]
+    + [
+        ("mae", ("method.color_jitter=whole", "method.cutmix=true")),
+        ("mae", ("method.color_jitter=unmasked",)),
+    ],
+)
 def test_two_engine_steps(name, extra, tiny_folder, tmp_path):
-    cfg = resolve(PretrainConfig, overrides=[
-        "model.preset=micro", f"method.name={name}", *extra, f"data.path={tiny_folder}",
-        "data.num_workers=0", "optim.batch_size=8", "optim.epochs=1", "run.max_steps=2",
-        "run.log_every=1", "run.progress=false", f"run.out_dir={tmp_path}", "run.name=pre"])
+    cfg = resolve(
+        PretrainConfig,
+        overrides=[
+            "model.preset=micro",
+            f"method.name={name}",
+            *extra,
+            f"data.path={tiny_folder}",
+            "data.num_workers=0",
+            "optim.batch_size=8",
+            "optim.epochs=1",
+            "run.max_steps=2",
+            "run.log_every=1",
+            "run.progress=false",
+            f"run.out_dir={tmp_path}",
+            "run.name=pre",
+        ],
+    )
     res = tasks.pretrain(cfg)
     assert res["steps"] == 2 and math.isfinite(res["final_loss"])
     rows = [json.loads(r) for r in (tmp_path / "pre/metrics.jsonl").read_text().splitlines()]
@@ -410,7 +505,11 @@ def test_two_engine_steps(name, extra, tiny_folder, tmp_path):
     assert enc and not any(k.startswith("target_") for k in enc)
     if name in ("cmae", "mocov3"):
         sd = ck["model"]
-        w, wt = sd["encoder.blocks.0.attn.qkv.weight"], sd["target_encoder.blocks.0.attn.qkv.weight"]
+        w, wt = (
+            sd["encoder.blocks.0.attn.qkv.weight"],
+            sd["target_encoder.blocks.0.attn.qkv.weight"],
+        )
         assert not torch.equal(w, wt)  # both moved: the EMA trails the online encoder
-        load_encoder_weights(build_encoder(cfg.model, mask_token=False),
-                             str(tmp_path / "pre/checkpoints/last.pt"))
+        load_encoder_weights(
+            build_encoder(cfg.model, mask_token=False), str(tmp_path / "pre/checkpoints/last.pt")
+        )

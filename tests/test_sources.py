@@ -3,6 +3,7 @@
 Each source model is built by its own library (transformers, timm) or written with the
 official key names (facebookresearch/mae, MoCo v3), loaded through mimlab, and compared:
 features, and where a decoder exists the MAE reconstructions and loss under the same noise."""
+
 from __future__ import annotations
 
 import logging
@@ -38,9 +39,17 @@ def mimlab_test_vit_micro(pretrained=False, **kw):
 @register_model
 def mimlab_test_vit_gap(pretrained=False, **kw):
     """timm ViT with avg pooling + fc_norm, no class position, non-square 32x48 input."""
-    return _vit(**{**MICRO, "img_size": (32, 48), "global_pool": "avg",
-                                "fc_norm": True, "no_embed_class": True, "num_classes": 0,
-                                **kw})
+    return _vit(
+        **{
+            **MICRO,
+            "img_size": (32, 48),
+            "global_pool": "avg",
+            "fc_norm": True,
+            "no_embed_class": True,
+            "num_classes": 0,
+            **kw,
+        }
+    )
 
 
 @register_model
@@ -49,17 +58,31 @@ def mimlab_test_vit_layerscale(pretrained=False, **kw):
 
 
 def _mae_out(m, x, noise):
-    mp = MaskedPrediction(m.encoder, m.decoder, PixelTarget(m.encoder.patch_size),
-                          mask_ratio=m.mask_ratio, target_norm="patch" if m.norm_pix else "none")
+    mp = MaskedPrediction(
+        m.encoder,
+        m.decoder,
+        PixelTarget(m.encoder.patch_size),
+        mask_ratio=m.mask_ratio,
+        target_norm="patch" if m.norm_pix else "none",
+    )
     with torch.no_grad():
         return mp.eval()(x, noise=noise)
 
 
 def _hf_mae_config(**kw):
     return transformers.ViTMAEConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        image_size=32, patch_size=8, decoder_hidden_size=16, decoder_num_hidden_layers=1,
-        decoder_num_attention_heads=2, decoder_intermediate_size=32, **kw)
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        decoder_hidden_size=16,
+        decoder_num_hidden_layers=1,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+        **kw,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +98,11 @@ def hf_mae(tmp_path_factory):
 def test_parse_forms():
     assert parse_source("runs/a/checkpoints/last.pt").kind == "mimlab"
     s = parse_source("timm:vit_base_patch16_224.mae@/w/model.safetensors")
-    assert (s.kind, s.target, s.file) == ("timm", "vit_base_patch16_224.mae",
-                                          "/w/model.safetensors")
+    assert (s.kind, s.target, s.file) == (
+        "timm",
+        "vit_base_patch16_224.mae",
+        "/w/model.safetensors",
+    )
     assert parse_source("mae:/x.pth?heads=16&norm_pix=1").opt("heads") == "16"
     with pytest.raises(SourceError, match="unknown model source 'foo:'.*mae:PATH"):
         parse_source("foo:bar")
@@ -119,8 +145,11 @@ def test_hf_position_embeddings_are_interpolated_like_hf(hf_mae, caplog):
     model.config.mask_ratio = 0.0
     try:
         with torch.no_grad():
-            ref = model.vit(pixel_values=x, noise=torch.arange(36.0).expand(2, 36),
-                            interpolate_pos_encoding=True).last_hidden_state
+            ref = model.vit(
+                pixel_values=x,
+                noise=torch.arange(36.0).expand(2, 36),
+                interpolate_pos_encoding=True,
+            ).last_hidden_state
     finally:
         model.config.mask_ratio = 0.75
     with torch.no_grad():
@@ -129,20 +158,26 @@ def test_hf_position_embeddings_are_interpolated_like_hf(hf_mae, caplog):
 
 def test_hf_vit_classifier_and_pooler(tmp_path, caplog):
     torch.manual_seed(0)
-    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                 intermediate_size=64, image_size=32, patch_size=8,
-                                 num_labels=4)
+    cfg = transformers.ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_labels=4,
+    )
     clf = transformers.ViTForImageClassification(cfg).eval()
     clf.save_pretrained(tmp_path / "clf")
     x = torch.randn(2, 3, 32, 32)
     m = load_encoder(f"hf:{tmp_path / 'clf'}")
     with torch.no_grad():
         assert (m.logits(x) - clf(pixel_values=x).logits).abs().max() < TOL
-    base = transformers.ViTModel(cfg).eval()       # with the tanh pooler
+    base = transformers.ViTModel(cfg).eval()  # with the tanh pooler
     base.save_pretrained(tmp_path / "base")
     with caplog.at_level(logging.INFO, logger="mimlab.sources"):
         m = load_encoder(f"hf:{tmp_path / 'base'}")
-    assert "not used: pooler" in caplog.text        # named, not silently dropped
+    assert "not used: pooler" in caplog.text  # named, not silently dropped
     with torch.no_grad():
         ref = base(pixel_values=x).last_hidden_state
         assert (m.encoder.forward_features(x) - ref).abs().max() < TOL
@@ -152,16 +187,25 @@ def test_hf_vit_classifier_and_pooler(tmp_path, caplog):
 @pytest.mark.parametrize("cls_name", ["BeitModel", "Data2VecVisionModel"])
 def test_hf_unmappable_architectures_fail_in_one_line(tmp_path, cls_name):
     cfg_cls = getattr(transformers, cls_name.replace("Model", "Config"))
-    model = getattr(transformers, cls_name)(cfg_cls(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-        image_size=32, patch_size=8))
+    model = getattr(transformers, cls_name)(
+        cfg_cls(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            image_size=32,
+            patch_size=8,
+        )
+    )
     model.save_pretrained(tmp_path)
     with pytest.raises(SourceError) as e:
         load_encoder(f"hf:{tmp_path}")
     msg = str(e.value)
     assert "\n" not in msg and "unsupported architecture" in msg
-    assert any(w in msg for w in ("layer scale", "relative position bias",
-                                  "no absolute position embeddings"))
+    assert any(
+        w in msg
+        for w in ("layer scale", "relative position bias", "no absolute position embeddings")
+    )
 
 
 def test_hf_hub_name_offline_says_how_to_pass_a_directory(monkeypatch):
@@ -181,8 +225,9 @@ def test_timm_file_features_and_logits(tmp_path, caplog):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert (m.encoder.forward_features(x) - ref.forward_features(x)).abs().max() < TOL
-        assert (m.features(x) - ref.forward_head(ref.forward_features(x), pre_logits=True)
-                ).abs().max() < TOL
+        assert (
+            m.features(x) - ref.forward_head(ref.forward_features(x), pre_logits=True)
+        ).abs().max() < TOL
         assert (m.logits(x) - ref(x)).abs().max() < TOL
 
 
@@ -192,11 +237,11 @@ def test_timm_avg_pool_fc_norm_non_square_positions(tmp_path, caplog):
     torch.save(ref.state_dict(), tmp_path / "w.pth")
     with caplog.at_level(logging.INFO, logger="mimlab.sources"):
         m = load_encoder(f"timm:mimlab_test_vit_gap@{tmp_path / 'w.pth'}", img_size=32)
-    assert "pooling avg + fc_norm" in caplog.text and "positions 4x6 -> 4x4 (bicubic)" in \
-        caplog.text
+    assert (
+        "pooling avg + fc_norm" in caplog.text and "positions 4x6 -> 4x4 (bicubic)" in caplog.text
+    )
     # reference: timm itself on 32x32 inputs (dynamic_img_size resamples its positions)
-    ref32 = timm.create_model("mimlab_test_vit_gap", pretrained=False,
-                              dynamic_img_size=True).eval()
+    ref32 = timm.create_model("mimlab_test_vit_gap", pretrained=False, dynamic_img_size=True).eval()
     ref32.load_state_dict(ref.state_dict())
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -225,10 +270,15 @@ def _hf_to_official_mae(sd: dict) -> dict:
         q, k, v = (sd[f"{hf_layer}.attention.{n}_proj.weight"] for n in "qkv")
         out[f"{prefix}.{i}.attn.qkv.weight"] = torch.cat([q, k, v])
         out[f"{prefix}.{i}.attn.qkv.bias"] = torch.cat(
-            [sd[f"{hf_layer}.attention.{n}_proj.bias"] for n in "qkv"])
-        for a, b in (("attn.proj", "attention.o_proj"), ("norm1", "layernorm_before"),
-                     ("norm2", "layernorm_after"), ("mlp.fc1", "mlp.fc1"),
-                     ("mlp.fc2", "mlp.fc2")):
+            [sd[f"{hf_layer}.attention.{n}_proj.bias"] for n in "qkv"]
+        )
+        for a, b in (
+            ("attn.proj", "attention.o_proj"),
+            ("norm1", "layernorm_before"),
+            ("norm2", "layernorm_after"),
+            ("mlp.fc1", "mlp.fc1"),
+            ("mlp.fc2", "mlp.fc2"),
+        ):
             for t in ("weight", "bias"):
                 out[f"{prefix}.{i}.{a}.{t}"] = sd[f"{hf_layer}.{b}.{t}"]
 
@@ -253,7 +303,7 @@ def _hf_to_official_mae(sd: dict) -> dict:
 
 def test_official_mae_layout_with_decoder(tmp_path):
     torch.manual_seed(0)
-    cfg = _hf_mae_config(layer_norm_eps=1e-6)   # official MAE: LayerNorm eps 1e-6
+    cfg = _hf_mae_config(layer_norm_eps=1e-6)  # official MAE: LayerNorm eps 1e-6
     hf = transformers.ViTMAEForPreTraining(cfg).eval()
     official = _hf_to_official_mae(hf.state_dict())
     fused = 4 * (cfg.num_hidden_layers + cfg.decoder_num_hidden_layers)  # q, k, v -> qkv
@@ -268,8 +318,7 @@ def test_official_mae_layout_with_decoder(tmp_path):
     assert (out["pred"] - ref.logits).abs().max() < TOL
     assert abs(float(out["loss"]) - float(ref.loss)) < TOL
     # encoder-only file (the released mae_pretrain_vit_*.pth layout) against timm
-    enc_only = {k: v for k, v in official.items()
-                if not k.startswith(("decoder", "mask_token"))}
+    enc_only = {k: v for k, v in official.items() if not k.startswith(("decoder", "mask_token"))}
     torch.save({"model": enc_only}, tmp_path / "mae_pretrain_micro.pth")
     m = load_encoder(f"mae:{tmp_path / 'mae_pretrain_micro.pth'}?heads=2")
     assert m.decoder is None
@@ -284,8 +333,7 @@ def test_official_mae_needs_heads_and_rejects_unknown_keys(tmp_path):
     torch.save({"model": vit.state_dict()}, tmp_path / "a.pth")
     with pytest.raises(SourceError, match=r"add \?heads=N"):
         load_encoder(f"mae:{tmp_path / 'a.pth'}")
-    torch.save({"model": {**vit.state_dict(), "extra.weight": torch.zeros(2)}},
-               tmp_path / "b.pth")
+    torch.save({"model": {**vit.state_dict(), "extra.weight": torch.zeros(2)}}, tmp_path / "b.pth")
     with pytest.raises(SourceError, match="do not map.*extra.weight"):
         load_encoder(f"mae:{tmp_path / 'b.pth'}?heads=2")
 
@@ -293,11 +341,11 @@ def test_official_mae_needs_heads_and_rejects_unknown_keys(tmp_path):
 # ----------------------------------------------------------------------------- MoCo v3
 def test_mocov3_layout(tmp_path, caplog):
     torch.manual_seed(0)
-    base = VisionTransformer(**MICRO, num_classes=0).eval()   # MoCo v3 ViTs are timm ViTs
+    base = VisionTransformer(**MICRO, num_classes=0).eval()  # MoCo v3 ViTs are timm ViTs
     momentum = VisionTransformer(**MICRO, num_classes=0)
     sd = {f"module.base_encoder.{k}": v for k, v in base.state_dict().items()}
     sd.update({f"module.momentum_encoder.{k}": v for k, v in momentum.state_dict().items()})
-    sd["module.base_encoder.head.0.weight"] = torch.zeros(64, 32)      # projector
+    sd["module.base_encoder.head.0.weight"] = torch.zeros(64, 32)  # projector
     sd["module.predictor.0.weight"] = torch.zeros(64, 32)
     torch.save({"epoch": 300, "state_dict": sd, "optimizer": {}}, tmp_path / "moco.pth.tar")
     with caplog.at_level(logging.INFO, logger="mimlab.sources"):
@@ -305,8 +353,9 @@ def test_mocov3_layout(tmp_path, caplog):
     assert "not used: momentum encoder, predictor, projector" in caplog.text
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert (m.features(x) - base.forward_head(base.forward_features(x), pre_logits=True)
-                ).abs().max() < TOL
+        assert (
+            m.features(x) - base.forward_head(base.forward_features(x), pre_logits=True)
+        ).abs().max() < TOL
     sd["module.something_else"] = torch.zeros(1)
     torch.save({"state_dict": sd}, tmp_path / "bad.pth.tar")
     with pytest.raises(SourceError, match="not in the MoCo v3 layout"):
@@ -318,35 +367,61 @@ def test_cka_across_heterogeneous_sources(hf_mae, tmp_path, capsys):
     """One `analyze cka` run over a mimlab checkpoint, a transformers MAE, a timm ViT and a
     MoCo v3 file: each is normalised with its own statistics, all see the same masks."""
     import json
+    import shutil
 
     from conftest import make_imagefolder
+
     from mimlab.cli import run
-    import shutil
+
     hf_dir = tmp_path / "hf"
     shutil.copytree(hf_mae[1], hf_dir)
-    (hf_dir / "preprocessor_config.json").write_text(json.dumps(
-        {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}))
+    (hf_dir / "preprocessor_config.json").write_text(
+        json.dumps({"image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]})
+    )
     torch.manual_seed(0)
     vit = timm.create_model("mimlab_test_vit_micro", pretrained=False)
     torch.save(vit.state_dict(), tmp_path / "vit.pth")
     base = VisionTransformer(**MICRO, num_classes=0)
-    torch.save({"state_dict": {f"module.base_encoder.{k}": v
-                               for k, v in base.state_dict().items()}}, tmp_path / "moco.pth")
+    torch.save(
+        {"state_dict": {f"module.base_encoder.{k}": v for k, v in base.state_dict().items()}},
+        tmp_path / "moco.pth",
+    )
     data = make_imagefolder(tmp_path / "data", classes=2, per_class=6)
-    legacy = str((__import__("pathlib").Path(__file__).parent / "fixtures" /
-                  "legacy_mae_micro_pretrain.pt"))
-    rc = run(["analyze", "cka", "--data", str(data), "--checkpoints", legacy, f"hf:{hf_dir}",
-              f"timm:mimlab_test_vit_micro@{tmp_path / 'vit.pth'}",
-              f"mocov3:{tmp_path / 'moco.pth'}?heads=2", "--ratios", "0.25", "0.5",
-              "--images", "8", "--batch", "4", "--workers", "0", "--no-progress",
-              "--out", str(tmp_path / "cka")])
+    legacy = str(
+        (__import__("pathlib").Path(__file__).parent / "fixtures" / "legacy_mae_micro_pretrain.pt")
+    )
+    rc = run(
+        [
+            "analyze",
+            "cka",
+            "--data",
+            str(data),
+            "--checkpoints",
+            legacy,
+            f"hf:{hf_dir}",
+            f"timm:mimlab_test_vit_micro@{tmp_path / 'vit.pth'}",
+            f"mocov3:{tmp_path / 'moco.pth'}?heads=2",
+            "--ratios",
+            "0.25",
+            "0.5",
+            "--images",
+            "8",
+            "--batch",
+            "4",
+            "--workers",
+            "0",
+            "--no-progress",
+            "--out",
+            str(tmp_path / "cka"),
+        ]
+    )
     assert rc == 0, capsys.readouterr().err
     res = json.loads((tmp_path / "cka" / "cka.json").read_text())
     kinds = [m["kind"] for m in res["models"]]
     assert kinds == ["mae", "hf", "timm", "mocov3"]
-    assert res["models"][1]["mean"] == [0.5, 0.5, 0.5]          # hf: preprocessor_config
-    assert res["models"][2]["mean"] == [0.485, 0.456, 0.406]    # timm's data config
-    assert len(set(map(tuple, res["noise_digests"].values()))) == 1    # same masks for all
+    assert res["models"][1]["mean"] == [0.5, 0.5, 0.5]  # hf: preprocessor_config
+    assert res["models"][2]["mean"] == [0.485, 0.456, 0.406]  # timm's data config
+    assert len(set(map(tuple, res["noise_digests"].values()))) == 1  # same masks for all
     for lab, per_ratio in res["cka"].items():
         assert all(0.0 <= v <= 1.0 + 1e-6 for vals in per_ratio.values() for v in vals)
 
@@ -354,21 +429,39 @@ def test_cka_across_heterogeneous_sources(hf_mae, tmp_path, capsys):
 def test_finetune_and_knn_from_foreign_sources(hf_mae, tiny_folder, tmp_path):
     """finetune / knn take any source: the architecture and the normalisation come with it."""
     from mimlab import tasks
-    from mimlab.config import FinetuneConfig, ProbeConfig, resolve
-    common = [f"data.path={tiny_folder}", "data.num_workers=0", "run.progress=false",
-              f"run.out_dir={tmp_path}"]
-    ft = resolve(FinetuneConfig, overrides=common + [
-        f"finetune.pretrained=hf:{hf_mae[1]}", "optim.batch_size=8", "optim.epochs=1",
-        "run.max_steps=1", "run.name=ft"])
+    from mimlab.config import FinetuneConfig, ProbeConfig
+
+    common = [
+        f"data.path={tiny_folder}",
+        "data.num_workers=0",
+        "run.progress=false",
+        f"run.out_dir={tmp_path}",
+    ]
+    ft = tasks.resolve_run_config(
+        FinetuneConfig,
+        overrides=common
+        + [
+            f"finetune.pretrained=hf:{hf_mae[1]}",
+            "optim.batch_size=8",
+            "optim.epochs=1",
+            "run.max_steps=1",
+            "run.name=ft",
+        ],
+    )
     res = tasks.finetune(ft)
     assert res["steps"] == 1
-    assert ft.model.embed_dim == 32 and ft.model.patch_size == 8          # adopted
-    assert ft.data.mean == [0.485, 0.456, 0.406]                           # brought along
+    assert ft.model.embed_dim == 32 and ft.model.patch_size == 8  # adopted
+    assert ft.data.mean == [0.485, 0.456, 0.406]  # brought along
     base = VisionTransformer(**MICRO, num_classes=0)
-    torch.save({"state_dict": {f"module.base_encoder.{k}": v
-                               for k, v in base.state_dict().items()}}, tmp_path / "moco.pth")
-    kc = resolve(ProbeConfig, overrides=common + [
-        f"probe.pretrained=mocov3:{tmp_path / 'moco.pth'}?heads=2", "run.name=knn"])
+    torch.save(
+        {"state_dict": {f"module.base_encoder.{k}": v for k, v in base.state_dict().items()}},
+        tmp_path / "moco.pth",
+    )
+    kc = tasks.resolve_run_config(
+        ProbeConfig,
+        overrides=common
+        + [f"probe.pretrained=mocov3:{tmp_path / 'moco.pth'}?heads=2", "run.name=knn"],
+    )
     res = tasks.knn(kc)
     assert 0.0 <= res["top1"] <= 100.0 and kc.model.num_heads == 2
 
@@ -376,8 +469,16 @@ def test_finetune_and_knn_from_foreign_sources(hf_mae, tiny_folder, tmp_path):
 def test_psnr_of_a_transformers_mae(hf_mae, tiny_folder, tmp_path):
     """`analyze psnr` reads an MAE with its decoder from a foreign source."""
     from mimlab.analysis.recon import analyze_psnr
-    res = analyze_psnr(f"hf:{hf_mae[1]}", data=str(tiny_folder), images=4, batch=4, workers=0,
-                       out=str(tmp_path / "p.json"), progress=False)
+
+    res = analyze_psnr(
+        f"hf:{hf_mae[1]}",
+        data=str(tiny_folder),
+        images=4,
+        batch=4,
+        workers=0,
+        out=str(tmp_path / "p.json"),
+        progress=False,
+    )
     assert res["images"] == 4 and res["mask_ratio"] == 0.75 and res["norm_pix"] is True
     assert res["data_mean"] == [0.485, 0.456, 0.406]
     assert 0.0 < res["psnr"] < 100.0

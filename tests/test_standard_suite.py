@@ -1,5 +1,6 @@
 """The standard suite end to end at a toy scale: stages resume from the small result files, the
 report is regenerated from them alone, and claim (a) gets a paired CI and a verdict."""
+
 from __future__ import annotations
 
 import io
@@ -9,12 +10,34 @@ from pathlib import Path
 
 import pytest
 
-from mimlab.experiments.standard import (CLAIMS, STAGES, StandardError, StandardSuite, StandardProfile,
-                                         _crossing, claim_a, reproduce_standard, write_report)
+from mimlab.experiments.standard import (
+    CLAIMS,
+    STAGES,
+    StandardError,
+    StandardProfile,
+    StandardSuite,
+    _crossing,
+    claim_a,
+    reproduce_standard,
+    write_report,
+)
 
-TOY = dict(preset="micro", pool_images=24, batch=8, pretrain_epochs=2, curve_epochs=2,
-           curve_points=(1, 2), ft_epochs=1, ft_seeds=(0, 1), sweep_layer_decay=(0.75, 1.0),
-           sweep_lr_factors=(2.0,), lp_epochs=2, cka_images=12, cka_ratios=(0.5,), workers=0)
+TOY = dict(
+    preset="micro",
+    pool_images=24,
+    batch=8,
+    pretrain_epochs=2,
+    curve_epochs=2,
+    curve_points=(1, 2),
+    ft_epochs=1,
+    ft_seeds=(0, 1),
+    sweep_layer_decay=(0.75, 1.0),
+    sweep_lr_factors=(2.0,),
+    lp_epochs=2,
+    cka_images=12,
+    cka_ratios=(0.5,),
+    workers=0,
+)
 
 
 @pytest.mark.slow
@@ -44,11 +67,9 @@ def test_core_stage_end_to_end(tiny_folder, tmp_path):
     assert [p for p in before if after[p] != before[p]] == [] and not runs.exists()
     # the report is regenerated from the result files alone (no checkpoints, no runs/)
     (res / "report.md").unlink()
-    rep2 = reproduce_standard(None, str(tiny_folder), str(runs), str(res), report_only=True,
-                              **TOY)
+    rep2 = reproduce_standard(None, str(tiny_folder), str(runs), str(res), report_only=True, **TOY)
     assert json.loads((res / "summary.json").read_text())["claim_a"] == summary["claim_a"]
     assert "Claim (a) in detail" in rep2.read_text()
-
 
 
 def test_lost_checkpoint_is_rebuilt_only_when_needed(tiny_folder, tmp_path):
@@ -61,11 +82,12 @@ def test_lost_checkpoint_is_rebuilt_only_when_needed(tiny_folder, tmp_path):
     first = ck.read_bytes()
     shutil.rmtree(runs)
     s2 = StandardSuite(StandardProfile(**TOY), str(tiny_folder), runs, res)
-    s2.pretrain("core", "mae", 0, 1, "mae-s0")            # result file exists: nothing runs
+    s2.pretrain("core", "mae", 0, 1, "mae-s0")  # result file exists: nothing runs
     assert not ck.exists()
-    got = s2.ckpt("core/pretrain/mae-s0")()               # a pending sub-run asks for it
+    got = s2.ckpt("core/pretrain/mae-s0")()  # a pending sub-run asks for it
     assert Path(got) == ck and ck.is_file()
     import torch
+
     a = torch.load(io.BytesIO(first), weights_only=False)["model"]
     b = torch.load(ck, weights_only=False)["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -93,16 +115,22 @@ def test_empty_report(tmp_path):
     assert text.count("not run yet") == len(CLAIMS)
 
 
-@pytest.mark.parametrize("arm", sorted(__import__("mimlab.experiments.standard",
-                                                  fromlist=["ARMS"]).ARMS))
+@pytest.mark.parametrize(
+    "arm", sorted(__import__("mimlab.experiments.standard", fromlist=["ARMS"]).ARMS)
+)
 def test_every_arm_resolves(arm, tmp_path):
     """Each declared arm is a valid pretraining config (typos in overrides fail here, not two
     hours into a stage)."""
     from mimlab.config import PretrainConfig, resolve
     from mimlab.experiments.standard import ARMS, small_data_overrides
+
     a, p = ARMS[arm], StandardProfile()
-    ov = [f"method.name={a.method}", f"model.preset={p.preset}", *small_data_overrides(a, p, 8),
-          *a.overrides]
+    ov = [
+        f"method.name={a.method}",
+        f"model.preset={p.preset}",
+        *small_data_overrides(a, p, 8),
+        *a.overrides,
+    ]
     cfg = resolve(PretrainConfig, overrides=ov)
     assert cfg.method.name == a.method
     if a.small:

@@ -1,4 +1,5 @@
 """Paired statistics of mimlab.stats and the claim verdicts."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,9 +29,9 @@ def test_paired_diff_hand_computed():
     a = [np.array([1, 1, 1, 0], bool), np.array([1, 1, 1, 1], bool)]
     b = [np.array([1, 1, 0, 0], bool), np.array([1, 0, 1, 0], bool)]
     d = paired_diff(a, b)
-    assert d.mean == pytest.approx(37.5)          # (25 + 50) / 2
+    assert d.mean == pytest.approx(37.5)  # (25 + 50) / 2
     assert d.seed_sd == pytest.approx(np.std([25, 50], ddof=1))
-    e = 100 * np.array([0, 0.5, 0.5, 0.5])        # per-image mean difference
+    e = 100 * np.array([0, 0.5, 0.5, 0.5])  # per-image mean difference
     assert d.image_se == pytest.approx(e.std(ddof=1) / 2)
     half = np.hypot(12.706 * d.seed_sd / np.sqrt(2), 1.96 * d.image_se)
     assert (d.lo, d.hi) == pytest.approx((37.5 - half, 37.5 + half))
@@ -49,7 +50,7 @@ def test_verdicts():
     rng = np.random.default_rng(1)
     n = 5000
     base = rng.random((3, n)) < 0.5
-    better = base | (rng.random((3, n)) < 0.2)      # clearly more correct
+    better = base | (rng.random((3, n)) < 0.2)  # clearly more correct
     assert verdict(paired_diff(list(better), list(base)), ">") == "holds"
     assert verdict(paired_diff(list(base), list(better)), ">") == "contradicted"
     assert verdict(paired_diff(list(base), list(better)), "<") == "holds"

@@ -1,7 +1,8 @@
-"""Faithfulness checks for Kong & Zhang's Tables 3-5 (issue 16): every Table-5 composition of
+"""Faithfulness checks for Kong & Zhang's Tables 3-5: every Table-5 composition of
 {patch masking, cutmix, colour jitter} for MAE and C-MAE, views that differ where they should, no
 trivial objective, the position-only probe that picks C-MAE's negatives, the leak-free jitter,
 the linear-probe feature and the paper's optimiser settings. Micro model (32 px, patch 8)."""
+
 import itertools
 import math
 
@@ -9,10 +10,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mimlab import tasks
 from mimlab.augment import color_jitter_batch, patch_mask_to_pixels
-from mimlab.config import (METHOD_PRESETS, ConfigError, PretrainConfig, ProbeConfig, paper_optim,
-                           resolve)
+from mimlab.config import (
+    METHOD_PRESETS,
+    ConfigError,
+    PretrainConfig,
+    ProbeConfig,
+    paper_optim,
+    resolve,
+)
+from mimlab.eval.features import _probe_encoder
 from mimlab.methods import build_method
 from mimlab.methods.masked import normalize_target
 from mimlab.methods.siamese import ContrastiveSiamese, Encoded
@@ -26,9 +33,13 @@ COMPOSITIONS = [c for c in itertools.product((True, False), repeat=3) if any(c)]
 
 
 def _overrides(name, masking, cutmix, jitter):
-    return ["model.preset=micro", f"method.name={name}",
-            f"method.mask={'random' if masking else 'none'}", f"method.cutmix={cutmix}",
-            f"method.color_jitter={'after_mask' if jitter else 'none'}"]
+    return [
+        "model.preset=micro",
+        f"method.name={name}",
+        f"method.mask={'random' if masking else 'none'}",
+        f"method.cutmix={cutmix}",
+        f"method.color_jitter={'after_mask' if jitter else 'none'}",
+    ]
 
 
 def _build(*ov):
@@ -63,8 +74,9 @@ def test_empty_composition_is_refused(name):
 
 
 @pytest.mark.parametrize("masking,cutmix,jitter", [c for c in COMPOSITIONS if not c[0]])
-def test_mae_without_masking_reconstructs_the_original_and_identity_is_not_free(masking, cutmix,
-                                                                                jitter):
+def test_mae_without_masking_reconstructs_the_original_and_identity_is_not_free(
+    masking, cutmix, jitter
+):
     """MAE without patch masking: the input is the augmented image, the target the original;
     the identity map (predicting the input's own patches) does not reach zero loss."""
     m, _ = _build(*_overrides("mae", masking, cutmix, jitter))
@@ -134,8 +146,15 @@ def _position_only_probe(negatives, queries, B=8, seed=0):
     pos = torch.from_numpy(sincos_pos_embed_2d(D, grid, cls_token=True)).float()  # [197, D]
     stub = nn.Module()
     stub.num_patches = N196
-    m = ContrastiveSiamese(stub, nn.Identity(), nn.Identity(), None, negatives=negatives,
-                           queries=queries, temperature=0.2)
+    m = ContrastiveSiamese(
+        stub,
+        nn.Identity(),
+        nn.Identity(),
+        None,
+        negatives=negatives,
+        queries=queries,
+        temperature=0.2,
+    )
     g = torch.Generator().manual_seed(seed)
     mask1 = random_masking(torch.rand(B, N196, generator=g), 0.75)[1]
     assert int(mask1[0].sum()) == 147
@@ -212,7 +231,7 @@ def test_probe_feature_cls_is_the_class_token_after_the_final_norm():
     """MAE's linear probe uses the class token after the encoder's final norm (its default
     ``--cls_token``); ``probe.feature=cls`` gives exactly that, ``avg`` the patch mean."""
     cfg = resolve(ProbeConfig, overrides=["model.preset=micro", "probe.feature=cls"])
-    fn = tasks._probe_encoder(cfg, torch.device("cpu"), None).eval()
+    fn = _probe_encoder(cfg, torch.device("cpu"), None).eval()
     enc = fn.enc
     x = _images(3)
     with torch.no_grad():
@@ -228,7 +247,11 @@ def test_probe_feature_cls_is_the_class_token_after_the_final_norm():
 def test_paper_optim_settings():
     mae, rmae, cmae = paper_optim("mae"), paper_optim("rmae_indep"), paper_optim("cmae_nomask")
     assert (mae["base_lr"], mae["warmup_epochs"], mae["epochs"], mae["batch_size"]) == (
-        1.5e-4, 20, 100, 1024)
+        1.5e-4,
+        20,
+        100,
+        1024,
+    )
     assert rmae["base_lr"] == 3.0e-4 and rmae["base_lr"] / mae["base_lr"] == pytest.approx(2.0)
     assert cmae["base_lr"] == 1.5e-4 and "1.5e-4" in cmae["source"]
     assert paper_optim("maskdistill")["stated"] is False

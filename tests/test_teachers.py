@@ -1,4 +1,5 @@
 """Tests for mimlab.teachers: frozen teachers producing per-patch targets on the student grid."""
+
 import json
 import math
 import warnings
@@ -7,9 +8,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mimlab.teachers import (EfficientNetLite0Teacher, HFCLIPTeacher, HOGTeacher, OpenCLIPTeacher,
-                             Teacher, TimmTeacher, TorchvisionTeacher, build_teacher,
-                             gaussian_window, resample_to_grid)
+from mimlab.teachers import (
+    EfficientNetLite0Teacher,
+    HFCLIPTeacher,
+    HOGTeacher,
+    OpenCLIPTeacher,
+    Teacher,
+    TimmTeacher,
+    TorchvisionTeacher,
+    build_teacher,
+    gaussian_window,
+    resample_to_grid,
+)
 
 MEAN, STD = [0.4914, 0.4822, 0.4465], [0.247, 0.243, 0.261]
 NORM = dict(student_mean=MEAN, student_std=STD)
@@ -21,8 +31,11 @@ def normalise(pixels, mean=MEAN, std=STD):
 
 def images(b=2, c=3, h=32, w=32, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return normalise(torch.rand(b, c, h, w, generator=g), MEAN[:c] if c == 3 else [0.5],
-                     STD[:c] if c == 3 else [0.25])
+    return normalise(
+        torch.rand(b, c, h, w, generator=g),
+        MEAN[:c] if c == 3 else [0.5],
+        STD[:c] if c == 3 else [0.25],
+    )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -90,8 +103,10 @@ def test_hog_grid(size, patch):
     assert out.shape == (2, (h // patch) * (w // patch), t.out_dim) and t.out_dim == 3 * 9 * 4
 
 
-@pytest.mark.parametrize("size,patch,layer", [(32, 4, "head"), (32, 8, "blocks"), (64, 16, "head"),
-                                              (224, 16, "head"), (32, 4, 3)])
+@pytest.mark.parametrize(
+    "size,patch,layer",
+    [(32, 4, "head"), (32, 8, "blocks"), (64, 16, "head"), (224, 16, "head"), (32, 4, 3)],
+)
 def test_effnet_grid(effnet, size, patch, layer):
     t = effnet if layer == "head" else EfficientNetLite0Teacher(layer, **NORM, teacher_size=64)
     g = size // patch
@@ -146,9 +161,15 @@ def test_hog_constant_image_is_zero():
     assert list(t.parameters()) == []
 
 
-@pytest.mark.parametrize("mode,kind,bin_", [("legacy", "vertical", 0), ("legacy", "horizontal", 4),
-                                            ("maskfeat", "vertical", 4),
-                                            ("maskfeat", "horizontal", 0)])
+@pytest.mark.parametrize(
+    "mode,kind,bin_",
+    [
+        ("legacy", "vertical", 0),
+        ("legacy", "horizontal", 4),
+        ("maskfeat", "vertical", 4),
+        ("maskfeat", "horizontal", 0),
+    ],
+)
 def test_hog_edge_orientation_bin(mode, kind, bin_):
     t = HOGTeacher(nbins=9, cells_per_side=2, mode=mode, **NORM)
     out = t(normalise(_hog_pixels(kind)), (4, 4))  # (1, 16, 3*9*4)
@@ -185,21 +206,25 @@ def test_hog_maskfeat_hand_computed_example():
     x = torch.zeros(1, 1, 4, 4)
     x[0, 0, 3, 0] = 1.0
     t = HOGTeacher(student_mean=[0.0], student_std=[1.0], mode="maskfeat")
-    a, b = math.exp(-0.5 * 0.75 ** 2), math.exp(-0.5 * 0.25 ** 2)
+    a, b = math.exp(-0.5 * 0.75**2), math.exp(-0.5 * 0.25**2)
     raw = t.cell_histograms(x, (1, 1))  # (1, 1, 9, 2, 2)
     want_raw = torch.zeros(9, 2, 2)
     s = (2 * a + 2 * b) ** 2
-    want_raw[0, 1, 0], want_raw[6, 1, 0], want_raw[4, 1, 0] = 2 * a * b / s, 2 ** .5 * b * b / s, \
-        2 * a * b / s
+    want_raw[0, 1, 0], want_raw[6, 1, 0], want_raw[4, 1, 0] = (
+        2 * a * b / s,
+        2**0.5 * b * b / s,
+        2 * a * b / s,
+    )
     assert torch.allclose(raw[0, 0], want_raw, atol=1e-6)
     out = t(x, (1, 1))  # (1, 1, 36): index = bin * 4 + cell_row * 2 + cell_col
     z = math.sqrt(8 * a * a + 2 * b * b)
     want = torch.zeros(36)
-    want[0 * 4 + 2], want[4 * 4 + 2], want[6 * 4 + 2] = 2 * a / z, 2 * a / z, 2 ** .5 * b / z
+    want[0 * 4 + 2], want[4 * 4 + 2], want[6 * 4 + 2] = 2 * a / z, 2 * a / z, 2**0.5 * b / z
     assert out.shape == (1, 1, 36)
     assert torch.allclose(out[0, 0], want, atol=1e-6)
-    assert want[2] == pytest.approx(0.59503, abs=1e-5) and want[26] == pytest.approx(0.54025,
-                                                                                  abs=1e-5)
+    assert want[2] == pytest.approx(0.59503, abs=1e-5) and want[26] == pytest.approx(
+        0.54025, abs=1e-5
+    )
     # the earlier mimlab HOG (replicate padding, no window, one norm per token) differs
     legacy = HOGTeacher(student_mean=[0.0], student_std=[1.0], mode="legacy")(x, (1, 1))
     assert not torch.allclose(legacy, out, atol=1e-2)
@@ -249,15 +274,20 @@ def test_hog_modes_specs_and_errors():
 # ---------------------------------------------------------------------------------- CLIP
 def _tiny_open_clip():
     import open_clip
-    cfg = dict(embed_dim=48,
-               vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=32,
-                               mlp_ratio=2.0),
-               text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1))
+
+    cfg = dict(
+        embed_dim=48,
+        vision_cfg=dict(
+            image_size=32, patch_size=8, width=64, layers=2, head_width=32, mlp_ratio=2.0
+        ),
+        text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=1),
+    )
     return cfg, open_clip.CLIP(**cfg).eval()
 
 
 def test_open_clip_checkpoint_round_trip(tmp_path):
     import open_clip
+
     torch.manual_seed(0)
     cfg, model = _tiny_open_clip()
     (tmp_path / "mimlab-test-tiny-clip.json").write_text(json.dumps(cfg))
@@ -279,8 +309,9 @@ def test_open_clip_checkpoint_round_trip(tmp_path):
     assert torch.allclose(out, tokens @ model.visual.proj, atol=1e-5)
     # other token choices and a differently initialised model
     assert OpenCLIPTeacher(model=model, tokens="ln_post", **NORM)(x, (4, 4)).shape == (2, 16, 64)
-    assert torch.allclose(OpenCLIPTeacher(model=model, tokens="ln_post", **NORM)(x, (4, 4)),
-                          tokens, atol=1e-5)
+    assert torch.allclose(
+        OpenCLIPTeacher(model=model, tokens="ln_post", **NORM)(x, (4, 4)), tokens, atol=1e-5
+    )
     assert OpenCLIPTeacher(model=model, tokens="raw", layer=0, **NORM).out_dim == 64
     _, other = _tiny_open_clip()
     assert not torch.allclose(out, OpenCLIPTeacher(model=other, **NORM)(x, (4, 4)))
@@ -288,9 +319,16 @@ def test_open_clip_checkpoint_round_trip(tmp_path):
 
 def test_hf_clip_round_trip(tmp_path):
     from transformers import CLIPVisionConfig, CLIPVisionModel
+
     torch.manual_seed(0)
-    cfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=2, image_size=32, patch_size=8)
+    cfg = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
     model = CLIPVisionModel(cfg).eval()
     model.save_pretrained(tmp_path)
     t = build_teacher(f"hf_clip:{tmp_path}", MEAN, STD)
@@ -305,6 +343,7 @@ def test_hf_clip_round_trip(tmp_path):
 # ---------------------------------------------------------------------------------- timm / tv
 def test_timm_checkpoint_round_trip(tmp_path):
     import timm
+
     torch.manual_seed(0)
     cnn = timm.create_model("resnet10t").eval()
     torch.save({"state_dict": cnn.state_dict()}, tmp_path / "r10t.pth")
@@ -317,9 +356,15 @@ def test_timm_checkpoint_round_trip(tmp_path):
 
     vit = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8).eval()
     from safetensors.torch import save_file
+
     save_file(vit.state_dict(), str(tmp_path / "vit.safetensors"))
-    tv = build_teacher(f"timm:vit_tiny_patch16_224@{tmp_path / 'vit.safetensors'}", MEAN, STD,
-                       img_size=32, patch_size=8)
+    tv = build_teacher(
+        f"timm:vit_tiny_patch16_224@{tmp_path / 'vit.safetensors'}",
+        MEAN,
+        STD,
+        img_size=32,
+        patch_size=8,
+    )
     with torch.no_grad():
         ref = vit.forward_features(tv.preprocess(x))[:, 1:]
     assert tv.teacher_size == (32, 32) and torch.allclose(tv(x, (4, 4)), ref, atol=1e-5)
@@ -330,6 +375,7 @@ def test_timm_checkpoint_round_trip(tmp_path):
 
 def test_torchvision_weights_round_trip(tmp_path):
     import torchvision
+
     torch.manual_seed(0)
     net = torchvision.models.resnet18().eval()
     torch.save(net.state_dict(), tmp_path / "r18.pth")
@@ -342,14 +388,17 @@ def test_torchvision_weights_round_trip(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("make", [
-    lambda p: TimmTeacher("resnet10t", p, **NORM),
-    lambda p: TorchvisionTeacher("resnet18", p, **NORM),
-    lambda p: OpenCLIPTeacher("ViT-B-16", p, **NORM),
-    lambda p: HFCLIPTeacher(p, **NORM),
-    lambda p: EfficientNetLite0Teacher(weights_path=p, **NORM),
-    lambda p: build_teacher(f"open_clip:ViT-B-16@{p}", MEAN, STD),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p: TimmTeacher("resnet10t", p, **NORM),
+        lambda p: TorchvisionTeacher("resnet18", p, **NORM),
+        lambda p: OpenCLIPTeacher("ViT-B-16", p, **NORM),
+        lambda p: HFCLIPTeacher(p, **NORM),
+        lambda p: EfficientNetLite0Teacher(weights_path=p, **NORM),
+        lambda p: build_teacher(f"open_clip:ViT-B-16@{p}", MEAN, STD),
+    ],
+)
 def test_missing_checkpoint_is_a_clear_error(tmp_path, make):
     missing = str(tmp_path / "nope" / "weights.pth")
     with pytest.raises(FileNotFoundError, match="not found"):

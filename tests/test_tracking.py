@@ -1,4 +1,5 @@
 """Optional W&B / MLflow sinks (log.wandb, log.mlflow), offline; never imported unless enabled."""
+
 import json
 import struct
 import sys
@@ -11,10 +12,22 @@ from mimlab.config import ConfigError, PretrainConfig, resolve
 
 
 def _cfg(data, out, name, *extra):
-    return resolve(PretrainConfig, overrides=[
-        "model.preset=micro", f"data.path={data}", "data.limit=64", "optim.batch_size=16",
-        "optim.epochs=1", "run.log_every=1", "run.progress=false", f"run.out_dir={out}",
-        f"run.name={name}", "data.num_workers=0", *extra])
+    return resolve(
+        PretrainConfig,
+        overrides=[
+            "model.preset=micro",
+            f"data.path={data}",
+            "data.limit=64",
+            "optim.batch_size=16",
+            "optim.epochs=1",
+            "run.log_every=1",
+            "run.progress=false",
+            f"run.out_dir={out}",
+            f"run.name={name}",
+            "data.num_workers=0",
+            *extra,
+        ],
+    )
 
 
 def _train_losses(d: Path) -> dict[int, float]:
@@ -39,6 +52,7 @@ def _wandb_history(run_file: Path) -> list[dict]:
     blocks of records with a 7-byte header crc32/length/type; type 1 full, 2-4 first/middle/
     last fragment), each record a wandb_internal_pb2.Record."""
     from wandb.proto import wandb_internal_pb2 as pb
+
     data = run_file.read_bytes()
     assert data[:4] == b":W&B"
     pos, block, payload, rows = 7, 32768, b"", []
@@ -47,8 +61,8 @@ def _wandb_history(run_file: Path) -> list[dict]:
         if left < 7:
             pos += left
             continue
-        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
-        chunk = data[pos + 7:pos + 7 + length]
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind == 0:
             continue
@@ -57,8 +71,12 @@ def _wandb_history(run_file: Path) -> list[dict]:
             rec = pb.Record()
             rec.ParseFromString(payload)
             if rec.WhichOneof("record_type") == "history":
-                rows.append({it.key or "/".join(it.nested_key): json.loads(it.value_json)
-                             for it in rec.history.item})
+                rows.append(
+                    {
+                        it.key or "/".join(it.nested_key): json.loads(it.value_json)
+                        for it in rec.history.item
+                    }
+                )
     return rows
 
 
@@ -77,6 +95,7 @@ def test_wandb_offline_run_holds_the_logged_losses(cifar_dir, tmp_path, monkeypa
 def test_mlflow_file_store_holds_the_logged_losses(cifar_dir, tmp_path):
     pytest.importorskip("mlflow", reason="mlflow not installed (pip install 'mimlab[track]')")
     from mlflow import MlflowClient
+
     tasks.pretrain(_cfg(cifar_dir, tmp_path, "ml", "log.mlflow=true"))
     d = tmp_path / "ml"
     client = MlflowClient((d / "mlruns").resolve().as_uri())

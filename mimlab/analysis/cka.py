@@ -44,6 +44,7 @@ Masks are seeded by ``(seed, batch index)`` (:func:`~mimlab.analysis.common.mask
 the same for every model; one noise tensor per batch serves every ratio (nested masks). Images
 are a fixed, seeded subset in a fixed order with the evaluation transform (no augmentation).
 """
+
 from __future__ import annotations
 
 import csv
@@ -57,15 +58,26 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..checkpoint import CheckpointError
 from ..config import ModelConfig, PretrainConfig, resolve, to_dict
 from ..models import ViTEncoder, build_encoder
 from ..ops import gather_tokens, num_visible, random_masking
-from ..sources import SourceError, SourceModel, load_encoder as load_source, source_label
+from ..plots import pyplot
+from ..sources import SourceError, SourceModel, source_label
+from ..sources import load_encoder as load_source
 from . import AnalysisError
-from .common import (analysis_dataset, dataset_stats, mask_noise, pick_device, renormalize,
-                     resolve_split, safe_name, unique_labels)
+from .common import (
+    analysis_dataset,
+    dataset_stats,
+    mask_noise,
+    pick_device,
+    renormalize,
+    resolve_split,
+    safe_name,
+    unique_labels,
+)
 from .metrics import CKAAccumulator
 
 log = logging.getLogger("mimlab.analysis")
@@ -77,15 +89,16 @@ MODES = ("drop", "mask_token")
 @dataclass
 class AnalysedModel:
     """An encoder to analyse, its name and the normalisation its inputs need."""
+
     label: str
     encoder: ViTEncoder
-    source: str                         # model source spec or 'random-init'
-    kind: str                           # pretrain method name | finetune | supervised | random
-    mean: Optional[list] = None         # the model's own input normalisation (None: data set's)
+    source: str  # model source spec or 'random-init'
+    kind: str  # pretrain method name | finetune | supervised | random
+    mean: Optional[list] = None  # the model's own input normalisation (None: data set's)
     std: Optional[list] = None
-    config: Optional[dict] = None       # the checkpoint's config (mimlab sources only)
+    config: Optional[dict] = None  # the checkpoint's config (mimlab sources only)
     model_config: Optional[ModelConfig] = None
-    loaded: str = ""                    # the source's one-line load description
+    loaded: str = ""  # the source's one-line load description
 
 
 def source_kind(sm: SourceModel) -> str:
@@ -108,8 +121,9 @@ def load_encoder(spec: str, trust: bool = False) -> tuple[ViTEncoder, SourceMode
     return sm.encoder.eval(), sm
 
 
-def random_model_config(preset: Optional[str], overrides: Sequence[str] = (),
-                        like: Optional[ModelConfig] = None) -> ModelConfig:
+def random_model_config(
+    preset: Optional[str], overrides: Sequence[str] = (), like: Optional[ModelConfig] = None
+) -> ModelConfig:
     """Architecture of a random initialisation: ``model.preset`` (+ ``model.*`` overrides), or
     the first checkpoint's architecture when no preset is given."""
     ov = list(overrides)
@@ -120,8 +134,10 @@ def random_model_config(preset: Optional[str], overrides: Sequence[str] = (),
         ov = [o for o in ov if not o.startswith("model.preset=")] + [f"model.preset={preset}"]
     if not any(o.startswith("model.preset=") for o in ov):
         if like is None:
-            raise AnalysisError("--random-init needs a preset (--random-init tiny or "
-                                "model.preset=tiny) when no checkpoint is given")
+            raise AnalysisError(
+                "--random-init needs a preset (--random-init tiny or "
+                "model.preset=tiny) when no checkpoint is given"
+            )
         base = {"model": to_dict(like)}
         return resolve(PretrainConfig, overrides=ov, base=base).model
     return resolve(PretrainConfig, overrides=ov).model
@@ -146,20 +162,27 @@ def _check_ratios(ratios: Sequence[float]) -> list[float]:
 
 
 @torch.no_grad()
-def block_pairs(encoder: ViTEncoder, images: torch.Tensor, ids_keep: torch.Tensor,
-                full_blocks: Sequence[torch.Tensor], mode: str = "drop"):
+def block_pairs(
+    encoder: ViTEncoder,
+    images: torch.Tensor,
+    ids_keep: torch.Tensor,
+    full_blocks: Sequence[torch.Tensor],
+    mode: str = "drop",
+):
     """Per block, (full-image tokens at the visible positions, masked-image visible tokens),
     both [B, K, D] in the order of ``ids_keep`` (see the module docstring)."""
     if mode == "drop":
-        _, blocks = encoder.forward_features(images, ids_keep=ids_keep, return_blocks=True,
-                                             apply_norm=False)
+        _, blocks = encoder.forward_features(
+            images, ids_keep=ids_keep, return_blocks=True, apply_norm=False
+        )
         masked = [b[:, 1:, :] for b in blocks]
     elif mode == "mask_token":
         N = encoder.num_patches
         mask = torch.ones(images.shape[0], N, device=images.device)
         mask.scatter_(1, ids_keep, 0.0)
-        _, blocks = encoder.forward_features(images, mask=mask, return_blocks=True,
-                                             apply_norm=False)
+        _, blocks = encoder.forward_features(
+            images, mask=mask, return_blocks=True, apply_norm=False
+        )
         masked = [gather_tokens(b[:, 1:, :], ids_keep) for b in blocks]
     else:
         raise AnalysisError(f"--mode must be one of {' | '.join(MODES)}, got '{mode}'")
@@ -172,27 +195,40 @@ def noise_digest(noise: torch.Tensor) -> str:
 
 
 @torch.no_grad()
-def model_cka(model: AnalysedModel, loader, data_stats: tuple, ratios: Sequence[float],
-              seed: int = 0, mode: str = "drop", device: torch.device = torch.device("cpu"),
-              progress: bool = True) -> tuple[dict, list[str]]:
+def model_cka(
+    model: AnalysedModel,
+    loader,
+    data_stats: tuple,
+    ratios: Sequence[float],
+    seed: int = 0,
+    mode: str = "drop",
+    device: Optional[torch.device] = None,
+    progress: bool = True,
+) -> tuple[dict, list[str]]:
     """``{(ratio, block): CKA}`` (block 1-based) for one model, and the digest of the noise
-    used for every batch (identical across models by construction)."""
+    used for every batch (identical across models by construction). ``device``: CPU when
+    None."""
+    device = device if device is not None else torch.device("cpu")
     enc = model.encoder.to(device).eval()
     N = enc.num_patches
     acc = CKAAccumulator(reduce="mean_tokens")
     digests = []
     it = loader
     if progress:
-        from tqdm.auto import tqdm
         it = tqdm(loader, desc=f"cka {model.label}", unit="batch", leave=False)
     for bi, batch in enumerate(it):
-        x = batch[0]
+        x = batch.images
         noise = mask_noise(bi, x.shape[0], N, seed)
         digests.append(noise_digest(noise))
         x = renormalize(x, data_stats, (model.mean, model.std)).to(device)
         if x.shape[-1] != enc.img_size:  # a model of another resolution (same patch grid)
-            x = F.interpolate(x, size=(enc.img_size, enc.img_size), mode="bicubic",
-                              align_corners=False, antialias=True)
+            x = F.interpolate(
+                x,
+                size=(enc.img_size, enc.img_size),
+                mode="bicubic",
+                align_corners=False,
+                antialias=True,
+            )
         noise = noise.to(device)
         _, full_blocks = enc.forward_features(x, return_blocks=True, apply_norm=False)
         for ri, r in enumerate(ratios):
@@ -205,17 +241,11 @@ def model_cka(model: AnalysedModel, loader, data_stats: tuple, ratios: Sequence[
 
 
 # ------------------------------------------------------------------------------- plots
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def plot_model(values: dict, ratios: Sequence[float], depth: int, label: str, path: Path,
-               mode: str = "drop") -> Path:
+def plot_model(
+    values: dict, ratios: Sequence[float], depth: int, label: str, path: Path, mode: str = "drop"
+) -> Path:
     """Fig. 1 style: x = block index, one line per mask ratio (colour map)."""
-    plt = _plt()
+    plt = pyplot()
     cmap = plt.get_cmap("viridis")
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     blocks = list(range(1, depth + 1))
@@ -230,10 +260,14 @@ def plot_model(values: dict, ratios: Sequence[float], depth: int, label: str, pa
     ax.set_xticks(blocks if depth <= 24 else blocks[::2])
     ax.set_ylim(max(0.0, lo - 0.05), 1.01)
     ax.grid(alpha=0.3)
-    ax.set_title(f"{label}  ({'dropped' if mode == 'drop' else 'mask-token'} patches)",
-                 fontsize=9)
-    ax.legend(title="mask ratio", fontsize=7, title_fontsize=7, loc="lower left",
-              ncol=2 if len(ratios) > 5 else 1)
+    ax.set_title(f"{label}  ({'dropped' if mode == 'drop' else 'mask-token'} patches)", fontsize=9)
+    ax.legend(
+        title="mask ratio",
+        fontsize=7,
+        title_fontsize=7,
+        loc="lower left",
+        ncol=2 if len(ratios) > 5 else 1,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -242,7 +276,7 @@ def plot_model(values: dict, ratios: Sequence[float], depth: int, label: str, pa
 
 def plot_last_block(results: dict, ratios: Sequence[float], depths: dict, path: Path) -> Path:
     """Last block's CKA vs mask ratio, one line per model."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     lo = 1.0
     for label, vals in results.items():
@@ -262,13 +296,24 @@ def plot_last_block(results: dict, ratios: Sequence[float], depths: dict, path: 
 
 
 # ------------------------------------------------------------------------------- command
-def analyze_cka(data: Optional[str], checkpoints: Sequence[str] = (),
-                random_init: Sequence[str] = (), model_overrides: Sequence[str] = (),
-                ratios: Sequence[float] = DEFAULT_RATIOS, images: Optional[int] = 512,
-                batch: int = 64, out: Optional[str] = None, mode: str = "drop", seed: int = 0,
-                split: str = "auto", device: str = "auto", workers: int = 2,
-                labels: Optional[Sequence[str]] = None, trust: bool = False,
-                progress: bool = True) -> dict:
+def analyze_cka(
+    data: Optional[str],
+    checkpoints: Sequence[str] = (),
+    random_init: Sequence[str] = (),
+    model_overrides: Sequence[str] = (),
+    ratios: Sequence[float] = DEFAULT_RATIOS,
+    images: Optional[int] = 512,
+    batch: int = 64,
+    out: Optional[str] = None,
+    mode: str = "drop",
+    seed: int = 0,
+    split: str = "auto",
+    device: str = "auto",
+    workers: int = 2,
+    labels: Optional[Sequence[str]] = None,
+    trust: bool = False,
+    progress: bool = True,
+) -> dict:
     """``mimlab analyze cka``: see the module docstring. ``random_init``: one entry per random
     initialisation, a model preset or '' (= ``model.preset`` of ``model_overrides``, else the
     first checkpoint's architecture). Writes ``cka.csv`` (model, ratio, block, cka),
@@ -281,7 +326,7 @@ def analyze_cka(data: Optional[str], checkpoints: Sequence[str] = (),
         raise AnalysisError("--batch and --images must be >= 1")
     random_init = list(random_init)
     if model_overrides and not random_init:
-        random_init = [""]   # model.preset=... alone asks for a random initialisation
+        random_init = [""]  # model.preset=... alone asks for a random initialisation
     if not checkpoints and not random_init:
         raise AnalysisError("nothing to analyse: give --checkpoints and/or --random-init")
     t0 = time.time()
@@ -289,19 +334,41 @@ def analyze_cka(data: Optional[str], checkpoints: Sequence[str] = (),
     for p in checkpoints:  # any model source, each with its own preprocessing
         enc, sm = load_encoder(p, trust)
         cfg = sm.checkpoint.get("config") if sm.checkpoint is not None else None
-        models.append(AnalysedModel(source_label(p), enc, str(p), source_kind(sm), sm.mean,
-                                    sm.std, config=cfg, model_config=sm.model_config,
-                                    loaded=sm.description))
+        models.append(
+            AnalysedModel(
+                source_label(p),
+                enc,
+                str(p),
+                source_kind(sm),
+                sm.mean,
+                sm.std,
+                config=cfg,
+                model_config=sm.model_config,
+                loaded=sm.description,
+            )
+        )
     if data is None:
-        data = next((m.config.get("data", {}).get("path") for m in models
-                     if m.config and m.config.get("data", {}).get("path")), None)
+        data = next(
+            (
+                m.config.get("data", {}).get("path")
+                for m in models
+                if m.config and m.config.get("data", {}).get("path")
+            ),
+            None,
+        )
         if data is None:
             raise AnalysisError("no data: pass --data PATH")
     like = models[0].model_config if models else None
     for i, preset in enumerate(random_init):
         mc = random_model_config(preset, model_overrides, like)
-        models.append(AnalysedModel(f"random-{mc.preset or 'init'}", random_encoder(mc, seed + i),
-                                    "random-init", "random"))
+        models.append(
+            AnalysedModel(
+                f"random-{mc.preset or 'init'}",
+                random_encoder(mc, seed + i),
+                "random-init",
+                "random",
+            )
+        )
     names = list(labels) if labels else [m.label for m in models]
     if len(names) != len(models):
         raise AnalysisError(f"--labels: {len(names)} labels for {len(models)} models")
@@ -316,13 +383,16 @@ def analyze_cka(data: Optional[str], checkpoints: Sequence[str] = (),
             raise AnalysisError(
                 f"models must share the patch grid and channels to be compared on the same "
                 f"masked images: {models[0].label} has {e0.grid[0]}x{e0.grid[1]} patches/"
-                f"{e0.in_chans}ch, {m.label} has {e.grid[0]}x{e.grid[1]}/{e.in_chans}ch")
+                f"{e0.in_chans}ch, {m.label} has {e.grid[0]}x{e.grid[1]}/{e.in_chans}ch"
+            )
     if mode == "mask_token":
         lacking = [m.label for m in models if m.encoder.mask_token is None]
         if lacking:
-            raise AnalysisError(f"--mode mask_token needs encoders with a mask token; "
-                                f"{', '.join(lacking)} has none (trained with dropped tokens or "
-                                f"fine-tuned): use --mode drop")
+            raise AnalysisError(
+                f"--mode mask_token needs encoders with a mask token; "
+                f"{', '.join(lacking)} has none (trained with dropped tokens or "
+                f"fine-tuned): use --mode drop"
+            )
     C, size = e0.in_chans, max(m.encoder.img_size for m in models)
     stats = dataset_stats(data, C)
     for m in models:
@@ -330,19 +400,26 @@ def analyze_cka(data: Optional[str], checkpoints: Sequence[str] = (),
             m.mean, m.std = stats
     split = resolve_split(data, split)
     ds = analysis_dataset(data, split, size, C, images, seed, *stats)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False,
-                                         num_workers=workers)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=False, num_workers=workers)
     dev = pick_device(device)
     N = e0.num_patches
-    log.info("CKA of %d model(s) on %d %s images of %s, ratios %s (visible tokens %s)",
-             len(models), len(ds), split, data, ratios, [num_visible(N, r) for r in ratios])
+    log.info(
+        "CKA of %d model(s) on %d %s images of %s, ratios %s (visible tokens %s)",
+        len(models),
+        len(ds),
+        split,
+        data,
+        ratios,
+        [num_visible(N, r) for r in ratios],
+    )
 
     out_dir = Path(out) if out else Path("runs") / f"cka-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir.mkdir(parents=True, exist_ok=True)
     results, digests, depths = {}, {}, {}
     for m in models:
-        results[m.label], digests[m.label] = model_cka(m, loader, stats, ratios, seed, mode,
-                                                       dev, progress)
+        results[m.label], digests[m.label] = model_cka(
+            m, loader, stats, ratios, seed, mode, dev, progress
+        )
         depths[m.label] = m.encoder.depth
     csv_path = out_dir / "cka.csv"
     with open(csv_path, "w", newline="") as f:
@@ -352,23 +429,60 @@ def analyze_cka(data: Optional[str], checkpoints: Sequence[str] = (),
             for r in ratios:
                 for b in range(1, depths[m.label] + 1):
                     w.writerow([m.label, f"{r:g}", b, f"{results[m.label][(r, b)]:.6f}"])
-    plots = [str(plot_model(results[m.label], ratios, depths[m.label], m.label,
-                            out_dir / f"cka_{safe_name(m.label)}.png", mode)) for m in models]
+    plots = [
+        str(
+            plot_model(
+                results[m.label],
+                ratios,
+                depths[m.label],
+                m.label,
+                out_dir / f"cka_{safe_name(m.label)}.png",
+                mode,
+            )
+        )
+        for m in models
+    ]
     plots.append(str(plot_last_block(results, ratios, depths, out_dir / "cka_last_block.png")))
-    last = {m.label: {f"{r:g}": results[m.label][(r, depths[m.label])] for r in ratios}
-            for m in models}
+    last = {
+        m.label: {f"{r:g}": results[m.label][(r, depths[m.label])] for r in ratios} for m in models
+    }
     summary = {
-        "command": "analyze cka", "out_dir": str(out_dir), "csv": str(csv_path), "plots": plots,
-        "data": data, "split": split, "images": len(ds), "batch": batch, "seed": seed,
-        "mode": mode, "ratios": ratios,
+        "command": "analyze cka",
+        "out_dir": str(out_dir),
+        "csv": str(csv_path),
+        "plots": plots,
+        "data": data,
+        "split": split,
+        "images": len(ds),
+        "batch": batch,
+        "seed": seed,
+        "mode": mode,
+        "ratios": ratios,
         "visible_tokens": {f"{r:g}": num_visible(N, r) for r in ratios},
-        "models": [{"label": m.label, "source": m.source, "kind": m.kind,
-                    "depth": m.encoder.depth, "embed_dim": m.encoder.embed_dim,
-                    "mean": m.mean, "std": m.std, "loaded": m.loaded} for m in models],
-        "last_block_cka": last, "seconds": round(time.time() - t0, 1)}
-    full = dict(summary, noise_digests=digests,
-                cka={lab: {f"{r:g}": [vals[(r, b)] for b in range(1, depths[lab] + 1)]
-                           for r in ratios} for lab, vals in results.items()})
+        "models": [
+            {
+                "label": m.label,
+                "source": m.source,
+                "kind": m.kind,
+                "depth": m.encoder.depth,
+                "embed_dim": m.encoder.embed_dim,
+                "mean": m.mean,
+                "std": m.std,
+                "loaded": m.loaded,
+            }
+            for m in models
+        ],
+        "last_block_cka": last,
+        "seconds": round(time.time() - t0, 1),
+    }
+    full = dict(
+        summary,
+        noise_digests=digests,
+        cka={
+            lab: {f"{r:g}": [vals[(r, b)] for b in range(1, depths[lab] + 1)] for r in ratios}
+            for lab, vals in results.items()
+        },
+    )
     (out_dir / "cka.json").write_text(json.dumps(full, indent=2))
     return summary
 
@@ -379,9 +493,11 @@ def format_summary(summary: dict) -> str:
     labels = list(summary["last_block_cka"])
     w = max([len("model")] + [len(x) for x in labels])
     lines = [f"loaded {m['loaded']}" for m in summary["models"] if m.get("loaded")]
-    lines += [f"last-block linear CKA (full vs masked, {summary['mode']}) on "
-             f"{summary['images']} {summary['split']} images",
-             "model".ljust(w) + "  " + "  ".join(r.rjust(6) for r in ratios)]
+    lines += [
+        f"last-block linear CKA (full vs masked, {summary['mode']}) on "
+        f"{summary['images']} {summary['split']} images",
+        "model".ljust(w) + "  " + "  ".join(r.rjust(6) for r in ratios),
+    ]
     for lab in labels:
         row = summary["last_block_cka"][lab]
         lines.append(lab.ljust(w) + "  " + "  ".join(f"{row[r]:6.3f}" for r in ratios))

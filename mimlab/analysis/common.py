@@ -1,5 +1,6 @@
 """Shared plumbing of the analysis commands: seeded mask noise, evaluation images, devices,
 checkpoint labels and normalisation statistics."""
+
 from __future__ import annotations
 
 import re
@@ -23,7 +24,7 @@ def mask_noise(batch_index: int, batch_size: int, num_patches: int, seed: int = 
     keeps the patches with the smallest noise, so masks of different ratios drawn from one noise
     tensor are nested (a higher ratio hides a superset of the patches a lower one hides).
     """
-    g = torch.Generator().manual_seed((int(seed) * _MIX + int(batch_index) + 1) % (2 ** 63))
+    g = torch.Generator().manual_seed((int(seed) * _MIX + int(batch_index) + 1) % (2**63))
     return torch.rand(batch_size, num_patches, generator=g)
 
 
@@ -60,8 +61,9 @@ def dataset_stats(data: str, in_chans: int) -> tuple[list[float], list[float]]:
     return resolve_stats(cfg, src, in_chans)
 
 
-def checkpoint_stats(ckpt_config: Optional[dict], data: str, in_chans: int
-                     ) -> tuple[list[float], list[float]]:
+def checkpoint_stats(
+    ckpt_config: Optional[dict], data: str, in_chans: int
+) -> tuple[list[float], list[float]]:
     """Normalisation a checkpoint's model expects: its explicit ``data.mean/std`` when the run
     set them, else what pretraining derives for ``data`` (the analysed data set)."""
     d = (ckpt_config or {}).get("data") or {}
@@ -70,8 +72,16 @@ def checkpoint_stats(ckpt_config: Optional[dict], data: str, in_chans: int
     return dataset_stats(data, in_chans)
 
 
-def analysis_dataset(data: str, split: str, img_size: int, in_chans: int, images: Optional[int],
-                     seed: int, mean: Sequence[float], std: Sequence[float]):
+def analysis_dataset(
+    data: str,
+    split: str,
+    img_size: int,
+    in_chans: int,
+    images: Optional[int],
+    seed: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+):
     """Deterministic evaluation images (resize + centre crop + normalise, no augmentation),
     ``images`` of them (a seeded subset, as ``data.limit`` / ``data.val_limit`` choose)."""
     cfg = DataConfig(path=data)
@@ -79,8 +89,17 @@ def analysis_dataset(data: str, split: str, img_size: int, in_chans: int, images
         cfg.val_limit = images
     else:
         cfg.limit = images
-    return build_dataset(cfg, split, img_size, in_chans, seed, train_aug=False, labelled=False,
-                         mean=list(mean), std=list(std))
+    return build_dataset(
+        cfg,
+        split,
+        img_size,
+        in_chans,
+        seed,
+        train_aug=False,
+        labelled=False,
+        mean=list(mean),
+        std=list(std),
+    )
 
 
 def renormalize(x: torch.Tensor, src: tuple, dst: tuple) -> torch.Tensor:

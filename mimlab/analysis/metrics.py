@@ -8,6 +8,7 @@
 
 All CKA arithmetic is done in float64 and without autograd.
 """
+
 from __future__ import annotations
 
 from typing import Dict, Hashable, Optional, Union
@@ -71,7 +72,9 @@ def linear_cka(x: Tensor, y: Tensor) -> Tensor:
         0-dim float64 tensor; NaN if either representation is constant over the examples.
     """
     if x.ndim != 2 or y.ndim != 2:
-        raise ValueError(f"linear_cka expects [n, d] inputs (see to_2d), got {tuple(x.shape)}, {tuple(y.shape)}")
+        raise ValueError(
+            f"linear_cka expects [n, d] inputs (see to_2d), got {tuple(x.shape)}, {tuple(y.shape)}"
+        )
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"linear_cka: different numbers of examples {x.shape[0]} vs {y.shape[0]}")
     x = _centre(x.detach().to(torch.float64))
@@ -114,7 +117,9 @@ class _Moments:
         self.n = n
 
     def cka(self) -> Tensor:
-        return torch.linalg.norm(self.cyx) ** 2 / (torch.linalg.norm(self.cxx) * torch.linalg.norm(self.cyy))
+        return torch.linalg.norm(self.cyx) ** 2 / (
+            torch.linalg.norm(self.cxx) * torch.linalg.norm(self.cyy)
+        )
 
 
 class CKAAccumulator:
@@ -147,7 +152,9 @@ class CKAAccumulator:
         device: where the statistics live; default: the device of the first ``x`` per key.
     """
 
-    def __init__(self, reduce: str = "mean_tokens", device: Optional[Union[str, torch.device]] = None):
+    def __init__(
+        self, reduce: str = "mean_tokens", device: Optional[Union[str, torch.device]] = None
+    ):
         if reduce not in CKA_REDUCTIONS:
             raise ValueError(f"reduce must be one of {CKA_REDUCTIONS}, got {reduce!r}")
         self.reduce = reduce
@@ -165,7 +172,9 @@ class CKAAccumulator:
         """
         x2, y2 = to_2d(x.detach(), self.reduce), to_2d(y.detach(), self.reduce)
         if x2.shape[0] != y2.shape[0]:
-            raise ValueError(f"CKAAccumulator.update: batch sizes differ: {x2.shape[0]} vs {y2.shape[0]}")
+            raise ValueError(
+                f"CKAAccumulator.update: batch sizes differ: {x2.shape[0]} vs {y2.shape[0]}"
+            )
         if x2.shape[0] == 0:
             return
         prev = self._stats.get(key)
@@ -177,7 +186,8 @@ class CKAAccumulator:
         if prev.mx.shape != batch.mx.shape or prev.my.shape != batch.my.shape:
             raise ValueError(
                 f"CKAAccumulator.update: feature dims for key {key!r} changed from "
-                f"({prev.mx.shape[0]}, {prev.my.shape[0]}) to ({batch.mx.shape[0]}, {batch.my.shape[0]})"
+                f"({prev.mx.shape[0]}, {prev.my.shape[0]}) to "
+                f"({batch.mx.shape[0]}, {batch.my.shape[0]})"
             )
         prev.merge(batch)
 

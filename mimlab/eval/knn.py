@@ -4,14 +4,22 @@ The protocol of Wu et al. (2018) as used by DINO / MAE k-NN evaluations: cosine 
 between L2-normalised features, the ``k`` most similar training samples vote for their class
 with weight ``exp(s / T)``, and the class with the largest summed weight wins.
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 
-def knn_classify(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Tensor, k: int,
-                 temperature: float, num_classes: int, chunk: int = 1024) -> torch.Tensor:
+def knn_classify(
+    train_f: torch.Tensor,
+    train_y: torch.Tensor,
+    test_f: torch.Tensor,
+    k: int,
+    temperature: float,
+    num_classes: int,
+    chunk: int = 1024,
+) -> torch.Tensor:
     """Weighted k-NN predictions.
 
     Args:
@@ -26,14 +34,14 @@ def knn_classify(train_f: torch.Tensor, train_y: torch.Tensor, test_f: torch.Ten
         raise ValueError(f"k must be >= 1, got {k}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    tr = F.normalize(train_f.float(), dim=1)          # [N, D]
-    te = F.normalize(test_f.float(), dim=1)           # [M, D]
+    tr = F.normalize(train_f.float(), dim=1)  # [N, D]
+    te = F.normalize(test_f.float(), dim=1)  # [M, D]
     k = min(k, len(tr))
     preds = []
     for i in range(0, len(te), chunk):
-        sim = te[i:i + chunk] @ tr.T                    # [m, N] cosine similarities
-        s, idx = sim.topk(k, dim=1)                     # [m, k]
-        votes = torch.zeros(len(s), num_classes)        # [m, C]
+        sim = te[i : i + chunk] @ tr.T  # [m, N] cosine similarities
+        s, idx = sim.topk(k, dim=1)  # [m, k]
+        votes = torch.zeros(len(s), num_classes)  # [m, C]
         votes.scatter_add_(1, train_y[idx], (s / temperature).exp())
         preds.append(votes.argmax(1))
     return torch.cat(preds) if preds else torch.zeros(0, dtype=torch.long)

@@ -5,6 +5,7 @@ affine before the linear layer, SGD with momentum 0.9 and a cosine schedule; sev
 rates are trained in one pass (DINOv2 style), and the lr is chosen on held-out *training*
 features, never on the test split.
 """
+
 from __future__ import annotations
 
 import math
@@ -13,9 +14,17 @@ import torch
 import torch.nn.functional as F
 
 
-def train_linear_heads(ftr: torch.Tensor, ytr: torch.Tensor, fte: torch.Tensor,
-                       num_classes: int, lrs: list[float], epochs: int, batch_size: int,
-                       weight_decay: float = 0.0, seed: int = 0) -> dict[float, torch.Tensor]:
+def train_linear_heads(
+    ftr: torch.Tensor,
+    ytr: torch.Tensor,
+    fte: torch.Tensor,
+    num_classes: int,
+    lrs: list[float],
+    epochs: int,
+    batch_size: int,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+) -> dict[float, torch.Tensor]:
     """Train one linear head per lr *in the same pass* over cached features.
 
     Features go through BatchNorm without affine (here with the statistics of the whole cached
@@ -39,10 +48,12 @@ def train_linear_heads(ftr: torch.Tensor, ytr: torch.Tensor, fte: torch.Tensor,
     for _ in range(epochs):
         perm = torch.randperm(n, generator=g)
         for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size]
+            idx = perm[i : i + batch_size]
             x, y = xtr[idx], ytr[idx]
             logits = torch.einsum("nd,ldc->lnc", x, W) + b
-            loss = F.cross_entropy(logits.reshape(-1, num_classes), y.repeat(L), reduction="sum") / len(idx)
+            loss = F.cross_entropy(
+                logits.reshape(-1, num_classes), y.repeat(L), reduction="sum"
+            ) / len(idx)
             gW, gb = torch.autograd.grad(loss, [W, b])
             scale = 0.5 * (1 + math.cos(math.pi * step / steps))
             with torch.no_grad():
@@ -57,10 +68,19 @@ def train_linear_heads(ftr: torch.Tensor, ytr: torch.Tensor, fte: torch.Tensor,
     return {lr: logits[i] for i, lr in enumerate(lrs)}
 
 
-def probe_top1(ftr: torch.Tensor, ytr: torch.Tensor, fte: torch.Tensor, yte: torch.Tensor,
-               num_classes: int, lrs: list[float], epochs: int, batch_size: int,
-               weight_decay: float = 0.0, seed: int = 0, holdout: float = 0.1
-               ) -> tuple[float, float]:
+def probe_top1(
+    ftr: torch.Tensor,
+    ytr: torch.Tensor,
+    fte: torch.Tensor,
+    yte: torch.Tensor,
+    num_classes: int,
+    lrs: list[float],
+    epochs: int,
+    batch_size: int,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    holdout: float = 0.1,
+) -> tuple[float, float]:
     """Linear-probe top-1 (%) on (fte [M, D], yte [M]) and the lr used.
 
     The lr is chosen on a seeded ``holdout`` fraction of the training features (heads trained
@@ -71,10 +91,12 @@ def probe_top1(ftr: torch.Tensor, ytr: torch.Tensor, fte: torch.Tensor, yte: tor
     perm = torch.randperm(len(ftr), generator=g)
     n_hold = max(1, int(len(ftr) * holdout))
     hold, fit = perm[:n_hold], perm[n_hold:]
-    sel = train_linear_heads(ftr[fit], ytr[fit], ftr[hold], num_classes, lrs, epochs,
-                             batch_size, weight_decay, seed)
+    sel = train_linear_heads(
+        ftr[fit], ytr[fit], ftr[hold], num_classes, lrs, epochs, batch_size, weight_decay, seed
+    )
     acc = {lr: float((lg.argmax(-1) == ytr[hold]).float().mean()) for lr, lg in sel.items()}
     best = max(acc, key=acc.get)
-    final = train_linear_heads(ftr, ytr, fte, num_classes, [best], epochs, batch_size,
-                               weight_decay, seed)[best]
+    final = train_linear_heads(
+        ftr, ytr, fte, num_classes, [best], epochs, batch_size, weight_decay, seed
+    )[best]
     return 100.0 * int((final.argmax(-1) == yte).sum()) / max(len(yte), 1), best

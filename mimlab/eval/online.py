@@ -19,6 +19,7 @@ Guarantees:
 ``every``, ``__call__(module, step) -> metrics``, ``plot(rows)``); the curve is drawn to
 ``online_eval.png`` in the run directory from the logged rows, so it continues across a resume.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,9 +49,11 @@ FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 def pooled_encoder_features(pool: str = "avg") -> FeatureFn:
     """``(method, images [B, C, H, W]) -> [B, D]``: the method's encoder on full images, final
     norm, then mean of patch tokens ('avg') or the class token ('cls')."""
+
     def fn(method: nn.Module, x: torch.Tensor) -> torch.Tensor:
         enc = method.encoder
         return enc.pool(enc.forward_features(x), pool)
+
     return fn
 
 
@@ -79,14 +82,13 @@ def _gather_in_order(x: torch.Tensor, n: int) -> torch.Tensor:
     world = dist.world_size()
     if world == 1:
         return x
-    per = -(-n // world)                                     # ceil(n / W)
+    per = -(-n // world)  # ceil(n / W)
     pad = torch.zeros((per - len(x), *x.shape[1:]), dtype=x.dtype, device=x.device)
-    parts = [torch.empty((per, *x.shape[1:]), dtype=x.dtype, device=x.device)
-             for _ in range(world)]
+    parts = [torch.empty((per, *x.shape[1:]), dtype=x.dtype, device=x.device) for _ in range(world)]
     torch.distributed.all_gather(parts, torch.cat([x, pad]))
     out = torch.empty((n, *x.shape[1:]), dtype=x.dtype, device=x.device)
     for r, p in enumerate(parts):
-        out[r::world] = p[:len(range(r, n, world))]
+        out[r::world] = p[: len(range(r, n, world))]
     return out
 
 
@@ -100,16 +102,30 @@ class OnlineKNN:
 
     kind = "online"
 
-    def __init__(self, bank: Dataset, queries: Dataset, num_classes: int, every: int,
-                 k: int = 20, temperature: float = 0.07, probe: bool = False,
-                 probe_lrs: tuple[float, ...] = (0.3, 0.1, 0.03, 0.01, 0.003),
-                 probe_epochs: int = 50, seed: int = 0, device: Optional[torch.device] = None,
-                 batch_size: int = 256, num_workers: int = 0,
-                 amp_dtype: Optional[torch.dtype] = None,
-                 features: Optional[FeatureFn] = None, plot_path: Optional[Path] = None):
+    def __init__(
+        self,
+        bank: Dataset,
+        queries: Dataset,
+        num_classes: int,
+        every: int,
+        k: int = 20,
+        temperature: float = 0.07,
+        probe: bool = False,
+        probe_lrs: tuple[float, ...] = (0.3, 0.1, 0.03, 0.01, 0.003),
+        probe_epochs: int = 50,
+        seed: int = 0,
+        device: Optional[torch.device] = None,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        amp_dtype: Optional[torch.dtype] = None,
+        features: Optional[FeatureFn] = None,
+        plot_path: Optional[Path] = None,
+    ):
         if len(bank) < dist.world_size() or len(queries) < dist.world_size():
-            raise ConfigError(f"online evaluation needs at least one image per process "
-                              f"(bank {len(bank)}, queries {len(queries)})")
+            raise ConfigError(
+                f"online evaluation needs at least one image per process "
+                f"(bank {len(bank)}, queries {len(queries)})"
+            )
         self.bank, self.queries, self.num_classes = bank, queries, num_classes
         self.every, self.k, self.temperature = every, k, temperature
         self.probe, self.probe_lrs, self.probe_epochs = probe, list(probe_lrs), probe_epochs
@@ -126,13 +142,14 @@ class OnlineKNN:
         n = len(ds)
         feats, labels = [], []
         for x, y in self._batches(ds):
-            with torch.autocast(self.device.type, dtype=self.amp_dtype,
-                                enabled=self.amp_dtype is not None):
+            with torch.autocast(
+                self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+            ):
                 f = self.features(method, x.to(self.device, non_blocking=True))
             feats.append(f.float())
             labels.append(y.to(self.device))
-        f = _gather_in_order(torch.cat(feats), n)            # [n, D]
-        y = _gather_in_order(torch.cat(labels), n)           # [n]
+        f = _gather_in_order(torch.cat(feats), n)  # [n, D]
+        y = _gather_in_order(torch.cat(labels), n)  # [n]
         return f.cpu(), y.cpu()
 
     def _batches(self, ds: Dataset) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -142,10 +159,14 @@ class OnlineKNN:
             return self._cache[id(ds)]
         rank, world = dist.rank(), dist.world_size()
         part = Subset(ds, list(range(rank, len(ds), world)))
-        loader = DataLoader(part, batch_size=self.batch_size, num_workers=self.num_workers,
-                            generator=torch.Generator().manual_seed(self.seed))
-        batches = [(x, y) for x, y, _ in loader]
-        if sum(x.numel() * x.element_size() for x, _ in batches) <= self.cache_mb * 2 ** 20:
+        loader = DataLoader(
+            part,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+        )
+        batches = [(b.images, b.labels) for b in loader]
+        if sum(x.numel() * x.element_size() for x, _ in batches) <= self.cache_mb * 2**20:
             self._cache[id(ds)] = batches
         return batches
 
@@ -160,8 +181,18 @@ class OnlineKNN:
         out = {"knn_top1": top1(pred, yq)}
         if self.probe:
             with torch.random.fork_rng(devices=[]):  # belt and braces: it seeds its own
-                acc, lr = probe_top1(fb, yb, fq, yq, self.num_classes, self.probe_lrs,
-                                     self.probe_epochs, 256, 0.0, self.seed)
+                acc, lr = probe_top1(
+                    fb,
+                    yb,
+                    fq,
+                    yq,
+                    self.num_classes,
+                    self.probe_lrs,
+                    self.probe_epochs,
+                    256,
+                    0.0,
+                    self.seed,
+                )
             out.update(probe_top1=acc, probe_lr=lr)
         out["eval_s"] = time.time() - t0
         return out
@@ -173,15 +204,19 @@ class OnlineKNN:
         fig = Figure(figsize=(6.0, 4.0), dpi=100)
         FigureCanvasAgg(fig)
         ax = fig.add_subplot(1, 1, 1)
-        for key, label in (("knn_top1", f"k-NN (k={self.k}, T={self.temperature:g})"),
-                           ("probe_top1", "linear probe")):
+        for key, label in (
+            ("knn_top1", f"k-NN (k={self.k}, T={self.temperature:g})"),
+            ("probe_top1", "linear probe"),
+        ):
             pts = sorted((r["step"], r[key]) for r in rows if key in r)
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=label)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("top-1 (%)")
-        ax.set_title(f"online evaluation: {len(self.bank)} bank / {len(self.queries)} "
-                     "held-out images", fontsize=10)
+        ax.set_title(
+            f"online evaluation: {len(self.bank)} bank / {len(self.queries)} held-out images",
+            fontsize=10,
+        )
         ax.grid(alpha=0.3)
         ax.legend(loc="best")
         fig.tight_layout()
@@ -190,10 +225,17 @@ class OnlineKNN:
         os.replace(tmp, self.plot_path)
 
 
-def build_online_evaluator(ev: EvalConfig, data: DataConfig, model: ModelConfig, seed: int,
-                           mean: list[float], std: list[float], device: torch.device,
-                           run_dir: Path, amp_dtype: Optional[torch.dtype] = None
-                           ) -> Optional[OnlineKNN]:
+def build_online_evaluator(
+    ev: EvalConfig,
+    data: DataConfig,
+    model: ModelConfig,
+    seed: int,
+    mean: list[float],
+    std: list[float],
+    device: torch.device,
+    run_dir: Path,
+    amp_dtype: Optional[torch.dtype] = None,
+) -> Optional[OnlineKNN]:
     """The k-NN evaluator of ``eval.*`` (None when ``eval.online_every=0``).
 
     Bank: ``ev.online_bank`` images of the whole training split (``data.limit`` and
@@ -209,15 +251,40 @@ def build_online_evaluator(ev: EvalConfig, data: DataConfig, model: ModelConfig,
     try:
         sets = []
         for split, n in (("train", ev.online_bank), ("val", ev.online_queries)):
-            ds = build_dataset(base, split, model.img_size, model.in_chans, seed,
-                               train_aug=False, labelled=True, mean=mean, std=std)
+            ds = build_dataset(
+                base,
+                split,
+                model.img_size,
+                model.in_chans,
+                seed,
+                train_aug=False,
+                labelled=True,
+                mean=mean,
+                std=std,
+            )
             if not ds.classes or min(ds.labels) < 0:
                 raise DataError(f"{data.path} has no class labels")
             sets.append(Subset(ds, subset_indices(ds.labels, n, "one_per_class", sseed)))
     except DataError as e:
-        raise ConfigError(f"eval.online_every={ev.online_every} needs labelled data with a "
-                          f"held-out split: {e} (or set eval.online_every=0)") from None
-    return OnlineKNN(sets[0], sets[1], len(sets[0].dataset.classes), ev.online_every,
-                     ev.online_k, ev.online_temperature, ev.online_probe, ev.online_probe_lrs,
-                     ev.online_probe_epochs, sseed, device, 256, data.num_workers, amp_dtype,
-                     pooled_encoder_features(ev.online_feature), run_dir / "online_eval.png")
+        raise ConfigError(
+            f"eval.online_every={ev.online_every} needs labelled data with a "
+            f"held-out split: {e} (or set eval.online_every=0)"
+        ) from None
+    return OnlineKNN(
+        sets[0],
+        sets[1],
+        len(sets[0].dataset.classes),
+        ev.online_every,
+        ev.online_k,
+        ev.online_temperature,
+        ev.online_probe,
+        ev.online_probe_lrs,
+        ev.online_probe_epochs,
+        sseed,
+        device,
+        256,
+        data.num_workers,
+        amp_dtype,
+        pooled_encoder_features(ev.online_feature),
+        run_dir / "online_eval.png",
+    )

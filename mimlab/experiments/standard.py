@@ -1,8 +1,8 @@
 """``mimlab reproduce --suite standard``: the papers' claims at a budget that decides them.
 
 Kong & Zhang's claims (a)-(g) (see :data:`CLAIMS`) are tested on CIFAR-10 with the ``mini``
-ViT on this class of machine (2 CPU cores), in **stages** that each finish within about two
-hours and run on their own (``--stage core``):
+ViT on a 2-core CPU machine, in **stages** that each finish there within about two hours and
+run on their own (``--stage core``):
 
 * ``core``: MAE vs random init (claim a) with 2 pretraining seeds x 3 fine-tuning seeds, the
   learning curves (k-NN / linear probe / FT against images seen, one pretraining run with a
@@ -37,6 +37,7 @@ run directory, with checkpoints, under ``runs/standard/``). A finished sub-run i
 its result file exists, so finished stages survive a fresh machine without checkpoints; the
 report (:func:`write_report`) is regenerated from those files alone.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,10 +51,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .. import tasks
+from ..analysis.cka import analyze_cka
 from ..config import FinetuneConfig, PretrainConfig, ProbeConfig, resolve
 from ..paper_settings import paper_optim
-from ..reproduce import read_result
+from ..plots import pyplot
 from ..stats import Diff, paired_diff, unpack_correct, verdict
+from .common import cka_last_block, read_result
 
 log = logging.getLogger("mimlab")
 
@@ -70,6 +73,7 @@ class Arm:
     hyper-parameters instead of sweeping (variants measured with a lighter protocol);
     ``ft_seeds``: how many of the profile's FT seeds (None = all). ``small``: pretrain on N
     images of the pool, repeated to the same number of optimizer steps as the others."""
+
     method: str
     overrides: tuple = ()
     lr_scale: float = 1.0
@@ -77,7 +81,7 @@ class Arm:
     hp_from: Optional[str] = None
     ft_seeds: Optional[int] = None
     small: Optional[int] = None
-    curve_run: bool = False           # this arm is the learning-curve run's final checkpoint
+    curve_run: bool = False  # this arm is the learning-curve run's final checkpoint
 
 
 def _lr_scale(method: str) -> float:
@@ -96,22 +100,33 @@ ARMS = {
     "mocov3": Arm("mocov3", label="MoCo v3"),
     # MAE at the learning curve's 4x budget (32 epochs, its own full schedule): the
     # compute-matched reference for methods that cost 3.4-4.3x MAE per image (mimlab flops)
-    "mae32": Arm("mae", label="MAE, 4x epochs (compute-matched)", hp_from="mae",
-                 curve_run=True),
+    "mae32": Arm("mae", label="MAE, 4x epochs (compute-matched)", hp_from="mae", curve_run=True),
     "maskdistill": Arm("maskdistill", ("method.teacher_size=64",), label="MaskDistill"),
     # Tables 6-7: the same step budget on N images (stronger crops, as in the paper's Table 6)
-    **{f"mae_n{n}": Arm("mae", _SMALL_AUG, label=f"MAE on {n} image{'s' * (n > 1)}", small=n)
-       for n in (1, 10, 100, 1000)},
+    **{
+        f"mae_n{n}": Arm("mae", _SMALL_AUG, label=f"MAE on {n} image{'s' * (n > 1)}", small=n)
+        for n in (1, 10, 100, 1000)
+    },
     # Table 5 without patch masking: the strongest remaining composition (cutmix + jitter)
     "mae_nomask": Arm("mae", _NOMASK, label="MAE w/o masking (cutmix + jitter)"),
-    "cmae_nomask_aug": Arm("cmae", _NOMASK, lr_scale=_lr_scale("cmae"),
-                           label="C-MAE w/o masking (cutmix + jitter)"),
-    # C-MAE's negatives x queries (issue 16), measured with C-MAE's FT recipe and 2 FT seeds
-    **{f"cmae_{neg}_{q}": Arm("cmae", (f"method.negatives={neg}", f"method.queries={q}"),
-                              lr_scale=_lr_scale("cmae"), hp_from="cmae", ft_seeds=2,
-                              label=f"C-MAE negatives={neg} queries={q}")
-       for neg in ("position", "image", "batch") for q in ("all", "removed")
-       if (neg, q) != ("position", "all")},
+    "cmae_nomask_aug": Arm(
+        "cmae", _NOMASK, lr_scale=_lr_scale("cmae"), label="C-MAE w/o masking (cutmix + jitter)"
+    ),
+    # C-MAE's negatives x queries (the cmae_variants stage), measured with C-MAE's FT recipe
+    # and 2 FT seeds
+    **{
+        f"cmae_{neg}_{q}": Arm(
+            "cmae",
+            (f"method.negatives={neg}", f"method.queries={q}"),
+            lr_scale=_lr_scale("cmae"),
+            hp_from="cmae",
+            ft_seeds=2,
+            label=f"C-MAE negatives={neg} queries={q}",
+        )
+        for neg in ("position", "image", "batch")
+        for q in ("all", "removed")
+        if (neg, q) != ("position", "all")
+    },
 }
 
 
@@ -127,48 +142,120 @@ class Stage:
 
 
 STAGES = {
-    "core": Stage("core", ("mae", "mae32"), ("a",), pretrain_seeds=2, curve=True, cka=True,
-                  about="MAE vs random init, learning curves, CKA"),
-    "rmae": Stage("rmae", ("rmae", "rmae_indep", "rmae_identity"), ("b",),
-                  about="the R-MAE family"),
-    "contrastive": Stage("contrastive", ("cmae", "mocov3"), ("c", "e"), cka=True,
-                         about="C-MAE and MoCo v3"),
-    "cmae_variants": Stage("cmae_variants", tuple(a for a in ARMS if a.startswith("cmae_")
-                                                  and a != "cmae_nomask_aug"), (),
-                           about="C-MAE negatives x queries (needs the contrastive stage)"),
-    "smalldata": Stage("smalldata", ("mae_n1", "mae_n10", "mae_n100", "mae_n1000"), ("d",),
-                       about="MAE on 1 / 10 / 100 / 1000 images"),
-    "augment": Stage("augment", ("mae_nomask", "cmae_nomask_aug", "maskdistill"), ("f", "g"),
-                     about="Table 5 without masking, MaskDistill"),
+    "core": Stage(
+        "core",
+        ("mae", "mae32"),
+        ("a",),
+        pretrain_seeds=2,
+        curve=True,
+        cka=True,
+        about="MAE vs random init, learning curves, CKA",
+    ),
+    "rmae": Stage(
+        "rmae", ("rmae", "rmae_indep", "rmae_identity"), ("b",), about="the R-MAE family"
+    ),
+    "contrastive": Stage(
+        "contrastive", ("cmae", "mocov3"), ("c", "e"), cka=True, about="C-MAE and MoCo v3"
+    ),
+    "cmae_variants": Stage(
+        "cmae_variants",
+        tuple(a for a in ARMS if a.startswith("cmae_") and a != "cmae_nomask_aug"),
+        (),
+        about="C-MAE negatives x queries (needs the contrastive stage)",
+    ),
+    "smalldata": Stage(
+        "smalldata",
+        ("mae_n1", "mae_n10", "mae_n100", "mae_n1000"),
+        ("d",),
+        about="MAE on 1 / 10 / 100 / 1000 images",
+    ),
+    "augment": Stage(
+        "augment",
+        ("mae_nomask", "cmae_nomask_aug", "maskdistill"),
+        ("f", "g"),
+        about="Table 5 without masking, MaskDistill",
+    ),
 }
 
 # claim -> (text, paper figure)
 CLAIMS = {
     "a": ("MAE-init FT > random-init FT", "83.1 vs 80.9 (Tab. 1)"),
-    "b": ("R-MAE ≈ MAE, R-MAE† ≈ R-MAE‡ ≈ R-MAE on FT; R-MAE PSNR > MAE", "82.7 / 82.8 / 82.7 "
-          "vs 83.1; 23.7 vs 22.2 dB (Tab. 1)"),
+    "b": (
+        "R-MAE ≈ MAE, R-MAE† ≈ R-MAE‡ ≈ R-MAE on FT; R-MAE PSNR > MAE",
+        "82.7 / 82.8 / 82.7 vs 83.1; 23.7 vs 22.2 dB (Tab. 1)",
+    ),
     "c": ("C-MAE ≈ MAE on FT, C-MAE < MAE on linear probe", "82.9 vs 83.1; 41.1 vs 54.5 (Tab. 4)"),
-    "d": ("MAE on 1/10/100/1000 images > random init, amount barely matters",
-          "82.3 / 82.3 / 82.2 / 82.2 vs 80.9 (Tab. 6-7)"),
-    "e": ("last-block CKA(masked, full) at ratio 0.75: MAE > MoCo v3 > supervised",
-          "qualitative (Fig. 1)"),
+    "d": (
+        "MAE on 1/10/100/1000 images > random init, amount barely matters",
+        "82.3 / 82.3 / 82.2 / 82.2 vs 80.9 (Tab. 6-7)",
+    ),
+    "e": (
+        "last-block CKA(masked, full) at ratio 0.75: MAE > MoCo v3 > supervised",
+        "qualitative (Fig. 1)",
+    ),
     "f": ("removing patch masking hurts MAE and C-MAE", "Tab. 5 (ViT-S, ImageNet-100)"),
-    "g": ("MaskDistill > MAE on FT (our teacher: EfficientNet-Lite0, not CLIP)",
-          "MaskDistill paper"),
+    "g": (
+        "MaskDistill > MAE on FT (our teacher: EfficientNet-Lite0, not CLIP)",
+        "MaskDistill paper",
+    ),
+}
+
+# claim -> comparisons (arm A, arm B, metric, kind) with kind '>' | '<' | '~' (within the
+# profile's margin); a claim holds when every comparison holds, is contradicted when one is
+METRICS = {
+    "ft": "fine-tune",
+    "lp_cls": "linear probe (cls token, MAE's protocol)",
+    "lp_avg": "linear probe (patch-token average)",
+    "knn": "k-NN",
+}
+CLAIM_TESTS = {
+    "a": [("mae", "random", "ft", ">")],
+    "b": [
+        ("rmae", "mae", "ft", "~"),
+        ("rmae_indep", "rmae", "ft", "~"),
+        ("rmae_identity", "rmae", "ft", "~"),
+    ],
+    "c": [("cmae", "mae", "ft", "~"), ("cmae", "mae", "lp_cls", "<")],
+    "d": [(f"mae_n{n}", "random", "ft", ">") for n in (1, 10, 100, 1000)]
+    + [("mae_n1", "mae_n1000", "ft", "~")],
+    "f": [("mae", "mae_nomask", "ft", ">"), ("cmae", "cmae_nomask_aug", "ft", ">")],
+    "g": [("maskdistill", "mae", "ft", ">")],
+}
+
+
+# the same comparisons at equal pretraining compute: MAE at 4x the epochs (mae32) against
+# methods that cost 3.4x (R-MAE) - 4.3x (C-MAE) MAE's FLOPs per image (docs/results/standard/
+# flops.json); claims on pairs of the same cost (a, b's variants, d) are unchanged
+CLAIM_TESTS_COMPUTE = {
+    "b": [("rmae", "mae32", "ft", "~")],
+    "c": [("cmae", "mae32", "ft", "~"), ("cmae", "mae32", "lp_cls", "<")],
+}
+
+#: the models whose masked-vs-full CKA a stage with ``cka`` compares: (label, result name);
+#: a stage not listed compares its own MAE with supervised
+CKA_MODELS = {
+    "core": (("MAE", "core/pretrain/mae-s0"), ("supervised", "core/ft/random-ft0")),
+    "contrastive": (
+        ("MAE", "core/pretrain/mae-s0"),
+        ("MoCo v3", "contrastive/pretrain/mocov3-s0"),
+        ("C-MAE", "contrastive/pretrain/cmae-s0"),
+        ("supervised", "core/ft/random-ft0"),
+    ),
 }
 
 
 @dataclass(frozen=True)
 class StandardProfile:
     """Budgets and protocol shared by every stage and arm."""
+
     preset: str = "mini"
-    pool_images: int = 10000          # pretraining set = labelled FT pool (fixed subset)
+    pool_images: int = 10000  # pretraining set = labelled FT pool (fixed subset)
     subset_seed: int = 0
     batch: int = 128
-    base_lr: float = 1.5e-3           # MAE's, per 256 images (10x the paper's 1.5e-4: tiny ViT)
+    base_lr: float = 1.5e-3  # MAE's, per 256 images (10x the paper's 1.5e-4: tiny ViT)
     warmup_epochs: float = 1.0
-    pretrain_epochs: int = 8          # the decisive budget (see the learning curves)
-    curve_epochs: int = 32            # the learning-curve run (one schedule)
+    pretrain_epochs: int = 8  # the decisive budget (see the learning curves)
+    curve_epochs: int = 32  # the learning-curve run (one schedule)
     curve_points: tuple = (1, 2, 4, 8, 16, 32)
     ft_epochs: int = 2
     ft_seeds: tuple = (0, 1, 2)
@@ -182,7 +269,7 @@ class StandardProfile:
     lp_epochs: int = 30
     cka_images: int = 512
     cka_ratios: tuple = (0.25, 0.5, 0.75, 0.9)
-    approx_margin: float = 1.0        # "≈" claims hold when the 95 % CI lies within ±margin
+    approx_margin: float = 1.0  # "≈" claims hold when the 95 % CI lies within ±margin
     workers: int = 1
 
     def describe(self) -> list[str]:
@@ -214,8 +301,12 @@ def small_data_overrides(arm: Arm, p: "StandardProfile", epochs: int) -> list:
         return []
     steps = epochs * (p.pool_images // p.batch)
     repeat = math.ceil(steps * p.batch / arm.small)
-    return [f"data.limit={arm.small}", f"data.repeat={repeat}", "optim.epochs=1",
-            f"optim.warmup_epochs={p.warmup_epochs / epochs:g}"]
+    return [
+        f"data.limit={arm.small}",
+        f"data.repeat={repeat}",
+        "optim.epochs=1",
+        f"optim.warmup_epochs={p.warmup_epochs / epochs:g}",
+    ]
 
 
 # ------------------------------------------------------------------ the suite
@@ -223,8 +314,8 @@ def small_data_overrides(arm: Arm, p: "StandardProfile", epochs: int) -> list:
 class StandardSuite:
     profile: StandardProfile
     data: str
-    runs: Path                      # run directories (checkpoints; not committed)
-    results: Path                   # small result files (committed)
+    runs: Path  # run directories (checkpoints; not committed)
+    results: Path  # small result files (committed)
     progress: bool = False
     timings: dict = field(default_factory=dict)
     _pretrain_fns: dict = field(default_factory=dict)
@@ -264,14 +355,21 @@ class StandardSuite:
 
     def _common(self, sub: str, name: str, seed: int) -> list[str]:
         p = self.profile
-        return [f"data.path={self.data}", f"run.out_dir={self.runs / sub}", f"run.name={name}",
-                f"run.seed={seed}", f"run.progress={str(self.progress).lower()}",
-                f"data.num_workers={p.workers}", f"data.limit={p.pool_images}",
-                f"data.subset_seed={p.subset_seed}"]
+        return [
+            f"data.path={self.data}",
+            f"run.out_dir={self.runs / sub}",
+            f"run.name={name}",
+            f"run.seed={seed}",
+            f"run.progress={str(self.progress).lower()}",
+            f"data.num_workers={p.workers}",
+            f"data.limit={p.pool_images}",
+            f"data.subset_seed={p.subset_seed}",
+        ]
 
     # -- pretraining ---------------------------------------------------------------
-    def pretrain(self, stage: str, arm_name: str, seed: int, epochs: int, tag: str,
-                 ckpt_every: int = 0) -> Optional[dict]:
+    def pretrain(
+        self, stage: str, arm_name: str, seed: int, epochs: int, tag: str, ckpt_every: int = 0
+    ) -> Optional[dict]:
         p, arm = self.profile, ARMS[arm_name]
         name = f"{stage}/pretrain/{tag}"
 
@@ -280,13 +378,19 @@ class StandardSuite:
             if (run_dir / "results.json").is_file() and (run_dir / "checkpoints/last.pt").is_file():
                 return json.loads((run_dir / "results.json").read_text())
             ov = self._common(f"{stage}/pretrain", tag, seed) + [
-                f"model.preset={p.preset}", f"method.name={arm.method}",
-                f"optim.epochs={epochs}", f"optim.batch_size={p.batch}",
+                f"model.preset={p.preset}",
+                f"method.name={arm.method}",
+                f"optim.epochs={epochs}",
+                f"optim.batch_size={p.batch}",
                 *small_data_overrides(arm, p, epochs),
                 f"optim.base_lr={p.base_lr * arm.lr_scale:g}",
-                f"optim.warmup_epochs={p.warmup_epochs}", "run.resume=auto",
-                "run.log_every=20", "run.save_every_steps=100", f"run.ckpt_every={ckpt_every}",
-                *arm.overrides]
+                f"optim.warmup_epochs={p.warmup_epochs}",
+                "run.resume=auto",
+                "run.log_every=20",
+                "run.save_every_steps=100",
+                f"run.ckpt_every={ckpt_every}",
+                *arm.overrides,
+            ]
             return tasks.pretrain(resolve(PretrainConfig, overrides=ov))
 
         self._pretrain_fns[name] = fn
@@ -296,6 +400,7 @@ class StandardSuite:
         """Lazy checkpoint of pretraining step ``name`` (``path``: a file in its run, e.g. an
         epoch checkpoint): called only by sub-runs that still have to run; a checkpoint lost
         with its machine is retrained then (pretraining is deterministic)."""
+
         def get() -> Optional[str]:
             res = self.done(name)
             want = path or (res or {}).get("checkpoint")
@@ -306,26 +411,40 @@ class StandardSuite:
                 res = self.step(name, fn, force=True)
                 want = path or res["checkpoint"]
             return want
+
         return get
 
     # -- evaluation ----------------------------------------------------------------
-    def finetune(self, name: str, sub: str, ckpt: Optional[Callable], seed: int, ld: float,
-                 lr: float, holdout: bool) -> Optional[dict]:
+    def finetune(
+        self,
+        name: str,
+        sub: str,
+        ckpt: Optional[Callable],
+        seed: int,
+        ld: float,
+        lr: float,
+        holdout: bool,
+    ) -> Optional[dict]:
         p = self.profile
 
         def fn() -> dict:
             path = ckpt() if ckpt else None
             ov = self._common(sub, Path(name).name, seed) + [
-                f"optim.epochs={p.ft_epochs}", f"optim.batch_size={p.batch}",
+                f"optim.epochs={p.ft_epochs}",
+                f"optim.batch_size={p.batch}",
                 f"optim.layer_decay={ld}",
-                f"optim.base_lr={lr:g}", f"optim.warmup_epochs={p.ft_warmup_epochs}",
-                f"model.drop_path={p.drop_path}", f"finetune.label_smoothing={p.label_smoothing}",
-                "finetune.mixup=0", "finetune.cutmix=0", "run.save_every_steps=0"]
+                f"optim.base_lr={lr:g}",
+                f"optim.warmup_epochs={p.ft_warmup_epochs}",
+                f"model.drop_path={p.drop_path}",
+                f"finetune.label_smoothing={p.label_smoothing}",
+                "finetune.mixup=0",
+                "finetune.cutmix=0",
+                "run.save_every_steps=0",
+            ]
             if holdout:
                 ov.append(f"data.holdout={p.holdout}")
             ov += [f"finetune.pretrained={path}"] if path else [f"model.preset={p.preset}"]
-            return tasks.finetune(resolve(FinetuneConfig, overrides=ov),
-                                  explicit_model=path is None)
+            return tasks.finetune(tasks.resolve_run_config(FinetuneConfig, overrides=ov))
 
         return self.step(name, fn)
 
@@ -335,8 +454,9 @@ class StandardSuite:
         sub = f"{stage}/sweep/{tag}"
         scores: dict = {}
         for ld in p.sweep_layer_decay:
-            r = self.finetune(f"{sub}/ld{ld}-lr{p.ft_base_lr:g}", sub, ckpt, 0, ld, p.ft_base_lr,
-                              True)
+            r = self.finetune(
+                f"{sub}/ld{ld}-lr{p.ft_base_lr:g}", sub, ckpt, 0, ld, p.ft_base_lr, True
+            )
             if r:
                 scores[(ld, p.ft_base_lr)] = r["top1"]
         if not scores:
@@ -348,27 +468,33 @@ class StandardSuite:
             if r:
                 scores[(best_ld, lr)] = r["top1"]
         (ld, lr) = max(scores, key=scores.get)
-        return {"layer_decay": ld, "base_lr": lr, "holdout_top1": scores[(ld, lr)],
-                "grid": [{"layer_decay": k[0], "base_lr": k[1], "holdout_top1": v}
-                         for k, v in scores.items()]}
+        return {
+            "layer_decay": ld,
+            "base_lr": lr,
+            "holdout_top1": scores[(ld, lr)],
+            "grid": [
+                {"layer_decay": k[0], "base_lr": k[1], "holdout_top1": v} for k, v in scores.items()
+            ],
+        }
 
-    def probe(self, name: str, sub: str, kind: str, ckpt: Optional[Callable], feature: str,
-              seed: int = 0) -> Optional[dict]:
+    def probe(
+        self, name: str, sub: str, kind: str, ckpt: Optional[Callable], feature: str, seed: int = 0
+    ) -> Optional[dict]:
         p = self.profile
 
         def fn() -> dict:
             path = ckpt() if ckpt else None
             ov = self._common(sub, Path(name).name, seed) + [
-                f"probe.epochs={p.lp_epochs}", f"probe.feature={feature}"]
+                f"probe.epochs={p.lp_epochs}",
+                f"probe.feature={feature}",
+            ]
             ov += [f"probe.pretrained={path}"] if path else [f"model.preset={p.preset}"]
-            cfg = resolve(ProbeConfig, overrides=ov)
             fn_ = tasks.linprobe if kind == "linprobe" else tasks.knn
-            return fn_(cfg, explicit_model=path is None)
+            return fn_(tasks.resolve_run_config(ProbeConfig, overrides=ov))
 
         return self.step(name, fn)
 
-    def evaluate(self, stage: str, tag: str, ckpt: Optional[Callable],
-                 init_seed: int = 0) -> dict:
+    def evaluate(self, stage: str, tag: str, ckpt: Optional[Callable], init_seed: int = 0) -> dict:
         """Sweep, FT seeds, probes of one init; returns the result dicts by kind."""
         p = self.profile
         out: dict = {"tag": tag}
@@ -377,21 +503,38 @@ class StandardSuite:
         if arm is not None and arm.hp_from:
             hp = self.done(f"{arm_stage(arm.hp_from)}/sweep/{arm.hp_from}")
             if not hp:
-                raise StandardError(f"{hp_tag} reuses the fine-tuning recipe of {arm.hp_from}: "
-                                    f"run the stage '{arm_stage(arm.hp_from)}' first")
+                raise StandardError(
+                    f"{hp_tag} reuses the fine-tuning recipe of {arm.hp_from}: "
+                    f"run the stage '{arm_stage(arm.hp_from)}' first"
+                )
         else:
             hp = self.step(f"{stage}/sweep/{hp_tag}", lambda: self.sweep(stage, hp_tag, ckpt))
         if not hp:
             return out
         out["hp"] = hp
-        seeds = p.ft_seeds[:arm.ft_seeds] if arm is not None and arm.ft_seeds else p.ft_seeds
-        out["ft"] = [self.finetune(f"{stage}/ft/{tag}-ft{s}", f"{stage}/ft", ckpt, s,
-                                   hp["layer_decay"], hp["base_lr"], False) for s in seeds]
+        seeds = p.ft_seeds[: arm.ft_seeds] if arm is not None and arm.ft_seeds else p.ft_seeds
+        out["ft"] = [
+            self.finetune(
+                f"{stage}/ft/{tag}-ft{s}",
+                f"{stage}/ft",
+                ckpt,
+                s,
+                hp["layer_decay"],
+                hp["base_lr"],
+                False,
+            )
+            for s in seeds
+        ]
         for feat in ("cls", "avg"):
-            out[f"lp_{feat}"] = self.probe(f"{stage}/linprobe/{tag}-{feat}", f"{stage}/linprobe",
-                                           "linprobe", ckpt, feat, init_seed)
-        out["knn"] = self.probe(f"{stage}/knn/{tag}", f"{stage}/knn", "knn", ckpt, "avg",
-                                init_seed)
+            out[f"lp_{feat}"] = self.probe(
+                f"{stage}/linprobe/{tag}-{feat}",
+                f"{stage}/linprobe",
+                "linprobe",
+                ckpt,
+                feat,
+                init_seed,
+            )
+        out["knn"] = self.probe(f"{stage}/knn/{tag}", f"{stage}/knn", "knn", ckpt, "avg", init_seed)
         return out
 
     # -- stages --------------------------------------------------------------------
@@ -405,10 +548,10 @@ class StandardSuite:
         for arm in st.arms:
             for s in range(1 if ARMS[arm].curve_run else st.pretrain_seeds):
                 tag = f"{arm}-s{s}"
-                if ARMS[arm].curve_run:     # evaluate the curve run's final checkpoint
+                if ARMS[arm].curve_run:  # evaluate the curve run's final checkpoint
                     run = self.curve_tag()
                     r = self.pretrain(stage_name, "mae", 0, p.curve_epochs, run, ckpt_every=1)
-                else:   # MAE seed 0 doubles as the curve run when the budgets coincide
+                else:  # MAE seed 0 doubles as the curve run when the budgets coincide
                     run = tag
                     every = 1 if st.curve and tag == self.curve_tag() else 0
                     r = self.pretrain(stage_name, arm, s, p.pretrain_epochs, tag, every)
@@ -439,16 +582,21 @@ class StandardSuite:
             ck = self.ckpt(f"{stage}/pretrain/{tag}", str(ckdir / f"checkpoint-epoch{e}.pt"))
             self.probe(f"{stage}/curve/knn-e{e}", f"{stage}/curve", "knn", ck, "avg")
             self.probe(f"{stage}/curve/lp-e{e}", f"{stage}/curve", "linprobe", ck, "avg")
-            self.finetune(f"{stage}/curve/ft-e{e}", f"{stage}/curve", ck, 0, hp["layer_decay"],
-                          hp["base_lr"], False)
+            self.finetune(
+                f"{stage}/curve/ft-e{e}",
+                f"{stage}/curve",
+                ck,
+                0,
+                hp["layer_decay"],
+                hp["base_lr"],
+                False,
+            )
 
     def cka(self, stage: str) -> None:
-        from ..analysis.cka import analyze_cka
         models, labels = [], []
-        want = [("MAE", f"{stage}/pretrain/mae-s0"), ("supervised", "core/ft/random-ft0")]
-        if stage == "contrastive":
-            want = [("MAE", "core/pretrain/mae-s0"), ("MoCo v3", f"{stage}/pretrain/mocov3-s0"),
-                    ("C-MAE", f"{stage}/pretrain/cmae-s0"), ("supervised", "core/ft/random-ft0")]
+        want = CKA_MODELS.get(
+            stage, (("MAE", f"{stage}/pretrain/mae-s0"), ("supervised", "core/ft/random-ft0"))
+        )
         for label, name in want:
             r = self.done(name)
             if r:
@@ -472,65 +620,28 @@ class StandardSuite:
             return out
 
         def run() -> dict:
-            res = analyze_cka(self.data, paths(), random_init=[self.profile.preset],
-                              images=self.profile.cka_images, ratios=self.profile.cka_ratios,
-                              out=str(d), seed=0, workers=self.profile.workers,
-                              labels=labels + ["random init"], progress=self.progress)
+            res = analyze_cka(
+                self.data,
+                paths(),
+                random_init=[self.profile.preset],
+                images=self.profile.cka_images,
+                ratios=self.profile.cka_ratios,
+                out=str(d),
+                seed=0,
+                workers=self.profile.workers,
+                labels=labels + ["random init"],
+                progress=self.progress,
+            )
             plot = d / "cka_last_block.png"
             if plot.is_file():  # the committed copy the report links to
                 (self.results / stage).mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(plot, self.results / stage / "cka_last_block.png")
-            return {**res, "labels": labels, "last_block": _cka_last_block(d / "cka.csv")}
+            return {**res, "labels": labels, "last_block": cka_last_block(d / "cka.csv")}
 
         self.step(f"{stage}/cka", run, force=True)
 
 
-def _cka_last_block(csv_path: Path) -> dict:
-    """{model: {ratio: cka of the last block}} from ``cka.csv``."""
-    import csv
-    if not csv_path.is_file():
-        return {}
-    last: dict = {}
-    for r in csv.DictReader(csv_path.open()):
-        key = (r["model"], float(r["ratio"]))
-        if int(r["block"]) >= last.get(key, (-1, 0.0))[0]:
-            last[key] = (int(r["block"]), float(r["cka"]))
-    out: dict = {}
-    for (m, ratio), (_, v) in last.items():
-        out.setdefault(m, {})[str(ratio)] = v
-    return out
-
-
 # ------------------------------------------------------------------ report
-def _units(results: list) -> list:
-    return [unpack_correct(r["correct"]) for r in results if r and "correct" in r]
-
-
-# claim -> comparisons (arm A, arm B, metric, kind) with kind '>' | '<' | '~' (within the
-# profile's margin); a claim holds when every comparison holds, is contradicted when one is
-METRICS = {"ft": "fine-tune", "lp_cls": "linear probe (cls token, MAE's protocol)",
-           "lp_avg": "linear probe (patch-token average)", "knn": "k-NN"}
-CLAIM_TESTS = {
-    "a": [("mae", "random", "ft", ">")],
-    "b": [("rmae", "mae", "ft", "~"), ("rmae_indep", "rmae", "ft", "~"),
-          ("rmae_identity", "rmae", "ft", "~")],
-    "c": [("cmae", "mae", "ft", "~"), ("cmae", "mae", "lp_cls", "<")],
-    "d": [(f"mae_n{n}", "random", "ft", ">") for n in (1, 10, 100, 1000)]
-    + [("mae_n1", "mae_n1000", "ft", "~")],
-    "f": [("mae", "mae_nomask", "ft", ">"), ("cmae", "cmae_nomask_aug", "ft", ">")],
-    "g": [("maskdistill", "mae", "ft", ">")],
-}
-
-
-# the same comparisons at equal pretraining compute: MAE at 4x the epochs (mae32) against
-# methods that cost 3.4x (R-MAE) - 4.3x (C-MAE) MAE's FLOPs per image (docs/results/standard/
-# flops.json); claims on pairs of the same cost (a, b's variants, d) are unchanged
-CLAIM_TESTS_COMPUTE = {
-    "b": [("rmae", "mae32", "ft", "~")],
-    "c": [("cmae", "mae32", "ft", "~"), ("cmae", "mae32", "lp_cls", "<")],
-}
-
-
 def arm_stage(arm: str) -> Optional[str]:
     if arm == "random":
         return "core"
@@ -543,8 +654,13 @@ def unit_results(s: StandardSuite, arm: str, metric: str) -> dict:
     if st is None:
         return {}
     p = s.profile
-    pseeds = ([None] if arm == "random" else [0] if ARMS[arm].curve_run
-              else range(STAGES[st].pretrain_seeds))
+    pseeds = (
+        [None]
+        if arm == "random"
+        else [0]
+        if ARMS[arm].curve_run
+        else range(STAGES[st].pretrain_seeds)
+    )
     out: dict = {}
     for ps in pseeds:
         tag = "random" if ps is None else f"{arm}-s{ps}"
@@ -554,8 +670,9 @@ def unit_results(s: StandardSuite, arm: str, metric: str) -> dict:
                 if r and "correct" in r:
                     out[(ps, f)] = r
         else:
-            name = {"lp_cls": "linprobe/{}-cls", "lp_avg": "linprobe/{}-avg",
-                    "knn": "knn/{}"}[metric].format(tag)
+            name = {"lp_cls": "linprobe/{}-cls", "lp_avg": "linprobe/{}-avg", "knn": "knn/{}"}[
+                metric
+            ].format(tag)
             r = s.done(f"{st}/{name}")
             if r and "correct" in r:
                 out[(ps, None)] = r
@@ -573,14 +690,21 @@ def compare(s: StandardSuite, a: str, b: str, metric: str, kind: str) -> Optiona
             pairs.append((ra, rb))
     if not pairs:
         return None
-    d = paired_diff([unpack_correct(x["correct"]) for x, _ in pairs],
-                    [unpack_correct(y["correct"]) for _, y in pairs])
-    return {"a": a, "b": b, "metric": metric, "kind": kind, "diff": d.to_dict(),
-            "verdict": verdict(d, kind, s.profile.approx_margin)}
+    d = paired_diff(
+        [unpack_correct(x["correct"]) for x, _ in pairs],
+        [unpack_correct(y["correct"]) for _, y in pairs],
+    )
+    return {
+        "a": a,
+        "b": b,
+        "metric": metric,
+        "kind": kind,
+        "diff": d.to_dict(),
+        "verdict": verdict(d, kind, s.profile.approx_margin),
+    }
 
 
-def judge(s: StandardSuite, claim: str, tests_by_claim: Optional[dict] = None
-          ) -> Optional[dict]:
+def judge(s: StandardSuite, claim: str, tests_by_claim: Optional[dict] = None) -> Optional[dict]:
     tests = (CLAIM_TESTS if tests_by_claim is None else tests_by_claim).get(claim)
     if not tests:
         return None
@@ -588,8 +712,13 @@ def judge(s: StandardSuite, claim: str, tests_by_claim: Optional[dict] = None
     if any(r is None for r in rows):
         return {"verdict": None, "comparisons": [r for r in rows if r]}
     vs = [r["verdict"] for r in rows]
-    v = ("contradicted" if "contradicted" in vs else "holds" if all(x == "holds" for x in vs)
-         else "undecided")
+    v = (
+        "contradicted"
+        if "contradicted" in vs
+        else "holds"
+        if all(x == "holds" for x in vs)
+        else "undecided"
+    )
     return {"verdict": v, "comparisons": rows}
 
 
@@ -606,14 +735,14 @@ def claim_a(s: StandardSuite) -> Optional[dict]:
 
 
 def _curve_plot(s: StandardSuite, path: Path) -> Optional[dict]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     p = s.profile
     rows = []
     for e in p.curve_points:
-        row = {"epochs": e, "images_seen": e * p.pool_images,
-               "steps": e * (p.pool_images // p.batch)}
+        row = {
+            "epochs": e,
+            "images_seen": e * p.pool_images,
+            "steps": e * (p.pool_images // p.batch),
+        }
         for k, n in (("knn", "knn"), ("lp", "lp"), ("ft", "ft")):
             r = s.done(f"core/curve/{n}-e{e}")
             row[k] = r["top1"] if r else None
@@ -626,6 +755,7 @@ def _curve_plot(s: StandardSuite, path: Path) -> Optional[dict]:
     if not any(r[k] is not None for r in rows for k in ("knn", "lp", "ft")):
         return None
     cross: dict = {}
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     colors = {"knn": "tab:blue", "lp": "tab:orange", "ft": "tab:green"}
     names = {"knn": "k-NN", "lp": "linear probe (avg)", "ft": "fine-tune (seed 0)"}
@@ -635,9 +765,14 @@ def _curve_plot(s: StandardSuite, path: Path) -> Optional[dict]:
             continue
         ax.plot(*zip(*pts), "o-", color=colors[k], label=f"MAE {names[k]}")
         if refv.get(k) is not None:
-            ref_name = ("fine-tune (mean of FT seeds)" if k == "ft" else names[k])
-            ax.axhline(refv[k], color=colors[k], ls="--", lw=1,
-                       label=f"random init {ref_name} {refv[k]:.1f}")
+            ref_name = "fine-tune (mean of FT seeds)" if k == "ft" else names[k]
+            ax.axhline(
+                refv[k],
+                color=colors[k],
+                ls="--",
+                lw=1,
+                label=f"random init {ref_name} {refv[k]:.1f}",
+            )
             cross[k] = _crossing(pts, refv[k])
             if cross[k].get("crossover_images"):
                 ax.axvline(cross[k]["crossover_images"], color=colors[k], ls=":", lw=1)
@@ -660,7 +795,9 @@ def _crossing(pts: list, ref: float) -> dict:
     for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
         if y0 <= ref < y1:
             t = (ref - y0) / (y1 - y0)
-            out["crossover_images"] = round(math.exp(math.log(x0) + t * (math.log(x1) - math.log(x0))))
+            out["crossover_images"] = round(
+                math.exp(math.log(x0) + t * (math.log(x1) - math.log(x0)))
+            )
             break
     above = [i for i in range(len(pts)) if all(y > ref for _, y in pts[i:])]
     if above:
@@ -673,15 +810,25 @@ def _crossing(pts: list, ref: float) -> dict:
 def write_report(s: StandardSuite) -> Path:
     """``report.md`` (+ ``summary.json``, plots) in the results folder, from the result files."""
     p, R = s.profile, s.results
-    L = ["# mimlab reproduce — `standard` suite", "",
-         f"Regenerated {time.strftime('%Y-%m-%d %H:%M')} from the result files in this folder "
-         "(`mimlab reproduce --suite standard --report-only`). CIFAR-10 top-1 at the budget "
-         "below; the papers' numbers are ImageNet-1k, ViT-B/16: compare orderings, not values.",
-         "", "## Protocol", ""]
+    L = [
+        "# mimlab reproduce — `standard` suite",
+        "",
+        f"Regenerated {time.strftime('%Y-%m-%d %H:%M')} from the result files in this folder "
+        "(`mimlab reproduce --suite standard --report-only`). CIFAR-10 top-1 at the budget "
+        "below; the papers' numbers are ImageNet-1k, ViT-B/16: compare orderings, not values.",
+        "",
+        "## Protocol",
+        "",
+    ]
     L += [f"- {x}" for x in p.describe()]
     summary: dict = {"profile": asdict(p)}
-    L += ["", "## Verdicts", "",
-          "| claim | paper | ours: difference [95 % CI] | verdict |", "|---|---|---|---|"]
+    L += [
+        "",
+        "## Verdicts",
+        "",
+        "| claim | paper | ours: difference [95 % CI] | verdict |",
+        "|---|---|---|---|",
+    ]
     a = claim_a(s)
     summary["claim_a"] = a
     summary["claims"] = {}
@@ -696,32 +843,49 @@ def write_report(s: StandardSuite) -> Path:
         for r in j["comparisons"]:
             d = Diff(**r["diff"])
             rel = {">": ">", "<": "<", "~": "≈"}[r["kind"]]
-            parts.append(f"{names.get(r['a'], r['a'])} {rel} {names.get(r['b'], r['b'])} on "
-                         f"{r['metric']}: {d.a_mean:.2f} vs {d.b_mean:.2f}, {d.fmt()} "
-                         f"({d.n_units} units, {r['verdict']})")
+            parts.append(
+                f"{names.get(r['a'], r['a'])} {rel} {names.get(r['b'], r['b'])} on "
+                f"{r['metric']}: {d.a_mean:.2f} vs {d.b_mean:.2f}, {d.fmt()} "
+                f"({d.n_units} units, {r['verdict']})"
+            )
         v = j["verdict"] or "incomplete"
         L.append(f"| ({c}) {text} | {paper} | {'; '.join(parts)} | **{v}** |")
-    L += ["", f"≈ holds when the 95 % CI of the difference lies within ±{p.approx_margin:g} "
-          "points; > / < hold when the CI excludes 0."]
+    L += [
+        "",
+        f"≈ holds when the 95 % CI of the difference lies within ±{p.approx_margin:g} "
+        "points; > / < hold when the CI excludes 0.",
+    ]
     rows = []
     for c in CLAIM_TESTS_COMPUTE:
         j = judge(s, c, CLAIM_TESTS_COMPUTE)
         summary.setdefault("claims_compute_matched", {})[c] = j
         for r in (j or {}).get("comparisons", []):
             d = Diff(**r["diff"])
-            rows.append(f"| ({c}) | {names.get(r['a'], r['a'])} vs {names.get(r['b'], r['b'])} "
-                        f"| {r['metric']} | {d.a_mean:.2f} vs {d.b_mean:.2f} | {d.fmt()} | "
-                        f"{r['verdict']} |")
+            rows.append(
+                f"| ({c}) | {names.get(r['a'], r['a'])} vs {names.get(r['b'], r['b'])} "
+                f"| {r['metric']} | {d.a_mean:.2f} vs {d.b_mean:.2f} | {d.fmt()} | "
+                f"{r['verdict']} |"
+            )
     if rows:
-        L += ["", "### At equal pretraining compute", "",
-              "MAE pretrained for 4x the epochs (its own 32-epoch schedule) costs about what "
-              "R-MAE (3.4x) and C-MAE (4.3x MAE's training FLOPs per image) cost in 8 epochs "
-              "(`mimlab flops`, `flops.json`).", "",
-              "| claim | comparison | metric | top-1 | difference [95 % CI] | verdict |",
-              "|---|---|---|---|---|---|"] + rows
-    L += ["", "## Every evaluated init", "",
-          "| init | stage | FT (mean of units) | linear probe cls | linear probe avg | k-NN | "
-          "FT recipe (layer decay / lr) |", "|---|---|---|---|---|---|---|"]
+        L += [
+            "",
+            "### At equal pretraining compute",
+            "",
+            "MAE pretrained for 4x the epochs (its own 32-epoch schedule) costs about what "
+            "R-MAE (3.4x) and C-MAE (4.3x MAE's training FLOPs per image) cost in 8 epochs "
+            "(`mimlab flops`, `flops.json`).",
+            "",
+            "| claim | comparison | metric | top-1 | difference [95 % CI] | verdict |",
+            "|---|---|---|---|---|---|",
+        ] + rows
+    L += [
+        "",
+        "## Every evaluated init",
+        "",
+        "| init | stage | FT (mean of units) | linear probe cls | linear probe avg | k-NN | "
+        "FT recipe (layer decay / lr) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for arm in ["random", *ARMS]:
         res = {m: unit_results(s, arm, m) for m in METRICS}
         if not any(res.values()):
@@ -729,52 +893,78 @@ def write_report(s: StandardSuite) -> Path:
         cell = {}
         for m, units in res.items():
             vals = [r["top1"] for r in units.values()]
-            cell[m] = "–" if not vals else (f"{sum(vals) / len(vals):.2f}" + (
-                f" (n={len(vals)})" if len(vals) > 1 else ""))
+            cell[m] = (
+                "–"
+                if not vals
+                else (
+                    f"{sum(vals) / len(vals):.2f}" + (f" (n={len(vals)})" if len(vals) > 1 else "")
+                )
+            )
         st = arm_stage(arm)
         hp_arm = ARMS[arm].hp_from if arm in ARMS and ARMS[arm].hp_from else arm
         hp = s.done(f"{arm_stage(hp_arm)}/sweep/{hp_arm}") or {}
         rec = f"{hp['layer_decay']:g} / {hp['base_lr']:g}" if "layer_decay" in hp else "–"
-        L.append(f"| {names.get(arm, arm)} | {st} | {cell['ft']} | {cell['lp_cls']} | "
-                 f"{cell['lp_avg']} | {cell['knn']} | {rec} |")
+        L.append(
+            f"| {names.get(arm, arm)} | {st} | {cell['ft']} | {cell['lp_cls']} | "
+            f"{cell['lp_avg']} | {cell['knn']} | {rec} |"
+        )
     if a:
-        L += ["", "### Claim (a) in detail", "",
-              "| protocol | MAE | random | MAE − random [95 % CI] | verdict |",
-              "|---|---|---|---|---|"]
+        L += [
+            "",
+            "### Claim (a) in detail",
+            "",
+            "| protocol | MAE | random | MAE − random [95 % CI] | verdict |",
+            "|---|---|---|---|---|",
+        ]
         for k, lab in METRICS.items():
             if k in a:
                 d = Diff(**{kk: v for kk, v in a[k].items() if kk != "verdict"})
                 v = a[k]["verdict"]
-                L.append(f"| {lab} | {d.a_mean:.2f} ({', '.join(f'{x:.2f}' for x in d.a_units)}) "
-                         f"| {d.b_mean:.2f} | {d.fmt()} | {v} |")
+                L.append(
+                    f"| {lab} | {d.a_mean:.2f} ({', '.join(f'{x:.2f}' for x in d.a_units)}) "
+                    f"| {d.b_mean:.2f} | {d.fmt()} | {v} |"
+                )
         hp_rows = []
         for tag in ("random", "mae"):
             hp = s.done(f"core/sweep/{tag}")
             if hp and "grid" in hp:
-                grid = ", ".join(f"ld {g['layer_decay']:g}/lr {g['base_lr']:g}: "
-                                 f"{g['holdout_top1']:.1f}" for g in hp["grid"])
-                hp_rows.append(f"- {tag}: chose layer decay {hp['layer_decay']:g}, lr "
-                               f"{hp['base_lr']:g} (held-out top-1 {hp['holdout_top1']:.2f}); "
-                               f"grid {grid}")
+                grid = ", ".join(
+                    f"ld {g['layer_decay']:g}/lr {g['base_lr']:g}: {g['holdout_top1']:.1f}"
+                    for g in hp["grid"]
+                )
+                hp_rows.append(
+                    f"- {tag}: chose layer decay {hp['layer_decay']:g}, lr "
+                    f"{hp['base_lr']:g} (held-out top-1 {hp['holdout_top1']:.2f}); "
+                    f"grid {grid}"
+                )
         if hp_rows:
             L += ["", "Fine-tuning hyper-parameters chosen on the held-out 20 % of the pool:", ""]
             L += hp_rows
     cur = _curve_plot(s, R / "core" / "curve.png")
     if cur:
         summary["curve"] = cur
-        L += ["", "## Learning curves (MAE vs random init)", "",
-              "One MAE run of 32 epochs on the 10k pool (one cosine schedule), evaluated at the "
-              "checkpoints after 1, 2, 4, 8, 16 and 32 epochs (a 32x span).", "",
-              "| epochs | steps | images seen | k-NN | linear probe | FT (seed 0) |",
-              "|---|---|---|---|---|---|"]
+        L += [
+            "",
+            "## Learning curves (MAE vs random init)",
+            "",
+            "One MAE run of 32 epochs on the 10k pool (one cosine schedule), evaluated at the "
+            "checkpoints after 1, 2, 4, 8, 16 and 32 epochs (a 32x span).",
+            "",
+            "| epochs | steps | images seen | k-NN | linear probe | FT (seed 0) |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in cur["rows"]:
             f = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
-            L.append(f"| {r['epochs']} | {r['steps']:,} | {r['images_seen']:,} | {f(r['knn'])} "
-                     f"| {f(r['lp'])} | {f(r['ft'])} |")
+            L.append(
+                f"| {r['epochs']} | {r['steps']:,} | {r['images_seen']:,} | {f(r['knn'])} "
+                f"| {f(r['lp'])} | {f(r['ft'])} |"
+            )
         rv = cur["random"]
         f = lambda v: "–" if v is None else f"{v:.2f}"  # noqa: E731
-        L.append(f"| random init | – | – | {f(rv.get('knn'))} | {f(rv.get('lp'))} | "
-                 f"{f(rv.get('ft'))} (mean of seeds) |")
+        L.append(
+            f"| random init | – | – | {f(rv.get('knn'))} | {f(rv.get('lp'))} | "
+            f"{f(rv.get('ft'))} (mean of seeds) |"
+        )
         for k, c in cur["crossover"].items():
             bits = []
             if c.get("above_at_first_point"):
@@ -788,21 +978,36 @@ def write_report(s: StandardSuite) -> Path:
     fl = R / "flops.json"
     if fl.is_file():
         d = json.loads(fl.read_text())
-        L += ["", "## Training FLOPs per image", "",
-              f"`{d.get('command', 'mimlab flops')}` ({d.get('convention', '')}); analytic "
-              "(`mimlab/flops.py`) against `torch.utils.flop_counter`:", "",
-              "| method | MFLOP / image (analytic) | counted | x MAE |", "|---|---|---|---|"]
+        L += [
+            "",
+            "## Training FLOPs per image",
+            "",
+            f"`{d.get('command', 'mimlab flops')}` ({d.get('convention', '')}); analytic "
+            "(`mimlab/flops.py`) against `torch.utils.flop_counter`:",
+            "",
+            "| method | MFLOP / image (analytic) | counted | x MAE |",
+            "|---|---|---|---|",
+        ]
         for r in d.get("rows", []):
-            L.append(f"| {r['method']} | {r['analytic'] / 1e6:,.1f} | {r['counted'] / 1e6:,.1f} "
-                     f"| {r['relative_to_mae']:.2f} |")
+            L.append(
+                f"| {r['method']} | {r['analytic'] / 1e6:,.1f} | {r['counted'] / 1e6:,.1f} "
+                f"| {r['relative_to_mae']:.2f} |"
+            )
     cka = s.done("core/cka")
     if cka and cka.get("last_block"):
-        L += ["", "## CKA between masked and full inputs (last block)", "",
-              "| model | " + " | ".join(f"ratio {r:g}" for r in p.cka_ratios) + " |",
-              "|---|" + "---|" * len(p.cka_ratios)]
+        L += [
+            "",
+            "## CKA between masked and full inputs (last block)",
+            "",
+            "| model | " + " | ".join(f"ratio {r:g}" for r in p.cka_ratios) + " |",
+            "|---|" + "---|" * len(p.cka_ratios),
+        ]
         for m, vals in cka["last_block"].items():
-            L.append(f"| {m} | " + " | ".join(f"{vals.get(str(float(r)), float('nan')):.3f}"
-                                               for r in p.cka_ratios) + " |")
+            L.append(
+                f"| {m} | "
+                + " | ".join(f"{vals.get(str(float(r)), float('nan')):.3f}" for r in p.cka_ratios)
+                + " |"
+            )
         if (R / "core" / "cka_last_block.png").is_file():
             L += ["", "![CKA, last block](core/cka_last_block.png)"]
     L += ["", "## Wall time", ""]
@@ -817,9 +1022,11 @@ def write_report(s: StandardSuite) -> Path:
         st = f.relative_to(R).parts[0]
         if w:
             tot[st] = tot.get(st, 0.0) + float(w)
-    L.append("Sums of each sub-run's own wall time (`wall_seconds` in its result file). They "
-             "include any slowdown from other jobs sharing the machine while it ran, so they are "
-             "upper bounds for an idle machine.")
+    L.append(
+        "Sums of each sub-run's own wall time (`wall_seconds` in its result file). They "
+        "include any slowdown from other jobs sharing the machine while it ran, so they are "
+        "upper bounds for an idle machine."
+    )
     L.append("")
     for st, w in tot.items():
         L.append(f"- stage `{st}`: {w / 60:.1f} min of sub-run wall time")
@@ -830,9 +1037,15 @@ def write_report(s: StandardSuite) -> Path:
     return R / "report.md"
 
 
-def reproduce_standard(stage: Optional[str], data: str, runs: str, results: str,
-                       progress: bool = False, report_only: bool = False,
-                       **fields) -> Path:
+def reproduce_standard(
+    stage: Optional[str],
+    data: str,
+    runs: str,
+    results: str,
+    progress: bool = False,
+    report_only: bool = False,
+    **fields,
+) -> Path:
     """Run one stage (or, with ``report_only``, only regenerate the report)."""
     try:
         prof = StandardProfile(**fields)

@@ -1,81 +1,108 @@
 """Methods: each is a short declaration composing reusable parts (the unified view).
 
-``build_method(cfg)`` reads ``cfg.method`` (a preset from ``config.METHOD_PRESETS`` filled in,
-plus the user's explicit fields) and composes:
+``build_method(cfg)`` reads ``cfg.method`` (a preset of :data:`mimlab.registry.PRESETS` filled
+in, plus the user's explicit fields), finds its family (:func:`mimlab.registry.family_of`) and
+calls that family's builder in :data:`BUILDERS`:
 
-* masked prediction (:class:`MaskedPrediction`: MAE, SimMIM, MaskFeat, MaskDistill, ...):
+* ``masked`` (:class:`MaskedPrediction`: MAE, SimMIM, MaskFeat, MaskDistill, data2vec):
   masking + target + normalisation + student mode + head + regression loss;
-* siamese methods (R-MAE, C-MAE, MoCo v3): two transformations T1/T2 of the same image, an
-  encoder (online / EMA target) and a similarity measurement (see ``siamese.py``).
+* ``relaxed`` (R-MAE) and ``contrastive`` (C-MAE, MoCo v3): two transformations T1/T2 of the
+  same image, an encoder (online / EMA target) and a similarity measurement
+  (:mod:`mimlab.methods.siamese`).
 """
+
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch.nn as nn
 
-from ..config import ConfigError, PretrainConfig
+from ..config import PretrainConfig
+from ..data import resolve_stats
 from ..models import build_decoder, build_encoder
+from ..registry import FAMILIES, check_method, family_of
 from .base import Method
 from .masked import MaskedPrediction, PixelTarget
+from .siamese import build_siamese
 from .targets import build_target
-
-REGRESSION_LOSSES = ("l2", "l1", "smooth_l1", "cosine")
 
 
 def build_head(cfg: PretrainConfig, out_dim: int) -> nn.Module:
     """decoder: MAE transformer decoder; linear: one linear layer per token."""
-    m = cfg.method
-    if m.head == "decoder":
+    if cfg.method.head == "decoder":
         return build_decoder(cfg.model, out_dim)
-    if m.head == "linear":
-        return nn.Linear(cfg.model.embed_dim, out_dim)
-    raise ConfigError(f"method.head: '{m.head}' is not a masked-prediction head "
-                      "(decoder | linear)")
+    return nn.Linear(cfg.model.embed_dim, out_dim)
 
 
-def build_masked_prediction(cfg: PretrainConfig, data_mean: Optional[Sequence[float]] = None,
-                            data_std: Optional[Sequence[float]] = None) -> MaskedPrediction:
-    """``data_mean``/``data_std``: the training images' normalisation, for teacher targets."""
+def build_masked_prediction(
+    cfg: PretrainConfig,
+    data_mean: Optional[Sequence[float]] = None,
+    data_std: Optional[Sequence[float]] = None,
+) -> MaskedPrediction:
+    """``data_mean``/``data_std``: the training images' normalisation, for teacher targets.
+    method.mask=none (Table 5): reconstruct the original image from its augmented version
+    (:func:`mimlab.registry.check_method` refuses it when nothing is augmented)."""
     m = cfg.method
-    if m.loss not in REGRESSION_LOSSES:
-        raise ConfigError(f"method.loss: masked prediction regresses its target; use one of "
-                          f"{', '.join(REGRESSION_LOSSES)} (got '{m.loss}')")
-    if m.student == "drop" and m.head == "linear":
-        raise ConfigError("method.head=linear needs method.student=mask_token (a linear head "
-                          "predicts from the masked positions' own tokens)")
-    # method.mask=none (Table 5): reconstruct the original image from its augmented version;
-    # siamese.check_method refuses it when nothing is augmented (a trivial objective)
+    check_method(m)
     encoder = build_encoder(cfg.model, mask_token=m.student == "mask_token", drop_path=0.0)
     target = build_target(cfg, encoder, data_mean, data_std)
     # teacher / EMA targets set the head's output width (pixels: p * p * C)
-    out_dim = getattr(target, "out_dim", cfg.model.patch_size ** 2 * cfg.model.in_chans)
-    return MaskedPrediction(encoder=encoder, head=build_head(cfg, out_dim), target=target,
-                            mask_ratio=m.mask_ratio, masking=m.mask, student=m.student,
-                            target_norm=m.target_norm, loss=m.loss, loss_beta=m.loss_beta,
-                            color_jitter=m.color_jitter, cutmix=m.cutmix)
+    out_dim = getattr(target, "out_dim", cfg.model.patch_size**2 * cfg.model.in_chans)
+    return MaskedPrediction(
+        encoder=encoder,
+        head=build_head(cfg, out_dim),
+        target=target,
+        mask_ratio=m.mask_ratio,
+        masking=m.mask,
+        student=m.student,
+        target_norm=m.target_norm,
+        loss=m.loss,
+        loss_beta=m.loss_beta,
+        color_jitter=m.color_jitter,
+        cutmix=m.cutmix,
+        data_mean=data_mean,
+        data_std=data_std,
+    )
+
+
+#: family name (mimlab.registry.FAMILIES) -> builder(cfg, data_mean, data_std)
+BUILDERS: dict[str, Callable[..., Method]] = {
+    "masked": build_masked_prediction,
+    "relaxed": build_siamese,
+    "contrastive": build_siamese,
+}
+assert set(BUILDERS) == set(FAMILIES), "every method family needs a builder"
 
 
 def is_siamese(cfg: PretrainConfig) -> bool:
-    m = cfg.method
-    return m.view2 != "none" or m.loss in ("infonce", "byol") or m.target == "online"
+    """Two views (R-MAE, C-MAE, MoCo v3) rather than masked prediction."""
+    return family_of(cfg.method).name != "masked"
 
 
-def build_method(cfg: PretrainConfig, data_mean: Optional[Sequence[float]] = None,
-                 data_std: Optional[Sequence[float]] = None) -> Method:
+def build_method(
+    cfg: PretrainConfig,
+    data_mean: Optional[Sequence[float]] = None,
+    data_std: Optional[Sequence[float]] = None,
+) -> Method:
     """Compose the method described by ``cfg.method`` (invalid combinations: ConfigError).
 
     ``data_mean``/``data_std``: per-channel statistics the training images are normalised with
-    (``tasks.pretrain`` passes the dataset's); frozen teachers undo them. Default:
-    ``data.mean``/``std`` of the config, else ImageNet's (0.5 for non-RGB)."""
-    if is_siamese(cfg):
-        try:
-            from .siamese import build_siamese
-        except ImportError as e:  # pragma: no cover - until siamese methods exist
-            raise ConfigError(f"siamese methods are not available: {e}") from None
-        return build_siamese(cfg)
-    return build_masked_prediction(cfg, data_mean, data_std)
+    (``train.pretrain`` passes the dataset's); frozen teachers undo them. Default:
+    ``data.mean``/``std`` of the config, else :func:`mimlab.data.default_stats`. The
+    method keeps them (``method.data_stats``) for the augmentations that work on pixels."""
+    if data_mean is None or data_std is None:
+        data_mean, data_std = resolve_stats(cfg.data, None, cfg.model.in_chans)
+    return BUILDERS[family_of(cfg.method).name](cfg, data_mean, data_std)
 
 
-__all__ = ["Method", "MaskedPrediction", "PixelTarget", "build_method", "build_head",
-           "build_masked_prediction", "build_target", "is_siamese"]
+__all__ = [
+    "BUILDERS",
+    "Method",
+    "MaskedPrediction",
+    "PixelTarget",
+    "build_method",
+    "build_head",
+    "build_masked_prediction",
+    "build_target",
+    "is_siamese",
+]

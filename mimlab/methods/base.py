@@ -4,10 +4,15 @@ A method is an ``nn.Module`` whose ``forward(images, labels)`` returns a dict wi
 ``loss`` (and optional scalar metrics); it exposes the ``encoder`` that evaluation and export
 use, the parameter names exempt from weight decay, and an ``after_step`` hook (EMA updates).
 """
+
 from __future__ import annotations
+
+from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
+
+from ..data import default_stats
 
 
 class Method(nn.Module):
@@ -15,6 +20,22 @@ class Method(nn.Module):
     ddp_find_unused: bool = False
 
     encoder: nn.Module
+    #: per-channel statistics the input images are normalised with (set by the constructor;
+    #: augmentations that work on pixels undo and redo them)
+    data_mean: Optional[list] = None
+    data_std: Optional[list] = None
+
+    def set_data_stats(
+        self, mean: Optional[Sequence[float]], std: Optional[Sequence[float]]
+    ) -> None:
+        self.data_mean = None if mean is None else list(mean)
+        self.data_std = None if std is None else list(std)
+
+    def data_stats(self, channels: int) -> tuple[list[float], list[float]]:
+        """``(mean, std)`` of the inputs; :func:`mimlab.data.default_stats` when unset."""
+        if self.data_mean is None or self.data_std is None or len(self.data_mean) != channels:
+            return default_stats(channels)
+        return list(self.data_mean), list(self.data_std)
 
     def no_weight_decay(self) -> set[str]:
         """Full parameter names (as in ``named_parameters``) without weight decay, on top of
@@ -31,3 +52,19 @@ class Method(nn.Module):
 
     def extra_state(self) -> dict:
         return {}
+
+
+@torch.no_grad()
+def ema_update_(target: nn.Module, online: nn.Module, momentum: float) -> None:
+    """The one EMA step of every target network (C-MAE, MoCo v3, data2vec):
+    ``theta_t <- momentum * theta_t + (1 - momentum) * theta_o`` for every parameter pair, and
+    the online network's buffers copied (same architecture). The copy changes no training loss:
+    targets run in training mode, where BatchNorm uses batch statistics, and the ViT's
+    position embedding is a fixed buffer; it keeps an exported target consistent."""
+    tp, op = list(target.parameters()), list(online.parameters())
+    if len(tp) != len(op):
+        raise ValueError("EMA target and online networks have different parameters")
+    torch._foreach_mul_(tp, momentum)
+    torch._foreach_add_(tp, [p.detach() for p in op], alpha=1.0 - momentum)
+    for b, ob in zip(target.buffers(), online.buffers()):
+        b.copy_(ob)

@@ -7,6 +7,7 @@ Distributed training (``torchrun``, one process per device): the loss of each pr
 processes -- which DistributedDataParallel's gradient averaging differentiates -- equals the loss
 of one process on the global batch (tested with 2 gloo processes in tests/test_ddp.py).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -88,10 +89,10 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and world_size() > 1):
             return super().forward(x)
-        xf = x.float()                                                     # [n, C]
+        xf = x.float()  # [n, C]
         s = all_reduce_sum(torch.cat([xf.sum(0), xf.new_tensor([xf.shape[0]])]))
         n = s[-1]
-        mean = s[:-1] / n.clamp_min(1.0)                                   # [C]
+        mean = s[:-1] / n.clamp_min(1.0)  # [C]
         var = all_reduce_sum(((xf - mean) ** 2).sum(0)) / n.clamp_min(1.0)  # biased, [C]
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
@@ -115,19 +116,29 @@ class MLPHead(nn.Module):
     def __init__(self, d_in: int, hidden: int, d_out: int, norm: str = "bn"):
         super().__init__()
         self.fc1 = nn.Linear(d_in, hidden, bias=norm != "bn")
-        self.norm = {"bn": lambda: SyncBatchNorm1d(hidden), "ln": lambda: nn.LayerNorm(hidden),
-                     "none": nn.Identity}[norm]()
+        self.norm = {
+            "bn": lambda: SyncBatchNorm1d(hidden),
+            "ln": lambda: nn.LayerNorm(hidden),
+            "none": nn.Identity,
+        }[norm]()
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, d_out)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        h = self.act(self.norm(self.fc1(x.reshape(-1, shape[-1]))))      # [n, hidden]
+        h = self.act(self.norm(self.fc1(x.reshape(-1, shape[-1]))))  # [n, hidden]
         return self.fc2(h).reshape(*shape[:-1], -1)
 
 
-def query_positions(mask_q: Optional[Tensor], mask_k: Optional[Tensor], student: str,
-                    B: int, N: int, device, queries: str = "removed") -> Tensor:
+def query_positions(
+    mask_q: Optional[Tensor],
+    mask_k: Optional[Tensor],
+    student: str,
+    B: int,
+    N: int,
+    device,
+    queries: str = "removed",
+) -> Tensor:
     """[B, N] bool: positions whose online token (view with ``mask_q``) is a query and whose
     target token (view with ``mask_k``) is its key.
 
@@ -141,10 +152,12 @@ def query_positions(mask_q: Optional[Tensor], mask_k: Optional[Tensor], student:
     """
     if mask_q is None and mask_k is None:
         return torch.ones(B, N, dtype=torch.bool, device=device)
-    removed = mask_q.bool() if mask_q is not None else torch.zeros(B, N, dtype=torch.bool,
-                                                                    device=device)
-    seen_k = ~mask_k.bool() if mask_k is not None else torch.ones(B, N, dtype=torch.bool,
-                                                                   device=device)
+    removed = (
+        mask_q.bool() if mask_q is not None else torch.zeros(B, N, dtype=torch.bool, device=device)
+    )
+    seen_k = (
+        ~mask_k.bool() if mask_k is not None else torch.ones(B, N, dtype=torch.bool, device=device)
+    )
     if student == "mask_token":
         if queries == "all":
             return torch.ones(B, N, dtype=torch.bool, device=device)
@@ -167,6 +180,6 @@ def scatter_rows(rows: Tensor, sel: Tensor) -> Tensor:
     """[M, D] rows of the selected positions (``sel`` [B, N] bool, M = sel.sum(), row-major
     order as ``grid[sel]``) -> [B, N, D] grid with zeros elsewhere (differentiable)."""
     B, N = sel.shape
-    flat = sel.reshape(-1).nonzero().squeeze(1)                            # [M]
+    flat = sel.reshape(-1).nonzero().squeeze(1)  # [M]
     out = rows.new_zeros(B * N, rows.shape[-1]).index_copy(0, flat, rows)  # [B * N, D]
     return out.view(B, N, -1)

@@ -3,25 +3,26 @@
     masking  +  target (pixels / teacher features)  +  target normalisation
              +  student mode (drop masked tokens | learnable mask token)  +  head  +  loss
 
-:class:`MaskedPrediction` is that composition; MAE is one short declaration of it
-(:func:`mae`): random masking 75 %, pixel target, per-patch normalisation (``norm_pix``),
-masked tokens dropped, transformer decoder head, L2 on the removed patches (Eq. 2-3 of Kong &
-Zhang).
+:class:`MaskedPrediction` is that composition; MAE is one short declaration of it (the
+``mae`` preset of :mod:`mimlab.registry`): random masking 75 %, pixel target, per-patch
+normalisation (``norm_pix``), masked tokens dropped, transformer decoder head, L2 on the
+removed patches (Eq. 2-3 of Kong & Zhang).
 """
+
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 from ..augment import color_jitter_batch, cutmix_batch
-from ..losses import instance_norm_tokens, layernorm_target, regression_loss
+from ..losses import instance_norm_tokens, layernorm_target, patch_norm_target, regression_loss
 from ..models import ViTEncoder
-from ..ops import block_masking, mask_to_ids, patch_normalize, patchify, random_masking
+from ..ops import block_masking, mask_to_ids, patchify, random_masking
 from .base import Method
 
-TargetFn = Callable[[torch.Tensor], torch.Tensor]   # images [B,C,H,W] -> [B, N, C_t]
+TargetFn = Callable[[torch.Tensor], torch.Tensor]  # images [B,C,H,W] -> [B, N, C_t]
 
 
 def normalize_target(t: torch.Tensor, kind: str) -> torch.Tensor:
@@ -29,15 +30,14 @@ def normalize_target(t: torch.Tensor, kind: str) -> torch.Tensor:
     variance); 'layernorm': LayerNorm without affine over C (MaskDistill); 'instance': each
     channel standardised over the N tokens of its image (data2vec); 'none': unchanged."""
     if kind == "patch":
-        return patch_normalize(t)
+        return patch_norm_target(t)
     if kind == "layernorm":
         return layernorm_target(t)
     if kind == "instance":
         return instance_norm_tokens(t)
     if kind == "none":
         return t
-    raise ValueError(f"unknown target normalisation '{kind}' (patch | layernorm | instance | "
-                     "none)")
+    raise ValueError(f"unknown target normalisation '{kind}' (patch | layernorm | instance | none)")
 
 
 class PixelTarget(nn.Module):
@@ -62,11 +62,24 @@ class MaskedPrediction(Method):
     Returns ``loss`` plus ``pred`` [B, N, C_t], ``target`` [B, N, C_t] (normalised) and ``mask``.
     """
 
-    def __init__(self, encoder: ViTEncoder, head: nn.Module, target: nn.Module,
-                 mask_ratio: float = 0.75, masking: str = "random", student: str = "drop",
-                 target_norm: str = "patch", loss: str = "l2", loss_beta: float = 2.0,
-                 color_jitter: str = "none", cutmix: bool = False):
+    def __init__(
+        self,
+        encoder: ViTEncoder,
+        head: nn.Module,
+        target: nn.Module,
+        mask_ratio: float = 0.75,
+        masking: str = "random",
+        student: str = "drop",
+        target_norm: str = "patch",
+        loss: str = "l2",
+        loss_beta: float = 2.0,
+        color_jitter: str = "none",
+        cutmix: bool = False,
+        data_mean: Optional[Sequence[float]] = None,
+        data_std: Optional[Sequence[float]] = None,
+    ):
         super().__init__()
+        self.set_data_stats(data_mean, data_std)
         if student not in ("drop", "mask_token"):
             raise ValueError(f"student mode must be drop | mask_token, got '{student}'")
         if student == "mask_token" and encoder.mask_token is None:
@@ -76,8 +89,9 @@ class MaskedPrediction(Method):
         self.target_norm, self.loss_kind, self.loss_beta = target_norm, loss, loss_beta
         self.color_jitter, self.cutmix = color_jitter, cutmix
 
-    def augment(self, images: torch.Tensor, visible: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def augment(
+        self, images: torch.Tensor, visible: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Table 5 / 4 of Kong & Zhang, in training only -> (input, target images).
 
         With patch masking: ``cutmix`` mixes both (MAE reconstructs the masked patches of the
@@ -96,8 +110,7 @@ class MaskedPrediction(Method):
         target = images if self.masking == "none" else x
         if self.color_jitter == "none":
             return x, target
-        jit = color_jitter_batch(x, getattr(self, "data_mean", None),
-                                 getattr(self, "data_std", None), visible=visible)
+        jit = color_jitter_batch(x, *self.data_stats(x.shape[1]), visible=visible)
         return (jit, jit) if self.color_jitter == "whole" else (jit, target)
 
     def make_mask(self, B: int, device, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -110,8 +123,13 @@ class MaskedPrediction(Method):
             return block_masking(B, self.encoder.grid, self.mask_ratio, device=device)
         raise ValueError(f"unknown masking '{self.masking}' (random | block)")
 
-    def forward(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                noise: Optional[torch.Tensor] = None, mask: Optional[torch.Tensor] = None):
+    def forward(
+        self,
+        images: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        noise: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+    ):
         B = images.shape[0]
         ids_keep = ids_restore = None
         if mask is None and self.masking != "none":

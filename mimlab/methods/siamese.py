@@ -126,6 +126,7 @@ SyncBatchNorm1d`, CPU and GPU; no conversion step needed) and each process's los
 terms over the global number of terms / world size: two processes give the loss and gradients
 of one process on the global batch (tests/test_ddp.py).
 """
+
 from __future__ import annotations
 
 import copy
@@ -140,142 +141,39 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..augment import MOCOV3_JITTER, SIMSIAM_JITTER
-from ..config import ConfigError, MethodConfig, PretrainConfig
+from ..config import PretrainConfig
+from ..dist import world_size
 from ..losses import byol_loss, instance_info_nce, regression_loss, token_info_nce
 from ..models import ViTEncoder, build_decoder, build_encoder
 from ..ops import mask_to_ids, patchify
-from ..dist import world_size
-from .base import Method
-from .contrastive import (MLPHead, SyncBatchNorm1d, gather_rows, global_mean, query_positions,
-                          scatter_rows, select_positions)
+from ..registry import check_method
+from .base import Method, ema_update_
+from .contrastive import (
+    MLPHead,
+    SyncBatchNorm1d,
+    gather_rows,
+    global_mean,
+    query_positions,
+    scatter_rows,
+    select_positions,
+)
 from .masked import normalize_target
-from .views import JITTERS, MASKS, VIEW2, ViewMaker, Views
+from .views import ViewMaker, Views
 
-TOKENS = ("patch", "patch+cls", "cls", "avg")
-NEGATIVES = ("position", "image", "batch")
-QUERIES = ("all", "removed")
-CLS_TERMS = ("instance", "joint")
-CONTRASTIVE_LOSSES = ("infonce", "byol")
-REGRESSION_LOSSES = ("l2", "l1", "smooth_l1", "cosine")
-STUDENTS = ("drop", "mask_token")
-
-__all__ = ["ViewMaker", "Views", "MLPHead", "SyncBatchNorm1d", "Encoded", "encode",
-           "RelaxedMAE", "ContrastiveSiamese", "check_method", "build_siamese",
-           "query_positions", "select_positions", "is_siamese_config"]
-
-
-# ------------------------------------------------------------------------- config checks
-def is_siamese_config(m: MethodConfig) -> bool:
-    """Same rule as :func:`mimlab.methods.is_siamese`."""
-    return m.view2 != "none" or m.loss in CONTRASTIVE_LOSSES or m.target == "online"
-
-
-def _one_of(m: MethodConfig, key: str, choices: Sequence[str]) -> None:
-    v = getattr(m, key)
-    if v not in choices:
-        raise ConfigError(f"method.{key}: '{v}' is not one of {' | '.join(choices)}")
-
-
-def _check_without_masking(m: MethodConfig) -> None:
-    """Table 5's "removing patch masking" (``mask=none``) for masked prediction (MAE:
-    reconstruct the original image from its augmented version) and C-MAE (two independently
-    augmented views): the augmentation must make input and target differ."""
-    if m.mask != "none" or m.view2 == "crop" or m.target == "online":
-        return
-    if m.color_jitter == "whole":
-        raise ConfigError("method.mask=none with method.color_jitter=whole: without patch "
-                          "masking the jitter must differ between input and target (MAE: "
-                          "input only) or between the views (C-MAE: one jitter per view); use "
-                          "method.color_jitter=after_mask | unmasked")
-    if not m.cutmix and m.color_jitter == "none":
-        raise ConfigError("method.mask=none with method.cutmix=false and "
-                          "method.color_jitter=none leaves input and target identical (the "
-                          "identity map / identical views solve it): add method.cutmix=true "
-                          "or method.color_jitter=after_mask")
-
-
-def check_method(m: MethodConfig) -> None:
-    """Invalid method combinations fail here with one line (called by ``config.validate`` and
-    :func:`build_siamese`). Checks the augmentation switches for every method and the
-    siamese combinations when the method is siamese."""
-    _one_of(m, "mask", MASKS)
-    _one_of(m, "view2", VIEW2)
-    _one_of(m, "color_jitter", JITTERS)
-    _one_of(m, "ema_schedule", ("fixed", "cosine"))
-    _one_of(m, "proj_norm", ("bn", "ln", "none"))
-    if getattr(m, "cache_teacher", False) and (m.cutmix or m.color_jitter == "whole"):
-        raise ConfigError("method.cache_teacher=true stores teacher features of un-augmented "
-                          "images: it cannot be combined with method.cutmix=true or "
-                          "method.color_jitter=whole (they change the target images)")
-    _check_without_masking(m)
-    if not is_siamese_config(m):
-        return
-    _one_of(m, "student", STUDENTS)
-    if m.view2 == "none":
-        raise ConfigError(f"method.loss={m.loss} / target={m.target} is a siamese method and "
-                          "needs a second view: set method.view2=complement | independent | "
-                          "identity | crop")
-    if m.view2 == "independent" and not 0.0 < m.view2_mask_ratio < 1.0:
-        raise ConfigError(f"method.view2_mask_ratio must be in (0, 1), got {m.view2_mask_ratio}")
-    if m.target == "online":  # R-MAE
-        if m.loss not in REGRESSION_LOSSES:
-            raise ConfigError(f"R-MAE (method.target=online) compares decoder reconstructions: "
-                              f"method.loss must be {' | '.join(REGRESSION_LOSSES)}, got "
-                              f"'{m.loss}' (contrastive losses need method.target=ema)")
-        if m.head != "decoder":
-            raise ConfigError(f"R-MAE (method.target=online) needs method.head=decoder (the "
-                              f"shared decoder of Eq. 8), got '{m.head}'")
-        if m.mask == "none":
-            raise ConfigError("R-MAE (method.target=online) needs T1 patch masking: "
-                              "method.mask=random | block")
-        if m.view2 == "crop":
-            raise ConfigError("R-MAE (method.target=online) compares reconstructions of the same "
-                              "image: method.view2 must be complement | independent | identity")
-        if m.color_jitter in ("after_mask", "unmasked"):
-            raise ConfigError(f"R-MAE compares reconstructions of one image: "
-                              f"method.color_jitter must be none | whole, got '{m.color_jitter}'")
-        if m.symmetric:
-            raise ConfigError("method.symmetric applies to infonce / byol siamese methods, not "
-                              "R-MAE (method.target=online)")
-        return
-    # contrastive siamese (C-MAE, MoCo v3)
-    if m.loss not in CONTRASTIVE_LOSSES:
-        raise ConfigError(f"a siamese method with method.target={m.target} needs method.loss="
-                          f"infonce | byol (got '{m.loss}'); R-MAE regression is target=online")
-    if m.target != "ema":
-        raise ConfigError(f"method.loss={m.loss} compares the online branch with an EMA target "
-                          f"encoder: set method.target=ema (got '{m.target}')")
-    if m.head != "mlp":
-        raise ConfigError(f"method.loss={m.loss} compares projected embeddings: set "
-                          f"method.head=mlp (projector + predictor), got '{m.head}'")
-    _one_of(m, "tokens", TOKENS)
-    _one_of(m, "negatives", NEGATIVES)
-    _one_of(m, "queries", QUERIES)
-    _one_of(m, "cls_term", CLS_TERMS)
-    if m.nce_chunk < 1:
-        raise ConfigError(f"method.nce_chunk must be >= 1, got {m.nce_chunk}")
-    if not 0.0 <= m.ema_momentum <= 1.0:
-        raise ConfigError(f"method.ema_momentum must be in [0, 1], got {m.ema_momentum}")
-    if m.temperature <= 0:
-        raise ConfigError(f"method.temperature must be > 0, got {m.temperature}")
-    for k in ("proj_hidden", "proj_dim"):
-        if getattr(m, k) is not None and getattr(m, k) < 1:
-            raise ConfigError(f"method.{k} must be >= 1 (or null), got {getattr(m, k)}")
-    if m.tokens in ("patch", "patch+cls"):
-        if m.view2 == "crop":
-            raise ConfigError("method.tokens=patch pairs tokens at the same position, but "
-                              "view2=crop views do not share positions: use tokens=cls | avg")
-        if m.student == "drop" and m.view2 == "complement" and m.mask != "none":
-            raise ConfigError("method.tokens=patch with method.student=drop: complementary views "
-                              "share no visible position (so cmae_nomask is instance-wise, "
-                              "tokens=avg); use student=mask_token, tokens=avg | cls, or "
-                              "view2=identity | independent")
-        if (m.symmetric and m.view2 == "identity" and m.student == "mask_token"
-                and m.queries == "removed" and m.mask != "none"):
-            raise ConfigError("method.symmetric=true with view2=identity and queries=removed: "
-                              "the swapped direction has no removed patch to predict; set "
-                              "method.symmetric=false or method.queries=all")
-
+__all__ = [
+    "ViewMaker",
+    "Views",
+    "MLPHead",
+    "SyncBatchNorm1d",
+    "Encoded",
+    "encode",
+    "RelaxedMAE",
+    "ContrastiveSiamese",
+    "check_method",
+    "build_siamese",
+    "query_positions",
+    "select_positions",
+]
 
 
 # ------------------------------------------------------------------------- encoding
@@ -284,6 +182,7 @@ class Encoded:
     """Encoder output: ``tokens`` [B, 1 + L, D] (class token first); ``ids_keep`` [B, L] the
     grid positions of the L patch tokens when masked tokens were dropped (None: all N tokens in
     grid order); ``ids_restore`` for the MAE decoder."""
+
     tokens: Tensor
     ids_keep: Optional[Tensor] = None
     ids_restore: Optional[Tensor] = None
@@ -309,26 +208,7 @@ def encode(encoder: ViTEncoder, x: Tensor, mask: Optional[Tensor], student: str)
     return Encoded(encoder.forward_features(x, ids_keep=ids_keep), ids_keep, ids_restore)
 
 
-def _data_stats(method: nn.Module, C: int):
-    mean = getattr(method, "data_mean", None)
-    std = getattr(method, "data_std", None)
-    if mean is None or std is None or len(mean) != C:
-        return [0.5] * C, [0.5] * C
-    return list(mean), list(std)
-
-
 @torch.no_grad()
-def ema_update_(target: nn.Module, online: nn.Module, momentum: float) -> None:
-    """``theta_t <- momentum * theta_t + (1 - momentum) * theta_o`` for every parameter pair
-    (same architecture). Buffers are not touched (the target's BatchNorm statistics are its
-    own, as in MoCo v3)."""
-    tp, op = list(target.parameters()), list(online.parameters())
-    if len(tp) != len(op):
-        raise ValueError("EMA target and online networks have different parameters")
-    for t, o in zip(tp, op):
-        t.mul_(momentum).add_(o.detach(), alpha=1.0 - momentum)
-
-
 def cosine_momentum(base: float, step: int, total_steps: int) -> float:
     """MoCo v3 / BYOL schedule: ``1 - (1 - base) * (1 + cos(pi * step / total)) / 2``."""
     t = min(max(step, 0) / max(total_steps, 1), 1.0)
@@ -341,8 +221,14 @@ def rmae_region(mask1: Tensor, mask2: Optional[Tensor]) -> Tensor:
     return mask1 if mask2 is None else mask1 * (1.0 - mask2)
 
 
-def rmae_distance(pred1: Tensor, pred2: Tensor, region: Tensor, kind: str = "l2",
-                  beta: float = 2.0, stopgrad: bool = False) -> Tensor:
+def rmae_distance(
+    pred1: Tensor,
+    pred2: Tensor,
+    region: Tensor,
+    kind: str = "l2",
+    beta: float = 2.0,
+    stopgrad: bool = False,
+) -> Tensor:
     """Distance term of Eq. 8 / the measurement of Eq. 5: ``|| (d(z1) - d(z2)) * R ||^2``
     (per-patch mean, averaged over R). ``stopgrad`` detaches the T2 branch."""
     return regression_loss(pred1, pred2.detach() if stopgrad else pred2, region, kind, beta)
@@ -354,10 +240,22 @@ class RelaxedMAE(Method):
     reconstruction tools, ``pred`` (d(f(T1 x)), normalised pixels), ``pred2``, ``target``,
     ``mask`` (T1) and ``mask2``."""
 
-    def __init__(self, encoder: ViTEncoder, decoder: nn.Module, views: ViewMaker,
-                 student: str = "drop", target_norm: str = "patch", loss: str = "l2",
-                 loss_beta: float = 2.0, lam: float = 1.0, stopgrad: bool = False):
+    def __init__(
+        self,
+        encoder: ViTEncoder,
+        decoder: nn.Module,
+        views: ViewMaker,
+        student: str = "drop",
+        target_norm: str = "patch",
+        loss: str = "l2",
+        loss_beta: float = 2.0,
+        lam: float = 1.0,
+        stopgrad: bool = False,
+        data_mean: Optional[Sequence[float]] = None,
+        data_std: Optional[Sequence[float]] = None,
+    ):
         super().__init__()
+        self.set_data_stats(data_mean, data_std)
         self.encoder, self.head, self.views = encoder, decoder, views
         self.student, self.target_norm = student, target_norm
         self.loss_kind, self.loss_beta, self.lam, self.stopgrad = loss, loss_beta, lam, stopgrad
@@ -367,22 +265,36 @@ class RelaxedMAE(Method):
         e = encode(self.encoder, x, mask, self.student)
         return self.head(e.tokens, e.ids_restore)
 
-    def forward(self, images: Tensor, labels: Optional[Tensor] = None,
-                noise: Optional[Tensor] = None, mask1: Optional[Tensor] = None,
-                mask2: Optional[Tensor] = None) -> dict:
-        mean, std = _data_stats(self, images.shape[1])
+    def forward(
+        self,
+        images: Tensor,
+        labels: Optional[Tensor] = None,
+        noise: Optional[Tensor] = None,
+        mask1: Optional[Tensor] = None,
+        mask2: Optional[Tensor] = None,
+    ) -> dict:
+        mean, std = self.data_stats(images.shape[1])
         v = self.views(images, mean, std, self.training, mask1, mask2, noise)
         pred1 = self.reconstruct(v.x1, v.mask1)
         pred2 = self.reconstruct(v.x2, v.mask2)
         region = rmae_region(v.mask1, v.mask2)
         with torch.no_grad():
-            target = normalize_target(patchify(v.x2, self.encoder.patch_size).float(),
-                                      self.target_norm)
+            target = normalize_target(
+                patchify(v.x2, self.encoder.patch_size).float(), self.target_norm
+            )
         dist = rmae_distance(pred1, pred2, region, self.loss_kind, self.loss_beta, self.stopgrad)
         ae = regression_loss(pred2, target, region, self.loss_kind, self.loss_beta)
-        return {"loss": dist + self.lam * ae, "loss_dist": dist.detach(), "loss_ae": ae.detach(),
-                "pred": pred1, "pred2": pred2, "target": target, "mask": v.mask1,
-                "mask2": v.mask2, "region": region}
+        return {
+            "loss": dist + self.lam * ae,
+            "loss_dist": dist.detach(),
+            "loss_ae": ae.detach(),
+            "pred": pred1,
+            "pred2": pred2,
+            "target": target,
+            "mask": v.mask1,
+            "mask2": v.mask2,
+            "region": region,
+        }
 
 
 # ------------------------------------------------------------------------- C-MAE / MoCo v3
@@ -392,14 +304,34 @@ class ContrastiveSiamese(Method):
     mask2=None)`` returns ``loss``, ``pos_cos`` (mean cosine of the positive pairs) and, when
     symmetric, ``loss_12`` / ``loss_21``."""
 
-    def __init__(self, encoder: ViTEncoder, projector: nn.Module, predictor: nn.Module,
-                 views: ViewMaker, student: str = "mask_token", tokens: str = "patch",
-                 loss: str = "infonce", temperature: float = 0.2, negatives: str = "position",
-                 symmetric: bool = False, momentum: float = 0.996, schedule: str = "fixed",
-                 queries: str = "all", cls_term: str = "instance", nce_chunk: int = 1024):
+    def __init__(
+        self,
+        encoder: ViTEncoder,
+        projector: nn.Module,
+        predictor: nn.Module,
+        views: ViewMaker,
+        student: str = "mask_token",
+        tokens: str = "patch",
+        loss: str = "infonce",
+        temperature: float = 0.2,
+        negatives: str = "position",
+        symmetric: bool = False,
+        momentum: float = 0.996,
+        schedule: str = "fixed",
+        queries: str = "all",
+        cls_term: str = "instance",
+        nce_chunk: int = 1024,
+        data_mean: Optional[Sequence[float]] = None,
+        data_std: Optional[Sequence[float]] = None,
+    ):
         super().__init__()
-        self.encoder, self.projector, self.predictor, self.views = (encoder, projector,
-                                                                     predictor, views)
+        self.set_data_stats(data_mean, data_std)
+        self.encoder, self.projector, self.predictor, self.views = (
+            encoder,
+            projector,
+            predictor,
+            views,
+        )
         self.target_encoder = copy.deepcopy(encoder).requires_grad_(False)
         self.target_projector = copy.deepcopy(projector).requires_grad_(False)
         self.student, self.tokens, self.loss_kind = student, tokens, loss
@@ -438,18 +370,28 @@ class ContrastiveSiamese(Method):
         else:
             kg, off = gather_rows(k)
             selg, _ = gather_rows(sel)
-        return token_info_nce(q, kg, sel, self.temperature, self.negatives, key_mask=selg,
-                              key_offset=off, chunk_size=self.nce_chunk, reduction="none")
+        return token_info_nce(
+            q,
+            kg,
+            sel,
+            self.temperature,
+            self.negatives,
+            key_mask=selg,
+            key_offset=off,
+            chunk_size=self.nce_chunk,
+            reduction="none",
+        )
 
-    def pair_loss(self, online: Encoded, target: Encoded, mask_q: Optional[Tensor],
-                  mask_k: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    def pair_loss(
+        self, online: Encoded, target: Encoded, mask_q: Optional[Tensor], mask_k: Optional[Tensor]
+    ) -> tuple[Tensor, Tensor]:
         """Measurement between the online view (mask ``mask_q``) and the target view (mask
         ``mask_k``); ``target`` must come from the target encoder (no gradients). Returns
         (loss, mean cosine of the positive pairs)."""
         B = online.tokens.shape[0]
         if self.tokens in ("cls", "avg"):
             if self.tokens == "cls":
-                zq, zk = online.tokens[:, 0], target.tokens[:, 0]              # [B, D]
+                zq, zk = online.tokens[:, 0], target.tokens[:, 0]  # [B, D]
             else:
                 zq, zk = online.tokens[:, 1:].mean(1), target.tokens[:, 1:].mean(1)
             q = self.predictor(self.projector(zq))
@@ -458,15 +400,16 @@ class ContrastiveSiamese(Method):
             loss = global_mean(self.instance_terms(q, k).sum(), B)
             return loss, F.cosine_similarity(q.detach().float(), k.float(), dim=-1).mean()
         N = self.encoder.num_patches
-        sel = query_positions(mask_q, mask_k, self.student, B, N, online.tokens.device,
-                              self.queries)                                   # [B, N] bool
+        sel = query_positions(
+            mask_q, mask_k, self.student, B, N, online.tokens.device, self.queries
+        )  # [B, N] bool
         if world_size() == 1 and not bool(sel.any()):  # nothing to compare in this batch
             zero = online.tokens.float().sum() * 0.0
             return zero, zero.detach()
         with_cls = self.tokens == "patch+cls"
-        zq, zk = online.grid(N)[sel], target.grid(N)[sel]                     # [M, D]
+        zq, zk = online.grid(N)[sel], target.grid(N)[sel]  # [M, D]
         if with_cls:
-            zq = torch.cat([online.tokens[:, 0], zq])                         # [B + M, D]
+            zq = torch.cat([online.tokens[:, 0], zq])  # [B + M, D]
             zk = torch.cat([target.tokens[:, 0], zk])
         hq = self.predictor(self.projector(zq))
         with torch.no_grad():
@@ -474,11 +417,11 @@ class ContrastiveSiamese(Method):
         cos = F.cosine_similarity(hq.detach().float(), hk.float(), dim=-1).mean()
         if with_cls:
             (cq, hq), (ck, hk) = hq.split([B, hq.shape[0] - B]), hk.split([B, hk.shape[0] - B])
-        q, k = scatter_rows(hq, sel), scatter_rows(hk, sel)                   # [B, N, D']
+        q, k = scatter_rows(hq, sel), scatter_rows(hk, sel)  # [B, N, D']
         count = sel.sum()
         if with_cls and self.cls_term == "joint":  # the class token: one more position
             q, k = torch.cat([cq[:, None], q], 1), torch.cat([ck[:, None], k], 1)
-            sel = torch.cat([sel.new_ones(B, 1), sel], 1)                     # [B, 1 + N]
+            sel = torch.cat([sel.new_ones(B, 1), sel], 1)  # [B, 1 + N]
             count = sel.sum()
         total = self.token_terms(q, k, sel).sum()
         if with_cls and self.cls_term == "instance":
@@ -486,9 +429,14 @@ class ContrastiveSiamese(Method):
             count = count + B
         return global_mean(total, count), cos
 
-    def forward(self, images: Tensor, labels: Optional[Tensor] = None,
-                mask1: Optional[Tensor] = None, mask2: Optional[Tensor] = None) -> dict:
-        mean, std = _data_stats(self, images.shape[1])
+    def forward(
+        self,
+        images: Tensor,
+        labels: Optional[Tensor] = None,
+        mask1: Optional[Tensor] = None,
+        mask2: Optional[Tensor] = None,
+    ) -> dict:
+        mean, std = self.data_stats(images.shape[1])
         v = self.views(images, mean, std, self.training, mask1, mask2)
         on1 = encode(self.encoder, v.x1, v.mask1, self.student)
         with torch.no_grad():
@@ -511,12 +459,24 @@ def build_views(cfg: PretrainConfig) -> ViewMaker:
     m = cfg.method
     grid = (cfg.model.img_size // cfg.model.patch_size,) * 2
     crop = m.view2 == "crop"
-    return ViewMaker(grid, m.mask, m.mask_ratio, m.view2, m.view2_mask_ratio, m.color_jitter,
-                     m.cutmix, jitter=MOCOV3_JITTER if crop else SIMSIAM_JITTER,
-                     jitter2=dataclasses.replace(MOCOV3_JITTER, solarize_p=0.2) if crop else None)
+    return ViewMaker(
+        grid,
+        m.mask,
+        m.mask_ratio,
+        m.view2,
+        m.view2_mask_ratio,
+        m.color_jitter,
+        m.cutmix,
+        jitter=MOCOV3_JITTER if crop else SIMSIAM_JITTER,
+        jitter2=dataclasses.replace(MOCOV3_JITTER, solarize_p=0.2) if crop else None,
+    )
 
 
-def build_siamese(cfg: PretrainConfig) -> Method:
+def build_siamese(
+    cfg: PretrainConfig,
+    data_mean: Optional[Sequence[float]] = None,
+    data_std: Optional[Sequence[float]] = None,
+) -> Method:
     """R-MAE when ``method.target=online``, else the contrastive siamese method (C-MAE /
     MoCo v3); invalid combinations raise :class:`ConfigError`. Projector / predictor widths:
     ``method.proj_hidden`` (null = 2048 x D / 768) and ``method.proj_dim`` (null = D), i.e. the
@@ -526,12 +486,38 @@ def build_siamese(cfg: PretrainConfig) -> Method:
     views = build_views(cfg)
     encoder = build_encoder(cfg.model, mask_token=m.student == "mask_token", drop_path=0.0)
     if m.target == "online":
-        return RelaxedMAE(encoder, build_decoder(cfg.model), views, m.student, m.target_norm,
-                          m.loss, m.loss_beta, m.lam, m.rmae_stopgrad)
+        return RelaxedMAE(
+            encoder,
+            build_decoder(cfg.model),
+            views,
+            m.student,
+            m.target_norm,
+            m.loss,
+            m.loss_beta,
+            m.lam,
+            m.rmae_stopgrad,
+            data_mean,
+            data_std,
+        )
     D = cfg.model.embed_dim
     hidden = m.proj_hidden or max(1, round(2048 * D / 768))
     out = m.proj_dim or D
-    return ContrastiveSiamese(encoder, MLPHead(D, hidden, out, m.proj_norm),
-                              MLPHead(out, hidden, out, m.proj_norm), views, m.student, m.tokens,
-                              m.loss, m.temperature, m.negatives, m.symmetric, m.ema_momentum,
-                              m.ema_schedule, m.queries, m.cls_term, m.nce_chunk)
+    return ContrastiveSiamese(
+        encoder,
+        MLPHead(D, hidden, out, m.proj_norm),
+        MLPHead(out, hidden, out, m.proj_norm),
+        views,
+        m.student,
+        m.tokens,
+        m.loss,
+        m.temperature,
+        m.negatives,
+        m.symmetric,
+        m.ema_momentum,
+        m.ema_schedule,
+        m.queries,
+        m.cls_term,
+        m.nce_chunk,
+        data_mean,
+        data_std,
+    )

@@ -24,6 +24,7 @@ target's weights are ordinary submodule parameters, so they are checkpointed (ex
 (teachers de-normalise with them); without them the config's ``data.mean`` / ``data.std`` or the
 ImageNet values are assumed (see :func:`mimlab.data.resolve_stats`).
 """
+
 from __future__ import annotations
 
 import copy
@@ -35,10 +36,12 @@ import torch.nn as nn
 
 from ..checkpoint import CheckpointError
 from ..config import ConfigError, PretrainConfig
+from ..data import resolve_stats
 from ..losses import instance_norm_tokens
 from ..models import ViTEncoder
 from ..sources import SourceError, load_encoder
 from ..teachers import Size, Teacher, _pair, build_teacher, register_teacher
+from .base import ema_update_
 from .masked import PixelTarget
 
 
@@ -78,8 +81,10 @@ class TeacherTarget(nn.Module):
     def attach_cache(self, cache) -> None:
         """Use ``cache`` (a :class:`~mimlab.methods.teacher_cache.TeacherCache`) for lookups."""
         if tuple(cache.features.shape[1:]) != (self.grid[0] * self.grid[1], self.out_dim):
-            raise ValueError(f"teacher cache {tuple(cache.features.shape)} does not fit grid "
-                             f"{self.grid} x out_dim {self.out_dim}")
+            raise ValueError(
+                f"teacher cache {tuple(cache.features.shape)} does not fit grid "
+                f"{self.grid} x out_dim {self.out_dim}"
+            )
         self.cache = cache
 
     def set_batch_indices(self, indices: torch.Tensor) -> None:
@@ -96,9 +101,11 @@ class TeacherTarget(nn.Module):
         return self.teacher(images, self.grid)
 
     def extra_repr(self) -> str:
-        return (f"spec={self.spec!r}, grid={self.grid}, out_dim={self.out_dim}, "
-                f"teacher={type(self.teacher).__name__} (frozen, not checkpointed), "
-                f"cached={self.cache is not None}")
+        return (
+            f"spec={self.spec!r}, grid={self.grid}, out_dim={self.out_dim}, "
+            f"teacher={type(self.teacher).__name__} (frozen, not checkpointed), "
+            f"cached={self.cache is not None}"
+        )
 
 
 class SourceTeacher(Teacher):
@@ -113,8 +120,14 @@ class SourceTeacher(Teacher):
     statistics; the student's, with a warning, for pre-schema files that recorded none).
     """
 
-    def __init__(self, spec: str, *, student_mean: Sequence[float],
-                 student_std: Sequence[float], teacher_size: Optional[Size] = None):
+    def __init__(
+        self,
+        spec: str,
+        *,
+        student_mean: Sequence[float],
+        student_std: Sequence[float],
+        teacher_size: Optional[Size] = None,
+    ):
         size = _pair(teacher_size)
         if size is not None and size[0] != size[1]:
             raise ValueError(f"teacher {spec}: teacher_size must be square, got {teacher_size}")
@@ -126,11 +139,15 @@ class SourceTeacher(Teacher):
         mean, std = sm.mean, sm.std
         if mean is None or len(mean) != mc.in_chans:
             if len(student_mean) != mc.in_chans:
-                raise ValueError(f"teacher {spec}: unknown input normalisation for its "
-                                 f"{mc.in_chans} channel(s); set data.mean/std when "
-                                 "pretraining it")
-            warnings.warn(f"teacher {spec}: pretraining normalisation not recorded, assuming "
-                          "the student's data.mean/std")
+                raise ValueError(
+                    f"teacher {spec}: unknown input normalisation for its "
+                    f"{mc.in_chans} channel(s); set data.mean/std when "
+                    "pretraining it"
+                )
+            warnings.warn(
+                f"teacher {spec}: pretraining normalisation not recorded, assuming "
+                "the student's data.mean/std"
+            )
             mean, std = student_mean, student_std
         super().__init__(student_mean, student_std, mc.img_size, mean, std, mc.in_chans)
         self.net = sm.encoder
@@ -139,7 +156,7 @@ class SourceTeacher(Teacher):
         self._freeze()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.net.forward_features(x)[:, 1:, :]          # [B, h*w, D] after the final norm
+        t = self.net.forward_features(x)[:, 1:, :]  # [B, h*w, D] after the final norm
         gh, gw = self.net.grid
         return t.transpose(1, 2).reshape(t.shape[0], -1, gh, gw)  # [B, D, h, w]
 
@@ -182,29 +199,26 @@ class EMATarget(nn.Module):
 
     @torch.no_grad()
     def update(self, online: nn.Module, momentum: Optional[float] = None) -> None:
-        """EMA step towards ``online`` (same architecture); buffers are copied."""
-        m = self.momentum if momentum is None else momentum
-        ema_p, on_p = list(self.ema.parameters()), list(online.parameters())
-        if len(ema_p) != len(on_p):
-            raise ValueError("EMA and online encoders have different parameters")
-        torch._foreach_mul_(ema_p, m)
-        torch._foreach_add_(ema_p, [p.detach() for p in on_p], alpha=1.0 - m)
-        for b, ob in zip(self.ema.buffers(), online.buffers()):
-            b.copy_(ob)
+        """EMA step towards ``online`` (same architecture): :func:`ema_update_`."""
+        ema_update_(self.ema, online, self.momentum if momentum is None else momentum)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         _, blocks = self.ema.forward_features(images, return_blocks=True, apply_norm=False)
-        top = [instance_norm_tokens(b[:, 1:, :]) for b in blocks[-self.top_k:]]  # K x [B, N, D]
-        return torch.stack(top).mean(0)                                          # [B, N, D]
+        top = [instance_norm_tokens(b[:, 1:, :]) for b in blocks[-self.top_k :]]  # K x [B, N, D]
+        return torch.stack(top).mean(0)  # [B, N, D]
 
     def extra_repr(self) -> str:
         return f"top_k={self.top_k}, momentum={self.momentum}"
 
 
 # ------------------------------------------------------------------------- factory
-def build_target(cfg: PretrainConfig, encoder: ViTEncoder, mean: Optional[Sequence[float]] = None,
-                 std: Optional[Sequence[float]] = None) -> nn.Module:
+def build_target(
+    cfg: PretrainConfig,
+    encoder: ViTEncoder,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+) -> nn.Module:
     """``method.target`` -> target module (see the module docstring).
 
     ``mean`` / ``std``: the student's image normalisation (needed by frozen teachers); default
@@ -217,7 +231,6 @@ def build_target(cfg: PretrainConfig, encoder: ViTEncoder, mean: Optional[Sequen
         return EMATarget(encoder, m.ema_top_k, m.ema_momentum)
     if m.target in ("teacher", "hog"):
         if mean is None or std is None:
-            from ..data import resolve_stats
             mean, std = resolve_stats(cfg.data, None, cfg.model.in_chans)
         spec = "hog" if m.target == "hog" else m.teacher.strip()
         kw = {}
@@ -228,8 +241,10 @@ def build_target(cfg: PretrainConfig, encoder: ViTEncoder, mean: Optional[Sequen
         except ValueError as e:
             raise ConfigError(f"method.teacher: {e}") from None
         return TeacherTarget(teacher, encoder.grid, spec)
-    raise ConfigError(f"method.target: '{m.target}' is not available for masked prediction "
-                      "(pixels | teacher | hog | ema)")
+    raise ConfigError(
+        f"method.target: '{m.target}' is not available for masked prediction "
+        "(pixels | teacher | hog | ema)"
+    )
 
 
 MimlabTeacher = SourceTeacher  # the former name of the ``mimlab:`` teacher
@@ -238,6 +253,7 @@ MimlabTeacher = SourceTeacher  # the former name of the ``mimlab:`` teacher
 def _source_teacher_builder(kind: str):
     def build(arg: str, **kw) -> SourceTeacher:
         return SourceTeacher(f"{kind}:{arg}", **kw)
+
     return build
 
 

@@ -20,13 +20,13 @@ fingerprint of the training set (each file's path, size and mtime, or the bytes 
 array, plus the subset indices). Changing any of them selects another file; stale files stay
 (delete the folder to reclaim space).
 
-Lookup, without changing the engine: :func:`attach_teacher_cache` wraps the dataset in
-:class:`CachedTeacherDataset`, whose items are ``(image, position, n_skipped)`` instead of
-``(image, label, n_skipped)`` (pretraining ignores labels), and returns a ``batch_fn`` for the
-engine's existing hook that hands the positions to
-:meth:`TeacherTarget.set_batch_indices <mimlab.methods.targets.TeacherTarget.set_batch_indices>`
-and calls the method with ``labels=None``. The target then returns the cached rows.
+Lookup: every :class:`mimlab.batch.Batch` carries each image's ``index`` among the dataset's
+distinct items (the cache row). :func:`attach_teacher_cache` returns a ``batch_fn`` for the
+engine's hook that hands ``batch.index`` to
+:meth:`TeacherTarget.set_batch_indices <mimlab.methods.targets.TeacherTarget.set_batch_indices>`;
+the target then returns the cached rows.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,10 +37,14 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
 
 from .. import dist
+from ..batch import Batch
+from ..checkpoint import save as atomic_save
 from ..config import ConfigError, PretrainConfig
+from ..dist import autocast_dtype
 from .targets import TeacherTarget
 
 log = logging.getLogger("mimlab.teacher_cache")
@@ -96,12 +100,21 @@ def cache_meta(target: TeacherTarget, ds, cfg: PretrainConfig) -> dict:
     m = cfg.model
     return {
         "version": CACHE_VERSION,
-        "teacher": {"spec": target.spec, "class": type(t).__name__, "out_dim": int(t.out_dim),
-                    "size": list(t.teacher_size) if t.teacher_size else None,
-                    "weights": weights_hash(t)},
-        "student": {"img_size": m.img_size, "patch_size": m.patch_size,
-                    "grid": list(target.grid), "in_chans": m.in_chans,
-                    "mean": [float(v) for v in ds.mean], "std": [float(v) for v in ds.std]},
+        "teacher": {
+            "spec": target.spec,
+            "class": type(t).__name__,
+            "out_dim": int(t.out_dim),
+            "size": list(t.teacher_size) if t.teacher_size else None,
+            "weights": weights_hash(t),
+        },
+        "student": {
+            "img_size": m.img_size,
+            "patch_size": m.patch_size,
+            "grid": list(target.grid),
+            "in_chans": m.in_chans,
+            "mean": [float(v) for v in ds.mean],
+            "std": [float(v) for v in ds.std],
+        },
         "transform": repr(ds.transform),
         "data": {"n": _unique_len(ds), "fingerprint": dataset_fingerprint(ds)},
     }
@@ -123,33 +136,41 @@ class TeacherCache:
 
 
 @torch.no_grad()
-def compute_features(target: TeacherTarget, ds, device: torch.device, batch_size: int = 64,
-                     num_workers: int = 0, amp_dtype: Optional[torch.dtype] = None,
-                     progress: bool = False) -> torch.Tensor:
+def compute_features(
+    target: TeacherTarget,
+    ds,
+    device: torch.device,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    amp_dtype: Optional[torch.dtype] = None,
+    progress: bool = False,
+) -> torch.Tensor:
     """Teacher features of samples ``0 .. n-1`` of ``ds`` (epoch 0) -> float16 [n, N, C]."""
     n = _unique_len(ds)
     out = torch.empty(n, target.grid[0] * target.grid[1], target.out_dim, dtype=torch.float16)
     teacher = target.teacher.to(device)
-    loader = DataLoader(Subset(ds, range(n)), batch_size=batch_size, num_workers=num_workers,
-                        multiprocessing_context="fork" if num_workers > 0 and os.name == "posix"
-                        else None)
+    loader = DataLoader(
+        Subset(ds, range(n)),
+        batch_size=batch_size,
+        num_workers=num_workers,
+        multiprocessing_context="fork" if num_workers > 0 and os.name == "posix" else None,
+    )
     it = loader
     if progress and dist.is_main():
-        from tqdm.auto import tqdm
         it = tqdm(loader, desc="teacher cache", unit="batch", leave=False)
     i = 0
-    for images, _, _ in it:
+    for b in it:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            f = teacher(images.to(device), target.grid)                  # [B, N, C]
-        out[i:i + len(f)] = f.to(torch.float16).cpu()
+            f = teacher(b.images.to(device), target.grid)  # [B, N, C]
+        out[i : i + len(f)] = f.to(torch.float16).cpu()
         i += len(f)
     return out
 
 
-def load_or_build(target: TeacherTarget, ds, cfg: PretrainConfig,
-                  device: torch.device) -> TeacherCache:
+def load_or_build(
+    target: TeacherTarget, ds, cfg: PretrainConfig, device: torch.device
+) -> TeacherCache:
     """Open the cache file matching ``(target, ds, cfg)``, building it first if needed."""
-    from ..engine import atomic_save, autocast_dtype
     meta = cache_meta(target, ds, cfg)
     path = cache_root() / "teacher" / f"{cache_key(meta)}.pt"
     n, shape = meta["data"]["n"], (target.grid[0] * target.grid[1], target.out_dim)
@@ -171,11 +192,22 @@ def load_or_build(target: TeacherTarget, ds, cfg: PretrainConfig,
     feats = _load() if dist.is_main() else None
     built = False
     if dist.is_main() and feats is None:
-        log.info("building teacher cache %s: %d images x %d patches x %d channels (%.1f MB)",
-                 path, n, *shape, 2 * n * shape[0] * shape[1] / 1e6)
-        feats = compute_features(target, ds, device, min(cfg.optim.batch_size, 256),
-                                 cfg.data.num_workers, autocast_dtype(cfg.run.precision, device),
-                                 cfg.run.progress)
+        log.info(
+            "building teacher cache %s: %d images x %d patches x %d channels (%.1f MB)",
+            path,
+            n,
+            *shape,
+            2 * n * shape[0] * shape[1] / 1e6,
+        )
+        feats = compute_features(
+            target,
+            ds,
+            device,
+            min(cfg.optim.batch_size, 256),
+            cfg.data.num_workers,
+            autocast_dtype(cfg.run.precision, device),
+            cfg.run.progress,
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save({"meta": meta, "features": feats}, path)
         built = True
@@ -184,48 +216,35 @@ def load_or_build(target: TeacherTarget, ds, cfg: PretrainConfig,
     if not dist.is_main():
         feats = _load()
         if feats is None:
-            raise RuntimeError(f"teacher cache {path} missing on rank {dist.rank()} (the cache "
-                               "directory must be shared by all processes)")
+            raise RuntimeError(
+                f"teacher cache {path} missing on rank {dist.rank()} (the cache "
+                "directory must be shared by all processes)"
+            )
     if not built:
         log.info("reusing teacher cache %s", path)
     return TeacherCache(feats, path, built)
 
 
-class CachedTeacherDataset(Dataset):
-    """``base`` with the label slot replaced by the sample's position in the cache:
-    ``(image, position, n_skipped)``; indexable by ``int`` or ``(index, epoch)`` like ``base``."""
-
-    def __init__(self, base):
-        self.base, self.n = base, _unique_len(base)
-        self.mean, self.std = base.mean, base.std
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, key):
-        idx = key[0] if isinstance(key, tuple) else key
-        img, _, skipped = self.base[key]
-        return img, idx % self.n, skipped
-
-
-def attach_teacher_cache(method: torch.nn.Module, ds, cfg: PretrainConfig,
-                         device: torch.device) -> tuple[Dataset, Callable, TeacherCache]:
+def attach_teacher_cache(
+    method: torch.nn.Module, ds, cfg: PretrainConfig, device: torch.device
+) -> tuple[Callable, TeacherCache]:
     """Open / build the cache of ``method.target`` on ``ds`` and wire it in.
 
-    Returns ``(dataset, batch_fn, cache)``: train on ``dataset`` and pass ``batch_fn`` to the
-    :class:`~mimlab.engine.Engine` (it routes each batch's positions to the target).
+    Returns ``(batch_fn, cache)``: pass ``batch_fn`` to the :class:`~mimlab.engine.Engine`
+    (it routes each batch's ``index`` to the target).
     """
     target = getattr(method, "target", None)
     if not isinstance(target, TeacherTarget):
-        raise ConfigError("method.cache_teacher needs a frozen teacher target "
-                          "(method.target=teacher | hog)")
+        raise ConfigError(
+            "method.cache_teacher needs a frozen teacher target (method.target=teacher | hog)"
+        )
     if not all(hasattr(ds, a) for a in ("src", "indices", "transform")):
         raise ConfigError("method.cache_teacher works with mimlab's ImageDataset only")
     cache = load_or_build(target, ds, cfg, device)
     target.attach_cache(cache)
 
-    def batch_fn(images: torch.Tensor, positions: torch.Tensor):
-        target.set_batch_indices(positions)
-        return images, None
+    def batch_fn(batch: Batch) -> Batch:
+        target.set_batch_indices(batch.index)
+        return batch
 
-    return CachedTeacherDataset(ds), batch_fn, cache
+    return batch_fn, cache

@@ -27,6 +27,7 @@ is taken over the *visible* patches of that view only (for ``whole``: T1's visib
 the pixels T1 shows never depend on the pixels T1 hides (tested). Augmentations run only in
 training mode (``train=True``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,19 +36,23 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..augment import (SIMSIAM_JITTER, JitterSpec, color_jitter_batch, cutmix_batch,
-                       random_partner, random_resized_crop_batch)
+from ..augment import (
+    SIMSIAM_JITTER,
+    JitterSpec,
+    color_jitter_batch,
+    cutmix_batch,
+    random_partner,
+    random_resized_crop_batch,
+)
 from ..ops import block_masking, random_masking
-
-MASKS = ("random", "block", "none")
-VIEW2 = ("none", "complement", "independent", "identity", "crop")
-JITTERS = ("none", "after_mask", "whole", "unmasked")
+from ..registry import JITTERS, MASKS, VIEW2  # noqa: F401  (the choices, declared once)
 
 
 @dataclass
 class Views:
     """The two transformed inputs: images [B, C, H, W] and patch masks [B, N] (float,
     1 = removed; ``None`` = the view removes nothing)."""
+
     x1: Tensor
     x2: Tensor
     mask1: Optional[Tensor]
@@ -57,11 +62,19 @@ class Views:
 class ViewMaker:
     """T1 / T2 of the siamese form plus the Table-5 augmentations (see the module docstring)."""
 
-    def __init__(self, grid: tuple[int, int], masking: str = "random", mask_ratio: float = 0.75,
-                 view2: str = "complement", view2_mask_ratio: float = 0.25,
-                 color_jitter: str = "none", cutmix: bool = False,
-                 jitter: JitterSpec = SIMSIAM_JITTER, jitter2: Optional[JitterSpec] = None,
-                 crop_scale: tuple[float, float] = (0.08, 1.0)):
+    def __init__(
+        self,
+        grid: tuple[int, int],
+        masking: str = "random",
+        mask_ratio: float = 0.75,
+        view2: str = "complement",
+        view2_mask_ratio: float = 0.25,
+        color_jitter: str = "none",
+        cutmix: bool = False,
+        jitter: JitterSpec = SIMSIAM_JITTER,
+        jitter2: Optional[JitterSpec] = None,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+    ):
         self.grid, self.num_patches = grid, grid[0] * grid[1]
         self.masking, self.mask_ratio = masking, mask_ratio
         self.view2, self.view2_mask_ratio = view2, view2_mask_ratio
@@ -69,8 +82,9 @@ class ViewMaker:
         self.jitter, self.jitter2 = jitter, jitter2 or jitter
         self.crop_scale = crop_scale
 
-    def sample_mask(self, B: int, device, kind: str, ratio: float,
-                    noise: Optional[Tensor] = None) -> Optional[Tensor]:
+    def sample_mask(
+        self, B: int, device, kind: str, ratio: float, noise: Optional[Tensor] = None
+    ) -> Optional[Tensor]:
         """[B, N] float mask (1 = removed) of ``kind`` random | block, or None for none."""
         if kind == "none":
             return None
@@ -82,9 +96,14 @@ class ViewMaker:
             return block_masking(B, self.grid, ratio, device=device)
         raise ValueError(f"unknown masking '{kind}' ({' | '.join(MASKS)})")
 
-    def masks(self, B: int, device, mask1: Optional[Tensor] = None,
-              mask2: Optional[Tensor] = None, noise: Optional[Tensor] = None
-              ) -> tuple[Optional[Tensor], Optional[Tensor]]:
+    def masks(
+        self,
+        B: int,
+        device,
+        mask1: Optional[Tensor] = None,
+        mask2: Optional[Tensor] = None,
+        noise: Optional[Tensor] = None,
+    ) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """(mask1, mask2): given ones are kept; T2's follows ``view2`` (step 1 above)."""
         if mask1 is None:
             mask1 = self.sample_mask(B, device, self.masking, self.mask_ratio, noise)
@@ -95,15 +114,22 @@ class ViewMaker:
                 mask2 = self.sample_mask(B, device, "random", self.view2_mask_ratio)
         return mask1, mask2
 
-    def __call__(self, images: Tensor, mean=None, std=None, train: bool = True,
-                 mask1: Optional[Tensor] = None, mask2: Optional[Tensor] = None,
-                 noise: Optional[Tensor] = None) -> Views:
+    def __call__(
+        self,
+        images: Tensor,
+        mean=None,
+        std=None,
+        train: bool = True,
+        mask1: Optional[Tensor] = None,
+        mask2: Optional[Tensor] = None,
+        noise: Optional[Tensor] = None,
+    ) -> Views:
         B, dev = images.shape[0], images.device
         mask1, mask2 = self.masks(B, dev, mask1, mask2, noise)
         if not train:
             return Views(images, images, mask1, mask2)
         masked = mask1 is not None or mask2 is not None
-        vis1 = None if mask1 is None else 1.0 - mask1                 # [B, N], 1 = visible
+        vis1 = None if mask1 is None else 1.0 - mask1  # [B, N], 1 = visible
         vis2 = None if mask2 is None else 1.0 - mask2
         x1 = x2 = images
         if self.cutmix:
@@ -114,8 +140,10 @@ class ViewMaker:
                 x2 = cutmix_batch(images, partner=random_partner(B, dev))
         if self.color_jitter == "whole":
             if x1 is not x2:
-                raise ValueError("color_jitter='whole' shares one jitter between identical "
-                                 "views; without patch masking use 'after_mask'")
+                raise ValueError(
+                    "color_jitter='whole' shares one jitter between identical "
+                    "views; without patch masking use 'after_mask'"
+                )
             x1 = x2 = color_jitter_batch(x1, mean, std, self.jitter, visible=vis1)
         if self.view2 == "crop":
             x1 = random_resized_crop_batch(x1, self.crop_scale)

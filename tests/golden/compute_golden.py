@@ -10,6 +10,7 @@ importable, at the ``micro`` preset on a small generated ImageFolder with fixed 
 The committed ``golden.json`` was computed with the code of commit a33b153 (before the
 redesign); ``tests/test_golden.py`` recomputes the values with today's code and compares them.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,21 +40,35 @@ def make_data(root: Path) -> Path:
 
 def presets() -> list[str]:
     from mimlab.config import METHOD_PRESETS
+
     return list(METHOD_PRESETS)
 
 
 def compute(tmp: Path, methods: list[str] | None = None) -> dict:
     from mimlab import tasks
     from mimlab.config import FinetuneConfig, PretrainConfig, ProbeConfig, resolve
+
     torch.set_num_threads(1)
     data = make_data(tmp / "data")
-    common = [f"data.path={data}", f"run.out_dir={tmp / 'runs'}", "data.num_workers=0",
-              "run.progress=false", "model.preset=micro", "run.seed=0"]
+    common = [
+        f"data.path={data}",
+        f"run.out_dir={tmp / 'runs'}",
+        "data.num_workers=0",
+        "run.progress=false",
+        "model.preset=micro",
+        "run.seed=0",
+    ]
     out: dict = {"losses": {}, "skipped": {}}
     ckpt = None
     for m in methods or presets():
-        ov = common + [f"run.name=pt-{m}", f"method.name={m}", "optim.epochs=1",
-                       "optim.batch_size=8", "run.log_every=1", "optim.warmup_epochs=0.5"]
+        ov = common + [
+            f"run.name=pt-{m}",
+            f"method.name={m}",
+            "optim.epochs=1",
+            "optim.batch_size=8",
+            "run.log_every=1",
+            "optim.warmup_epochs=0.5",
+        ]
         if m == "maskdistill":
             ov.append("method.teacher_size=32")
         try:
@@ -61,26 +76,60 @@ def compute(tmp: Path, methods: list[str] | None = None) -> dict:
         except Exception as e:  # noqa: BLE001 - recorded: a preset that cannot run here
             out["skipped"][m] = f"{type(e).__name__}: {e}"
             continue
-        rows = [json.loads(x) for x in (Path(res["run_dir"]) / "metrics.jsonl").read_text()
-                .splitlines() if x.strip()]
+        rows = [
+            json.loads(x)
+            for x in (Path(res["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+            if x.strip()
+        ]
         out["losses"][m] = [r["loss"] for r in rows if r.get("kind") == "train"][:5]
         if m == "mae":
             ckpt = res["checkpoint"]
-    ft = tasks.finetune(resolve(FinetuneConfig, overrides=common[:-2] + [
-        "run.seed=0", f"finetune.pretrained={ckpt}", "run.name=ft", "optim.epochs=2",
-        "optim.batch_size=8", "finetune.mixup=0", "finetune.cutmix=0",
-        "optim.layer_decay=0.75"]))
+    # adopting the checkpoint's model: resolve_run_config now, tasks.finetune/knn/linprobe before
+    resolve_eval = getattr(tasks, "resolve_run_config", resolve)
+    ft = tasks.finetune(
+        resolve_eval(
+            FinetuneConfig,
+            overrides=common[:-2]
+            + [
+                "run.seed=0",
+                f"finetune.pretrained={ckpt}",
+                "run.name=ft",
+                "optim.epochs=2",
+                "optim.batch_size=8",
+                "finetune.mixup=0",
+                "finetune.cutmix=0",
+                "optim.layer_decay=0.75",
+            ],
+        )
+    )
     out["finetune_top1"] = ft["top1"]
     for kind in ("linprobe", "knn"):
-        cfg = resolve(ProbeConfig, overrides=common[:-2] + [
-            "run.seed=0", f"probe.pretrained={ckpt}", f"run.name={kind}", "probe.epochs=3"])
+        cfg = resolve_eval(
+            ProbeConfig,
+            overrides=common[:-2]
+            + ["run.seed=0", f"probe.pretrained={ckpt}", f"run.name={kind}", "probe.epochs=3"],
+        )
         out[f"{kind}_top1"] = getattr(tasks, kind)(cfg)["top1"]
     from mimlab.analysis.cka import analyze_cka
-    analyze_cka(str(data), [ckpt], random_init=["micro"], images=16, batch=8,
-                ratios=[0.25, 0.75], out=str(tmp / "cka"), seed=0, workers=0, progress=False)
+
+    analyze_cka(
+        str(data),
+        [ckpt],
+        random_init=["micro"],
+        images=16,
+        batch=8,
+        ratios=[0.25, 0.75],
+        out=str(tmp / "cka"),
+        seed=0,
+        workers=0,
+        progress=False,
+    )
     import csv
-    out["cka"] = {f"{r['model']}|{r['ratio']}|{r['block']}": float(r["cka"])
-                  for r in csv.DictReader((tmp / "cka" / "cka.csv").open())}
+
+    out["cka"] = {
+        f"{r['model']}|{r['ratio']}|{r['block']}": float(r["cka"])
+        for r in csv.DictReader((tmp / "cka" / "cka.csv").open())
+    }
     return out
 
 

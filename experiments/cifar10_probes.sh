@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Issue #2 frozen-feature protocols: MAE-pretrained vs random init, 10k seeded CIFAR-10 train
+# First CIFAR-10 result, step 3 of 3: frozen-feature protocols: MAE-pretrained vs random init, 10k seeded CIFAR-10 train
 # images (no augmentation), all 10,000 test images. Two at a time, one thread each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/cifar10}
-OUT=${OUT:-runs/issue2}
+OUT=${OUT:-runs/cifar10-mae-vs-scratch}
 M=${MIMLAB:-.venv/bin/mimlab}
 CK="$OUT/mae-pretrain/checkpoints/last.pt"
 C="data.limit=10000 data.num_workers=1 run.progress=false"

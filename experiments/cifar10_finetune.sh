@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Issue #2 fine-tune comparison (run after the MAE pretraining of issue2_cifar10_mae_vs_scratch.sh):
+# First CIFAR-10 result, step 2 of 3: fine-tune comparison (after cifar10_mae_vs_scratch.sh):
 # MAE-pretrained vs random init, identical budget: 10k seeded CIFAR-10 train images, 3 epochs,
 # batch 128, evaluated on all 10,000 test images. Both run side by side, one thread each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/cifar10}
-OUT=${OUT:-runs/issue2}
+OUT=${OUT:-runs/cifar10-mae-vs-scratch}
 M=${MIMLAB:-.venv/bin/mimlab}
 CK="$OUT/mae-pretrain/checkpoints/last.pt"
 FT="data.limit=10000 optim.epochs=3 optim.batch_size=128 optim.base_lr=1e-3 optim.warmup_epochs=0.5 \

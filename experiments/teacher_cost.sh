@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Issue #4: cost of the teacher in MaskDistill pretraining on this machine: images/s of whole
+# Cost of the teacher in MaskDistill pretraining on this machine: images/s of whole
 # training runs (1,024 CIFAR-10 images, 1 epoch, batch 64, tiny ViT) with the EfficientNet-Lite0
 # teacher live at 224 px and 64 px, with the feature cache (build, then reuse), and MAE / SimMIM
 # (no teacher) at the same budget.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/cifar10}
-OUT=${OUT:-runs/issue4-cost}
+OUT=${OUT:-runs/teacher-cost}
 M=${MIMLAB:-.venv/bin/mimlab}
 export MIMLAB_CACHE=${MIMLAB_CACHE:-$OUT/cache}
 C="--data $DATA --out $OUT model.preset=tiny data.limit=1024 optim.epochs=1 optim.batch_size=64 run.progress=false"

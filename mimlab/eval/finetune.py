@@ -1,0 +1,156 @@
+"""End-to-end fine-tuning (or supervised training from scratch): :class:`Classifier` and
+:func:`finetune` (``mimlab finetune``)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import Mixup
+
+from ..batch import Batch
+from ..config import ConfigError, FinetuneConfig
+from ..data import labelled_splits
+from ..engine import Engine
+from ..methods import Method
+from ..models import ViTEncoder, build_encoder
+from ..pretrained import load_encoder_weights, load_pretrained
+from ..rundir import prepare_run, write_results
+from ..stats import pack_correct
+
+log = logging.getLogger("mimlab")
+
+
+class Classifier(Method):
+    """Fine-tuning / supervised model: ViT -> mean of patch tokens -> fresh LayerNorm -> linear."""
+
+    def __init__(self, encoder: ViTEncoder, num_classes: int, label_smoothing: float = 0.0):
+        super().__init__()
+        self.encoder = encoder
+        # MAE fine-tuning: the encoder's final norm is replaced by fc_norm after pooling
+        self.encoder.norm = nn.Identity()
+        self.fc_norm = nn.LayerNorm(encoder.embed_dim, eps=1e-6)
+        self.head = nn.Linear(encoder.embed_dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=2e-5)
+        nn.init.zeros_(self.head.bias)
+        self.label_smoothing = label_smoothing
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """fc_norm(mean of patch tokens): [B, D]."""
+        t = self.encoder.forward_features(images)
+        return self.fc_norm(t[:, 1:, :].mean(1))
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))
+
+    def forward(self, images, labels=None):
+        logits = self.logits(images)
+        if labels is None:
+            return {"logits": logits}
+        if labels.ndim == 2:  # soft targets from mixup/cutmix (already smoothed)
+            loss = torch.sum(-labels * F.log_softmax(logits.float(), -1), -1).mean()
+            acc = (logits.argmax(-1) == labels.argmax(-1)).float().mean()
+        else:
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+            acc = (logits.argmax(-1) == labels).float().mean()
+        return {"loss": loss, "acc": acc.detach()}
+
+
+@torch.no_grad()
+def predict_correct(
+    model: Classifier, ds, batch_size: int, device, num_workers: int = 2
+) -> torch.Tensor:
+    """Per-image correctness [N] (bool, dataset order) of ``model`` on ``ds``."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+    out = []
+    for b in loader:
+        out.append(model.logits(b.images.to(device)).argmax(-1).cpu() == b.labels)
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Fine-tune ``finetune.pretrained`` (random init without one) with the model of
+    ``cfg.model``, which must be the source's architecture: resolve the config with
+    :func:`mimlab.tasks.resolve_run_config` to adopt it. Returns ``results.json`` as a dict."""
+    ft = cfg.finetune
+    if cfg.optim.layer_decay is None:  # MAE's 0.75 for a pretrained encoder, none from scratch
+        cfg.optim.layer_decay = 0.75 if ft.pretrained else 1.0
+    ck = load_pretrained(cfg)
+    run_dir, device = prepare_run(cfg, "finetune")
+    train, val = labelled_splits(
+        cfg.data,
+        cfg.model.img_size,
+        cfg.model.in_chans,
+        cfg.run.seed,
+        train_aug=True,
+        label_fraction=ft.label_fraction,
+    )
+    nc = ft.num_classes or len(train.classes)
+    enc = build_encoder(cfg.model, mask_token=False)
+    if ck is not None:
+        load_encoder_weights(enc, ck)
+        log.info("fine-tuning from %s", ck.description)
+    else:
+        log.info("fine-tuning from a random initialisation")
+    model = Classifier(enc, nc, ft.label_smoothing)
+    batch_fn = None
+    if ft.mixup > 0 or ft.cutmix > 0:
+        if cfg.optim.batch_size % 2:
+            raise ConfigError("mixup/cutmix need an even optim.batch_size")
+        mix = Mixup(
+            mixup_alpha=ft.mixup,
+            cutmix_alpha=ft.cutmix,
+            prob=ft.mix_prob,
+            label_smoothing=ft.label_smoothing,
+            num_classes=nc,
+        )
+
+        def batch_fn(b: Batch) -> Batch:  # soft labels from timm's mixup / cutmix
+            return b._replace(**dict(zip(("images", "labels"), mix(b.images, b.labels))))
+
+    nw = cfg.data.num_workers
+
+    last_correct: list = []
+
+    def eval_fn(m, epoch):
+        c = predict_correct(m, val, 256, device, nw)
+        last_correct[:] = [c]
+        return {"top1": 100.0 * float(c.float().sum()) / max(len(c), 1)}
+
+    eng = Engine(
+        model,
+        train,
+        cfg,
+        cfg.optim,
+        cfg.run,
+        run_dir,
+        eval_fn=eval_fn,
+        eval_every=ft.eval_every,
+        batch_fn=batch_fn,
+        device=device,
+    )
+    res = eng.fit()
+    out = {
+        "command": "finetune",
+        "run_dir": str(run_dir),
+        "pretrained": ft.pretrained,
+        "top1": res.eval_metrics.get("top1"),
+        "train_images": len(train),
+        "val_images": len(val),
+        "epochs": res.epochs_done,
+        "steps": res.global_step,
+        "seconds": round(res.seconds, 1),
+        "images_per_s": round(res.images_per_s, 1),
+        "label_fraction": ft.label_fraction,
+        "world_size": res.world_size,
+        "ddp_max_param_divergence": res.ddp_max_param_divergence,
+        "layer_decay": cfg.optim.layer_decay,
+        "base_lr": cfg.optim.base_lr,
+    }
+    if last_correct:  # per-image correctness for paired statistics (mimlab.stats)
+        out["correct"] = pack_correct(last_correct[0].numpy())
+    write_results(run_dir, out)
+    return out
