@@ -7,12 +7,16 @@ use, the parameter names exempt from weight decay, and an ``after_step`` hook (E
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn as nn
+from torch import Tensor
 
 from ..data import default_stats
+from ..models import ViTEncoder
+from ..ops import mask_to_ids
 
 
 class Method(nn.Module):
@@ -68,3 +72,43 @@ def ema_update_(target: nn.Module, online: nn.Module, momentum: float) -> None:
     torch._foreach_add_(tp, [p.detach() for p in op], alpha=1.0 - momentum)
     for b, ob in zip(target.buffers(), online.buffers()):
         b.copy_(ob)
+
+
+@dataclass
+class Encoded:
+    """Encoder output: ``tokens`` [B, 1 + L, D] (class token first); ``ids_keep`` [B, L] the
+    grid positions of the L patch tokens when masked tokens were dropped (None: all N tokens in
+    grid order); ``ids_restore`` for the MAE decoder."""
+
+    tokens: Tensor
+    ids_keep: Optional[Tensor] = None
+    ids_restore: Optional[Tensor] = None
+
+    def grid(self, num_patches: int) -> Tensor:
+        """Patch tokens at their grid positions [B, N, D] (zeros where a token was dropped)."""
+        patches = self.tokens[:, 1:, :]
+        if self.ids_keep is None:
+            return patches
+        B, _, D = patches.shape
+        out = patches.new_zeros(B, num_patches, D)
+        return out.scatter(1, self.ids_keep.unsqueeze(-1).expand(-1, -1, D), patches)
+
+
+def encode(
+    encoder: ViTEncoder,
+    x: Tensor,
+    mask: Optional[Tensor],
+    student: str,
+    ids: Optional[tuple[Tensor, Tensor]] = None,
+) -> Encoded:
+    """f(T(x)), the one "encode with a mask" of every family: ``drop`` keeps only the visible
+    tokens (MAE), ``mask_token`` replaces the removed patches [B, N] (1 = removed) by the
+    learnable mask token (C-MAE, SimMIM); ``mask=None`` encodes every patch. ``ids``: the
+    ``(ids_keep, ids_restore)`` of ``mask`` when the caller already has them (MAE's
+    :func:`~mimlab.ops.random_masking` order, kept for bitwise parity with the reference)."""
+    if mask is None:
+        return Encoded(encoder.forward_features(x))
+    if student == "mask_token":
+        return Encoded(encoder.forward_features(x, mask=mask))
+    ids_keep, ids_restore = ids if ids is not None else mask_to_ids(mask)
+    return Encoded(encoder.forward_features(x, ids_keep=ids_keep), ids_keep, ids_restore)

@@ -19,8 +19,8 @@ import torch.nn as nn
 from ..augment import color_jitter_batch, cutmix_batch
 from ..losses import instance_norm_tokens, layernorm_target, patch_norm_target, regression_loss
 from ..models import ViTEncoder
-from ..ops import block_masking, mask_to_ids, patchify, random_masking
-from .base import Method
+from ..ops import block_masking, patchify, random_masking
+from .base import Method, encode
 
 TargetFn = Callable[[torch.Tensor], torch.Tensor]  # images [B,C,H,W] -> [B, N, C_t]
 
@@ -140,17 +140,18 @@ class MaskedPrediction(Method):
             else:
                 mask = self.make_mask(B, images.device, noise)
         images, target_images = self.augment(images, None if mask is None else 1.0 - mask)
-        if mask is None:  # no patch masking: every patch is encoded and predicted
-            latent = self.encoder.forward_features(images)
-            pred = self.head(latent) if self.student == "drop" else self.head(latent[:, 1:, :])
-        elif self.student == "drop":
-            if ids_keep is None:
-                ids_keep, ids_restore = mask_to_ids(mask)
-            latent = self.encoder.forward_features(images, ids_keep=ids_keep)
-            pred = self.head(latent, ids_restore)
-        else:
-            latent = self.encoder.forward_features(images, mask=mask)
-            pred = self.head(latent[:, 1:, :])
+        # no patch masking (mask None): every patch is encoded and predicted
+        e = encode(
+            self.encoder,
+            images,
+            mask,
+            self.student,
+            None if ids_keep is None else (ids_keep, ids_restore),
+        )
+        if self.student == "drop":  # the MAE decoder restores the dropped positions
+            pred = self.head(e.tokens, e.ids_restore)
+        else:  # a head on the grid of patch tokens
+            pred = self.head(e.tokens[:, 1:, :])
         with torch.no_grad():
             target = normalize_target(self.target(target_images).float(), self.target_norm)
         loss = regression_loss(pred, target, mask, self.loss_kind, self.loss_beta)

@@ -132,7 +132,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -145,9 +144,9 @@ from ..config import PretrainConfig
 from ..dist import world_size
 from ..losses import byol_loss, instance_info_nce, regression_loss, token_info_nce
 from ..models import ViTEncoder, build_decoder, build_encoder
-from ..ops import mask_to_ids, patchify
+from ..ops import patchify
 from ..registry import check_method
-from .base import Method, ema_update_
+from .base import Encoded, Method, ema_update_, encode
 from .contrastive import (
     MLPHead,
     SyncBatchNorm1d,
@@ -174,38 +173,6 @@ __all__ = [
     "query_positions",
     "select_positions",
 ]
-
-
-# ------------------------------------------------------------------------- encoding
-@dataclass
-class Encoded:
-    """Encoder output: ``tokens`` [B, 1 + L, D] (class token first); ``ids_keep`` [B, L] the
-    grid positions of the L patch tokens when masked tokens were dropped (None: all N tokens in
-    grid order); ``ids_restore`` for the MAE decoder."""
-
-    tokens: Tensor
-    ids_keep: Optional[Tensor] = None
-    ids_restore: Optional[Tensor] = None
-
-    def grid(self, num_patches: int) -> Tensor:
-        """Patch tokens at their grid positions [B, N, D] (zeros where a token was dropped)."""
-        patches = self.tokens[:, 1:, :]
-        if self.ids_keep is None:
-            return patches
-        B, _, D = patches.shape
-        out = patches.new_zeros(B, num_patches, D)
-        return out.scatter(1, self.ids_keep.unsqueeze(-1).expand(-1, -1, D), patches)
-
-
-def encode(encoder: ViTEncoder, x: Tensor, mask: Optional[Tensor], student: str) -> Encoded:
-    """f(T(x)): ``drop`` keeps only the visible tokens (MAE), ``mask_token`` replaces the
-    removed patches by the learnable mask token (C-MAE); ``mask=None`` encodes every patch."""
-    if mask is None:
-        return Encoded(encoder.forward_features(x))
-    if student == "mask_token":
-        return Encoded(encoder.forward_features(x, mask=mask))
-    ids_keep, ids_restore = mask_to_ids(mask)
-    return Encoded(encoder.forward_features(x, ids_keep=ids_keep), ids_keep, ids_restore)
 
 
 @torch.no_grad()
