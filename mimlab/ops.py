@@ -137,6 +137,30 @@ def block_masking(
 
 
 # ---------------------------------------------------------------------------- positions
+
+
+def sample_mask(
+    kind: str,
+    batch: int,
+    grid: tuple[int, int],
+    mask_ratio: float,
+    device=None,
+    noise: Optional[torch.Tensor] = None,
+) -> Optional[torch.Tensor]:
+    """The patch mask of every method's T1 (and R-MAE's independent T2): [B, N] float,
+    1 = removed. ``kind``: ``random`` (MAE's :func:`random_masking`, from ``noise`` [B, N] when
+    given), ``block`` (:func:`block_masking`) or ``none`` (returns None: nothing removed)."""
+    if kind == "none":
+        return None
+    if kind == "random":
+        if noise is None:
+            noise = torch.rand(batch, grid[0] * grid[1], device=device)
+        return random_masking(noise, mask_ratio)[1]
+    if kind == "block":
+        return block_masking(batch, grid, mask_ratio, device=device)
+    raise ValueError(f"unknown masking '{kind}' (random | block | none)")
+
+
 def sincos_pos_embed_2d(dim: int, grid: tuple[int, int], cls_token: bool = False) -> np.ndarray:
     """Fixed 2-D sin-cos position embedding (MAE / MoCo v3).
 

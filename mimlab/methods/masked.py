@@ -19,7 +19,7 @@ import torch.nn as nn
 from ..augment import color_jitter_batch, cutmix_batch
 from ..losses import instance_norm_tokens, layernorm_target, patch_norm_target, regression_loss
 from ..models import ViTEncoder
-from ..ops import block_masking, patchify, random_masking
+from ..ops import patchify, random_masking, sample_mask
 from .base import Method, encode
 
 TargetFn = Callable[[torch.Tensor], torch.Tensor]  # images [B,C,H,W] -> [B, N, C_t]
@@ -114,14 +114,7 @@ class MaskedPrediction(Method):
         return (jit, jit) if self.color_jitter == "whole" else (jit, target)
 
     def make_mask(self, B: int, device, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        N = self.encoder.num_patches
-        if self.masking == "random":
-            if noise is None:
-                noise = torch.rand(B, N, device=device)
-            return random_masking(noise, self.mask_ratio)[1]
-        if self.masking == "block":
-            return block_masking(B, self.encoder.grid, self.mask_ratio, device=device)
-        raise ValueError(f"unknown masking '{self.masking}' (random | block)")
+        return sample_mask(self.masking, B, self.encoder.grid, self.mask_ratio, device, noise)
 
     def forward(
         self,

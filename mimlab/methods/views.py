@@ -33,7 +33,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from torch import Tensor
 
 from ..augment import (
@@ -44,7 +43,7 @@ from ..augment import (
     random_partner,
     random_resized_crop_batch,
 )
-from ..ops import block_masking, random_masking
+from ..ops import sample_mask
 from ..registry import JITTERS, MASKS, VIEW2  # noqa: F401  (the choices, declared once)
 
 
@@ -86,15 +85,7 @@ class ViewMaker:
         self, B: int, device, kind: str, ratio: float, noise: Optional[Tensor] = None
     ) -> Optional[Tensor]:
         """[B, N] float mask (1 = removed) of ``kind`` random | block, or None for none."""
-        if kind == "none":
-            return None
-        if kind == "random":
-            if noise is None:
-                noise = torch.rand(B, self.num_patches, device=device)
-            return random_masking(noise, ratio)[1]
-        if kind == "block":
-            return block_masking(B, self.grid, ratio, device=device)
-        raise ValueError(f"unknown masking '{kind}' ({' | '.join(MASKS)})")
+        return sample_mask(kind, B, self.grid, ratio, device, noise)
 
     def masks(
         self,
