@@ -99,6 +99,16 @@ def renormalize(px: Tensor, mean=None, std=None, dtype: torch.dtype = torch.floa
     return ((px - m) / s).to(dtype)
 
 
+def convert_normalization(x: Tensor, src: tuple, dst: tuple) -> Tensor:
+    """Images normalised with ``src`` = (mean, std) -> normalised with ``dst`` (no clamping;
+    ``x`` itself when the two are equal)."""
+    if [list(map(float, v)) for v in src] == [list(map(float, v)) for v in dst]:
+        return x
+    sm, ss = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) for v in src)
+    dm, ds = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) for v in dst)
+    return (x * ss + sm - dm) / ds
+
+
 # ------------------------------------------------------------------------- colour ops
 def _per_sample(f: Tensor | float, x: Tensor) -> Tensor:
     if not torch.is_tensor(f):

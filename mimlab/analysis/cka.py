@@ -60,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..augment import convert_normalization
 from ..checkpoint import CheckpointError
 from ..config import ModelConfig, PretrainConfig, resolve, to_dict
 from ..models import ViTEncoder, build_encoder
@@ -73,7 +74,6 @@ from .common import (
     dataset_stats,
     mask_noise,
     pick_device,
-    renormalize,
     resolve_split,
     safe_name,
     unique_labels,
@@ -220,7 +220,7 @@ def model_cka(
         x = batch.images
         noise = mask_noise(bi, x.shape[0], N, seed)
         digests.append(noise_digest(noise))
-        x = renormalize(x, data_stats, (model.mean, model.std)).to(device)
+        x = convert_normalization(x, data_stats, (model.mean, model.std)).to(device)
         if x.shape[-1] != enc.img_size:  # a model of another resolution (same patch grid)
             x = F.interpolate(
                 x,

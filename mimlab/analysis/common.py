@@ -102,15 +102,6 @@ def analysis_dataset(
     )
 
 
-def renormalize(x: torch.Tensor, src: tuple, dst: tuple) -> torch.Tensor:
-    """Images normalised with ``src`` = (mean, std) -> normalised with ``dst``."""
-    if [list(map(float, v)) for v in src] == [list(map(float, v)) for v in dst]:
-        return x
-    sm, ss = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) for v in src)
-    dm, ds = (torch.tensor(v, dtype=x.dtype, device=x.device).view(1, -1, 1, 1) for v in dst)
-    return (x * ss + sm - dm) / ds
-
-
 def checkpoint_label(path: str | Path) -> str:
     """Short name of a checkpoint: ``runs/<run>/checkpoints/last.pt`` -> ``<run>``,
     ``.../checkpoint-epoch5.pt`` -> ``<run>/checkpoint-epoch5``, else the file stem."""

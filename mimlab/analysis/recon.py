@@ -44,6 +44,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import checkpoint as ckpt_format
+from ..augment import denormalize
 from ..config import ConfigError, PretrainConfig, from_dict, resolve, to_dict
 from ..methods import build_method, is_siamese
 from ..methods.masked import MaskedPrediction, PixelTarget
@@ -54,14 +55,6 @@ from ..sources import SourceError, load_encoder, parse_source
 from . import AnalysisError
 from .common import analysis_dataset, checkpoint_stats, mask_noise, pick_device, resolve_split
 from .metrics import psnr
-
-
-def denormalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """Dataset-normalised images [B, C, H, W] -> pixel values in [0, 1] (clamped)."""
-    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x * s + m).clamp(0, 1)
-
 
 STATS = ("visible", "true")  # how masked norm_pix patches get their mean / std back
 
