@@ -137,3 +137,38 @@ def test_every_arm_resolves(arm, tmp_path):
         assert cfg.data.limit == a.small and cfg.data.repeat * a.small >= 8 * 78 * p.batch
     if a.hp_from:
         assert a.hp_from in ARMS
+
+
+def test_cmae_variants_table_pairs_each_reading_with_the_default(tmp_path):
+    """The negatives x queries table: every reading against cmae (position / all), paired on
+    the FT seeds they share and on the test images; hand-made result files, no training."""
+    from mimlab.experiments.standard import _variant_rows
+    from mimlab.stats import pack_correct
+
+    res = tmp_path / "results"
+    N = 200
+
+    def put(name, correct):
+        f = res / f"{name}.json"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(
+            json.dumps({"top1": 100.0 * sum(correct) / N, "correct": pack_correct(correct)})
+        )
+
+    base = [i % 2 == 0 for i in range(N)]  # 50 %
+    better = [i % 2 == 0 or i % 5 == 1 for i in range(N)]  # + the odd i % 5 == 1: 60 %
+    for f in (0, 1, 2):
+        put(f"contrastive/ft/cmae-s0-ft{f}", base)
+    put("contrastive/linprobe/cmae-s0-cls", base)
+    for f in (0, 1):
+        put(f"cmae_variants/ft/cmae_position_removed-s0-ft{f}", better)
+    put("cmae_variants/linprobe/cmae_position_removed-s0-cls", base)
+    s = StandardSuite(StandardProfile(**TOY), str(tmp_path), tmp_path / "runs", res)
+    out = _variant_rows(s)
+    assert len(out["rows"]) == 2 and out["rows"][0].startswith("| position | all | 50.00 | – |")
+    ft = out["summary"]["cmae_position_removed"]["ft"]["diff"]
+    assert ft["n_units"] == 2 and ft["mean"] == pytest.approx(10.0)  # FT seeds 0 and 1 only
+    assert ft["lo"] > 0  # identical units: image SE
+    lp = out["summary"]["cmae_position_removed"]["lp_cls"]["diff"]
+    assert lp["mean"] == 0.0 and lp["n_units"] == 1
+    assert "| position | removed | 60.00 | +10.00 [" in out["rows"][1]
