@@ -88,14 +88,16 @@ TEACHER_SPECS = (
     "hf_clip:<local directory or hub id>",
     "mimlab:<mimlab checkpoint .pt> | mae:<file> | hf:<dir> | mocov3:<file>  (model sources)",
 )
-#: spec prefix -> builder(arg, student_mean=, student_std=, **kw), registered by higher layers
-#: so that this module imports none of them (mimlab.methods.targets registers the model
-#: sources mimlab:, mae:, hf:, mocov3:)
+#: spec prefix -> builder(arg, path, student_mean=, student_std=, **kw) -> Teacher | None (None:
+#: the spec is incomplete for that kind). The built-in kinds are registered at the end of this
+#: module; higher layers register theirs (mimlab.methods.targets: the model sources mimlab:,
+#: mae:, hf:, mocov3:) so that this module imports none of them.
 TEACHER_BUILDERS: dict = {}
 
 
 def register_teacher(kind: str, builder) -> None:
-    """Make ``build_teacher('<kind>:<arg>')`` call ``builder(arg, student_mean=..., ...)``."""
+    """Make ``build_teacher('<kind>:<arg>@<path>')`` call ``builder(arg, path, student_mean=...,
+    student_std=..., **kw)``; ``arg`` / ``path`` are None when the spec has none."""
     TEACHER_BUILDERS[kind] = builder
 
 
@@ -895,24 +897,53 @@ def build_teacher(
     norm = dict(student_mean=student_mean, student_std=student_std)
     m = re.fullmatch(r"\s*([A-Za-z0-9_\-]+)(?::([^@]*))?(?:@(.+?))?\s*", spec)
     kind, arg, path = m.groups() if m else ("", None, None)
-    kind = kind.lower().replace("-", "_")
-    if kind in ("effnet_lite0", "efficientnet_lite0"):
-        layer = arg or kw.pop("layer", None) or "head"
-        layer = int(layer) if isinstance(layer, str) and layer.lstrip("-").isdigit() else layer
-        return EfficientNetLite0Teacher(layer, path or kw.pop("weights_path", None), **norm, **kw)
-    if kind == "hog" and path is None and (arg or "maskfeat") in HOG_MODES:
-        return HOGTeacher(mode=arg or kw.pop("mode", "maskfeat"), **norm, **kw)
-    if arg:
-        if kind == "timm":
-            return TimmTeacher(arg, path or kw.pop("checkpoint_path", None), **norm, **kw)
-        if kind == "torchvision":
-            return TorchvisionTeacher(arg, path or kw.pop("weights_path", None), **norm, **kw)
-        if kind == "open_clip" and (
-            path or arg.startswith(("local-dir:", "hf-hub:")) or "checkpoint_path" in kw
-        ):
-            return OpenCLIPTeacher(arg, path or kw.pop("checkpoint_path", None), **norm, **kw)
-        if kind == "hf_clip":
-            return HFCLIPTeacher(arg if path is None else f"{arg}@{path}", **norm, **kw)
-        if kind in TEACHER_BUILDERS:  # registered by higher layers (model sources)
-            return TEACHER_BUILDERS[kind](arg if path is None else f"{arg}@{path}", **norm, **kw)
+    builder = TEACHER_BUILDERS.get(kind.lower().replace("-", "_"))
+    teacher = builder(arg or None, path, **norm, **kw) if builder is not None else None
+    if teacher is not None:
+        return teacher
     raise ValueError(f"unknown teacher spec '{spec}'; valid forms: " + "; ".join(TEACHER_SPECS))
+
+
+# --------------------------------------------------------------------------------------------
+# the built-in teacher kinds (builders return None when the spec is incomplete)
+# --------------------------------------------------------------------------------------------
+def _effnet_lite0(arg, path, **kw):
+    layer = arg or kw.pop("layer", None) or "head"
+    layer = int(layer) if isinstance(layer, str) and layer.lstrip("-").isdigit() else layer
+    return EfficientNetLite0Teacher(layer, path or kw.pop("weights_path", None), **kw)
+
+
+def _hog(arg, path, **kw):
+    if path is None and (arg or "maskfeat") in HOG_MODES:
+        return HOGTeacher(mode=arg or kw.pop("mode", "maskfeat"), **kw)
+    return None
+
+
+def _timm(arg, path, **kw):
+    return TimmTeacher(arg, path or kw.pop("checkpoint_path", None), **kw) if arg else None
+
+
+def _torchvision(arg, path, **kw):
+    return TorchvisionTeacher(arg, path or kw.pop("weights_path", None), **kw) if arg else None
+
+
+def _open_clip(arg, path, **kw):
+    if arg and (path or arg.startswith(("local-dir:", "hf-hub:")) or "checkpoint_path" in kw):
+        return OpenCLIPTeacher(arg, path or kw.pop("checkpoint_path", None), **kw)
+    return None
+
+
+def _hf_clip(arg, path, **kw):
+    return HFCLIPTeacher(arg if path is None else f"{arg}@{path}", **kw) if arg else None
+
+
+for _kind, _builder in (
+    ("effnet_lite0", _effnet_lite0),
+    ("efficientnet_lite0", _effnet_lite0),
+    ("hog", _hog),
+    ("timm", _timm),
+    ("torchvision", _torchvision),
+    ("open_clip", _open_clip),
+    ("hf_clip", _hf_clip),
+):
+    register_teacher(_kind, _builder)

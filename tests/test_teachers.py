@@ -8,7 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import mimlab.methods  # noqa: F401  (registers the model-source teacher kinds)
 from mimlab.teachers import (
+    TEACHER_BUILDERS,
+    TEACHER_SPECS,
     EfficientNetLite0Teacher,
     HFCLIPTeacher,
     HOGTeacher,
@@ -428,3 +431,26 @@ def test_build_teacher_specs():
     assert isinstance(build_teacher("hog", MEAN, STD, cells_per_side=1), HOGTeacher)
     t = build_teacher("timm:resnet10t", MEAN, STD, teacher_size=64)
     assert t(images(), (2, 2)).shape == (2, 4, 512)
+
+
+# ---------------------------------------------------------------------------------- registry
+@pytest.mark.parametrize("kind", sorted(TEACHER_BUILDERS))
+def test_every_registered_teacher_kind_is_documented_and_refuses_an_empty_spec(kind, tmp_path):
+    """Parametrised over the teacher registry: each kind is named in TEACHER_SPECS (what the
+    error and --help show), and a spec it cannot use fails in one line listing the forms."""
+    assert any(
+        kind in form or kind.replace("efficientnet", "effnet") in form for form in TEACHER_SPECS
+    )
+    if kind in ("effnet_lite0", "efficientnet_lite0"):  # complete without an argument
+        spec = f"{kind}@{tmp_path / 'missing.pth'}"
+        with pytest.raises((FileNotFoundError, RuntimeError, ValueError)):
+            build_teacher(spec, MEAN, STD)
+        return
+    with pytest.raises(ValueError, match="unknown teacher spec") as e:
+        build_teacher(f"{kind}@{tmp_path}/x" if kind == "hog" else kind, MEAN, STD)
+    assert "\n" not in str(e.value) and "valid forms" in str(e.value)
+
+
+def test_unknown_teacher_kind_lists_the_forms():
+    with pytest.raises(ValueError, match="unknown teacher spec 'nope:x'; valid forms: effnet"):
+        build_teacher("nope:x", MEAN, STD)

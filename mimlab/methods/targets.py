@@ -251,8 +251,10 @@ MimlabTeacher = SourceTeacher  # the former name of the ``mimlab:`` teacher
 
 
 def _source_teacher_builder(kind: str):
-    def build(arg: str, **kw) -> SourceTeacher:
-        return SourceTeacher(f"{kind}:{arg}", **kw)
+    def build(arg, path, **kw) -> Optional[SourceTeacher]:
+        if not arg:
+            return None
+        return SourceTeacher(f"{kind}:{arg if path is None else f'{arg}@{path}'}", **kw)
 
     return build
 
