@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
+from mimlab.config import PretrainConfig, resolve
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -58,3 +60,25 @@ def cifar_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def tiny_folder(tmp_path) -> Path:
     return make_imagefolder(tmp_path / "data")
+
+
+def micro_pretrain_cfg(data, out, name: str, *extra: str, log_every: int = 1):
+    """The tests' small pretraining run: ``micro`` model, 96 images, 2 epochs of batch 16,
+    no workers, no progress bar; ``extra`` overrides on top."""
+    return resolve(
+        PretrainConfig,
+        overrides=[
+            "model.preset=micro",
+            f"data.path={data}",
+            "data.limit=96",
+            "optim.batch_size=16",
+            "optim.epochs=2",
+            "optim.warmup_epochs=0.5",
+            f"run.log_every={log_every}",
+            "run.progress=false",
+            f"run.out_dir={out}",
+            f"run.name={name}",
+            "data.num_workers=0",
+            *extra,
+        ],
+    )

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from conftest import micro_pretrain_cfg
 
 from mimlab import tasks
 from mimlab.config import PretrainConfig, resolve
@@ -46,23 +47,7 @@ def test_layer_decay_scales():
 
 
 def _cfg(data, out, name, *extra):
-    return resolve(
-        PretrainConfig,
-        overrides=[
-            "model.preset=micro",
-            f"data.path={data}",
-            "data.limit=96",
-            "optim.batch_size=16",
-            "optim.epochs=2",
-            "optim.warmup_epochs=0.5",
-            "run.log_every=1",
-            "run.progress=false",
-            f"run.out_dir={out}",
-            f"run.name={name}",
-            "data.num_workers=0",
-            *extra,
-        ],
-    )
+    return micro_pretrain_cfg(data, out, name, *extra)
 
 
 def _losses(run_dir):

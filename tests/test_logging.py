@@ -5,30 +5,14 @@ import logging
 import re
 
 import torch
+from conftest import micro_pretrain_cfg
 
 from mimlab import dist, tasks
-from mimlab.config import PretrainConfig, resolve
 from mimlab.engine import LogWindow
 
 
 def _cfg(data, out, name, *extra):
-    return resolve(
-        PretrainConfig,
-        overrides=[
-            "model.preset=micro",
-            f"data.path={data}",
-            "data.limit=96",
-            "optim.batch_size=16",
-            "optim.epochs=2",
-            "optim.warmup_epochs=0.5",
-            "run.log_every=4",
-            "run.progress=false",
-            f"run.out_dir={out}",
-            f"run.name={name}",
-            "data.num_workers=0",
-            *extra,
-        ],
-    )
+    return micro_pretrain_cfg(data, out, name, *extra, log_every=4)
 
 
 def _rows(d):

@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import micro_pretrain_cfg
 
 from mimlab import tasks
-from mimlab.config import ConfigError, PretrainConfig, resolve
+from mimlab.config import ConfigError
 from mimlab.eval.knn import knn_classify, top1
 from mimlab.eval.online import build_online_evaluator
 from mimlab.methods import build_method
@@ -21,23 +22,7 @@ ONLINE = [
 
 
 def _cfg(data, out, name, *extra):
-    return resolve(
-        PretrainConfig,
-        overrides=[
-            "model.preset=micro",
-            f"data.path={data}",
-            "data.limit=96",
-            "optim.batch_size=16",
-            "optim.epochs=2",
-            "optim.warmup_epochs=0.5",
-            "run.log_every=1",
-            "run.progress=false",
-            f"run.out_dir={out}",
-            f"run.name={name}",
-            "data.num_workers=0",
-            *extra,
-        ],
-    )
+    return micro_pretrain_cfg(data, out, name, *extra)
 
 
 def _rows(d: Path, kind: str) -> list[dict]:
