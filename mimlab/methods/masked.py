@@ -16,11 +16,11 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..augment import color_jitter_batch, cutmix_batch
 from ..losses import instance_norm_tokens, layernorm_target, patch_norm_target, regression_loss
 from ..models import ViTEncoder
 from ..ops import patchify, random_masking, sample_mask
 from .base import Method, encode
+from .views import ViewMaker
 
 TargetFn = Callable[[torch.Tensor], torch.Tensor]  # images [B,C,H,W] -> [B, N, C_t]
 
@@ -88,6 +88,16 @@ class MaskedPrediction(Method):
         self.mask_ratio, self.masking, self.student = mask_ratio, masking, student
         self.target_norm, self.loss_kind, self.loss_beta = target_norm, loss, loss_beta
         self.color_jitter, self.cutmix = color_jitter, cutmix
+        # Table 5's augmentations: the same steps as the siamese views, x2 = the target
+        self.views = ViewMaker(
+            encoder.grid,
+            masking,
+            mask_ratio,
+            "none",
+            color_jitter=color_jitter,
+            cutmix=cutmix,
+            second="target",
+        )
 
     def augment(
         self, images: torch.Tensor, visible: Optional[torch.Tensor] = None
@@ -106,12 +116,10 @@ class MaskedPrediction(Method):
         and / or jittered) version. See :mod:`mimlab.augment`."""
         if not self.training or (self.color_jitter == "none" and not self.cutmix):
             return images, images
-        x = cutmix_batch(images) if self.cutmix else images
-        target = images if self.masking == "none" else x
-        if self.color_jitter == "none":
-            return x, target
-        jit = color_jitter_batch(x, *self.data_stats(x.shape[1]), visible=visible)
-        return (jit, jit) if self.color_jitter == "whole" else (jit, target)
+        v = self.views.augment(
+            images, *self.data_stats(images.shape[1]), None if visible is None else 1.0 - visible
+        )
+        return v.x1, v.x2
 
     def make_mask(self, B: int, device, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         return sample_mask(self.masking, B, self.encoder.grid, self.mask_ratio, device, noise)

@@ -73,6 +73,7 @@ class ViewMaker:
         jitter: JitterSpec = SIMSIAM_JITTER,
         jitter2: Optional[JitterSpec] = None,
         crop_scale: tuple[float, float] = (0.08, 1.0),
+        second: str = "view",
     ):
         self.grid, self.num_patches = grid, grid[0] * grid[1]
         self.masking, self.mask_ratio = masking, mask_ratio
@@ -80,6 +81,9 @@ class ViewMaker:
         self.color_jitter, self.cutmix = color_jitter, cutmix
         self.jitter, self.jitter2 = jitter, jitter2 or jitter
         self.crop_scale = crop_scale
+        if second not in ("view", "target"):
+            raise ValueError(f"second must be 'view' or 'target', got '{second}'")
+        self.second = second
 
     def sample_mask(
         self, B: int, device, kind: str, ratio: float, noise: Optional[Tensor] = None
@@ -119,13 +123,31 @@ class ViewMaker:
         mask1, mask2 = self.masks(B, dev, mask1, mask2, noise)
         if not train:
             return Views(images, images, mask1, mask2)
-        masked = mask1 is not None or mask2 is not None
+        return self.augment(images, mean, std, mask1, mask2)
+
+    def augment(
+        self,
+        images: Tensor,
+        mean=None,
+        std=None,
+        mask1: Optional[Tensor] = None,
+        mask2: Optional[Tensor] = None,
+    ) -> Views:
+        """Steps 2-5 on given masks (their visible patches feed the jitter's statistic). With
+        ``second='target'`` (masked prediction) ``x2`` is the reconstruction target: the
+        (cutmix) image the input was made from with patch masking, the **original** image
+        without it; only ``whole`` jitters it."""
+        B, dev = images.shape[0], images.device
+        masked = self.masking != "none"
+        target = self.second == "target"
         vis1 = None if mask1 is None else 1.0 - mask1  # [B, N], 1 = visible
         vis2 = None if mask2 is None else 1.0 - mask2
         x1 = x2 = images
         if self.cutmix:
             if masked:
                 x1 = x2 = cutmix_batch(images)
+            elif target:  # reconstruct the original image from its cutmix
+                x1 = cutmix_batch(images)
             else:  # two independently augmented views: own partner, own box
                 x1 = cutmix_batch(images, partner=random_partner(B, dev))
                 x2 = cutmix_batch(images, partner=random_partner(B, dev))
@@ -141,7 +163,8 @@ class ViewMaker:
             x2 = random_resized_crop_batch(x2, self.crop_scale)
         if self.color_jitter == "after_mask":
             x1 = color_jitter_batch(x1, mean, std, self.jitter, visible=vis1)
-            x2 = color_jitter_batch(x2, mean, std, self.jitter2, visible=vis2)
+            if not target:
+                x2 = color_jitter_batch(x2, mean, std, self.jitter2, visible=vis2)
         elif self.color_jitter == "unmasked":
             x1 = color_jitter_batch(x1, mean, std, self.jitter, visible=vis1)
         return Views(x1, x2, mask1, mask2)
