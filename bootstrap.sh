@@ -4,7 +4,7 @@
 # pyproject.toml changed since the last install), then runs a job.
 #
 #   ./bootstrap.sh demo [mimlab demo options]   # pretrain + evaluate, writes runs/demo-*
-#   ./bootstrap.sh test [pytest options]        # ruff + the test suite (what .ci/run runs)
+#   ./bootstrap.sh test [pytest options]        # ruff, mypy on the core, the test suite (= .ci/run)
 #   ./bootstrap.sh install                      # only install
 #   ./bootstrap.sh mimlab <any mimlab command>  # run the CLI inside the venv
 set -euo pipefail
@@ -29,6 +29,7 @@ case "$job" in
   test)    # lint and format check first (configured in pyproject.toml), then the suite
            .venv/bin/ruff check mimlab tests benchmarks
            .venv/bin/ruff format --check mimlab tests benchmarks
+           .venv/bin/mypy   # the torch-free core ([tool.mypy] files in pyproject.toml)
            exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@" ;;
   mimlab)  exec .venv/bin/mimlab "$@" ;;
   *) echo "usage: ./bootstrap.sh {demo|test|install|mimlab} [args...]" >&2; exit 2 ;;

@@ -603,8 +603,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return dict(value)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
-        return from_dict(tp, value, prefix=key + ".")
+            name = getattr(tp, "__name__", str(tp))
+            raise ConfigError(f"{key}: expected a mapping of {name} fields, got {value!r}")
+        return from_dict(typing.cast(type, tp), value, prefix=key + ".")
     if tp is Any:
         return value
     if tp is bool:
@@ -666,8 +667,10 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         if dataclasses.is_dataclass(hints[k]):
             # merge partial section into the section's defaults
             base = to_dict(getattr(obj, k))
-            sub = method_aliases(data[k]) if hints[k] is MethodConfig else data[k]
-            base.update({kk: vv for kk, vv in sub.items()})
+            sub: dict = data[k] or {}
+            if hints[k] is MethodConfig:
+                sub = method_aliases(sub)
+            base.update(sub)
             v = from_dict(hints[k], base, prefix=prefix + k + ".")
         setattr(obj, k, v)
     return obj
@@ -738,7 +741,8 @@ def resolve(
     if overrides:
         _deep_update(data, parse_overrides(overrides))
     model_user = dict(data.get("model") or {}) if isinstance(data.get("model"), dict) else None
-    meth_user = method_aliases(data.get("method")) if isinstance(data.get("method"), dict) else {}
+    meth = data.get("method")
+    meth_user = method_aliases(meth) if isinstance(meth, dict) else {}
     cfg = from_dict(cls, data)
     if hasattr(cfg, "model"):
         apply_model_preset(cfg.model, model_user or {})

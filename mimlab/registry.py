@@ -638,13 +638,13 @@ def reading_families(field_name: str) -> list[str]:
 # --------------------------------------------------------------------------------------
 # Resolution-time checks
 # --------------------------------------------------------------------------------------
-def method_aliases(section: Optional[dict]) -> Optional[dict]:
+def method_aliases(section: dict) -> dict:
     """Input aliases of the method section (a copy; the dict is not changed in place).
 
     ``norm_pix_loss`` (MAE's name) is read as ``target_norm`` = patch (true) | none (false)
     when ``target_norm`` is not given; next to an explicit ``target_norm`` (as in configs saved
     before the alias, which wrote both) the alias is dropped and ``target_norm`` decides."""
-    if not isinstance(section, dict) or "norm_pix_loss" not in section:
+    if "norm_pix_loss" not in section:
         return section
     out = dict(section)
     npl = out.pop("norm_pix_loss")

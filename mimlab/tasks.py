@@ -3,7 +3,7 @@
 Each takes a resolved config, creates its run directory (resolved ``config.yaml``, ``log.txt``,
 metrics, checkpoints, ``results.json``) and returns a dict of results. Resolve configs with
 :func:`resolve_run_config`: for ``finetune.pretrained`` / ``probe.pretrained`` it adopts the
-source's model unless ``model.*`` is set.
+source's model unless a ``model.*`` field other than ``model.drop_path`` is set.
 
 Layering: nn parts (:mod:`.models`, :mod:`.sources`) -> methods -> training / evaluation
 (:mod:`.train`, :mod:`.eval.finetune`, :mod:`.eval.features`, on :mod:`.engine`,
