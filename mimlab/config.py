@@ -302,8 +302,9 @@ class RunConfig:
 @dataclass
 class MethodConfig:
     """The unified view of MIM: masking (T1/T2) + target + target normalisation + student mode
-    + head + loss. ``name`` selects a preset (see :data:`METHOD_PRESETS`) that fills every field
-    not set explicitly; any combination can also be written out field by field in YAML."""
+    + head + loss. ``name`` selects a preset (:data:`mimlab.registry.PRESETS`) that fills every
+    field not set explicitly; any combination can also be written out field by field in YAML;
+    the family of the method (:func:`mimlab.registry.family_of`) says which fields it reads."""
 
     name: str = doc(
         "method preset: " + " | ".join(PRESETS) + " (`mimlab methods` lists what each composes)",

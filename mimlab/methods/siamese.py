@@ -13,9 +13,9 @@ reusable parts:
   predictor + InfoNCE / BYOL against an EMA target (:class:`ContrastiveSiamese`, C-MAE
   Eq. 9-11 and MoCo v3; heads, gathering and token pairs in ``contrastive.py``).
 
-Presets (``config.METHOD_PRESETS``): ``rmae``, ``rmae_indep`` (R-MAE-dagger), ``rmae_identity``
-(R-MAE-double-dagger), ``cmae``, ``cmae_cls``, ``cmae_avg``, ``cmae_patch_cls``, ``cmae_byol``,
-``cmae_nomask``, ``cmae_nomask_byol``, ``mocov3``.
+Presets (:data:`mimlab.registry.PRESETS`): ``rmae``, ``rmae_indep`` (R-MAE-dagger),
+``rmae_identity`` (R-MAE-double-dagger), ``cmae``, ``cmae_cls``, ``cmae_avg``,
+``cmae_patch_cls``, ``cmae_byol``, ``cmae_nomask``, ``cmae_nomask_byol``, ``mocov3``.
 
 R-MAE (Eq. 8), mask M = patches T1 keeps, R = patches T1 removes that T2 sees::
 
