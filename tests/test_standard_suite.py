@@ -172,3 +172,35 @@ def test_cmae_variants_table_pairs_each_reading_with_the_default(tmp_path):
     lp = out["summary"]["cmae_position_removed"]["lp_cls"]["diff"]
     assert lp["mean"] == 0.0 and lp["n_units"] == 1
     assert "| position | removed | 60.00 | +10.00 [" in out["rows"][1]
+
+
+def test_single_pretraining_run_widens_the_interval_by_maes_seed_spread(tmp_path):
+    """An arm with one pretraining run is compared with MAE's pretraining-seed sd added: its FT
+    seeds alone cannot show how another pretraining run would differ."""
+    from mimlab.experiments.standard import compare, pretrain_seed_sd
+    from mimlab.stats import pack_correct
+
+    res, N = tmp_path / "results", 400
+
+    def put(name, k):  # k of every 10 images correct
+        c = [i % 10 < k for i in range(N)]
+        f = res / f"{name}.json"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps({"top1": 100.0 * sum(c) / N, "correct": pack_correct(c)}))
+
+    for f in (0, 1):
+        put(f"core/ft/mae-s0-ft{f}", 4)  # 40 %
+        put(f"core/ft/mae-s1-ft{f}", 6)  # 60 %: the pretraining seeds differ by 20 points
+        put(f"core/ft/random-ft{f}", 3)
+        put(f"rmae/ft/rmae-s0-ft{f}", 5)
+    s = StandardSuite(StandardProfile(**TOY), str(tmp_path), tmp_path / "runs", res)
+    sd = pretrain_seed_sd(s, "ft")
+    assert sd == pytest.approx(14.142, abs=1e-3)  # sd of (40, 60)
+    a = compare(s, "mae", "random", "ft", ">")  # two pretraining runs: as is
+    assert "pretrain_seed_sd" not in a and a["diff"]["n_units"] == 4
+    b = compare(s, "rmae", "mae", "ft", "~")  # one run each: widened
+    d = b["diff"]
+    assert b["pretrain_seed_sd"] == pytest.approx(sd)
+    assert d["mean"] == pytest.approx(10.0)  # 50 vs MAE seed 0's 40
+    assert d["hi"] - d["mean"] >= 1.96 * sd * 2**0.5 - 1e-9
+    assert b["verdict"] == "undecided"

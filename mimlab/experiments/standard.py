@@ -679,29 +679,50 @@ def unit_results(s: StandardSuite, arm: str, metric: str) -> dict:
     return out
 
 
+def pretrain_seed_sd(s: StandardSuite, metric: str) -> Optional[float]:
+    """Spread (sd, points) of one protocol's top-1 across MAE's pretraining seeds of the core
+    stage: the mean over FT seeds per pretraining run, then the sd of those means (None with
+    fewer than two runs). The yardstick for arms that have one pretraining run."""
+    by_seed: dict = {}
+    for (ps, _), r in unit_results(s, "mae", metric).items():
+        by_seed.setdefault(ps, []).append(r["top1"])
+    means = [sum(v) / len(v) for v in by_seed.values()]
+    if len(means) < 2:
+        return None
+    mu = sum(means) / len(means)
+    return math.sqrt(sum((m - mu) ** 2 for m in means) / (len(means) - 1))
+
+
 def compare(s: StandardSuite, a: str, b: str, metric: str, kind: str) -> Optional[dict]:
     """Paired comparison of two arms on one metric: units are matched on (pretraining seed,
-    FT seed); an arm without pretraining seeds (random init) matches every pretraining seed."""
+    FT seed); an arm without pretraining seeds (random init) matches every pretraining seed.
+
+    When the matched units come from a single pretraining run, their spread says nothing about
+    how another pretraining run would differ: the interval is then widened by MAE's
+    pretraining-seed sd on that protocol (:func:`pretrain_seed_sd`), once per pretrained arm
+    (``sqrt(k)``, k = 1 against random init, 2 between two pretrained arms)."""
     ua, ub = unit_results(s, a, metric), unit_results(s, b, metric)
-    pairs = []
+    pairs, seeds = [], set()
     for (ps, f), ra in sorted(ua.items(), key=lambda kv: str(kv[0])):
         rb = ub.get((ps, f)) or ub.get((None, f))
         if rb is not None:
             pairs.append((ra, rb))
+            seeds.add(ps)
     if not pairs:
         return None
     d = paired_diff(
         [unpack_correct(x["correct"]) for x, _ in pairs],
         [unpack_correct(y["correct"]) for _, y in pairs],
     )
-    return {
-        "a": a,
-        "b": b,
-        "metric": metric,
-        "kind": kind,
-        "diff": d.to_dict(),
-        "verdict": verdict(d, kind, s.profile.approx_margin),
-    }
+    out: dict = {"a": a, "b": b, "metric": metric, "kind": kind}
+    pretrained = sum(1 for arm in (a, b) if arm != "random")
+    sd = pretrain_seed_sd(s, metric) if pretrained and len(seeds - {None}) < 2 else None
+    if sd is not None:
+        half = math.hypot(d.hi - d.mean, 1.96 * sd * math.sqrt(pretrained))
+        d = Diff(**{**d.to_dict(), "lo": d.mean - half, "hi": d.mean + half})
+        out["pretrain_seed_sd"] = sd
+    out.update(diff=d.to_dict(), verdict=verdict(d, kind, s.profile.approx_margin))
+    return out
 
 
 def judge(s: StandardSuite, claim: str, tests_by_claim: Optional[dict] = None) -> Optional[dict]:
@@ -872,17 +893,25 @@ def write_report(s: StandardSuite) -> Path:
         for r in j["comparisons"]:
             d = Diff(**r["diff"])
             rel = {">": ">", "<": "<", "~": "≈"}[r["kind"]]
+            pre = (
+                f", one pretraining run: + MAE's pretraining sd {r['pretrain_seed_sd']:.2f}"
+                if "pretrain_seed_sd" in r
+                else ""
+            )
             parts.append(
                 f"{names.get(r['a'], r['a'])} {rel} {names.get(r['b'], r['b'])} on "
                 f"{r['metric']}: {d.a_mean:.2f} vs {d.b_mean:.2f}, {d.fmt()} "
-                f"({d.n_units} units, {r['verdict']})"
+                f"({d.n_units} unit{'s' * (d.n_units != 1)}{pre}, {r['verdict']})"
             )
         v = j["verdict"] or "incomplete"
         L.append(f"| ({c}) {text} | {paper} | {'; '.join(parts)} | **{v}** |")
     L += [
         "",
         f"≈ holds when the 95 % CI of the difference lies within ±{p.approx_margin:g} "
-        "points; > / < hold when the CI excludes 0.",
+        "points; > / < hold when the CI excludes 0. Intervals are paired over seeds and test "
+        "images; where an arm has a single pretraining run, the interval also carries the "
+        "spread of MAE's two core pretraining runs on that protocol (sd per pretrained arm, "
+        "added in quadrature), since FT seeds of one pretraining run cannot show it.",
     ]
     rows = []
     for c in CLAIM_TESTS_COMPUTE:
