@@ -204,3 +204,22 @@ def test_single_pretraining_run_widens_the_interval_by_maes_seed_spread(tmp_path
     assert d["mean"] == pytest.approx(10.0)  # 50 vs MAE seed 0's 40
     assert d["hi"] - d["mean"] >= 1.96 * sd * 2**0.5 - 1e-9
     assert b["verdict"] == "undecided"
+
+
+def test_claim_e_orders_the_contrastive_stage_cka(tmp_path):
+    from mimlab.experiments.standard import claim_e
+
+    res = tmp_path / "results"
+    s = StandardSuite(StandardProfile(**TOY), str(tmp_path), tmp_path / "runs", res)
+    assert claim_e(s) is None
+    (res / "contrastive").mkdir(parents=True)
+
+    def put(mae, moco, sup):
+        lb = {"MAE": {"0.75": mae}, "MoCo v3": {"0.75": moco}, "supervised": {"0.75": sup}}
+        (res / "contrastive/cka.json").write_text(json.dumps({"images": 512, "last_block": lb}))
+        return claim_e(s)["verdict"]
+
+    assert put(0.98, 0.90, 0.80) == "holds"
+    assert put(0.98, 0.99, 0.80) == "contradicted"
+    assert put(0.98, 0.90, 0.90) == "undecided"
+    assert "(e) last-block CKA" in write_report(s).read_text()
