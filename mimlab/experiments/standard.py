@@ -1035,8 +1035,9 @@ def write_report(s: StandardSuite) -> Path:
             "Each reading of Eq. 11's token-wise loss pretrained once (seed 0) with C-MAE's "
             "budget, fine-tuned with C-MAE's chosen recipe (FT seeds 0 and 1) and probed. "
             "Differences are against the default reading (negatives=position, queries=all), "
-            "paired over FT seeds and test images; the interval leaves out pretraining-seed "
-            "variance (one pretraining run per reading). Negatives over the same image or the "
+            "paired over FT seeds and test images; as every reading has one pretraining run, "
+            "the interval also carries MAE's pretraining-seed spread on that protocol (as in "
+            "the verdicts). Negatives over the same image or the "
             "whole batch let tokens that hold only their position embedding beat chance "
             "(`tests/test_table5.py`): they are not faithful to Eq. 11.",
             "",
