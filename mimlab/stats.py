@@ -93,7 +93,7 @@ def unpack_correct(s: str) -> np.ndarray:
 
 @dataclass
 class Diff:
-    """A - B in top-1 points with its 95 % interval."""
+    """A - B in top-1 points (or another per-image score's unit) with its 95 % interval."""
 
     mean: float
     lo: float
@@ -115,12 +115,17 @@ class Diff:
 
 
 def paired_diff(
-    a: Sequence[np.ndarray], b: Sequence[np.ndarray], seed_sd: Optional[float] = None
+    a: Sequence[np.ndarray],
+    b: Sequence[np.ndarray],
+    seed_sd: Optional[float] = None,
+    scale: float = 100.0,
 ) -> Diff:
     """Paired difference of top-1 (points) between arms ``a`` and ``b``.
 
     ``a[i]``, ``b[i]``: bool correctness [N] of unit ``i`` of each arm on the same images.
     ``seed_sd``: yardstick for the per-unit spread of the difference when there is one unit.
+    ``scale``: 100 turns correctness into points; 1 keeps real-valued per-image scores (e.g.
+    PSNR in dB) in their own unit.
     """
     if len(a) != len(b) or not a:
         raise ValueError(
@@ -131,8 +136,8 @@ def paired_diff(
     if A.shape != B.shape:
         raise ValueError(f"arms were scored on different test sets: {A.shape} vs {B.shape}")
     n, N = A.shape
-    d = 100.0 * (A.mean(1) - B.mean(1))  # [n] per-unit diffs
-    e = 100.0 * (A - B).mean(0)  # [N] per-image diffs
+    d = scale * (A.mean(1) - B.mean(1))  # [n] per-unit diffs
+    e = scale * (A - B).mean(0)  # [N] per-image diffs
     image_se = float(e.std(ddof=1) / math.sqrt(N)) if N > 1 else 0.0
     sd = float(d.std(ddof=1)) if n > 1 else None
     if sd is not None:
@@ -151,10 +156,10 @@ def paired_diff(
         N,
         sd,
         image_se,
-        float(100 * A.mean()),
-        float(100 * B.mean()),
-        [float(x) for x in 100 * A.mean(1)],
-        [float(x) for x in 100 * B.mean(1)],
+        float(scale * A.mean()),
+        float(scale * B.mean()),
+        [float(x) for x in scale * A.mean(1)],
+        [float(x) for x in scale * B.mean(1)],
     )
 
 

@@ -228,6 +228,23 @@ def test_visualize_and_psnr(ckpts, data_dir, tmp_path, capsys):
     assert res["psnr_all_predicted"] == res["psnr_all_predicted_true_stats"]
     assert res["psnr_visible_stats"] != res["psnr_true_stats"]
     assert res["psnr_visible_stats"] >= res["psnr_all_predicted_visible_stats"]
+    assert "per_image" not in res
+
+
+def test_psnr_per_image_pairs_across_checkpoints(ckpts, data_dir, tmp_path):
+    """``per_image=True`` keeps each image's PSNR, in the same order (same seeded images and
+    masks) for every checkpoint, and their mean is the reported mean."""
+    from mimlab.analysis.recon import analyze_psnr
+
+    kw = dict(data=str(data_dir), images=12, batch=5, workers=0, progress=False, per_image=True)
+    a = analyze_psnr(ckpts["mae"], out=str(tmp_path / "a.json"), **kw)
+    b = analyze_psnr(ckpts["rmae"], out=str(tmp_path / "b.json"), **kw)
+    for k in ("psnr_true_stats", "psnr_visible_stats"):
+        v = a["per_image"][k]
+        assert len(v) == 12 == len(b["per_image"][k])
+        assert sum(v) / len(v) == pytest.approx(a[k], abs=1e-3)
+        assert v != b["per_image"][k]  # two models, not one list twice
+    assert json.loads((tmp_path / "a.json").read_text())["per_image"] == a["per_image"]
 
 
 def test_visualize_stats_option(ckpts, data_dir, tmp_path, capsys):

@@ -36,6 +36,7 @@ TOY = dict(
     lp_epochs=2,
     cka_images=12,
     cka_ratios=(0.5,),
+    psnr_images=6,
     workers=0,
 )
 
@@ -57,6 +58,11 @@ def test_core_stage_end_to_end(tiny_folder, tmp_path):
         assert (res / f"core/curve/knn-e{e}.json").is_file()
     assert (res / "core/curve.png").is_file()
     assert (res / "core/cka.json").is_file()
+    # the R-MAE stage's PSNR step also scores MAE's core runs, per image, on the same images
+    s.psnr("rmae")
+    ps = [json.loads((res / f"rmae/psnr/mae-s{i}.json").read_text()) for i in (0, 1)]
+    assert [len(p["per_image"]["psnr_visible_stats"]) for p in ps] == [6, 6]
+    assert ps[0]["per_image"] != ps[1]["per_image"]
     summary = json.loads((res / "summary.json").read_text())
     # finished sub-runs are skipped: a second run of the stage trains nothing new, even on a
     # "fresh machine" whose run directories (checkpoints) are gone
@@ -204,6 +210,41 @@ def test_single_pretraining_run_widens_the_interval_by_maes_seed_spread(tmp_path
     assert d["mean"] == pytest.approx(10.0)  # 50 vs MAE seed 0's 40
     assert d["hi"] - d["mean"] >= 1.96 * sd * 2**0.5 - 1e-9
     assert b["verdict"] == "undecided"
+
+
+def test_psnr_comparison_pairs_images_and_widens_by_maes_runs(tmp_path):
+    """Claim (b)'s PSNR part: per-image dB paired on the same images (a non-finite image is
+    dropped from both arms), widened by the spread of MAE's two core runs' PSNR."""
+    from mimlab.experiments.standard import PSNR_METRICS, compare, judge
+
+    res, N = tmp_path / "results", 200
+
+    def put(name, base, inf_at=None):
+        v = [base + (i % 5) * 0.5 for i in range(N)]
+        if inf_at is not None:
+            v[inf_at] = None
+        per = {k: v for k, _ in PSNR_METRICS.values()}
+        f = res / f"rmae/psnr/{name}.json"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps({"per_image": per}))
+
+    put("mae-s0", 20.0)
+    put("mae-s1", 20.4)  # MAE's runs differ by 0.4 dB: sd 0.283
+    put("rmae-s0", 21.5, inf_at=3)
+    s = StandardSuite(StandardProfile(**TOY), str(tmp_path), tmp_path / "runs", res)
+    c = compare(s, "rmae", "mae", "psnr_visible", ">")
+    d = c["diff"]
+    assert d["n_units"] == 1 and d["n_images"] == N - 1  # paired with MAE seed 0, one dropped
+    assert d["mean"] == pytest.approx(1.5) and d["image_se"] == pytest.approx(0.0)
+    assert c["pretrain_seed_sd"] == pytest.approx(0.4 / 2**0.5)
+    assert d["lo"] == pytest.approx(1.5 - 1.96 * 0.4 / 2**0.5 * 2**0.5)
+    assert c["verdict"] == "holds"
+    put("rmae-s0", 20.2)  # within MAE's own run-to-run spread: undecided
+    assert compare(s, "rmae", "mae", "psnr_true", ">")["verdict"] == "undecided"
+    # claim (b) waits for its FT comparisons; the PSNR ones are already there
+    j = judge(s, "b")
+    assert j["verdict"] is None and {r["metric"] for r in j["comparisons"]} == set(PSNR_METRICS)
+    assert "## Reconstruction PSNR" in write_report(s).read_text()
 
 
 def test_claim_e_orders_the_contrastive_stage_cka(tmp_path):

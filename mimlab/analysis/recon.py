@@ -35,6 +35,7 @@ both ways give the same reconstruction.
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from pathlib import Path
@@ -410,6 +411,7 @@ def analyze_psnr(
     workers: int = 2,
     trust: bool = False,
     progress: bool = True,
+    per_image: bool = False,
 ) -> dict:
     """``mimlab analyze psnr``: mean per-image PSNR (dB, pixels in [0, 1]) of the
     reconstructions of ``images`` held-out images (seeded subset, seeded masks), visible patches
@@ -418,7 +420,10 @@ def analyze_psnr(
     docstring. Keys: ``psnr_true_stats``, ``psnr_visible_stats``,
     ``psnr_all_predicted_true_stats``, ``psnr_all_predicted_visible_stats``; ``psnr`` and
     ``psnr_all_predicted`` are the true-stats values (the older names, unchanged meaning), and
-    ``psnr_note`` says so. Writes JSON to ``out`` (default ``<checkpoint dir>/<stem>-psnr.json``).
+    ``psnr_note`` says so. ``per_image``: also ``per_image`` = {key: [dB per image, in the
+    seeded subset's order, None where infinite]} for the two pasted-back keys, so that two
+    checkpoints scored with the same seed (same images, same masks) can be paired image by
+    image. Writes JSON to ``out`` (default ``<checkpoint dir>/<stem>-psnr.json``).
     """
     t0 = time.time()
     method, cfg, data, ratio, split, ds, mean, std = _setup(
@@ -457,6 +462,11 @@ def analyze_psnr(
         "data_std": std,
         "seconds": round(time.time() - t0, 1),
     }
+    if per_image:
+        res["per_image"] = {
+            k: [round(x, 3) if math.isfinite(x) else None for x in torch.cat(vals[k]).tolist()]
+            for k in ("psnr_true_stats", "psnr_visible_stats")
+        }
     path = Path(out) if out else default_psnr_path(str(checkpoint))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=2))

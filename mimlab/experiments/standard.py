@@ -50,8 +50,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
+
 from .. import tasks
 from ..analysis.cka import analyze_cka
+from ..analysis.recon import analyze_psnr
 from ..config import FinetuneConfig, PretrainConfig, ProbeConfig, resolve
 from ..paper_settings import paper_optim
 from ..plots import pyplot
@@ -138,6 +141,7 @@ class Stage:
     pretrain_seeds: int = 1
     curve: bool = False
     cka: bool = False
+    psnr: bool = False  # reconstruction PSNR of MAE's core runs and of this stage's arms
     about: str = ""
 
 
@@ -152,7 +156,11 @@ STAGES = {
         about="MAE vs random init, learning curves, CKA",
     ),
     "rmae": Stage(
-        "rmae", ("rmae", "rmae_indep", "rmae_identity"), ("b",), about="the R-MAE family"
+        "rmae",
+        ("rmae", "rmae_indep", "rmae_identity"),
+        ("b",),
+        psnr=True,
+        about="the R-MAE family, reconstruction PSNR",
     ),
     "contrastive": Stage(
         "contrastive", ("cmae", "mocov3"), ("c", "e"), cka=True, about="C-MAE and MoCo v3"
@@ -208,12 +216,21 @@ METRICS = {
     "lp_avg": "linear probe (patch-token average)",
     "knn": "k-NN",
 }
+#: reconstruction PSNR readings (metric -> (per-image key of ``analyze psnr``, label)): visible
+#: patches pasted back; the masked patches de-normalised with the statistics of the visible
+#: patches (no leak) or with their own true statistics (what a norm-pix figure usually shows)
+PSNR_METRICS = {
+    "psnr_visible": ("psnr_visible_stats", "PSNR dB (masked patches: visible-patch stats)"),
+    "psnr_true": ("psnr_true_stats", "PSNR dB (masked patches: their true stats)"),
+}
 CLAIM_TESTS = {
     "a": [("mae", "random", "ft", ">")],
     "b": [
         ("rmae", "mae", "ft", "~"),
         ("rmae_indep", "rmae", "ft", "~"),
         ("rmae_identity", "rmae", "ft", "~"),
+        ("rmae", "mae", "psnr_visible", ">"),
+        ("rmae", "mae", "psnr_true", ">"),
     ],
     "c": [("cmae", "mae", "ft", "~"), ("cmae", "mae", "lp_cls", "<")],
     "d": [(f"mae_n{n}", "random", "ft", ">") for n in (1, 10, 100, 1000)]
@@ -269,6 +286,7 @@ class StandardProfile:
     lp_epochs: int = 30
     cka_images: int = 512
     cka_ratios: tuple = (0.25, 0.5, 0.75, 0.9)
+    psnr_images: int = 2000  # seeded test images (and masks), the same for every model
     approx_margin: float = 1.0  # "≈" claims hold when the 95 % CI lies within ±margin
     workers: int = 1
 
@@ -562,6 +580,8 @@ class StandardSuite:
             self.curve(stage_name)
         if st.cka:
             self.cka(stage_name)
+        if st.psnr:
+            self.psnr(stage_name)
         self.timings[stage_name] = round(time.time() - t0, 1)
         return write_report(self)
 
@@ -590,6 +610,34 @@ class StandardSuite:
                 hp["layer_decay"],
                 hp["base_lr"],
                 False,
+            )
+
+    def psnr(self, stage: str) -> None:
+        """Reconstruction PSNR, per image, of MAE's core pretraining runs and of this stage's
+        arms: the same seeded test images and masks for every model, so that they pair."""
+        p = self.profile
+        names = [f"core/pretrain/mae-s{i}" for i in range(STAGES["core"].pretrain_seeds)]
+        names += [
+            f"{stage}/pretrain/{a}-s{i}"
+            for a in STAGES[stage].arms
+            for i in range(STAGES[stage].pretrain_seeds)
+        ]
+        for name in names:
+            if not self.done(name):
+                continue
+            tag = name.rsplit("/", 1)[1]
+            self.step(
+                f"{stage}/psnr/{tag}",
+                lambda name=name, tag=tag: analyze_psnr(
+                    self.ckpt(name)(),
+                    self.data,
+                    images=p.psnr_images,
+                    seed=0,
+                    out=str(self.runs / stage / "psnr" / f"{tag}.json"),
+                    workers=p.workers,
+                    progress=self.progress,
+                    per_image=True,
+                ),
             )
 
     def cka(self, stage: str) -> None:
@@ -679,6 +727,60 @@ def unit_results(s: StandardSuite, arm: str, metric: str) -> dict:
     return out
 
 
+def psnr_units(s: StandardSuite, arm: str, metric: str) -> dict:
+    """{pretraining seed: per-image PSNR [N] (NaN where infinite)} of one arm, from the stage
+    that measures PSNR."""
+    key = PSNR_METRICS[metric][0]
+    st = arm_stage(arm)
+    if st is None or arm == "random":
+        return {}
+    out = {}
+    for name in (n for n, x in STAGES.items() if x.psnr):
+        for ps in range(STAGES[st].pretrain_seeds):
+            r = s.done(f"{name}/psnr/{arm}-s{ps}")
+            if r and key in r.get("per_image", {}):
+                out[ps] = np.array(
+                    [np.nan if v is None else v for v in r["per_image"][key]], dtype=np.float64
+                )
+    return out
+
+
+def _seed_sd(means: list) -> Optional[float]:
+    if len(means) < 2:
+        return None
+    mu = sum(means) / len(means)
+    return math.sqrt(sum((m - mu) ** 2 for m in means) / (len(means) - 1))
+
+
+def _widen(d: Diff, sd: float, pretrained: int) -> Diff:
+    """``d`` with its interval widened by a pretraining-seed sd per pretrained arm."""
+    half = math.hypot(d.hi - d.mean, 1.96 * sd * math.sqrt(pretrained))
+    return Diff(**{**d.to_dict(), "lo": d.mean - half, "hi": d.mean + half})
+
+
+def compare_psnr(s: StandardSuite, a: str, b: str, metric: str, kind: str) -> Optional[dict]:
+    """Paired per-image PSNR difference (dB) of two arms, matched on pretraining seed; with
+    one matched pretraining run the interval is widened by the sd of MAE's core runs' PSNR."""
+    ua, ub = psnr_units(s, a, metric), psnr_units(s, b, metric)
+    common = sorted(set(ua) & set(ub))
+    if not common:
+        return None
+    A, B = [ua[k] for k in common], [ub[k] for k in common]
+    if len({x.shape for x in A + B}) != 1:
+        raise StandardError(f"PSNR of {a} and {b} was measured on different image sets")
+    ok = np.all(np.isfinite(np.stack(A + B)), axis=0)
+    d = paired_diff([x[ok] for x in A], [y[ok] for y in B], scale=1.0)
+    out: dict = {"a": a, "b": b, "metric": metric, "kind": kind}
+    if len(common) < 2:
+        mae = psnr_units(s, "mae", metric)
+        sd = _seed_sd([float(np.nanmean(v)) for v in mae.values()])
+        if sd is not None:
+            d = _widen(d, sd, 2)
+            out["pretrain_seed_sd"] = sd
+    out.update(diff=d.to_dict(), verdict=verdict(d, kind, s.profile.approx_margin))
+    return out
+
+
 def pretrain_seed_sd(s: StandardSuite, metric: str) -> Optional[float]:
     """Spread (sd, points) of one protocol's top-1 across MAE's pretraining seeds of the core
     stage: the mean over FT seeds per pretraining run, then the sd of those means (None with
@@ -686,11 +788,7 @@ def pretrain_seed_sd(s: StandardSuite, metric: str) -> Optional[float]:
     by_seed: dict = {}
     for (ps, _), r in unit_results(s, "mae", metric).items():
         by_seed.setdefault(ps, []).append(r["top1"])
-    means = [sum(v) / len(v) for v in by_seed.values()]
-    if len(means) < 2:
-        return None
-    mu = sum(means) / len(means)
-    return math.sqrt(sum((m - mu) ** 2 for m in means) / (len(means) - 1))
+    return _seed_sd([sum(v) / len(v) for v in by_seed.values()])
 
 
 def compare(s: StandardSuite, a: str, b: str, metric: str, kind: str) -> Optional[dict]:
@@ -700,7 +798,10 @@ def compare(s: StandardSuite, a: str, b: str, metric: str, kind: str) -> Optiona
     When the matched units come from a single pretraining run, their spread says nothing about
     how another pretraining run would differ: the interval is then widened by MAE's
     pretraining-seed sd on that protocol (:func:`pretrain_seed_sd`), once per pretrained arm
-    (``sqrt(k)``, k = 1 against random init, 2 between two pretrained arms)."""
+    (``sqrt(k)``, k = 1 against random init, 2 between two pretrained arms). PSNR metrics
+    (:data:`PSNR_METRICS`) go to :func:`compare_psnr`."""
+    if metric in PSNR_METRICS:
+        return compare_psnr(s, a, b, metric, kind)
     ua, ub = unit_results(s, a, metric), unit_results(s, b, metric)
     pairs, seeds = [], set()
     for (ps, f), ra in sorted(ua.items(), key=lambda kv: str(kv[0])):
@@ -718,8 +819,7 @@ def compare(s: StandardSuite, a: str, b: str, metric: str, kind: str) -> Optiona
     pretrained = sum(1 for arm in (a, b) if arm != "random")
     sd = pretrain_seed_sd(s, metric) if pretrained and len(seeds - {None}) < 2 else None
     if sd is not None:
-        half = math.hypot(d.hi - d.mean, 1.96 * sd * math.sqrt(pretrained))
-        d = Diff(**{**d.to_dict(), "lo": d.mean - half, "hi": d.mean + half})
+        d = _widen(d, sd, pretrained)
         out["pretrain_seed_sd"] = sd
     out.update(diff=d.to_dict(), verdict=verdict(d, kind, s.profile.approx_margin))
     return out
@@ -1025,6 +1125,33 @@ def write_report(s: StandardSuite) -> Path:
         if hp_rows:
             L += ["", "Fine-tuning hyper-parameters chosen on the held-out 20 % of the pool:", ""]
             L += hp_rows
+    psnr_rows = []
+    for arm in ARMS:
+        cells = []
+        for m in PSNR_METRICS:
+            u = psnr_units(s, arm, m)
+            vals = [float(np.nanmean(v)) for v in u.values()]
+            cells.append(", ".join(f"{v:.2f}" for v in vals) if vals else "–")
+        if any(c != "–" for c in cells):
+            n = max(len(v) for v in psnr_units(s, arm, "psnr_visible").values() or [[]])
+            psnr_rows.append(f"| {names.get(arm, arm)} | {n:,} | " + " | ".join(cells) + " |")
+    if psnr_rows:
+        L += [
+            "",
+            "## Reconstruction PSNR",
+            "",
+            "Mean per-image PSNR (dB, pixels in [0, 1]) on the same seeded test images and "
+            "masks (ratio 0.75) for every model, visible patches pasted back; one value per "
+            "pretraining run. Every model here predicts per-patch normalised pixels, so the "
+            "masked patches need a mean and std: estimated from the image's visible patches "
+            "(no leak), or their own true values (a leak of the hidden pixels, the usual "
+            "norm-pix figure). The paper does not say which its Table 1 uses; claim (b) asks "
+            "for both. Differences are paired over images, with MAE's two core runs' spread "
+            "added for runs without a second seed (`mimlab analyze psnr`).",
+            "",
+            "| model | images | " + " | ".join(lab for _, lab in PSNR_METRICS.values()) + " |",
+            "|---|---|" + "---|" * len(PSNR_METRICS),
+        ] + psnr_rows
     variants = _variant_rows(s)
     if variants:
         summary["cmae_variants"] = variants["summary"]
