@@ -264,3 +264,79 @@ def test_claim_e_orders_the_contrastive_stage_cka(tmp_path):
     assert put(0.98, 0.99, 0.80) == "contradicted"
     assert put(0.98, 0.90, 0.90) == "undecided"
     assert "(e) last-block CKA" in write_report(s).read_text()
+
+
+@pytest.mark.parametrize(
+    "peak, want, tried",
+    [
+        (4e-3, 4e-3, {5e-4, 1e-3, 2e-3, 4e-3, 8e-3}),  # beyond the grid: extended, then inside
+        (1.0, 1.6e-2, {5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2}),  # far beyond: at most 3 more
+        (1e-4, 1.25e-4, {6.25e-5, 1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3}),  # below: halved
+        (1e-3, 1e-3, {5e-4, 1e-3, 2e-3}),  # inside the grid: nothing more
+    ],
+)
+def test_sweep_extends_the_lr_until_the_best_is_inside_the_grid(tmp_path, peak, want, tried):
+    import math
+
+    prof = StandardProfile(
+        **{**TOY, "sweep_layer_decay": (0.75, 1.0), "sweep_lr_factors": (0.5, 2.0)}
+    )
+    s = StandardSuite(prof, str(tmp_path), tmp_path / "runs", tmp_path / "res")
+    seen = []
+
+    def fake_ft(name, sub, ckpt, seed, ld, lr, holdout):
+        assert holdout and seed == 0
+        seen.append((ld, lr))
+        return {"top1": 50 - abs(math.log(lr / peak)) + (ld == 1.0)}
+
+    s.finetune = fake_ft
+    hp = s.sweep("core", "mae", None)
+    assert hp["layer_decay"] == 1.0 and hp["base_lr"] == pytest.approx(want)
+    assert {round(lr, 9) for ld, lr in seen if ld == 1.0} == {round(x, 9) for x in tried}
+    assert len(seen) == len(set(seen)) and hp["lr_extend"] == prof.sweep_lr_extend
+
+
+def test_a_result_fine_tuned_with_another_recipe_is_rerun(tmp_path, monkeypatch):
+    """After a sweep changes its choice, FT results made with the old recipe are redone (the
+    old file would otherwise be skipped as done); results with the current recipe are kept."""
+    import mimlab.experiments.standard as st
+
+    calls = []
+    monkeypatch.setattr(st.tasks, "resolve_run_config", lambda cls, overrides: overrides)
+
+    def fake_finetune(ov):
+        calls.append(ov)
+        lr = float(next(o for o in ov if o.startswith("optim.base_lr=")).split("=")[1])
+        return {"top1": 40.0, "layer_decay": 1.0, "base_lr": lr}
+
+    monkeypatch.setattr(st.tasks, "finetune", fake_finetune)
+    s = StandardSuite(StandardProfile(**TOY), str(tmp_path), tmp_path / "runs", tmp_path / "res")
+    s.finetune("core/ft/random-ft0", "core/ft", None, 0, 1.0, 2e-3, False)
+    s.finetune("core/ft/random-ft0", "core/ft", None, 0, 1.0, 2e-3, False)
+    assert len(calls) == 1  # done: skipped
+    r = s.finetune("core/ft/random-ft0", "core/ft", None, 0, 1.0, 4e-3, False)
+    assert len(calls) == 2 and r["base_lr"] == 4e-3
+    assert s.done("core/ft/random-ft0")["base_lr"] == 4e-3
+
+
+def test_a_sweep_of_an_older_protocol_is_replayed_and_its_followers_wait(tmp_path):
+    """A sweep file without the current lr extension is redone (its points come from their
+    cached files); an arm reusing another's recipe refuses a recipe of the older protocol."""
+    res = tmp_path / "res"
+    s = StandardSuite(StandardProfile(**TOY), str(tmp_path), tmp_path / "runs", res)
+    (res / "core/sweep").mkdir(parents=True)
+    old = {"layer_decay": 1.0, "base_lr": 2e-3, "holdout_top1": 30.0, "grid": []}
+    (res / "core/sweep/mae.json").write_text(json.dumps(old))
+    with pytest.raises(StandardError, match="run the stage 'core' first"):
+        s.evaluate("core", "mae32-s0", lambda: "ckpt")
+    seen = []
+
+    def fake_ft(name, sub, ckpt, seed, ld, lr, holdout):
+        seen.append(name)
+        return {"top1": 30.0 + 1000 * lr + (ld == 1.0)}  # the larger the lr, the better
+
+    s.finetune, s.probe = fake_ft, lambda *a, **k: None
+    out = s.evaluate("core", "mae-s0", lambda: "ckpt")
+    assert out["hp"]["lr_extend"] == 3 and out["hp"]["base_lr"] == pytest.approx(1.6e-2)
+    assert s.done("core/sweep/mae")["base_lr"] == pytest.approx(1.6e-2)
+    assert "core/sweep/mae/ld1.0-lr0.016" in seen and "core/ft/mae-s0-ft1" in seen

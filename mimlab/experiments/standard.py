@@ -281,6 +281,8 @@ class StandardProfile:
     holdout: float = 0.2
     sweep_layer_decay: tuple = (0.65, 0.75, 0.85, 1.0)
     sweep_lr_factors: tuple = (0.5, 2.0)
+    # while the best lr is the largest (smallest) one tried, try it x2 (/2), at most this often
+    sweep_lr_extend: int = 3
     drop_path: float = 0.1
     label_smoothing: float = 0.1
     lp_epochs: int = 30
@@ -302,7 +304,9 @@ class StandardProfile:
             f"fine-tuning: {self.ft_epochs} epochs on the pool, drop path {self.drop_path:g}, "
             f"label smoothing {self.label_smoothing:g}, no mixup; layer decay from "
             f"{list(self.sweep_layer_decay)} at lr {self.ft_base_lr:g}, then lr x "
-            f"{list(self.sweep_lr_factors)}, chosen per init on a held-out "
+            f"{list(self.sweep_lr_factors)}, extended x2 (or /2) while the best lr is the "
+            f"largest (smallest) tried, at most {self.sweep_lr_extend} times; chosen per init "
+            f"on a held-out "
             f"{self.holdout:.0%} of the pool; then seeds {list(self.ft_seeds)} on the whole pool",
             "linear probe: frozen features (class token after the final norm, and the patch-"
             f"token average), {self.lp_epochs} epochs, lr chosen on 10 % held-out training "
@@ -325,6 +329,13 @@ def small_data_overrides(arm: Arm, p: "StandardProfile", epochs: int) -> list:
         "optim.epochs=1",
         f"optim.warmup_epochs={p.warmup_epochs / epochs:g}",
     ]
+
+
+def same_recipe(result: dict, ld: float, lr: float) -> bool:
+    """Whether a fine-tuning result was made with layer decay ``ld`` and lr ``lr``."""
+    return math.isclose(float(result.get("layer_decay", -1)), ld) and math.isclose(
+        float(result.get("base_lr", -1)), lr
+    )
 
 
 # ------------------------------------------------------------------ the suite
@@ -464,7 +475,15 @@ class StandardSuite:
             ov += [f"finetune.pretrained={path}"] if path else [f"model.preset={p.preset}"]
             return tasks.finetune(tasks.resolve_run_config(FinetuneConfig, overrides=ov))
 
-        return self.step(name, fn)
+        old = self.done(name)
+        stale = old is not None and not same_recipe(old, ld, lr)
+        if stale:
+            print(
+                f"[standard] {name}: was fine-tuned with layer decay {old.get('layer_decay')}, "
+                f"lr {old.get('base_lr')}; the recipe is now {ld:g} / {lr:g}: rerunning",
+                flush=True,
+            )
+        return self.step(name, fn, force=stale)
 
     def sweep(self, stage: str, tag: str, ckpt: Optional[Callable]) -> Optional[dict]:
         """Layer decay, then lr, chosen on the held-out part of the pool (seed 0)."""
@@ -480,16 +499,31 @@ class StandardSuite:
         if not scores:
             raise StandardError(f"every sweep run of {tag} failed (see its FAILED.txt files)")
         best_ld = max(scores, key=scores.get)[0]
-        for f in p.sweep_lr_factors:
-            lr = p.ft_base_lr * f
+
+        def point(lr: float) -> None:
             r = self.finetune(f"{sub}/ld{best_ld}-lr{lr:g}", sub, ckpt, 0, best_ld, lr, True)
             if r:
                 scores[(best_ld, lr)] = r["top1"]
+
+        for f in p.sweep_lr_factors:
+            point(p.ft_base_lr * f)
+        for _ in range(p.sweep_lr_extend):  # the best lr must not sit at the grid's edge
+            lrs = [lr for ld, lr in scores if ld == best_ld]
+            ld, lr = max(scores, key=scores.get)
+            if len(lrs) < 2 or ld != best_ld or min(lrs) < lr < max(lrs):
+                break
+            if scores[(ld, lr)] <= max(v for k, v in scores.items() if k[0] == ld and k[1] != lr):
+                break  # a tie at the edge says nothing about beyond it
+            nxt = lr * 2 if lr == max(lrs) else lr / 2
+            if (best_ld, nxt) in scores:
+                break
+            point(nxt)
         (ld, lr) = max(scores, key=scores.get)
         return {
             "layer_decay": ld,
             "base_lr": lr,
             "holdout_top1": scores[(ld, lr)],
+            "lr_extend": p.sweep_lr_extend,
             "grid": [
                 {"layer_decay": k[0], "base_lr": k[1], "holdout_top1": v} for k, v in scores.items()
             ],
@@ -520,13 +554,19 @@ class StandardSuite:
         arm = ARMS.get(hp_tag)
         if arm is not None and arm.hp_from:
             hp = self.done(f"{arm_stage(arm.hp_from)}/sweep/{arm.hp_from}")
-            if not hp:
+            if not hp or hp.get("lr_extend") != p.sweep_lr_extend:
                 raise StandardError(
                     f"{hp_tag} reuses the fine-tuning recipe of {arm.hp_from}: "
                     f"run the stage '{arm_stage(arm.hp_from)}' first"
                 )
         else:
-            hp = self.step(f"{stage}/sweep/{hp_tag}", lambda: self.sweep(stage, hp_tag, ckpt))
+            old = self.done(f"{stage}/sweep/{hp_tag}")
+            hp = self.step(
+                f"{stage}/sweep/{hp_tag}",
+                lambda: self.sweep(stage, hp_tag, ckpt),
+                # a sweep of an older protocol is replayed: its points are cached
+                force=old is not None and old.get("lr_extend") != p.sweep_lr_extend,
+            )
         if not hp:
             return out
         out["hp"] = hp
@@ -652,7 +692,11 @@ class StandardSuite:
                 models.append((name, r))
         d = self.runs / stage / "cka"
         old = self.done(f"{stage}/cka")
-        if old and old.get("labels") == labels:
+        # which runs it compared: a fine-tuned model rerun with a new recipe is another model
+        inputs = {
+            name: [r.get("layer_decay"), r.get("base_lr"), r.get("top1")] for name, r in models
+        }
+        if old and old.get("labels") == labels and old.get("inputs") == inputs:
             return
 
         def paths() -> list:
@@ -684,7 +728,12 @@ class StandardSuite:
             if plot.is_file():  # the committed copy the report links to
                 (self.results / stage).mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(plot, self.results / stage / "cka_last_block.png")
-            return {**res, "labels": labels, "last_block": cka_last_block(d / "cka.csv")}
+            return {
+                **res,
+                "labels": labels,
+                "inputs": inputs,
+                "last_block": cka_last_block(d / "cka.csv"),
+            }
 
         self.step(f"{stage}/cka", run, force=True)
 
