@@ -542,6 +542,11 @@ class ProbeOptions:
         "learning rates swept in one pass on cached features",
         default_factory=lambda: [0.3, 0.1, 0.03, 0.01, 0.003],
     )
+    lr_extend: int = doc(
+        "while the best lr is the largest (smallest) tried and strictly better than the rest, "
+        "also try it x3 (/3), at most this often (0: only probe.lrs)",
+        default=3,
+    )
     epochs: int = doc("epochs over the cached features", default=50)
     batch_size: int = doc("batch size over cached features", default=256)
     weight_decay: float = doc("weight decay of the linear heads", default=0.0)
@@ -924,6 +929,8 @@ def validate(cfg: Any, method_explicit: Optional[dict] = None) -> None:
             raise ConfigError(f"probe.k must be >= 1, got {pr.k}")
         if not pr.lrs:
             raise ConfigError("probe.lrs must list at least one learning rate")
+        if pr.lr_extend < 0:
+            raise ConfigError(f"probe.lr_extend must be >= 0, got {pr.lr_extend}")
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:

@@ -340,3 +340,27 @@ def test_a_sweep_of_an_older_protocol_is_replayed_and_its_followers_wait(tmp_pat
     assert out["hp"]["lr_extend"] == 3 and out["hp"]["base_lr"] == pytest.approx(1.6e-2)
     assert s.done("core/sweep/mae")["base_lr"] == pytest.approx(1.6e-2)
     assert "core/sweep/mae/ld1.0-lr0.016" in seen and "core/ft/mae-s0-ft1" in seen
+
+
+def test_a_probe_chosen_without_the_lr_extension_is_rerun(tmp_path, monkeypatch):
+    import mimlab.experiments.standard as st
+
+    calls = []
+    monkeypatch.setattr(st.tasks, "resolve_run_config", lambda cls, overrides: overrides)
+
+    def fake_linprobe(ov):
+        calls.append(ov)
+        return {"top1": 40.0, "lr_extend": int(ov[-2].split("=")[1])}
+
+    monkeypatch.setattr(st.tasks, "linprobe", fake_linprobe)
+    monkeypatch.setattr(st.tasks, "knn", lambda ov: calls.append(ov) or {"top1": 30.0})
+    s = StandardSuite(StandardProfile(**TOY), str(tmp_path), tmp_path / "runs", tmp_path / "res")
+    (tmp_path / "res/core/linprobe").mkdir(parents=True)
+    (tmp_path / "res/core/linprobe/random-avg.json").write_text(json.dumps({"top1": 39.0}))
+    r = s.probe("core/linprobe/random-avg", "core/linprobe", "linprobe", None, "avg")
+    assert len(calls) == 1 and "probe.lr_extend=3" in calls[0] and r["lr_extend"] == 3
+    s.probe("core/linprobe/random-avg", "core/linprobe", "linprobe", None, "avg")
+    assert len(calls) == 1  # now current: skipped
+    (tmp_path / "res/core/knn").mkdir(parents=True)
+    (tmp_path / "res/core/knn/random.json").write_text(json.dumps({"top1": 29.0}))
+    assert s.probe("core/knn/random", "core/knn", "knn", None, "avg")["top1"] == 29.0  # k-NN: kept

@@ -20,7 +20,7 @@ from ..rundir import prepare_run, write_results
 from ..sources import SourceModel
 from ..stats import pack_correct
 from .knn import knn_classify
-from .linear import train_linear_heads
+from .linear import choose_lr, train_linear_heads
 
 log = logging.getLogger("mimlab")
 
@@ -133,8 +133,8 @@ def knn(cfg: ProbeConfig) -> dict:
 
 
 def linprobe(cfg: ProbeConfig) -> dict:
-    """Linear probe on frozen features (every lr of ``probe.lrs`` in one pass); returns
-    ``results.json`` as a dict."""
+    """Linear probe on frozen features (every lr of ``probe.lrs`` in one pass, extended past the
+    grid's edge per ``probe.lr_extend``); returns ``results.json`` as a dict."""
     run_dir, train, val, (ftr, ytr), (fte, yte) = frozen_features(cfg, "linprobe")
     nc = len(train.classes)
     # choose the lr on 10 % of the training features, then retrain on all and test once
@@ -143,23 +143,22 @@ def linprobe(cfg: ProbeConfig) -> dict:
     n_hold = max(1, len(ftr) // 10)
     hold, fit = perm[:n_hold], perm[n_hold:]
     p = cfg.probe
-    sel = train_linear_heads(
+    sel_acc = choose_lr(
         ftr[fit],
         ytr[fit],
         ftr[hold],
+        ytr[hold],
         nc,
         p.lrs,
         p.epochs,
         p.batch_size,
         p.weight_decay,
         cfg.run.seed,
+        p.lr_extend,
     )
-    sel_acc = {
-        lr: 100.0 * float((lg.argmax(-1) == ytr[hold]).float().mean()) for lr, lg in sel.items()
-    }
     best_lr = max(sel_acc, key=sel_acc.get)
     final = train_linear_heads(
-        ftr, ytr, fte, nc, p.lrs, p.epochs, p.batch_size, p.weight_decay, cfg.run.seed
+        ftr, ytr, fte, nc, list(sel_acc), p.epochs, p.batch_size, p.weight_decay, cfg.run.seed
     )
     test_acc = {
         lr: 100.0 * float((lg.argmax(-1) == yte).float().mean()) for lr, lg in final.items()
@@ -171,6 +170,7 @@ def linprobe(cfg: ProbeConfig) -> dict:
         "top1": test_acc[best_lr],
         "best_lr": best_lr,
         "holdout_top1_per_lr": {str(k): v for k, v in sel_acc.items()},
+        "lr_extend": p.lr_extend,
         "test_top1_per_lr": {str(k): v for k, v in test_acc.items()},
         "feature": p.feature,
         "train_images": len(train),

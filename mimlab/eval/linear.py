@@ -68,6 +68,48 @@ def train_linear_heads(
     return {lr: logits[i] for i, lr in enumerate(lrs)}
 
 
+def choose_lr(
+    ftr: torch.Tensor,
+    ytr: torch.Tensor,
+    fhold: torch.Tensor,
+    yhold: torch.Tensor,
+    num_classes: int,
+    lrs: list[float],
+    epochs: int,
+    batch_size: int,
+    weight_decay: float = 0.0,
+    seed: int = 0,
+    extend: int = 0,
+    factor: float = 3.0,
+) -> dict[float, float]:
+    """Held-out top-1 (%) per lr of heads trained on (``ftr`` [N, D], ``ytr`` [N]) and scored on
+    (``fhold`` [H, D], ``yhold`` [H]); the chosen lr is the argmax.
+
+    ``extend``: while the best lr is the largest (smallest) tried and strictly better than every
+    other, also train a head at ``lr * factor`` (``/ factor``), at most ``extend`` times, so that
+    the choice does not sit at the grid's edge.
+    """
+
+    def score(grid: list[float]) -> dict[float, float]:
+        heads = train_linear_heads(
+            ftr, ytr, fhold, num_classes, grid, epochs, batch_size, weight_decay, seed
+        )
+        return {
+            lr: 100.0 * float((lg.argmax(-1) == yhold).float().mean()) for lr, lg in heads.items()
+        }
+
+    acc = score(list(lrs))
+    for _ in range(extend):
+        best, tried = max(acc, key=acc.get), sorted(acc)
+        if len(tried) < 2 or tried[0] < best < tried[-1]:
+            break
+        if acc[best] <= max(v for k, v in acc.items() if k != best):
+            break  # a tie at the edge says nothing about beyond it
+        nxt = best * factor if best == tried[-1] else best / factor
+        acc.update(score([float(f"{nxt:.6g}")]))
+    return acc
+
+
 def probe_top1(
     ftr: torch.Tensor,
     ytr: torch.Tensor,
@@ -80,21 +122,31 @@ def probe_top1(
     weight_decay: float = 0.0,
     seed: int = 0,
     holdout: float = 0.1,
+    extend: int = 0,
 ) -> tuple[float, float]:
     """Linear-probe top-1 (%) on (fte [M, D], yte [M]) and the lr used.
 
     The lr is chosen on a seeded ``holdout`` fraction of the training features (heads trained
-    on the rest), then every head is retrained on all of ``ftr`` [N, D] and the chosen one is
-    scored once on the test features.
+    on the rest; ``extend``: see :func:`choose_lr`), then the chosen head is retrained on all of
+    ``ftr`` [N, D] and scored once on the test features.
     """
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(ftr), generator=g)
     n_hold = max(1, int(len(ftr) * holdout))
     hold, fit = perm[:n_hold], perm[n_hold:]
-    sel = train_linear_heads(
-        ftr[fit], ytr[fit], ftr[hold], num_classes, lrs, epochs, batch_size, weight_decay, seed
+    acc = choose_lr(
+        ftr[fit],
+        ytr[fit],
+        ftr[hold],
+        ytr[hold],
+        num_classes,
+        lrs,
+        epochs,
+        batch_size,
+        weight_decay,
+        seed,
+        extend,
     )
-    acc = {lr: float((lg.argmax(-1) == ytr[hold]).float().mean()) for lr, lg in sel.items()}
     best = max(acc, key=acc.get)
     final = train_linear_heads(
         ftr, ytr, fte, num_classes, [best], epochs, batch_size, weight_decay, seed

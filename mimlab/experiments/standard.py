@@ -286,6 +286,7 @@ class StandardProfile:
     drop_path: float = 0.1
     label_smoothing: float = 0.1
     lp_epochs: int = 30
+    lp_lr_extend: int = 3  # probe.lr_extend: the probe's lr must not sit at its grid's edge
     cka_images: int = 512
     cka_ratios: tuple = (0.25, 0.5, 0.75, 0.9)
     psnr_images: int = 2000  # seeded test images (and masks), the same for every model
@@ -309,8 +310,9 @@ class StandardProfile:
             f"on a held-out "
             f"{self.holdout:.0%} of the pool; then seeds {list(self.ft_seeds)} on the whole pool",
             "linear probe: frozen features (class token after the final norm, and the patch-"
-            f"token average), {self.lp_epochs} epochs, lr chosen on 10 % held-out training "
-            "features; k-NN: k=20, T=0.07, patch-token average",
+            f"token average), {self.lp_epochs} epochs, lr from {{0.003 ... 0.3}} extended x3 "
+            f"while the best is the largest tried (at most {self.lp_lr_extend} times), chosen "
+            "on 10 % held-out training features; k-NN: k=20, T=0.07, patch-token average",
             "every top-1 on all 10,000 CIFAR-10 test images; differences paired over seeds and "
             "images, 95 % CI = t-interval over seeds (+) image standard error",
         ]
@@ -539,12 +541,18 @@ class StandardSuite:
             ov = self._common(sub, Path(name).name, seed) + [
                 f"probe.epochs={p.lp_epochs}",
                 f"probe.feature={feature}",
+                f"probe.lr_extend={p.lp_lr_extend}",
             ]
             ov += [f"probe.pretrained={path}"] if path else [f"model.preset={p.preset}"]
             fn_ = tasks.linprobe if kind == "linprobe" else tasks.knn
             return fn_(tasks.resolve_run_config(ProbeConfig, overrides=ov))
 
-        return self.step(name, fn)
+        old = self.done(name)
+        # a probe whose lr was chosen without the current extension is redone
+        stale = kind == "linprobe" and old is not None and old.get("lr_extend") != p.lp_lr_extend
+        if stale:
+            print(f"[standard] {name}: lr chosen without probe.lr_extend: rerunning", flush=True)
+        return self.step(name, fn, force=stale)
 
     def evaluate(self, stage: str, tag: str, ckpt: Optional[Callable], init_seed: int = 0) -> dict:
         """Sweep, FT seeds, probes of one init; returns the result dicts by kind."""
