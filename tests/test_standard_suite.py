@@ -41,6 +41,17 @@ TOY = dict(
 )
 
 
+RECIPE = {"layer_decay": 1.0, "base_lr": 2e-3, "lr_extend": 3}  # what hand-made results carry
+
+
+def put_sweeps(res, *names):
+    """Sweep files of the current protocol choosing ``RECIPE`` (``stage/arm``)."""
+    for n in names:
+        f = res / f"{n.split('/')[0]}/sweep/{n.split('/')[1]}.json"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps({**RECIPE, "holdout_top1": 1.0, "grid": []}))
+
+
 @pytest.mark.slow
 def test_core_stage_end_to_end(tiny_folder, tmp_path):
     runs, res = tmp_path / "runs", tmp_path / "results"
@@ -158,7 +169,9 @@ def test_cmae_variants_table_pairs_each_reading_with_the_default(tmp_path):
         f = res / f"{name}.json"
         f.parent.mkdir(parents=True, exist_ok=True)
         f.write_text(
-            json.dumps({"top1": 100.0 * sum(correct) / N, "correct": pack_correct(correct)})
+            json.dumps(
+                {"top1": 100.0 * sum(correct) / N, "correct": pack_correct(correct), **RECIPE}
+            )
         )
 
     base = [i % 2 == 0 for i in range(N)]  # 50 %
@@ -169,6 +182,7 @@ def test_cmae_variants_table_pairs_each_reading_with_the_default(tmp_path):
     for f in (0, 1):
         put(f"cmae_variants/ft/cmae_position_removed-s0-ft{f}", better)
     put("cmae_variants/linprobe/cmae_position_removed-s0-cls", base)
+    put_sweeps(res, "contrastive/cmae")
     s = StandardSuite(StandardProfile(**TOY), str(tmp_path), tmp_path / "runs", res)
     out = _variant_rows(s)
     assert len(out["rows"]) == 2 and out["rows"][0].startswith("| position | all | 50.00 | – |")
@@ -178,6 +192,14 @@ def test_cmae_variants_table_pairs_each_reading_with_the_default(tmp_path):
     lp = out["summary"]["cmae_position_removed"]["lp_cls"]["diff"]
     assert lp["mean"] == 0.0 and lp["n_units"] == 1
     assert "| position | removed | 60.00 | +10.00 [" in out["rows"][1]
+    # a probe whose lr was chosen without the extension is not used
+    from mimlab.experiments.standard import unit_results
+
+    f = res / "contrastive/linprobe/cmae-s0-cls.json"
+    f.write_text(
+        json.dumps({k: v for k, v in json.loads(f.read_text()).items() if k != "lr_extend"})
+    )
+    assert unit_results(s, "cmae", "lp_cls") == {} and len(unit_results(s, "cmae", "ft")) == 3
 
 
 def test_single_pretraining_run_widens_the_interval_by_maes_seed_spread(tmp_path):
@@ -192,8 +214,9 @@ def test_single_pretraining_run_widens_the_interval_by_maes_seed_spread(tmp_path
         c = [i % 10 < k for i in range(N)]
         f = res / f"{name}.json"
         f.parent.mkdir(parents=True, exist_ok=True)
-        f.write_text(json.dumps({"top1": 100.0 * sum(c) / N, "correct": pack_correct(c)}))
+        f.write_text(json.dumps({"top1": 100.0 * sum(c) / N, "correct": pack_correct(c), **RECIPE}))
 
+    put_sweeps(res, "core/mae", "core/random", "rmae/rmae")
     for f in (0, 1):
         put(f"core/ft/mae-s0-ft{f}", 4)  # 40 %
         put(f"core/ft/mae-s1-ft{f}", 6)  # 60 %: the pretraining seeds differ by 20 points
@@ -210,6 +233,14 @@ def test_single_pretraining_run_widens_the_interval_by_maes_seed_spread(tmp_path
     assert d["mean"] == pytest.approx(10.0)  # 50 vs MAE seed 0's 40
     assert d["hi"] - d["mean"] >= 1.96 * sd * 2**0.5 - 1e-9
     assert b["verdict"] == "undecided"
+    # results of an older protocol are not used: a recipe the sweep no longer chooses, a
+    # sweep without the lr extension
+    f = res / "rmae/ft/rmae-s0-ft1.json"
+    f.write_text(json.dumps({**json.loads(f.read_text()), "base_lr": 1e-3}))
+    assert compare(s, "rmae", "mae", "ft", "~")["diff"]["n_units"] == 1
+    sw = res / "rmae/sweep/rmae.json"
+    sw.write_text(json.dumps({**json.loads(sw.read_text()), "lr_extend": None}))
+    assert compare(s, "rmae", "mae", "ft", "~") is None
 
 
 def test_psnr_comparison_pairs_images_and_widens_by_maes_runs(tmp_path):

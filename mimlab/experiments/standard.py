@@ -624,6 +624,8 @@ class StandardSuite:
                 if r is None:
                     continue
                 self.evaluate(stage_name, tag, self.ckpt(f"{stage_name}/pretrain/{run}"), s)
+                if st.psnr:  # per arm, so that a stage cut short keeps what it measured
+                    self.psnr(stage_name)
         if st.curve:
             self.curve(stage_name)
         if st.cka:
@@ -767,21 +769,35 @@ def unit_results(s: StandardSuite, arm: str, metric: str) -> dict:
         else range(STAGES[st].pretrain_seeds)
     )
     out: dict = {}
+    hp = current_recipe(s, arm) if metric == "ft" else None
     for ps in pseeds:
         tag = "random" if ps is None else f"{arm}-s{ps}"
         if metric == "ft":
             for f in p.ft_seeds:
                 r = s.done(f"{st}/ft/{tag}-ft{f}")
-                if r and "correct" in r:
+                if r and "correct" in r and hp and same_recipe(r, *hp):
                     out[(ps, f)] = r
         else:
             name = {"lp_cls": "linprobe/{}-cls", "lp_avg": "linprobe/{}-avg", "knn": "knn/{}"}[
                 metric
             ].format(tag)
             r = s.done(f"{st}/{name}")
+            if metric != "knn" and r and r.get("lr_extend") != p.lp_lr_extend:
+                continue  # a probe of the older protocol: its stage has to run again
             if r and "correct" in r:
                 out[(ps, None)] = r
     return out
+
+
+def current_recipe(s: StandardSuite, arm: str) -> Optional[tuple]:
+    """(layer decay, lr) an arm is fine-tuned with under the current sweep protocol, or None
+    while its sweep is missing or of an older protocol (its FT results are then not used)."""
+    src = ARMS[arm].hp_from if arm in ARMS and ARMS[arm].hp_from else arm
+    st = arm_stage(src)
+    hp = s.done(f"{st}/sweep/{src}") if st else None
+    if not hp or hp.get("lr_extend") != s.profile.sweep_lr_extend:
+        return None
+    return float(hp["layer_decay"]), float(hp["base_lr"])
 
 
 def psnr_units(s: StandardSuite, arm: str, metric: str) -> dict:
@@ -914,6 +930,7 @@ def claim_a(s: StandardSuite) -> Optional[dict]:
 
 def _curve_plot(s: StandardSuite, path: Path) -> Optional[dict]:
     p = s.profile
+    mae_hp = current_recipe(s, "mae")
     rows = []
     for e in p.curve_points:
         row = {
@@ -923,11 +940,16 @@ def _curve_plot(s: StandardSuite, path: Path) -> Optional[dict]:
         }
         for k, n in (("knn", "knn"), ("lp", "lp"), ("ft", "ft")):
             r = s.done(f"core/curve/{n}-e{e}")
+            if r and k == "ft" and not (mae_hp and same_recipe(r, *mae_hp)):
+                r = None  # fine-tuned with an older recipe
+            if r and k == "lp" and r.get("lr_extend") != p.lp_lr_extend:
+                r = None
             row[k] = r["top1"] if r else None
         rows.append(row)
     ref = {"knn": s.done("core/knn/random"), "lp": s.done("core/linprobe/random-avg")}
-    rft = [s.done(f"core/ft/random-ft{f}") for f in p.ft_seeds]
-    rft = [r["top1"] for r in rft if r]
+    if ref["lp"] and ref["lp"].get("lr_extend") != p.lp_lr_extend:
+        ref["lp"] = None
+    rft = [r["top1"] for r in unit_results(s, "random", "ft").values()]
     refv = {k: (v["top1"] if v else None) for k, v in ref.items()}
     refv["ft"] = sum(rft) / len(rft) if rft else None
     if not any(r[k] is not None for r in rows for k in ("knn", "lp", "ft")):
