@@ -199,7 +199,7 @@ def test_cmae_variants_table_pairs_each_reading_with_the_default(tmp_path):
     f.write_text(
         json.dumps({k: v for k, v in json.loads(f.read_text()).items() if k != "lr_extend"})
     )
-    assert unit_results(s, "cmae", "lp_cls") == {} and len(unit_results(s, "cmae", "ft")) == 2
+    assert unit_results(s, "cmae", "lp_cls") == {} and len(unit_results(s, "cmae", "ft")) == 3
 
 
 def test_single_pretraining_run_widens_the_interval_by_maes_seed_spread(tmp_path):
@@ -395,3 +395,22 @@ def test_a_probe_chosen_without_the_lr_extension_is_rerun(tmp_path, monkeypatch)
     (tmp_path / "res/core/knn").mkdir(parents=True)
     (tmp_path / "res/core/knn/random.json").write_text(json.dumps({"top1": 29.0}))
     assert s.probe("core/knn/random", "core/knn", "knn", None, "avg")["top1"] == 29.0  # k-NN: kept
+
+
+def test_an_arm_with_more_ft_seeds_pairs_only_on_the_seeds_both_have(tmp_path):
+    from mimlab.experiments.standard import ARMS, arm_ft_seeds, compare, unit_results
+    from mimlab.stats import pack_correct
+
+    prof = StandardProfile(**TOY)
+    assert arm_ft_seeds("mae", prof) == tuple(range(ARMS["mae"].ft_seeds))
+    assert arm_ft_seeds("random", prof) == prof.ft_seeds == (0, 1)
+    res, N = tmp_path / "results", 100
+    c = pack_correct([i % 2 == 0 for i in range(N)])
+    put_sweeps(res, "core/mae", "core/random")
+    for name in [f"core/ft/mae-s0-ft{f}" for f in range(6)] + ["core/ft/random-ft0"]:
+        f = res / f"{name}.json"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps({"top1": 50.0, "correct": c, **RECIPE}))
+    s = StandardSuite(prof, str(tmp_path), tmp_path / "runs", res)
+    assert len(unit_results(s, "mae", "ft")) == 6
+    assert compare(s, "mae", "random", "ft", ">")["diff"]["n_units"] == 1  # FT seed 0 only

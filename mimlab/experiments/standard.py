@@ -74,7 +74,7 @@ class Arm:
     the suite's MAE base lr (the paper's lr for the method relative to MAE's, from
     :func:`mimlab.paper_settings.paper_optim`). ``hp_from``: reuse that arm's fine-tuning
     hyper-parameters instead of sweeping (variants measured with a lighter protocol);
-    ``ft_seeds``: how many of the profile's FT seeds (None = all). ``small``: pretrain on N
+    ``ft_seeds``: how many FT seeds, 0, 1, ... (None = the profile's). ``small``: pretrain on N
     images of the pool, repeated to the same number of optimizer steps as the others."""
 
     method: str
@@ -95,11 +95,12 @@ def _lr_scale(method: str) -> float:
 _SMALL_AUG = ("data.crop_scale=[0.08,1.0]",)
 _NOMASK = ("method.mask=none", "method.cutmix=true", "method.color_jitter=after_mask")
 ARMS = {
-    "mae": Arm("mae", label="MAE"),
+    # MAE and C-MAE: 3 more FT seeds, added after 3 left claim (c)'s FT comparison undecided
+    "mae": Arm("mae", label="MAE", ft_seeds=6),
     "rmae": Arm("rmae", lr_scale=_lr_scale("rmae"), label="R-MAE"),
     "rmae_indep": Arm("rmae_indep", lr_scale=_lr_scale("rmae_indep"), label="R-MAE†"),
     "rmae_identity": Arm("rmae_identity", lr_scale=_lr_scale("rmae_identity"), label="R-MAE‡"),
-    "cmae": Arm("cmae", lr_scale=_lr_scale("cmae"), label="C-MAE"),
+    "cmae": Arm("cmae", lr_scale=_lr_scale("cmae"), label="C-MAE", ft_seeds=6),
     "mocov3": Arm("mocov3", label="MoCo v3"),
     # MAE at the learning curve's 4x budget (32 epochs, its own full schedule): the
     # compute-matched reference for methods that cost 3.4-4.3x MAE per image (mimlab flops)
@@ -578,7 +579,7 @@ class StandardSuite:
         if not hp:
             return out
         out["hp"] = hp
-        seeds = p.ft_seeds[: arm.ft_seeds] if arm is not None and arm.ft_seeds else p.ft_seeds
+        seeds = arm_ft_seeds(hp_tag, p)
         out["ft"] = [
             self.finetune(
                 f"{stage}/ft/{tag}-ft{s}",
@@ -749,6 +750,12 @@ class StandardSuite:
 
 
 # ------------------------------------------------------------------ report
+def arm_ft_seeds(arm: str, p: StandardProfile) -> tuple:
+    """The FT seeds of an arm: its own count (0, 1, ...) or the profile's."""
+    n = ARMS[arm].ft_seeds if arm in ARMS else None
+    return tuple(range(n)) if n else tuple(p.ft_seeds)
+
+
 def arm_stage(arm: str) -> Optional[str]:
     if arm == "random":
         return "core"
@@ -773,7 +780,7 @@ def unit_results(s: StandardSuite, arm: str, metric: str) -> dict:
     for ps in pseeds:
         tag = "random" if ps is None else f"{arm}-s{ps}"
         if metric == "ft":
-            for f in p.ft_seeds:
+            for f in arm_ft_seeds(arm, p):
                 r = s.done(f"{st}/ft/{tag}-ft{f}")
                 if r and "correct" in r and hp and same_recipe(r, *hp):
                     out[(ps, f)] = r
@@ -1065,6 +1072,13 @@ def write_report(s: StandardSuite) -> Path:
         "",
     ]
     L += [f"- {x}" for x in p.describe()]
+    own = [f"{a.label} {a.ft_seeds}" for k, a in ARMS.items() if a.ft_seeds and not a.hp_from]
+    if own:
+        L.append(
+            "- FT seeds of their own: " + ", ".join(own) + " (MAE and C-MAE: 3 more, added "
+            "after their first 3 left claim (c)'s FT comparison undecided); comparisons pair "
+            "only the FT seeds both arms have"
+        )
     summary: dict = {"profile": asdict(p)}
     L += [
         "",
