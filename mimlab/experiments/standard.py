@@ -1114,13 +1114,14 @@ def write_report(s: StandardSuite) -> Path:
             d = Diff(**r["diff"])
             rel = {">": ">", "<": "<", "~": "≈"}[r["kind"]]
             pre = (
-                f", one pretraining run: + MAE's pretraining sd {r['pretrain_seed_sd']:.2f}"
+                f", one pretraining run: + MAE's pretraining sd {r['pretrain_seed_sd']:.3g}"
                 if "pretrain_seed_sd" in r
                 else ""
             )
             parts.append(
                 f"{names.get(r['a'], r['a'])} {rel} {names.get(r['b'], r['b'])} on "
-                f"{r['metric']}: {d.a_mean:.2f} vs {d.b_mean:.2f}, {d.fmt()} "
+                f"{r['metric']}: {d.a_mean:.2f} vs {d.b_mean:.2f}, "
+                f"{d.fmt(3 if r['metric'] in PSNR_METRICS else 2)} "
                 f"({d.n_units} unit{'s' * (d.n_units != 1)}{pre}, {r['verdict']})"
             )
         v = j["verdict"] or "incomplete"
