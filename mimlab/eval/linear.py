@@ -9,6 +9,7 @@ features, never on the test split.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -100,14 +101,24 @@ def choose_lr(
 
     acc = score(list(lrs))
     for _ in range(extend):
-        best, tried = max(acc, key=acc.get), sorted(acc)
-        if len(tried) < 2 or tried[0] < best < tried[-1]:
+        nxt = beyond_edge(acc, factor)
+        if nxt is None:
             break
-        if acc[best] <= max(v for k, v in acc.items() if k != best):
-            break  # a tie at the edge says nothing about beyond it
-        nxt = best * factor if best == tried[-1] else best / factor
         acc.update(score([float(f"{nxt:.6g}")]))
     return acc
+
+
+def beyond_edge(scores: dict[float, float], factor: float) -> Optional[float]:
+    """The next lr to try when the best of ``scores`` ({lr: score}) sits at the edge of the lrs
+    tried and is strictly better than every other: ``best * factor`` at the top, ``best /
+    factor`` at the bottom; None when the best is inside, or tied (a tie at the edge says
+    nothing about beyond it)."""
+    best, tried = max(scores, key=scores.get), sorted(scores)
+    if len(tried) < 2 or tried[0] < best < tried[-1]:
+        return None
+    if scores[best] <= max(v for k, v in scores.items() if k != best):
+        return None
+    return best * factor if best == tried[-1] else best / factor
 
 
 def probe_top1(

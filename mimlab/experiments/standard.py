@@ -56,6 +56,7 @@ from .. import tasks
 from ..analysis.cka import analyze_cka
 from ..analysis.recon import analyze_psnr
 from ..config import FinetuneConfig, PretrainConfig, ProbeConfig, resolve
+from ..eval.linear import beyond_edge
 from ..paper_settings import paper_optim
 from ..plots import pyplot
 from ..stats import Diff, paired_diff, unpack_correct, verdict
@@ -511,14 +512,10 @@ class StandardSuite:
         for f in p.sweep_lr_factors:
             point(p.ft_base_lr * f)
         for _ in range(p.sweep_lr_extend):  # the best lr must not sit at the grid's edge
-            lrs = [lr for ld, lr in scores if ld == best_ld]
-            ld, lr = max(scores, key=scores.get)
-            if len(lrs) < 2 or ld != best_ld or min(lrs) < lr < max(lrs):
+            if max(scores, key=scores.get)[0] != best_ld:
                 break
-            if scores[(ld, lr)] <= max(v for k, v in scores.items() if k[0] == ld and k[1] != lr):
-                break  # a tie at the edge says nothing about beyond it
-            nxt = lr * 2 if lr == max(lrs) else lr / 2
-            if (best_ld, nxt) in scores:
+            nxt = beyond_edge({lr: v for (ld, lr), v in scores.items() if ld == best_ld}, 2.0)
+            if nxt is None:
                 break
             point(nxt)
         (ld, lr) = max(scores, key=scores.get)
