@@ -457,3 +457,21 @@ def test_small_data_section_compares_every_size_with_random_init(tmp_path):
     # claim (d) is judged on the sizes that ran and waits for the rest
     d = json.loads((res / "summary.json").read_text())["claims"]["d"]
     assert d["verdict"] is None and len(d["comparisons"]) == 3
+
+
+def test_wall_time_counts_a_sweep_once(tmp_path):
+    """A sweep's summary carries the wall time of its points, which have their own files: the
+    report's per-stage sum counts them once."""
+    res = tmp_path / "results"
+    for name, w in (
+        ("augment/sweep/x/ld1.0-lr0.001", 60.0),
+        ("augment/sweep/x/ld1.0-lr0.002", 60.0),
+        ("augment/sweep/x", 120.0),
+        ("augment/ft/x-s0-ft0", 30.0),
+    ):
+        f = res / f"{name}.json"
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text(json.dumps({"wall_seconds": w}))
+    s = StandardSuite(StandardProfile(**TOY), str(tmp_path), tmp_path / "runs", res)
+    write_report(s)
+    assert json.loads((res / "summary.json").read_text())["wall_minutes"] == {"augment": 2.5}

@@ -1441,8 +1441,8 @@ def write_report(s: StandardSuite) -> Path:
     L += ["", "## Wall time", ""]
     tot: dict = {}
     for f in sorted(R.rglob("*.json")):
-        if f.name == "summary.json":
-            continue
+        if f.name == "summary.json" or f.with_suffix("").is_dir():
+            continue  # a sweep's summary: its points, in the folder beside it, are counted
         try:
             w = json.loads(f.read_text()).get("wall_seconds")
         except ValueError:
