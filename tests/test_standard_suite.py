@@ -139,19 +139,24 @@ def test_every_arm_resolves(arm, tmp_path):
     """Each declared arm is a valid pretraining config (typos in overrides fail here, not two
     hours into a stage)."""
     from mimlab.config import PretrainConfig, resolve
-    from mimlab.experiments.standard import ARMS, small_data_overrides
+    from mimlab.experiments.standard import ARMS
 
     a, p = ARMS[arm], StandardProfile()
-    ov = [
-        f"method.name={a.method}",
-        f"model.preset={p.preset}",
-        *small_data_overrides(a, p, 8),
-        *a.overrides,
-    ]
+    s = StandardSuite(p, str(tmp_path), tmp_path / "runs", tmp_path / "results")
+    ov = s.pretrain_overrides("x", arm, 0, p.pretrain_epochs, f"{arm}-s0")
     cfg = resolve(PretrainConfig, overrides=ov)
-    assert cfg.method.name == a.method
-    if a.small:
-        assert cfg.data.limit == a.small and cfg.data.repeat * a.small >= 8 * 78 * p.batch
+    assert cfg.method.name == a.method and cfg.model.preset == p.preset
+    steps = p.pretrain_epochs * (p.pool_images // p.batch)
+    if a.small:  # N images repeated to the same steps, and the same warm-up in steps
+        assert cfg.data.limit == a.small and cfg.data.repeat * a.small >= steps * p.batch
+        assert cfg.optim.epochs == 1
+        per_epoch = cfg.data.repeat * a.small // p.batch
+        assert cfg.optim.warmup_epochs * per_epoch == pytest.approx(
+            p.warmup_epochs * (p.pool_images // p.batch), rel=0.01
+        )
+    else:
+        assert cfg.data.limit == p.pool_images and cfg.optim.epochs == p.pretrain_epochs
+        assert cfg.optim.warmup_epochs == p.warmup_epochs
     if a.hp_from:
         assert a.hp_from in ARMS
 

@@ -403,30 +403,37 @@ class StandardSuite:
         ]
 
     # -- pretraining ---------------------------------------------------------------
+    def pretrain_overrides(
+        self, stage: str, arm_name: str, seed: int, epochs: int, tag: str, ckpt_every: int = 0
+    ) -> list[str]:
+        """The config overrides of one arm's pretraining run (later ones win)."""
+        p, arm = self.profile, ARMS[arm_name]
+        return self._common(f"{stage}/pretrain", tag, seed) + [
+            f"model.preset={p.preset}",
+            f"method.name={arm.method}",
+            f"optim.epochs={epochs}",
+            f"optim.batch_size={p.batch}",
+            f"optim.base_lr={p.base_lr * arm.lr_scale:g}",
+            f"optim.warmup_epochs={p.warmup_epochs}",
+            # after the defaults above: N images repeated, with the warm-up scaled to match
+            *small_data_overrides(arm, p, epochs),
+            "run.resume=auto",
+            "run.log_every=20",
+            "run.save_every_steps=100",
+            f"run.ckpt_every={ckpt_every}",
+            *arm.overrides,
+        ]
+
     def pretrain(
         self, stage: str, arm_name: str, seed: int, epochs: int, tag: str, ckpt_every: int = 0
     ) -> Optional[dict]:
-        p, arm = self.profile, ARMS[arm_name]
         name = f"{stage}/pretrain/{tag}"
 
         def fn() -> dict:
             run_dir = self.runs / stage / "pretrain" / tag
             if (run_dir / "results.json").is_file() and (run_dir / "checkpoints/last.pt").is_file():
                 return json.loads((run_dir / "results.json").read_text())
-            ov = self._common(f"{stage}/pretrain", tag, seed) + [
-                f"model.preset={p.preset}",
-                f"method.name={arm.method}",
-                f"optim.epochs={epochs}",
-                f"optim.batch_size={p.batch}",
-                *small_data_overrides(arm, p, epochs),
-                f"optim.base_lr={p.base_lr * arm.lr_scale:g}",
-                f"optim.warmup_epochs={p.warmup_epochs}",
-                "run.resume=auto",
-                "run.log_every=20",
-                "run.save_every_steps=100",
-                f"run.ckpt_every={ckpt_every}",
-                *arm.overrides,
-            ]
+            ov = self.pretrain_overrides(stage, arm_name, seed, epochs, tag, ckpt_every)
             return tasks.pretrain(resolve(PretrainConfig, overrides=ov))
 
         self._pretrain_fns[name] = fn
