@@ -1115,7 +1115,7 @@ def _smalldata(s: StandardSuite, path: Path) -> Optional[dict]:
     )
     ax.set_ylabel("CIFAR-10 test top-1 (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="lower right", ncol=2)
+    ax.legend(fontsize=6, loc="upper left", ncol=2)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
