@@ -4,7 +4,7 @@ Kong & Zhang's claims (a)-(g) (see :data:`CLAIMS`) are tested on CIFAR-10 with t
 ViT on a 2-core CPU machine, in **stages** that each finish there within about two hours and
 run on their own (``--stage core``):
 
-* ``core``: MAE vs random init (claim a) with 2 pretraining seeds x 3 fine-tuning seeds, the
+* ``core``: MAE vs random init (claim a) with 3 pretraining seeds x 6 fine-tuning seeds, the
   learning curves (k-NN / linear probe / FT against images seen, one pretraining run with a
   checkpoint per epoch) and CKA (masked vs full) for MAE, random init and supervised;
 * ``rmae``: R-MAE, R-MAE-dagger, R-MAE-double-dagger (claim b);
@@ -152,7 +152,7 @@ STAGES = {
         "core",
         ("mae", "mae32"),
         ("a",),
-        pretrain_seeds=2,
+        pretrain_seeds=3,
         curve=True,
         cka=True,
         about="MAE vs random init, learning curves, CKA",
@@ -1211,8 +1211,9 @@ def write_report(s: StandardSuite) -> Path:
         f"≈ holds when the 95 % CI of the difference lies within ±{p.approx_margin:g} "
         "points; > / < hold when the CI excludes 0. Intervals are paired over seeds and test "
         "images; where an arm has a single pretraining run, the interval also carries the "
-        "spread of MAE's two core pretraining runs on that protocol (sd per pretrained arm, "
-        "added in quadrature), since FT seeds of one pretraining run cannot show it.",
+        f"spread of MAE's {STAGES['core'].pretrain_seeds} core pretraining runs on that "
+        "protocol (sd per pretrained arm, added in quadrature), since FT seeds of one "
+        "pretraining run cannot show it.",
     ]
     rows = []
     for c in CLAIM_TESTS_COMPUTE:
@@ -1321,8 +1322,8 @@ def write_report(s: StandardSuite) -> Path:
             "masked patches need a mean and std: estimated from the image's visible patches "
             "(no leak), or their own true values (a leak of the hidden pixels, the usual "
             "norm-pix figure). The paper does not say which its Table 1 uses; claim (b) asks "
-            "for both. Differences are paired over images, with MAE's two core runs' spread "
-            "added for runs without a second seed (`mimlab analyze psnr`).",
+            "for both. Differences are paired over images, with the spread of MAE's core "
+            "runs added for runs without a second seed (`mimlab analyze psnr`).",
             "",
             "| model | images | " + " | ".join(lab for _, lab in PSNR_METRICS.values()) + " |",
             "|---|---|" + "---|" * len(PSNR_METRICS),
@@ -1358,8 +1359,9 @@ def write_report(s: StandardSuite) -> Path:
             f"{p.pretrain_epochs * (p.pool_images // p.batch):,} optimizer steps as every other "
             "arm, with the paper's stronger crops (scale 0.08-1); each arm has its own "
             "held-out FT sweep. The last row is MAE on the whole pool (the core stage, default "
-            "crops, 2 pretraining runs). Δ: against random init, paired over FT seeds and test "
-            "images; a single pretraining run also carries MAE's pretraining-seed spread.",
+            f"crops, {STAGES['core'].pretrain_seeds} pretraining runs). Δ: against random init, "
+            "paired over FT seeds and test images; a single pretraining run also carries "
+            "MAE's pretraining-seed spread.",
             "",
             "| pretraining images | FT | Δ FT | LP cls | Δ LP cls | LP avg | Δ LP avg | k-NN "
             "| Δ k-NN |",
