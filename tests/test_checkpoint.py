@@ -46,13 +46,16 @@ def test_legacy_checkpoints_load_with_one_note(caplog):
 
 
 def test_legacy_checkpoints_give_the_old_outputs():
-    """Encoder tokens and fine-tuned logits equal (bitwise) what the old code computed."""
+    """Encoder tokens and fine-tuned logits equal what the old code computed: bitwise on the
+    machine that wrote the file, to float32 rounding on another CPU (whose kernels may sum in
+    another order); a loading fault (a missing or misplaced weight) moves them by far more."""
     ex = torch.load(EXPECTED, weights_only=True)
     m = load_encoder(str(LEGACY_PRE))
     ft = load_encoder(f"mimlab:{LEGACY_FT}")
     with torch.no_grad():
-        assert torch.equal(m.encoder.forward_features(ex["input"]), ex["pretrain_tokens"])
-        assert torch.equal(ft.logits(ex["input"]), ex["finetune_logits"])
+        tokens, logits = m.encoder.forward_features(ex["input"]), ft.logits(ex["input"])
+    torch.testing.assert_close(tokens, ex["pretrain_tokens"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, ex["finetune_logits"], rtol=1e-5, atol=1e-5)
     assert m.decoder is not None and m.norm_pix is True and ft.decoder is None
 
 

@@ -1,9 +1,13 @@
 """Behaviour preserved: today's code against golden values computed with commit a33b153 (before
 the architecture / fidelity work), see tests/golden/compute_golden.py.
 
-Equal means bitwise equal on CPU (one thread). Values that an intended fix changed are listed in
-``CHANGED`` with the reason; for them the test checks that they did change (so the list stays
-true) and, where the change is only rounding, that it stays at rounding level."""
+Equal means equal to float32 rounding (``ROUNDING``) on CPU, one thread: bitwise on the machine
+that computed the golden values, while another CPU's kernels may sum in another order and move
+the last bits (an AMD EPYC host moves MAE's first loss by 1.2e-7). A behaviour change moves the
+losses by orders of magnitude more. Evaluation top-1 and CKA, which such rounding does not
+reach, stay exact. Values that an intended fix changed are listed in ``CHANGED`` with the reason;
+for them the test checks that they did change (so the list stays true) and, where the change is
+only rounding, that it stays at rounding level."""
 
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ _CMAE = (
     "jitter takes image statistics from visible patches only, and the views draw their "
     "masks before the augmentations"
 )
+ROUNDING = 1e-5  # largest |difference| of a first loss (about 1.3) that counts as rounding
+
 CHANGED = {  # preset -> (reason, tolerance or None when the value legitimately moved)
     "cmae": (_CMAE, None),
     "cmae_patch_cls": (_CMAE, None),
@@ -34,7 +40,7 @@ CHANGED = {  # preset -> (reason, tolerance or None when the value legitimately 
     "mocov3": (
         "C-MAE fidelity fixes: the projector/predictor BatchNorm is a SyncBatchNorm1d "
         "(DDP-correct) whose statistics are summed in another order: rounding only",
-        1e-5,
+        ROUNDING,
     ),
     "maskfeat": (
         "MaskFeat fidelity: the HOG target follows MaskFeat's reference HOGLayerC by default",
@@ -58,7 +64,8 @@ def test_first_losses_of_every_preset(values):
         new = now["losses"][m]
         assert len(new) == len(old) == 5 and all(math.isfinite(v) for v in new)
         if m not in CHANGED:
-            assert new == old, f"{m}: first losses changed {old} -> {new}"
+            diff = max(abs(a - b) for a, b in zip(old, new))
+            assert diff <= ROUNDING, f"{m}: first losses changed {old} -> {new}"
             continue
         reason, tol = CHANGED[m]
         assert new != old, f"{m} no longer changes: drop it from CHANGED ({reason})"
