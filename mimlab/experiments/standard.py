@@ -298,12 +298,16 @@ class StandardProfile:
     approx_margin: float = 1.0  # "≈" claims hold when the 95 % CI lies within ±margin
     workers: int = 1
 
+    def steps(self, epochs: int) -> int:
+        """Optimizer steps of ``epochs`` over the pool (the step budget every arm shares)."""
+        return epochs * (self.pool_images // self.batch)
+
     def describe(self) -> list[str]:
         return [
             f"model `{self.preset}`; the same {self.pool_images:,} CIFAR-10 training images "
             f"(seeded subset {self.subset_seed}) for pretraining and as the labelled pool",
             f"pretraining: {self.pretrain_epochs} epochs of batch {self.batch} "
-            f"({self.pretrain_epochs * (self.pool_images // self.batch):,} steps, "
+            f"({self.steps(self.pretrain_epochs):,} steps, "
             f"{self.pretrain_epochs * self.pool_images:,} images seen), AdamW, base lr "
             f"{self.base_lr:g} per 256 x the method's paper lr relative to MAE's, cosine, "
             f"{self.warmup_epochs:g}-epoch warm-up",
@@ -328,7 +332,7 @@ def small_data_overrides(arm: Arm, p: "StandardProfile", epochs: int) -> list:
     'epoch' of the repeated set; warm-up scaled to match)."""
     if arm.small is None:
         return []
-    steps = epochs * (p.pool_images // p.batch)
+    steps = p.steps(epochs)
     repeat = math.ceil(steps * p.batch / arm.small)
     return [
         f"data.limit={arm.small}",
@@ -950,7 +954,7 @@ def _curve_plot(s: StandardSuite, path: Path) -> Optional[dict]:
         row = {
             "epochs": e,
             "images_seen": e * p.pool_images,
-            "steps": e * (p.pool_images // p.batch),
+            "steps": p.steps(e),
         }
         for k, n in (("knn", "knn"), ("lp", "lp"), ("ft", "ft")):
             r = s.done(f"core/curve/{n}-e{e}")
@@ -1109,10 +1113,7 @@ def _smalldata(s: StandardSuite, path: Path) -> Optional[dict]:
                 ref[m], color=colors[m], ls="--", lw=1, label=f"random init {short[m]} {ref[m]:.1f}"
             )
     ax.set_xscale("log")
-    ax.set_xlabel(
-        f"pretraining images (repeated to the same {p.pretrain_epochs * (p.pool_images // p.batch)}"
-        " steps)"
-    )
+    ax.set_xlabel(f"pretraining images (repeated to the same {p.steps(p.pretrain_epochs)} steps)")
     ax.set_ylabel("CIFAR-10 test top-1 (%)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, loc="upper left", ncol=2)
@@ -1356,7 +1357,7 @@ def write_report(s: StandardSuite) -> Path:
             "## Pretraining on few images (claim d, Tab. 6)",
             "",
             "MAE pretrained on the first N images of the pool, repeated to the same "
-            f"{p.pretrain_epochs * (p.pool_images // p.batch):,} optimizer steps as every other "
+            f"{p.steps(p.pretrain_epochs):,} optimizer steps as every other "
             "arm, with the paper's stronger crops (scale 0.08-1); each arm has its own "
             "held-out FT sweep. The last row is MAE on the whole pool (the core stage, default "
             f"crops, {STAGES['core'].pretrain_seeds} pretraining runs). Δ: against random init, "
