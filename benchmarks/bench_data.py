@@ -63,10 +63,16 @@ from torch.utils.data import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench_train as bt  # noqa: E402  (benchmarks/ is not a package)
 
-from mimlab.config import DataConfig, PretrainConfig, resolve  # noqa: E402
-from mimlab.data import IMG_EXTS, PHOTO_NAMES, build_dataset, default_data_path, write_folder_shards  # noqa: E402
-from mimlab.engine import make_loader  # noqa: E402
-from mimlab.ops import block_masking, random_masking  # noqa: E402
+from mimlab.core.config import DataConfig, PretrainConfig, resolve  # noqa: E402
+from mimlab.data.datasets import (  # noqa: E402
+    IMG_EXTS,
+    PHOTO_NAMES,
+    build_dataset,
+    default_data_path,
+    write_folder_shards,
+)
+from mimlab.nn.ops import block_masking, random_masking  # noqa: E402
+from mimlab.train.engine import make_loader  # noqa: E402
 
 SHARED_CIFAR = "/work/shared/data/cifar10"
 
@@ -91,7 +97,7 @@ class WithMask(Dataset):
         return torch.zeros(n)
 
     def __getitem__(self, key):
-        return self.ds[key], self.mask()  # the item (a mimlab.batch.Batch) and its patch mask
+        return self.ds[key], self.mask()  # the item (a mimlab.data.batch.Batch) and its patch mask
 
 
 def make_photo_folder(root: Path, n: int, side: int, seed: int = 0) -> Path:

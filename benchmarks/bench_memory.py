@@ -168,7 +168,7 @@ def parse_configs(s: str) -> list[tuple[str, int, str]]:
 
 
 def config_name(r: dict) -> str:
-    from mimlab.config import checkpointing_mode  # records of earlier runs hold a bool
+    from mimlab.core.config import checkpointing_mode  # records of earlier runs hold a bool
 
     mode = checkpointing_mode(r.get("grad_checkpointing", "off"))
     return f"{r['preset']}@{r['batch']}" + ("" if mode == "off" else "+" + mode)

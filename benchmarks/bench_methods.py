@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from mimlab.config import METHOD_PRESETS, PretrainConfig, resolve
+from mimlab.core.config import METHOD_PRESETS, PretrainConfig, resolve
 from mimlab.methods import build_method
 
 

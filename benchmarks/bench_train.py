@@ -33,9 +33,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from mimlab.config import CHECKPOINTING, PretrainConfig, resolve
+from mimlab.core.config import CHECKPOINTING, PretrainConfig, resolve
 from mimlab.methods import build_method
-from mimlab.models import build_encoder
+from mimlab.nn.models import build_encoder
 from mimlab.tasks import Classifier
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -36,7 +36,7 @@ from typing import Optional
 import torch
 
 from mimlab import __version__
-from mimlab.config import checkpointing_mode
+from mimlab.core.config import checkpointing_mode
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent

@@ -25,7 +25,7 @@ import yaml
 from . import __version__
 from .analysis.cli import add_parsers as add_analysis_parsers
 from .analysis.cli import dispatch as analysis_dispatch
-from .config import (
+from .core.config import (
     ConfigError,
     DataConfig,
     FinetuneConfig,
@@ -35,7 +35,7 @@ from .config import (
     parse_overrides,
     to_dict,
 )
-from .registry import FAMILIES, PRESETS, presets_of, reading_families
+from .core.registry import FAMILIES, PRESETS, presets_of, reading_families
 
 CONFIGS = {
     "pretrain": PretrainConfig,
@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="training FLOPs per image of every method preset "
         "(analytic, checked against a FLOP counter)",
         description="Training FLOPs per image (forward + backward) of each "
-        "method preset: analytic (mimlab/flops.py), counted with "
+        "method preset: analytic (mimlab/analysis/flops.py), counted with "
         "torch.utils.flop_counter on one step, their ratio, and the cost "
         "relative to MAE.",
     )
@@ -421,8 +421,10 @@ def run(argv: Optional[list[str]] = None) -> int:
     if not args.command:
         ap.print_help()
         return 2
-    from .data import DataError  # lazy: CLI start-up speed (torch), --help and --version stay fast
-    from .engine import Interrupted, TrainingError  # lazy: as above
+    from .data.datasets import (
+        DataError,  # lazy: CLI start-up speed (torch), --help and --version stay fast
+    )
+    from .train.engine import Interrupted, TrainingError  # lazy: as above
 
     try:
         if args.command in CONFIGS:
@@ -450,9 +452,9 @@ def run(argv: Optional[list[str]] = None) -> int:
             print(f"demo finished: {res['run_dir']}/summary.md")
             return 0
         if args.command == "export":
-            from .checkpoint import CheckpointError  # lazy: CLI start-up speed (torch)
-            from .export import export_checkpoint  # lazy: CLI start-up speed (torch)
-            from .sources import SourceError  # lazy: CLI start-up speed (torch)
+            from .io.checkpoint import CheckpointError  # lazy: CLI start-up speed (torch)
+            from .io.export import export_checkpoint  # lazy: CLI start-up speed (torch)
+            from .io.sources import SourceError  # lazy: CLI start-up speed (torch)
 
             try:
                 info = export_checkpoint(args.checkpoint, args.output, args.format)
@@ -469,7 +471,7 @@ def run(argv: Optional[list[str]] = None) -> int:
                 return 1
             return bench.main_from_args(args)
         if args.command == "reproduce" and args.suite == "standard":
-            from .data import default_data_path  # lazy: CLI start-up speed (torch)
+            from .data.datasets import default_data_path  # lazy: CLI start-up speed (torch)
             from .experiments.standard import (  # lazy: CLI start-up speed (torch-heavy suite)
                 StandardError,
                 reproduce_standard,
@@ -517,7 +519,7 @@ def run(argv: Optional[list[str]] = None) -> int:
             bad = json.loads((path.parent / "summary.json").read_text())["subruns"]
             return 1 if any(v["status"] in ("failed", "blocked") for v in bad.values()) else 0
         if args.command == "flops":
-            from .flops import run_cli as flops_cli  # lazy: CLI start-up speed (torch)
+            from .analysis.flops import run_cli as flops_cli  # lazy: CLI start-up speed (torch)
 
             return flops_cli(args.preset, args.methods, args.batch, args.json)
         if args.command == "methods":
@@ -527,7 +529,7 @@ def run(argv: Optional[list[str]] = None) -> int:
         if rc is not None:
             return rc
         if args.command == "shards":
-            from .data import write_folder_shards  # lazy: CLI start-up speed (torch)
+            from .data.datasets import write_folder_shards  # lazy: CLI start-up speed (torch)
 
             print(
                 json.dumps(
@@ -545,7 +547,7 @@ def run(argv: Optional[list[str]] = None) -> int:
             )
             return 0
         if args.command == "stats":
-            from .data import compute_mean_std  # lazy: CLI start-up speed (torch)
+            from .data.datasets import compute_mean_std  # lazy: CLI start-up speed (torch)
 
             mean, std = compute_mean_std(
                 DataConfig(path=args.data), args.in_chans, args.img_size, args.max_images

@@ -41,8 +41,14 @@ from .analysis.recon import (
     save_grid,
     stats_label,
 )
-from .config import DataConfig, PretrainConfig, ProbeConfig, parse_overrides, resolve
-from .data import build_dataset, default_data_path, detect_kind, scan_source, subset_indices
+from .core.config import DataConfig, PretrainConfig, ProbeConfig, parse_overrides, resolve
+from .data.datasets import (
+    build_dataset,
+    default_data_path,
+    detect_kind,
+    scan_source,
+    subset_indices,
+)
 
 DEMO_STEPS = 390  # optimizer steps of pretraining (5 epochs of 10,000 images)
 DEMO_BATCH = 128

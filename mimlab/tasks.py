@@ -15,23 +15,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from .config import load_yaml, parse_overrides, resolve
+from .core.config import load_yaml, parse_overrides, resolve
 from .eval.features import extract_features, frozen_features, knn, linprobe
 from .eval.finetune import Classifier, finetune, predict_correct
-from .pretrained import (
+from .train.pretrained import (
     RUN_MODEL_FIELDS,
     adopt_source_model,
     encoder_state,
     load_encoder_weights,
     model_config_of,
 )
-from .rundir import make_run_dir, setup_logging
-from .train import pretrain
+from .train.pretraining import pretrain
+from .train.rundir import make_run_dir, setup_logging
 
 
 def _sets_model(data: Optional[dict]) -> bool:
     """Whether a config mapping chooses the model: some ``model.*`` key other than the
-    run-specific ones (:data:`~mimlab.pretrained.RUN_MODEL_FIELDS`: ``drop_path``)."""
+    run-specific ones (:data:`~mimlab.train.pretrained.RUN_MODEL_FIELDS`: ``drop_path``)."""
     model = (data or {}).get("model")
     return isinstance(model, dict) and any(k not in RUN_MODEL_FIELDS for k in model)
 
@@ -42,7 +42,7 @@ def resolve_run_config(
     overrides: Optional[list[str]] = None,
     base: Optional[dict] = None,
 ) -> Any:
-    """:func:`mimlab.config.resolve`, then, for a pretrained source (``finetune.pretrained`` /
+    """:func:`mimlab.core.config.resolve`, then, for a pretrained source (``finetune.pretrained`` /
     ``probe.pretrained``), the source's model: ``cfg.model`` becomes its architecture at its
     own resolution (keeping ``model.drop_path``) unless ``base``, the YAML file or the
     overrides set a ``model.*`` key (then the source must fit that model); a foreign source

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mimlab.config import PretrainConfig, resolve
+from mimlab.core.config import PretrainConfig, resolve
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from mimlab.config import PretrainConfig, resolve
+from mimlab.core.config import PretrainConfig, resolve
 from mimlab.methods import build_method
-from mimlab.ops import random_masking
+from mimlab.nn.ops import random_masking
 
 CASES = {
     "position": [],

@@ -19,7 +19,7 @@ from mimlab.analysis.cka import (
 )
 from mimlab.analysis.common import analysis_dataset, mask_noise
 from mimlab.cli import run
-from mimlab.config import FinetuneConfig, PretrainConfig, resolve
+from mimlab.core.config import FinetuneConfig, PretrainConfig, resolve
 
 COMMON = [
     "run.progress=false",

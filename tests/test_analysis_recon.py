@@ -14,9 +14,9 @@ from mimlab.analysis.recon import (
     save_grid,
     visible_stats,
 )
-from mimlab.config import PretrainConfig, resolve
+from mimlab.core.config import PretrainConfig, resolve
 from mimlab.methods import build_method
-from mimlab.ops import patchify, random_masking, unpatchify
+from mimlab.nn.ops import patchify, random_masking, unpatchify
 
 N, P = 16, 8
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]

@@ -14,37 +14,36 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "mimlab"
 
-#: layer -> module name prefixes (relative to ``mimlab``); the most specific prefix wins
+#: layer -> the folders (or top-level modules) that make it, relative to ``mimlab``. A module's
+#: layer is its folder's: one folder is one layer, and the tree reads as the architecture.
 LAYERS = {
-    0: ["__init__", "errors", "registry", "paper_settings", "config", "stats", "dist"],
-    1: [
-        "ops",
-        "losses",
-        "augment",
-        "plots",
-        "batch",
-        "models",
-        "checkpoint",
-        "tracking",
-        "shards",
-        "data",
-        "teachers",
-    ],
-    2: ["sources", "hub"],
-    3: ["methods"],
-    4: ["engine", "rundir", "pretrained", "train", "eval", "analysis", "flops", "export"],
-    5: ["tasks", "demo", "experiments", "analysis.cli"],
-    6: ["cli"],
+    0: ["core", "__init__"],
+    1: ["nn"],
+    2: ["data"],
+    3: ["io"],
+    4: ["methods"],
+    5: ["train"],
+    6: ["eval"],
+    7: ["analysis"],
+    8: ["tasks"],
+    9: ["experiments", "demo"],
+    10: ["cli"],
 }
 NAMES = {
-    0: "configuration",
-    1: "nn parts and data",
-    2: "model sources",
-    3: "methods",
-    4: "train / eval / analysis",
-    5: "commands",
-    6: "CLI",
+    0: "core: configuration",
+    1: "nn: network parts",
+    2: "data",
+    3: "io: weights and files",
+    4: "methods",
+    5: "train",
+    6: "eval",
+    7: "analysis",
+    8: "tasks",
+    9: "commands",
+    10: "CLI",
 }
+#: the whole top of the package: every other module lives in a layer folder
+TOP = {"__init__", "tasks", "demo", "cli"}
 
 
 def _modules() -> dict[str, pathlib.Path]:
@@ -62,16 +61,15 @@ MODULES = _modules()
 
 
 def layer_of(mod: str) -> int:
-    best, hit = -1, None
-    for layer, prefixes in LAYERS.items():
-        for pre in prefixes:
-            if (mod == pre or mod.startswith(pre + ".")) and len(pre) > best:
-                best, hit = len(pre), layer
-    if hit is None:
-        raise AssertionError(
-            f"module mimlab.{mod} is in no layer: add it to LAYERS in {pathlib.Path(__file__).name}"
-        )
-    return hit
+    """The layer of ``mimlab.<mod>``: the layer of its top folder (or of a top-level module)."""
+    head = mod.split(".")[0]
+    for layer, names in LAYERS.items():
+        if head in names:
+            return layer
+    raise AssertionError(
+        f"module mimlab.{mod} is in no layer: put it in a layer folder, or add its folder to "
+        f"LAYERS in {pathlib.Path(__file__).name}"
+    )
 
 
 def _target(mod: str, node: ast.ImportFrom, is_pkg: bool) -> list[str]:
@@ -167,6 +165,15 @@ def test_every_module_has_a_layer():
         layer_of(mod)
 
 
+def test_the_top_holds_only_the_entry_points():
+    """Every module but ``__init__``, ``tasks``, ``demo`` and ``cli`` is in a layer folder."""
+    loose = sorted(p.stem for p in ROOT.glob("*.py") if p.stem not in TOP)
+    assert not loose, f"modules at the top of mimlab/ outside every layer folder: {loose}"
+    folders = {p.name for p in ROOT.iterdir() if p.is_dir() and p.name != "__pycache__"}
+    in_layers = {n for names in LAYERS.values() for n in names}
+    assert folders <= in_layers, f"folders in no layer: {sorted(folders - in_layers)}"
+
+
 def test_no_import_cycles():
     cycles = find_cycles(EDGES)
     assert not cycles, "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles)
@@ -197,21 +204,24 @@ def test_imports_inside_functions_say_why():
 def test_the_checker_sees_cycles_upward_imports_and_silent_lazy_imports():
     """The checks above can fail: a planted cycle, upward edge and bare lazy import are found."""
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
-    assert layer_of("config") < layer_of("methods.siamese") < layer_of("cli")
-    assert layer_of("analysis.cli") == 5 and layer_of("analysis.cka") == 4
+    assert layer_of("core.config") < layer_of("methods.siamese") < layer_of("cli")
+    assert layer_of("analysis.cli") == layer_of("analysis.cka") == layer_of("analysis")
     with pytest.raises(AssertionError, match="in no layer"):
         layer_of("no_such_module")
+    with pytest.raises(AssertionError, match="in no layer"):
+        layer_of("config")  # the flat layout's module: no longer a layer of its own
     src = (
-        "import json\nfrom .ops import patchify\n\n\ndef f():\n    from .engine import Engine\n"
+        "import json\nfrom ..nn.ops import patchify\n\n\ndef f():\n"
+        "    from ..train.engine import Engine\n"
         "    import open_clip  # lazy: optional heavy dependency\n"
     )
-    edges, lazy = scan("config", src)
-    assert edges == {"ops", "engine"}
+    edges, lazy = scan("core.config", src)
+    assert edges == {"nn.ops", "train.engine"}
     assert [(line, reason) for line, _, reason in lazy] == [
         (6, ""),
         (7, "optional heavy dependency"),
     ]
-    assert layer_of("engine") > layer_of("config")  # the planted edge is upward
+    assert layer_of("train.engine") > layer_of("core.config")  # the planted edge is upward
 
 
 def report() -> str:

@@ -1,11 +1,11 @@
-"""Batch augmentations (mimlab.augment): per-image colour jitter equal to torchvision's maths,
+"""Batch augmentations (mimlab.nn.augment): per-image colour jitter equal to torchvision's maths,
 cutmix boxes, random resized crops."""
 
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
 
-from mimlab import augment as A
+from mimlab.nn import augment as A
 
 MEAN, STD = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
 

@@ -1,4 +1,4 @@
-"""The checkpoint schema (mimlab.checkpoint): fields, atomic save, weights-only load, and the
+"""The checkpoint schema (mimlab.io.checkpoint): fields, atomic save, weights-only load, and the
 pre-schema files written by the code before it (committed fixtures)."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mimlab import checkpoint as ckf
 from mimlab import tasks
-from mimlab.config import PretrainConfig, resolve
-from mimlab.sources import load_encoder
+from mimlab.core.config import PretrainConfig, resolve
+from mimlab.io import checkpoint as ckf
+from mimlab.io.sources import load_encoder
 
 FIX = Path(__file__).parent / "fixtures"
 LEGACY_PRE = FIX / "legacy_mae_micro_pretrain.pt"  # written by commit a33b153 (pre-schema)

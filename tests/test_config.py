@@ -3,7 +3,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mimlab.config import (
+from mimlab.core.config import (
     ConfigError,
     FinetuneConfig,
     PretrainConfig,

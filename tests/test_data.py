@@ -1,5 +1,5 @@
-"""mimlab.data: every source kind by path, deterministic augmentation and sampling, subsets,
-statistics, and robustness to bad data (generated fixtures; see docs/reliability.md)."""
+"""mimlab.data.datasets: every source kind by path, deterministic augmentation and sampling,
+subsets, statistics, and robustness to bad data (generated fixtures; see docs/reliability.md)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader
 
-from mimlab.config import DataConfig
-from mimlab.data import (
+from mimlab.core.config import DataConfig
+from mimlab.data.datasets import (
     KNOWN_STATS,
     BadImageError,
     DataError,
@@ -715,7 +715,7 @@ def test_detect_kind_shards_and_hf(tmp_path):
 
 
 def test_decode_image_bytes_matches_load_image(tiny_folder, tmp_path):
-    from mimlab.data import decode_image_bytes
+    from mimlab.data.datasets import decode_image_bytes
 
     f = sorted((tiny_folder / "train" / "class1").glob("*.png"))[0]
     assert torch.equal(decode_image_bytes(f.read_bytes(), ".png", 3, "x"), load_image(f, 3))

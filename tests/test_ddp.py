@@ -175,9 +175,9 @@ def test_online_eval_and_logging_under_two_processes(cifar_dir, tmp_path):
     """Online k-NN under DDP: every rank encodes a share of the subset, features are
     gathered, rank 0 logs one row per evaluation; its value equals a one-process evaluation of
     the final weights. Rank 1 logs no INFO lines (no unformatted second start line)."""
-    from mimlab.config import PretrainConfig, resolve
-    from mimlab.eval.online import build_online_evaluator
+    from mimlab.core.config import PretrainConfig, resolve
     from mimlab.methods import build_method
+    from mimlab.train.online import build_online_evaluator
 
     args = [
         "pretrain",

@@ -6,19 +6,19 @@ import json
 import pytest
 import torch
 
-from mimlab.batch import Batch
-from mimlab.config import METHOD_PRESETS, ConfigError, PretrainConfig, resolve
-from mimlab.data import build_dataset
-from mimlab.engine import Engine, load_checkpoint
-from mimlab.losses import instance_norm_tokens
+from mimlab.core.config import METHOD_PRESETS, ConfigError, PretrainConfig, resolve
+from mimlab.core.registry import presets_of
+from mimlab.data.batch import Batch
+from mimlab.data.datasets import build_dataset
 from mimlab.methods import build_method
 from mimlab.methods.targets import EMATarget, TeacherTarget
 from mimlab.methods.teacher_cache import attach_teacher_cache
-from mimlab.models import build_encoder
-from mimlab.ops import patchify
-from mimlab.registry import presets_of
+from mimlab.nn.losses import instance_norm_tokens
+from mimlab.nn.models import build_encoder
+from mimlab.nn.ops import patchify
+from mimlab.nn.teachers import EfficientNetLite0Teacher, HOGTeacher, Teacher
 from mimlab.tasks import load_encoder_weights, pretrain
-from mimlab.teachers import EfficientNetLite0Teacher, HOGTeacher, Teacher
+from mimlab.train.engine import Engine, load_checkpoint
 
 PRESETS = [n for n in presets_of("masked") if n != "mae"]  # MAE: tests/test_mae.py
 FIXED_AUG = ("data.crop_scale=[1,1]", "data.hflip=false")

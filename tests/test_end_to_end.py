@@ -8,11 +8,11 @@ import timm
 import torch
 
 from mimlab.cli import run
-from mimlab.config import ModelConfig, from_dict
-from mimlab.engine import load_checkpoint
-from mimlab.export import export_checkpoint, to_timm
-from mimlab.models import build_encoder
+from mimlab.core.config import ModelConfig, from_dict
+from mimlab.io.export import export_checkpoint, to_timm
+from mimlab.nn.models import build_encoder
 from mimlab.tasks import Classifier, load_encoder_weights
+from mimlab.train.engine import load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +177,7 @@ def test_wrong_architecture_checkpoint_fails_in_one_line(pipeline, cifar_dir, tm
 
 
 def test_cli_help_documents_every_key(capsys):
-    from mimlab.config import PretrainConfig, describe
+    from mimlab.core.config import PretrainConfig, describe
 
     with pytest.raises(SystemExit):
         run(["pretrain", "--help"])

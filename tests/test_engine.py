@@ -6,9 +6,9 @@ import torch
 from conftest import micro_pretrain_cfg
 
 from mimlab import tasks
-from mimlab.config import PretrainConfig, resolve
-from mimlab.engine import NonFiniteLossError, TrainingError, atomic_save, lr_at, param_groups
+from mimlab.core.config import PretrainConfig, resolve
 from mimlab.methods import build_method
+from mimlab.train.engine import NonFiniteLossError, TrainingError, atomic_save, lr_at, param_groups
 
 
 def test_lr_schedule_warmup_and_cosine():
@@ -35,7 +35,7 @@ def test_no_weight_decay_on_norms_biases_tokens():
 
 
 def test_layer_decay_scales():
-    from mimlab.models import ViTEncoder
+    from mimlab.nn.models import ViTEncoder
 
     enc = ViTEncoder(32, 8, 3, 32, 3, 2)
     groups = param_groups(enc, 0.05, enc.no_weight_decay(), 0.5, enc.layer_id, enc.depth + 1)
@@ -123,7 +123,7 @@ class _NaNAfter(torch.nn.Module):
 
 
 def test_nonfinite_loss_stops_with_step_and_hint(cifar_dir, tmp_path, monkeypatch):
-    import mimlab.train as T
+    import mimlab.train.pretraining as T
 
     real = T.build_method
     monkeypatch.setattr(T, "build_method", lambda cfg, **kw: _NaNAfter(real(cfg, **kw), 3))
@@ -134,7 +134,7 @@ def test_nonfinite_loss_stops_with_step_and_hint(cifar_dir, tmp_path, monkeypatc
 
 
 def test_nonfinite_skip_budget(cifar_dir, tmp_path, monkeypatch):
-    import mimlab.train as T
+    import mimlab.train.pretraining as T
 
     real = T.build_method
 
@@ -184,7 +184,7 @@ class Opaque:  # an arbitrary pickled object: refused by weights_only loading
 
 
 def test_checkpoints_load_weights_only_unless_trusted(tmp_path):
-    from mimlab.engine import load_checkpoint
+    from mimlab.train.engine import load_checkpoint
 
     p = tmp_path / "odd.pt"
     torch.save({"model": {}, "extra": Opaque()}, p)

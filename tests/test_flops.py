@@ -1,4 +1,4 @@
-"""Analytic training FLOPs (mimlab/flops.py) against torch's FLOP counter, for every method
+"""Analytic training FLOPs (mimlab/analysis/flops.py) against torch's FLOP counter, for every method
 preset at the micro model (MAE also at mini), a few non-preset variants, the formulas of one
 transformer block, compute-matched epochs and the ``mimlab flops`` command."""
 
@@ -11,9 +11,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch.utils.flop_counter import FlopCounterMode
 
-from mimlab.cli import run
-from mimlab.config import METHOD_PRESETS, ConfigError
-from mimlab.flops import (
+from mimlab.analysis.flops import (
     ATTENTION_FORMULAS,
     BACKWARD_ATTENTION,
     attention_flops,
@@ -24,6 +22,8 @@ from mimlab.flops import (
     preset_config,
     train_flops_per_image,
 )
+from mimlab.cli import run
+from mimlab.core.config import METHOD_PRESETS, ConfigError
 
 BATCH = 4
 

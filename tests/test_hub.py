@@ -1,4 +1,4 @@
-"""Export to the Hub formats (mimlab.hub, ``mimlab export``): the reference libraries load
+"""Export to the Hub formats (mimlab.io.hub, ``mimlab export``): the reference libraries load
 the files and reproduce mimlab's outputs."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import pytest
 import timm
 import torch
 
-from mimlab import checkpoint as ckf
 from mimlab.cli import run
-from mimlab.config import PretrainConfig, from_dict
-from mimlab.export import export_checkpoint
+from mimlab.core.config import PretrainConfig, from_dict
+from mimlab.io import checkpoint as ckf
+from mimlab.io.export import export_checkpoint
+from mimlab.io.sources import SourceError, load_encoder
 from mimlab.methods import build_method
-from mimlab.sources import SourceError, load_encoder
 
 transformers = pytest.importorskip("transformers")
 

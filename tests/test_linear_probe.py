@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-import mimlab.eval.linear as lin
+import mimlab.nn.linear_probe as lin
 
 
 def _fake_heads(peak: float, calls: list):

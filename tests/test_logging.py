@@ -7,8 +7,9 @@ import re
 import torch
 from conftest import micro_pretrain_cfg
 
-from mimlab import dist, tasks
-from mimlab.engine import LogWindow
+from mimlab import tasks
+from mimlab.core import dist
+from mimlab.train.engine import LogWindow
 
 
 def _cfg(data, out, name, *extra):

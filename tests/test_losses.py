@@ -1,4 +1,4 @@
-"""Tests for mimlab.losses: every loss against a small hand-written reference."""
+"""Tests for mimlab.nn.losses: every loss against a small hand-written reference."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mimlab import losses as L
+from mimlab.nn import losses as L
 
 DT = torch.float64
 

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from mimlab.config import PretrainConfig, resolve
-from mimlab.losses import patch_norm_target as patch_normalize
-from mimlab.losses import regression_loss
+from mimlab.core.config import PretrainConfig, resolve
 from mimlab.methods import build_method
-from mimlab.ops import patchify
+from mimlab.nn.losses import patch_norm_target as patch_normalize
+from mimlab.nn.losses import regression_loss
+from mimlab.nn.ops import patchify
 
 
 def _mae(**ov):
@@ -166,7 +166,7 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(monkeypatch):
 
 def test_grad_checkpointing_modes_in_config():
     """Booleans of older configs map to full / off; unknown modes fail with a hint."""
-    from mimlab.config import ConfigError
+    from mimlab.core.config import ConfigError
 
     for given, want in (
         ("true", "full"),

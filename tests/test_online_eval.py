@@ -8,10 +8,10 @@ import torch
 from conftest import micro_pretrain_cfg
 
 from mimlab import tasks
-from mimlab.config import ConfigError
-from mimlab.eval.knn import knn_classify, top1
-from mimlab.eval.online import build_online_evaluator
+from mimlab.core.config import ConfigError
 from mimlab.methods import build_method
+from mimlab.nn.knn import knn_classify, top1
+from mimlab.train.online import build_online_evaluator
 
 ONLINE = [
     "eval.online_bank=60",

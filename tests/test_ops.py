@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from mimlab.ops import (
+from mimlab.nn.ops import (
     block_masking,
     gather_tokens,
     mask_to_ids,

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from mimlab.config import DataConfig, FinetuneConfig, resolve
-from mimlab.data import build_dataset
+from mimlab.core.config import DataConfig, FinetuneConfig, resolve
+from mimlab.data.datasets import build_dataset
 
 
 def _items(ds):
@@ -34,7 +34,7 @@ def test_holdout_split_is_disjoint_balanced_and_from_train(tiny_folder):
 
 
 def test_holdout_validation():
-    from mimlab.config import ConfigError
+    from mimlab.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="data.holdout"):
         resolve(FinetuneConfig, overrides=["data.holdout=1.5"])
@@ -59,7 +59,7 @@ def test_layer_decay_default_depends_on_init(tiny_folder, tmp_path):
     res = tasks.finetune(cfg)
     assert res["layer_decay"] == 1.0
     # per-image correctness is kept for paired statistics and matches top-1
-    from mimlab.stats import unpack_correct
+    from mimlab.core.stats import unpack_correct
 
     c = unpack_correct(res["correct"])
     assert len(c) == res["val_images"]
@@ -68,7 +68,7 @@ def test_layer_decay_default_depends_on_init(tiny_folder, tmp_path):
 
 def test_print_config_shows_the_pretrained_model(tiny_folder, tmp_path):
     from mimlab import tasks
-    from mimlab.config import PretrainConfig
+    from mimlab.core.config import PretrainConfig
 
     cfg = resolve(
         PretrainConfig,
@@ -111,7 +111,7 @@ def test_print_config_shows_the_pretrained_model(tiny_folder, tmp_path):
         == "tiny"
     )  # user's model
     # a config resolved without adopting: one line that says how to adopt
-    from mimlab.engine import TrainingError
+    from mimlab.train.engine import TrainingError
 
     plain = resolve(
         FinetuneConfig, overrides=[f"finetune.pretrained={ck}", f"data.path={tiny_folder}"]

@@ -1,4 +1,4 @@
-"""The method registry (mimlab/registry.py): every family and preset, parametrised from it."""
+"""The method registry (mimlab/core/registry.py): every family and preset, parametrised from it."""
 
 import dataclasses
 
@@ -7,9 +7,16 @@ import torch
 import yaml
 
 from mimlab.cli import methods_listing, run
-from mimlab.config import ConfigError, MethodConfig, PretrainConfig, from_dict, resolve, to_dict
+from mimlab.core.config import (
+    ConfigError,
+    MethodConfig,
+    PretrainConfig,
+    from_dict,
+    resolve,
+    to_dict,
+)
+from mimlab.core.registry import FAMILIES, PRESETS, family_of, presets_of, reading_families
 from mimlab.methods import BUILDERS, build_method, is_siamese
-from mimlab.registry import FAMILIES, PRESETS, family_of, presets_of, reading_families
 
 METHOD_FIELDS = {f.name for f in dataclasses.fields(MethodConfig)}
 

@@ -121,8 +121,8 @@ def test_suite_records_failure_then_resumes(ten_classes, tmp_path, monkeypatch, 
 
 def test_small_data_subsets_follow_table7(ten_classes, tmp_path):
     """The one_class run really sees one class, one_per_class all ten (config of the run)."""
-    from mimlab.config import DataConfig, from_dict
-    from mimlab.data import build_dataset
+    from mimlab.core.config import DataConfig, from_dict
+    from mimlab.data.datasets import build_dataset
 
     s = Suite(QUICK, str(ten_classes), tmp_path)
     runs = dict(s.small_data_runs())

@@ -1,6 +1,6 @@
-"""mimlab.shards: WebDataset tar shards (writing, the per-rank / per-worker epoch plan, streams,
-resume) and Hugging Face datasets on disk. DDP ranks and DataLoader workers are simulated in
-one process (rank/world arguments, a patched ``get_worker_info``); one test runs a real
+"""mimlab.data.shards: WebDataset tar shards (writing, the per-rank / per-worker epoch plan,
+streams, resume) and Hugging Face datasets on disk. DDP ranks and DataLoader workers are simulated
+in one process (rank/world arguments, a patched ``get_worker_info``); one test runs a real
 2-worker DataLoader to check the batch order the plan relies on."""
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mimlab import shards as S
-from mimlab.config import DataConfig
-from mimlab.data import (
+from mimlab.core.config import DataConfig
+from mimlab.data import shards as S
+from mimlab.data.datasets import (
     BadImageError,
     DataError,
     ShardDecoder,
@@ -276,7 +276,7 @@ def test_write_limit_picks_the_data_limit_subset(tmp_path):
 
 
 def test_stats_of_shards_equal_the_folders(tmp_path):
-    from mimlab.data import compute_mean_std
+    from mimlab.data.datasets import compute_mean_std
 
     src = make_imagefolder(tmp_path / "src", classes=2, per_class=6, size=8, splits=("train",))
     write_folder_shards(src, tmp_path / "sh", 5, progress=False)
@@ -288,7 +288,7 @@ def test_stats_of_shards_equal_the_folders(tmp_path):
 def test_cli_shards_then_pretrain_and_finetune(tmp_path):
     from mimlab import tasks
     from mimlab.cli import run
-    from mimlab.config import FinetuneConfig, PretrainConfig, resolve
+    from mimlab.core.config import FinetuneConfig, PretrainConfig, resolve
 
     src = make_imagefolder(tmp_path / "src", classes=3, per_class=12, size=16)
     assert (
@@ -324,7 +324,7 @@ def test_cli_shards_then_pretrain_and_finetune(tmp_path):
 @pytest.mark.parametrize("workers", [0, 2])
 def test_pretrain_on_shards_resumes_mid_epoch_exactly(tmp_path, workers):
     from mimlab import tasks
-    from mimlab.config import PretrainConfig, resolve
+    from mimlab.core.config import PretrainConfig, resolve
 
     src = make_imagefolder(tmp_path / "src", classes=3, per_class=16, size=16, splits=("train",))
     write_folder_shards(src, tmp_path / "sh", 10, progress=False)

@@ -10,10 +10,8 @@ import torch
 
 from mimlab import tasks
 from mimlab.analysis.recon import reconstruct
-from mimlab.config import ConfigError, PretrainConfig, resolve
-from mimlab.engine import load_checkpoint
-from mimlab.losses import patch_norm_target as patch_normalize
-from mimlab.losses import regression_loss, token_info_nce
+from mimlab.core.config import ConfigError, PretrainConfig, resolve
+from mimlab.core.registry import presets_of
 from mimlab.methods import build_method
 from mimlab.methods.siamese import (
     ContrastiveSiamese,
@@ -24,10 +22,12 @@ from mimlab.methods.siamese import (
     rmae_distance,
     select_positions,
 )
-from mimlab.models import build_encoder
-from mimlab.ops import patchify, random_masking
-from mimlab.registry import presets_of
+from mimlab.nn.losses import patch_norm_target as patch_normalize
+from mimlab.nn.losses import regression_loss, token_info_nce
+from mimlab.nn.models import build_encoder
+from mimlab.nn.ops import patchify, random_masking
 from mimlab.tasks import encoder_state, load_encoder_weights
+from mimlab.train.engine import load_checkpoint
 
 RMAE = presets_of("relaxed")
 SIAMESE = RMAE + presets_of("contrastive")

@@ -1,4 +1,4 @@
-"""Model sources (mimlab.sources) against the reference libraries, offline, random weights.
+"""Model sources (mimlab.io.sources) against the reference libraries, offline, random weights.
 
 Each source model is built by its own library (transformers, timm) or written with the
 official key names (facebookresearch/mae, MoCo v3), loaded through mimlab, and compared:
@@ -14,9 +14,9 @@ import torch
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
-from mimlab import sources
+from mimlab.io import sources
+from mimlab.io.sources import SourceError, load_encoder, parse_source
 from mimlab.methods.masked import MaskedPrediction, PixelTarget
-from mimlab.sources import SourceError, load_encoder, parse_source
 
 transformers = pytest.importorskip("transformers")
 
@@ -429,7 +429,7 @@ def test_cka_across_heterogeneous_sources(hf_mae, tmp_path, capsys):
 def test_finetune_and_knn_from_foreign_sources(hf_mae, tiny_folder, tmp_path):
     """finetune / knn take any source: the architecture and the normalisation come with it."""
     from mimlab import tasks
-    from mimlab.config import FinetuneConfig, ProbeConfig
+    from mimlab.core.config import FinetuneConfig, ProbeConfig
 
     common = [
         f"data.path={tiny_folder}",

@@ -139,7 +139,7 @@ def test_empty_report(tmp_path):
 def test_every_arm_resolves(arm, tmp_path):
     """Each declared arm is a valid pretraining config (typos in overrides fail here, not two
     hours into a stage)."""
-    from mimlab.config import PretrainConfig, resolve
+    from mimlab.core.config import PretrainConfig, resolve
     from mimlab.experiments.standard import ARMS
 
     a, p = ARMS[arm], StandardProfile()
@@ -165,8 +165,8 @@ def test_every_arm_resolves(arm, tmp_path):
 def test_cmae_variants_table_pairs_each_reading_with_the_default(tmp_path):
     """The negatives x queries table: every reading against cmae (position / all), paired on
     the FT seeds they share and on the test images; hand-made result files, no training."""
+    from mimlab.core.stats import pack_correct
     from mimlab.experiments.standard import _variant_rows
-    from mimlab.stats import pack_correct
 
     res = tmp_path / "results"
     N = 200
@@ -211,8 +211,8 @@ def test_cmae_variants_table_pairs_each_reading_with_the_default(tmp_path):
 def test_single_pretraining_run_widens_the_interval_by_maes_seed_spread(tmp_path):
     """An arm with one pretraining run is compared with MAE's pretraining-seed sd added: its FT
     seeds alone cannot show how another pretraining run would differ."""
+    from mimlab.core.stats import pack_correct
     from mimlab.experiments.standard import compare, pretrain_seed_sd
-    from mimlab.stats import pack_correct
 
     res, N = tmp_path / "results", 400
 
@@ -404,8 +404,8 @@ def test_a_probe_chosen_without_the_lr_extension_is_rerun(tmp_path, monkeypatch)
 
 
 def test_an_arm_with_more_ft_seeds_pairs_only_on_the_seeds_both_have(tmp_path):
+    from mimlab.core.stats import pack_correct
     from mimlab.experiments.standard import ARMS, arm_ft_seeds, compare, unit_results
-    from mimlab.stats import pack_correct
 
     prof = StandardProfile(**TOY)
     assert arm_ft_seeds("mae", prof) == tuple(range(ARMS["mae"].ft_seeds))
@@ -425,8 +425,8 @@ def test_an_arm_with_more_ft_seeds_pairs_only_on_the_seeds_both_have(tmp_path):
 def test_small_data_section_compares_every_size_with_random_init(tmp_path):
     """Claim (d): each N-image MAE arm and MAE on the whole pool against random init, as a
     table and a plot; a size without results is left out."""
+    from mimlab.core.stats import pack_correct
     from mimlab.experiments.standard import SMALL_ARMS, _smalldata
-    from mimlab.stats import pack_correct
 
     res, N = tmp_path / "results", 200
 

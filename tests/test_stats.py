@@ -1,11 +1,11 @@
-"""Paired statistics of mimlab.stats and the claim verdicts."""
+"""Paired statistics of mimlab.core.stats and the claim verdicts."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from mimlab.stats import pack_correct, paired_diff, t975, unpack_correct, verdict
+from mimlab.core.stats import pack_correct, paired_diff, t975, unpack_correct, verdict
 
 
 def test_pack_roundtrip():

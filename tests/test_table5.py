@@ -10,8 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from mimlab.augment import color_jitter_batch, patch_mask_to_pixels
-from mimlab.config import (
+from mimlab.core.config import (
     METHOD_PRESETS,
     ConfigError,
     PretrainConfig,
@@ -19,13 +18,14 @@ from mimlab.config import (
     paper_optim,
     resolve,
 )
+from mimlab.core.paper_settings import PAPER_OPTIM
 from mimlab.eval.features import _probe_encoder
 from mimlab.methods import build_method
 from mimlab.methods.masked import normalize_target
 from mimlab.methods.siamese import ContrastiveSiamese, Encoded
 from mimlab.methods.views import ViewMaker
-from mimlab.ops import patchify, random_masking, sincos_pos_embed_2d
-from mimlab.paper_settings import PAPER_OPTIM
+from mimlab.nn.augment import color_jitter_batch, patch_mask_to_pixels
+from mimlab.nn.ops import patchify, random_masking, sincos_pos_embed_2d
 
 N = 16
 #: Table 5's compositions: (patch masking, cutmix, colour jitter), the empty one excluded

@@ -1,4 +1,4 @@
-"""Tests for mimlab.teachers: frozen teachers producing per-patch targets on the student grid."""
+"""Tests for mimlab.nn.teachers: frozen teachers producing per-patch targets on the student grid."""
 
 import json
 import math
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import mimlab.methods  # noqa: F401  (registers the model-source teacher kinds)
-from mimlab.teachers import (
+from mimlab.nn.teachers import (
     TEACHER_BUILDERS,
     TEACHER_SPECS,
     EfficientNetLite0Teacher,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mimlab import tasks
-from mimlab.config import ConfigError, PretrainConfig, resolve
+from mimlab.core.config import ConfigError, PretrainConfig, resolve
 
 
 def _cfg(data, out, name, *extra):

@@ -60,14 +60,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..augment import convert_normalization
-from ..checkpoint import CheckpointError
-from ..config import ModelConfig, PretrainConfig, resolve, to_dict
-from ..models import ViTEncoder, build_encoder
-from ..ops import gather_tokens, num_visible, random_masking
-from ..plots import pyplot
-from ..sources import SourceError, SourceModel, source_label
-from ..sources import load_encoder as load_source
+from ..core.config import ModelConfig, PretrainConfig, resolve, to_dict
+from ..io.checkpoint import CheckpointError
+from ..io.plots import pyplot
+from ..io.sources import SourceError, SourceModel, source_label
+from ..io.sources import load_encoder as load_source
+from ..nn.augment import convert_normalization
+from ..nn.models import ViTEncoder, build_encoder
+from ..nn.ops import gather_tokens, num_visible, random_masking
 from . import AnalysisError
 from .common import (
     analysis_dataset,
@@ -111,7 +111,7 @@ def source_kind(sm: SourceModel) -> str:
 
 
 def load_encoder(spec: str, trust: bool = False) -> tuple[ViTEncoder, SourceModel]:
-    """The encoder of any model source (:mod:`mimlab.sources`: mimlab checkpoints of every
+    """The encoder of any model source (:mod:`mimlab.io.sources`: mimlab checkpoints of every
     kind, ``mae:``, ``timm:``, ``hf:``, ``mocov3:``) in eval mode, and the loaded model (its
     preprocessing and description)."""
     try:

@@ -72,7 +72,7 @@ def add_parsers(sub) -> None:
         default=[],
         metavar="CKPT",
         help="model sources, mixed freely: mimlab checkpoints of any kind, mae:FILE, "
-        "timm:NAME@FILE, hf:DIR, mocov3:FILE (mimlab.sources)",
+        "timm:NAME@FILE, hf:DIR, mocov3:FILE (mimlab.io.sources)",
     )
     c.add_argument(
         "--random-init",

@@ -9,8 +9,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..config import DataConfig
-from ..data import DataError, build_dataset, resolve_stats, scan_source
+from ..core.config import DataConfig
+from ..data.datasets import DataError, build_dataset, resolve_stats, scan_source
 
 _MIX = 1_000_003
 

@@ -44,15 +44,15 @@ from typing import Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .. import checkpoint as ckpt_format
-from ..augment import denormalize
-from ..config import ConfigError, PretrainConfig, from_dict, resolve, to_dict
+from ..core.config import ConfigError, PretrainConfig, from_dict, resolve, to_dict
+from ..io import checkpoint as ckpt_format
+from ..io.plots import pyplot
+from ..io.sources import SourceError, load_encoder, parse_source
 from ..methods import build_method, is_siamese
 from ..methods.masked import MaskedPrediction, PixelTarget
 from ..methods.siamese import RelaxedMAE
-from ..ops import patchify, random_masking, unpatchify
-from ..plots import pyplot
-from ..sources import SourceError, load_encoder, parse_source
+from ..nn.augment import denormalize
+from ..nn.ops import patchify, random_masking, unpatchify
 from . import AnalysisError
 from .common import analysis_dataset, checkpoint_stats, mask_noise, pick_device, resolve_split
 from .metrics import psnr
@@ -63,8 +63,8 @@ STATS = ("visible", "true")  # how masked norm_pix patches get their mean / std 
 def patch_stats(patches: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-patch mean and std of patchified images [B, N, L] -> ([B, N, 1], [B, N, 1]).
 
-    The statistics of MAE's ``norm_pix`` target (:func:`mimlab.losses.patch_norm_target`): mean over
-    the patch's L = p*p*C values and ``sqrt(var + eps)`` with the unbiased variance."""
+    The statistics of MAE's ``norm_pix`` target (:func:`mimlab.nn.losses.patch_norm_target`): mean
+    over the patch's L = p*p*C values and ``sqrt(var + eps)`` with the unbiased variance."""
     return patches.mean(-1, keepdim=True), (patches.var(-1, keepdim=True) + eps).sqrt()
 
 

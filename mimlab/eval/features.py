@@ -11,16 +11,16 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .. import dist
-from ..config import ProbeConfig
-from ..data import labelled_splits
-from ..models import ViTEncoder, build_encoder
-from ..pretrained import load_encoder_weights, load_pretrained
-from ..rundir import prepare_run, write_results
-from ..sources import SourceModel
-from ..stats import pack_correct
-from .knn import knn_classify
-from .linear import choose_lr, train_linear_heads
+from ..core import dist
+from ..core.config import ProbeConfig
+from ..core.stats import pack_correct
+from ..data.datasets import labelled_splits
+from ..io.sources import SourceModel
+from ..nn.knn import knn_classify
+from ..nn.linear_probe import choose_lr, train_linear_heads
+from ..nn.models import ViTEncoder, build_encoder
+from ..train.pretrained import load_encoder_weights, load_pretrained
+from ..train.rundir import prepare_run, write_results
 
 log = logging.getLogger("mimlab")
 

@@ -10,15 +10,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import Mixup
 
-from ..batch import Batch
-from ..config import ConfigError, FinetuneConfig
-from ..data import labelled_splits
-from ..engine import Engine
+from ..core.config import ConfigError, FinetuneConfig
+from ..core.stats import pack_correct
+from ..data.batch import Batch
+from ..data.datasets import labelled_splits
 from ..methods import Method
-from ..models import ViTEncoder, build_encoder
-from ..pretrained import load_encoder_weights, load_pretrained
-from ..rundir import prepare_run, write_results
-from ..stats import pack_correct
+from ..nn.models import ViTEncoder, build_encoder
+from ..train.engine import Engine
+from ..train.pretrained import load_encoder_weights, load_pretrained
+from ..train.rundir import prepare_run, write_results
 
 log = logging.getLogger("mimlab")
 
@@ -150,7 +150,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         "layer_decay": cfg.optim.layer_decay,
         "base_lr": cfg.optim.base_lr,
     }
-    if last_correct:  # per-image correctness for paired statistics (mimlab.stats)
+    if last_correct:  # per-image correctness for paired statistics (mimlab.core.stats)
         out["correct"] = pack_correct(last_correct[0].numpy())
     write_results(run_dir, out)
     return out

@@ -44,9 +44,9 @@ from typing import Callable, Optional
 from .. import tasks
 from ..analysis.cka import analyze_cka
 from ..analysis.recon import analyze_psnr, visualize_checkpoint
-from ..config import FinetuneConfig, PretrainConfig, ProbeConfig, resolve
-from ..data import default_data_path
-from ..plots import pyplot
+from ..core.config import FinetuneConfig, PretrainConfig, ProbeConfig, resolve
+from ..data.datasets import default_data_path
+from ..io.plots import pyplot
 from .common import cka_last_block, read_result
 
 log = logging.getLogger("mimlab")

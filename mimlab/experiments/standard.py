@@ -16,7 +16,7 @@ run on their own (``--stage core``):
 
 Arms, stages and claims are data (:data:`ARMS`, :data:`STAGES`, :data:`CLAIM_TESTS`); each
 method's lr is the suite's MAE lr times the paper's lr ratio to MAE
-(:func:`mimlab.paper_settings.paper_optim`: R-MAE 3.0e-4 vs 1.5e-4).
+(:func:`mimlab.core.paper_settings.paper_optim`: R-MAE 3.0e-4 vs 1.5e-4).
 
 One evaluation protocol for every init (:class:`StandardProfile`):
 
@@ -28,7 +28,7 @@ One evaluation protocol for every init (:class:`StandardProfile`):
   layer decay;
 * every model is then fine-tuned with ``ft_seeds`` seeds on the whole pool and scored on all
   10,000 test images; per-image correctness is kept so that differences are paired over seeds
-  and test images (:mod:`mimlab.stats`);
+  and test images (:mod:`mimlab.core.stats`);
 * linear probe (class token after the final norm, as MAE's probe, and the patch-token
   average) and k-NN on frozen features.
 
@@ -55,11 +55,11 @@ import numpy as np
 from .. import tasks
 from ..analysis.cka import analyze_cka
 from ..analysis.recon import analyze_psnr
-from ..config import FinetuneConfig, PretrainConfig, ProbeConfig, resolve
-from ..eval.linear import beyond_edge
-from ..paper_settings import paper_optim
-from ..plots import pyplot
-from ..stats import Diff, paired_diff, unpack_correct, verdict
+from ..core.config import FinetuneConfig, PretrainConfig, ProbeConfig, resolve
+from ..core.paper_settings import paper_optim
+from ..core.stats import Diff, paired_diff, unpack_correct, verdict
+from ..io.plots import pyplot
+from ..nn.linear_probe import beyond_edge
 from .common import cka_last_block, read_result
 
 log = logging.getLogger("mimlab")
@@ -73,7 +73,7 @@ class StandardError(Exception):
 class Arm:
     """One pretraining run of the suite: a method preset plus overrides; ``lr_scale`` multiplies
     the suite's MAE base lr (the paper's lr for the method relative to MAE's, from
-    :func:`mimlab.paper_settings.paper_optim`). ``hp_from``: reuse that arm's fine-tuning
+    :func:`mimlab.core.paper_settings.paper_optim`). ``hp_from``: reuse that arm's fine-tuning
     hyper-parameters instead of sweeping (variants measured with a lighter protocol);
     ``ft_seeds``: how many FT seeds, 0, 1, ... (None = the profile's). ``small``: pretrain on N
     images of the pool, repeated to the same number of optimizer steps as the others."""
@@ -1423,7 +1423,7 @@ def write_report(s: StandardSuite) -> Path:
             "## Training FLOPs per image",
             "",
             f"`{d.get('command', 'mimlab flops')}` ({d.get('convention', '')}); analytic "
-            "(`mimlab/flops.py`) against `torch.utils.flop_counter`:",
+            "(`mimlab/analysis/flops.py`) against `torch.utils.flop_counter`:",
             "",
             "| method | MFLOP / image (analytic) | counted | x MAE |",
             "|---|---|---|---|",

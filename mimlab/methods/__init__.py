@@ -1,7 +1,7 @@
 """Methods: each is a short declaration composing reusable parts (the unified view).
 
-``build_method(cfg)`` reads ``cfg.method`` (a preset of :data:`mimlab.registry.PRESETS` filled
-in, plus the user's explicit fields), finds its family (:func:`mimlab.registry.family_of`) and
+``build_method(cfg)`` reads ``cfg.method`` (a preset of :data:`mimlab.core.registry.PRESETS` filled
+in, plus the user's explicit fields), finds its family (:func:`mimlab.core.registry.family_of`) and
 calls that family's builder in :data:`BUILDERS`:
 
 * ``masked`` (:class:`MaskedPrediction`: MAE, SimMIM, MaskFeat, MaskDistill, data2vec):
@@ -17,10 +17,10 @@ from typing import Callable, Optional, Sequence
 
 import torch.nn as nn
 
-from ..config import PretrainConfig
-from ..data import resolve_stats
-from ..models import build_decoder, build_encoder
-from ..registry import FAMILIES, check_method, family_of
+from ..core.config import PretrainConfig
+from ..core.registry import FAMILIES, check_method, family_of
+from ..data.datasets import resolve_stats
+from ..nn.models import build_decoder, build_encoder
 from .base import Method
 from .masked import MaskedPrediction, PixelTarget
 from .siamese import build_siamese
@@ -41,7 +41,7 @@ def build_masked_prediction(
 ) -> MaskedPrediction:
     """``data_mean``/``data_std``: the training images' normalisation, for teacher targets.
     method.mask=none (Table 5): reconstruct the original image from its augmented version
-    (:func:`mimlab.registry.check_method` refuses it when nothing is augmented)."""
+    (:func:`mimlab.core.registry.check_method` refuses it when nothing is augmented)."""
     m = cfg.method
     check_method(m)
     encoder = build_encoder(cfg.model, mask_token=m.student == "mask_token", drop_path=0.0)
@@ -65,7 +65,7 @@ def build_masked_prediction(
     )
 
 
-#: family name (mimlab.registry.FAMILIES) -> builder(cfg, data_mean, data_std)
+#: family name (mimlab.core.registry.FAMILIES) -> builder(cfg, data_mean, data_std)
 BUILDERS: dict[str, Callable[..., Method]] = {
     "masked": build_masked_prediction,
     "relaxed": build_siamese,
@@ -87,8 +87,8 @@ def build_method(
     """Compose the method described by ``cfg.method`` (invalid combinations: ConfigError).
 
     ``data_mean``/``data_std``: per-channel statistics the training images are normalised with
-    (``train.pretrain`` passes the dataset's); frozen teachers undo them. Default:
-    ``data.mean``/``std`` of the config, else :func:`mimlab.data.default_stats`. The
+    (``train.pretraining.pretrain`` passes the dataset's); frozen teachers undo them. Default:
+    ``data.mean``/``std`` of the config, else :func:`mimlab.data.datasets.default_stats`. The
     method keeps them (``method.data_stats``) for the augmentations that work on pixels."""
     if data_mean is None or data_std is None:
         data_mean, data_std = resolve_stats(cfg.data, None, cfg.model.in_chans)

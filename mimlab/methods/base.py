@@ -14,9 +14,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from ..data import default_stats
-from ..models import ViTEncoder
-from ..ops import mask_to_ids
+from ..data.datasets import default_stats
+from ..nn.models import ViTEncoder
+from ..nn.ops import mask_to_ids
 
 
 class Method(nn.Module):
@@ -36,7 +36,7 @@ class Method(nn.Module):
         self.data_std = None if std is None else list(std)
 
     def data_stats(self, channels: int) -> tuple[list[float], list[float]]:
-        """``(mean, std)`` of the inputs; :func:`mimlab.data.default_stats` when unset."""
+        """``(mean, std)`` of the inputs; :func:`mimlab.data.datasets.default_stats` when unset."""
         if self.data_mean is None or self.data_std is None or len(self.data_mean) != channels:
             return default_stats(channels)
         return list(self.data_mean), list(self.data_std)
@@ -105,7 +105,7 @@ def encode(
     tokens (MAE), ``mask_token`` replaces the removed patches [B, N] (1 = removed) by the
     learnable mask token (C-MAE, SimMIM); ``mask=None`` encodes every patch. ``ids``: the
     ``(ids_keep, ids_restore)`` of ``mask`` when the caller already has them (MAE's
-    :func:`~mimlab.ops.random_masking` order, kept for bitwise parity with the reference)."""
+    :func:`~mimlab.nn.ops.random_masking` order, kept for bitwise parity with the reference)."""
     if mask is None:
         return Encoded(encoder.forward_features(x))
     if student == "mask_token":

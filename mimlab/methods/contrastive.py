@@ -17,7 +17,7 @@ import torch.distributed as tdist
 import torch.nn as nn
 from torch import Tensor
 
-from ..dist import rank, world_size
+from ..core.dist import rank, world_size
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -4,7 +4,7 @@
              +  student mode (drop masked tokens | learnable mask token)  +  head  +  loss
 
 :class:`MaskedPrediction` is that composition; MAE is one short declaration of it (the
-``mae`` preset of :mod:`mimlab.registry`): random masking 75 %, pixel target, per-patch
+``mae`` preset of :mod:`mimlab.core.registry`): random masking 75 %, pixel target, per-patch
 normalisation (``norm_pix``), masked tokens dropped, transformer decoder head, L2 on the
 removed patches (Eq. 2-3 of Kong & Zhang).
 """
@@ -16,9 +16,9 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..losses import instance_norm_tokens, layernorm_target, patch_norm_target, regression_loss
-from ..models import ViTEncoder
-from ..ops import patchify, random_masking, sample_mask
+from ..nn.losses import instance_norm_tokens, layernorm_target, patch_norm_target, regression_loss
+from ..nn.models import ViTEncoder
+from ..nn.ops import patchify, random_masking, sample_mask
 from .base import Method, encode
 from .views import ViewMaker
 
@@ -113,7 +113,7 @@ class MaskedPrediction(Method):
 
         Without patch masking (``mask=none``, Table 5's "removing patch masking") the target is
         always the **original** image: MAE reconstructs the image from its augmented (cutmix
-        and / or jittered) version. See :mod:`mimlab.augment`."""
+        and / or jittered) version. See :mod:`mimlab.nn.augment`."""
         if not self.training or (self.color_jitter == "none" and not self.cutmix):
             return images, images
         v = self.views.augment(

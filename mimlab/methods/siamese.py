@@ -13,7 +13,7 @@ reusable parts:
   predictor + InfoNCE / BYOL against an EMA target (:class:`ContrastiveSiamese`, C-MAE
   Eq. 9-11 and MoCo v3; heads, gathering and token pairs in ``contrastive.py``).
 
-Presets (:data:`mimlab.registry.PRESETS`): ``rmae``, ``rmae_indep`` (R-MAE-dagger),
+Presets (:data:`mimlab.core.registry.PRESETS`): ``rmae``, ``rmae_indep`` (R-MAE-dagger),
 ``rmae_identity`` (R-MAE-double-dagger), ``cmae``, ``cmae_cls``, ``cmae_avg``,
 ``cmae_patch_cls``, ``cmae_byol``, ``cmae_nomask``, ``cmae_nomask_byol``, ``mocov3``.
 
@@ -139,13 +139,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..augment import MOCOV3_JITTER, SIMSIAM_JITTER
-from ..config import PretrainConfig
-from ..dist import world_size
-from ..losses import byol_loss, instance_info_nce, regression_loss, token_info_nce
-from ..models import ViTEncoder, build_decoder, build_encoder
-from ..ops import patchify
-from ..registry import check_method
+from ..core.config import PretrainConfig
+from ..core.dist import world_size
+from ..core.registry import check_method
+from ..nn.augment import MOCOV3_JITTER, SIMSIAM_JITTER
+from ..nn.losses import byol_loss, instance_info_nce, regression_loss, token_info_nce
+from ..nn.models import ViTEncoder, build_decoder, build_encoder
+from ..nn.ops import patchify
 from .base import Encoded, Method, ema_update_, encode
 from .contrastive import (
     MLPHead,

@@ -8,7 +8,7 @@ target         what                                                             
 =============  ===================================================================  ==========
 ``pixels``     the patches themselves (MAE, SimMIM)                                 --
 ``teacher``    a frozen network, ``method.teacher`` spec (MaskDistill; see          no
-               :func:`mimlab.teachers.build_teacher`; model sources ``mimlab:`` ...)
+               :func:`mimlab.nn.teachers.build_teacher`; model sources ``mimlab:`` ...)
 ``hog``        HOG histograms of every patch (MaskFeat), no weights                 no
 ``ema``        data2vec: EMA copy of the student encoder, average of its top-K      yes
                block outputs, each instance-normalised over the patch tokens
@@ -22,7 +22,7 @@ target's weights are ordinary submodule parameters, so they are checkpointed (ex
 
 ``mean`` / ``std`` are the per-channel statistics the student's images are normalised with
 (teachers de-normalise with them); without them the config's ``data.mean`` / ``data.std`` or the
-ImageNet values are assumed (see :func:`mimlab.data.resolve_stats`).
+ImageNet values are assumed (see :func:`mimlab.data.datasets.resolve_stats`).
 """
 
 from __future__ import annotations
@@ -34,20 +34,20 @@ from typing import Optional, Sequence
 import torch
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError
-from ..config import ConfigError, PretrainConfig
-from ..data import resolve_stats
-from ..losses import instance_norm_tokens
-from ..models import ViTEncoder
-from ..sources import SourceError, load_encoder
-from ..teachers import Size, Teacher, _pair, build_teacher, register_teacher
+from ..core.config import ConfigError, PretrainConfig
+from ..data.datasets import resolve_stats
+from ..io.checkpoint import CheckpointError
+from ..io.sources import SourceError, load_encoder
+from ..nn.losses import instance_norm_tokens
+from ..nn.models import ViTEncoder
+from ..nn.teachers import Size, Teacher, _pair, build_teacher, register_teacher
 from .base import ema_update_
 from .masked import PixelTarget
 
 
 # ------------------------------------------------------------------------- frozen teachers
 class TeacherTarget(nn.Module):
-    """A frozen :class:`~mimlab.teachers.Teacher` as masked-prediction target.
+    """A frozen :class:`~mimlab.nn.teachers.Teacher` as masked-prediction target.
 
     ``forward(images)``: student-normalised images [B, C, H, W] -> teacher features
     [B, gh * gw, out_dim] (float32) on the student grid ``grid``.
@@ -109,15 +109,17 @@ class TeacherTarget(nn.Module):
 
 
 class SourceTeacher(Teacher):
-    """The encoder of any model source (:mod:`mimlab.sources`) as a frozen teacher: specs
+    """The encoder of any model source (:mod:`mimlab.io.sources`) as a frozen teacher: specs
     ``mimlab:<checkpoint.pt>`` (MAE, MoCo v3, ... pretraining or fine-tuning), ``mae:<file>``,
-    ``hf:<dir>``, ``mocov3:<file>`` (``timm:`` teachers are :class:`~mimlab.teachers.TimmTeacher`).
+    ``hf:<dir>``, ``mocov3:<file>`` (``timm:`` teachers are
+    :class:`~mimlab.nn.teachers.TimmTeacher`).
 
     Features are the patch tokens after the encoder's final norm, [B, D, h, w] on the teacher's
     own grid (``out_dim`` = its ``embed_dim``). The teacher runs at its own resolution, or at
-    ``teacher_size`` (square; position embeddings resampled as :func:`mimlab.sources.load_encoder`
-    does). Its input normalisation is the source's own (a mimlab checkpoint's recorded data
-    statistics; the student's, with a warning, for pre-schema files that recorded none).
+    ``teacher_size`` (square; position embeddings resampled as
+    :func:`mimlab.io.sources.load_encoder` does). Its input normalisation is the source's own (a
+    mimlab checkpoint's recorded data statistics; the student's, with a warning, for pre-schema
+    files that recorded none).
     """
 
     def __init__(
@@ -166,7 +168,7 @@ class EMATarget(nn.Module):
     """data2vec target (Baevski et al., 2022, Sec. 3.3): an EMA copy of the student encoder
     sees the *full, unmasked* image; the outputs of its top ``K`` blocks (patch tokens, before
     the final norm) are each instance-normalised over the tokens
-    (:func:`mimlab.losses.instance_norm_tokens`) and averaged: [B, C, H, W] -> [B, N, D].
+    (:func:`mimlab.nn.losses.instance_norm_tokens`) and averaged: [B, C, H, W] -> [B, N, D].
 
     The EMA weights are ordinary parameters (``requires_grad=False``) of this module, so they
     are saved in checkpoints. :meth:`update` moves them towards the online encoder::

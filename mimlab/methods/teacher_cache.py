@@ -2,7 +2,7 @@
 image and reuse its features in every epoch.
 
 Valid only for a fixed augmentation (``data.crop_scale=[1,1]``, ``data.hflip=false``; checked by
-:func:`mimlab.config.validate`): sample ``i`` then always yields the same image, so its teacher
+:func:`mimlab.core.config.validate`): sample ``i`` then always yields the same image, so its teacher
 features are a function of ``i``. (RandomResizedCrop at scale 1 keeps the whole image; for a
 non-square image whose aspect ratio lies inside the crop's ratio range it may still shift by one
 pixel, which the cache ignores.)
@@ -20,7 +20,7 @@ fingerprint of the training set (each file's path, size and mtime, or the bytes 
 array, plus the subset indices). Changing any of them selects another file; stale files stay
 (delete the folder to reclaim space).
 
-Lookup: every :class:`mimlab.batch.Batch` carries each image's ``index`` among the dataset's
+Lookup: every :class:`mimlab.data.batch.Batch` carries each image's ``index`` among the dataset's
 distinct items (the cache row). :func:`attach_teacher_cache` returns a ``batch_fn`` for the
 engine's hook that hands ``batch.index`` to
 :meth:`TeacherTarget.set_batch_indices <mimlab.methods.targets.TeacherTarget.set_batch_indices>`;
@@ -40,11 +40,11 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from .. import dist
-from ..batch import Batch
-from ..checkpoint import save as atomic_save
-from ..config import ConfigError, PretrainConfig
-from ..dist import autocast_dtype
+from ..core import dist
+from ..core.config import ConfigError, PretrainConfig
+from ..core.dist import autocast_dtype
+from ..data.batch import Batch
+from ..io.checkpoint import save as atomic_save
 from .targets import TeacherTarget
 
 log = logging.getLogger("mimlab.teacher_cache")
@@ -230,7 +230,7 @@ def attach_teacher_cache(
 ) -> tuple[Callable, TeacherCache]:
     """Open / build the cache of ``method.target`` on ``ds`` and wire it in.
 
-    Returns ``(batch_fn, cache)``: pass ``batch_fn`` to the :class:`~mimlab.engine.Engine`
+    Returns ``(batch_fn, cache)``: pass ``batch_fn`` to the :class:`~mimlab.train.engine.Engine`
     (it routes each batch's ``index`` to the target).
     """
     target = getattr(method, "target", None)

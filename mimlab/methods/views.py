@@ -22,7 +22,7 @@
    parameters; ``unmasked``: the online view T1 only.
 
 **No leak through the jitter.** Every jitter here is applied to a whole view tensor, so the one
-image statistic it uses (contrast's mean grey level, :func:`mimlab.augment.adjust_contrast`)
+image statistic it uses (contrast's mean grey level, :func:`mimlab.nn.augment.adjust_contrast`)
 is taken over the *visible* patches of that view only (for ``whole``: T1's visible patches):
 the pixels T1 shows never depend on the pixels T1 hides (tested). Augmentations run only in
 training mode (``train=True``).
@@ -35,7 +35,8 @@ from typing import Optional
 
 from torch import Tensor
 
-from ..augment import (
+from ..core.registry import JITTERS, MASKS, VIEW2  # noqa: F401  (the choices, declared once)
+from ..nn.augment import (
     SIMSIAM_JITTER,
     JitterSpec,
     color_jitter_batch,
@@ -43,8 +44,7 @@ from ..augment import (
     random_partner,
     random_resized_crop_batch,
 )
-from ..ops import sample_mask
-from ..registry import JITTERS, MASKS, VIEW2  # noqa: F401  (the choices, declared once)
+from ..nn.ops import sample_mask
 
 
 @dataclass

@@ -39,14 +39,14 @@ def make_data(root: Path) -> Path:
 
 
 def presets() -> list[str]:
-    from mimlab.config import METHOD_PRESETS
+    from mimlab.core.config import METHOD_PRESETS
 
     return list(METHOD_PRESETS)
 
 
 def compute(tmp: Path, methods: list[str] | None = None) -> dict:
     from mimlab import tasks
-    from mimlab.config import FinetuneConfig, PretrainConfig, ProbeConfig, resolve
+    from mimlab.core.config import FinetuneConfig, PretrainConfig, ProbeConfig, resolve
 
     torch.set_num_threads(1)
     data = make_data(tmp / "data")

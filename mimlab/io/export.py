@@ -1,4 +1,4 @@
-"""``mimlab export``: any model source (:mod:`mimlab.sources`) out to the formats other tools
+"""``mimlab export``: any model source (:mod:`mimlab.io.sources`) out to the formats other tools
 load.
 
 * ``--format timm`` (a directory; the default unless OUTPUT ends in ``.pt``): timm's Hub format,

@@ -53,8 +53,7 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .augment import MOCOV3_JITTER, SIMSIAM_JITTER
-from .config import (
+from ..core.config import (
     METHOD_PRESETS,
     ConfigError,
     ModelConfig,
@@ -62,9 +61,10 @@ from .config import (
     checkpointing_mode,
     resolve,
 )
-from .methods import build_method, is_siamese  # importing methods registers source teachers
-from .ops import num_visible
-from .teachers import build_teacher
+from ..methods import build_method, is_siamese  # importing methods registers source teachers
+from ..nn.augment import MOCOV3_JITTER, SIMSIAM_JITTER
+from ..nn.ops import num_visible
+from ..nn.teachers import build_teacher
 
 #: backward / forward FLOP ratios (see the module docstring)
 BACKWARD_MATMUL = 2.0  # input and weight gradients
@@ -549,7 +549,7 @@ def run_cli(
             "torch": torch.__version__,
             "convention": "FLOPs per image of one forward + backward; 1 multiply-add = 2 "
             "FLOPs; matrix products, convolutions and attention only "
-            "(torch.utils.flop_counter); analytic from mimlab/flops.py",
+            "(torch.utils.flop_counter); analytic from mimlab/analysis/flops.py",
             "command": f"mimlab flops --preset {preset} --batch {batch}"
             + (f" --methods {methods}" if methods else ""),
             "rows": rows,

@@ -3,7 +3,7 @@
 # depth 12, width 192) on all 50k CIFAR-10 training images, scheduled for 3 epochs.
 # The reported run was stopped after epoch 1 (its checkpoints/last.pt, 390 steps) for lack of
 # CPU time; to reproduce that exactly add run.stop_at_step=390 (the schedule stays 3 epochs).
-# Steps 2 and 3: experiments/cifar10_finetune.sh, experiments/cifar10_probes.sh.
+# Steps 2 and 3: scripts/cifar10_finetune.sh, scripts/cifar10_probes.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${DATA:-../shared/data/cifar10}

@@ -302,9 +302,9 @@ class RunConfig:
 @dataclass
 class MethodConfig:
     """The unified view of MIM: masking (T1/T2) + target + target normalisation + student mode
-    + head + loss. ``name`` selects a preset (:data:`mimlab.registry.PRESETS`) that fills every
+    + head + loss. ``name`` selects a preset (:data:`mimlab.core.registry.PRESETS`) that fills every
     field not set explicitly; any combination can also be written out field by field in YAML;
-    the family of the method (:func:`mimlab.registry.family_of`) says which fields it reads."""
+    the family of the method (:func:`mimlab.core.registry.family_of`) says which fields it reads."""
 
     name: str = doc(
         "method preset: " + " | ".join(PRESETS) + " (`mimlab methods` lists what each composes)",
@@ -416,7 +416,7 @@ class MethodConfig:
 
 @dataclass
 class EvalConfig:
-    """Online evaluation during pretraining (mimlab/eval/online.py)."""
+    """Online evaluation during pretraining (mimlab/train/online.py)."""
 
     online_every: int = doc(
         "run weighted k-NN on a fixed labelled subset every N optimizer "
@@ -454,7 +454,7 @@ class EvalConfig:
 
 @dataclass
 class LogConfig:
-    """Extra metric sinks (mimlab/tracking.py); metrics.jsonl/csv and TensorBoard always run."""
+    """Extra metric sinks (mimlab/io/tracking.py); metrics.jsonl/csv and TensorBoard always run."""
 
     wandb: bool = doc(
         "also log to Weights & Biases (pip install 'mimlab[track]'); "
@@ -814,7 +814,7 @@ def checkpointing_mode(value: Any) -> str:
 
 def validate(cfg: Any, method_explicit: Optional[dict] = None) -> None:
     """Impossible values fail here, one clear line each. The method section is checked by
-    :func:`mimlab.registry.check_method` (``method_explicit``: the method fields the user set,
+    :func:`mimlab.core.registry.check_method` (``method_explicit``: the method fields the user set,
     so that a field the method's family does not read is an error)."""
     m = getattr(cfg, "model", None)
     if m is not None:

@@ -1,7 +1,7 @@
 """Data at scale: WebDataset tar shards and Hugging Face ``datasets`` on disk.
 
-The storage layer under :mod:`mimlab.data` (which decodes, augments and chooses the kind); it
-imports nothing from mimlab. Reading and writing tars goes through the ``webdataset`` package,
+The storage layer under :mod:`mimlab.data.datasets` (which decodes, augments and chooses the kind);
+it imports nothing from mimlab. Reading and writing tars goes through the ``webdataset`` package,
 Hugging Face datasets through ``datasets``; both are optional (``pip install 'mimlab[data]'``)
 and imported only when used.
 
@@ -14,8 +14,8 @@ samples of each shard are counted from the tar headers.
 **The epoch plan** (:func:`plan_slot`, pure): the shards are put in a seeded order per
 (seed, epoch) and concatenated into one sequence of N samples. Rank ``r`` of ``world`` owns
 positions ``[r * N_r, r * N_r + M * B)`` (``N_r = N // world``, ``M = N_r // B`` batches of
-``B``; the tail is dropped, as :class:`mimlab.data.EpochSampler` drops it). Its ``W`` DataLoader
-workers ("slots") split that range into contiguous segments: slot ``o`` makes the rank's
+``B``; the tail is dropped, as :class:`mimlab.data.datasets.EpochSampler` drops it). Its ``W``
+DataLoader workers ("slots") split that range into contiguous segments: slot ``o`` makes the rank's
 batches ``k = o, o + W, ...``, which is the order in which a DataLoader collects batches from
 its workers, so the rank's batch sequence is fixed by (seed, epoch, world, W, B). Every rank and
 worker reads a disjoint part of the epoch and together they read all of it but the tail. Each
@@ -401,13 +401,13 @@ class LoaderPlan:
 
 
 class ShardStream(IterableDataset):
-    """Streams one split of tar shards as :class:`mimlab.batch.Batch` items (``index``: the
+    """Streams one split of tar shards as :class:`mimlab.data.batch.Batch` items (``index``: the
     sample's position in the split, ``skipped``: 1 when an unreadable sample was replaced).
 
     ``decode(sample, where) -> (uint8 image [C, H, W] or None if unreadable, label)`` and
-    ``augment(image, epoch, index) -> tensor`` are supplied by :mod:`mimlab.data` (robust
+    ``augment(image, epoch, index) -> tensor`` are supplied by :mod:`mimlab.data.datasets` (robust
     decoding, per-sample seeded transforms); ``error`` is the exception type raised for
-    problems with the shards (``mimlab.data.DataError``). An unreadable sample is replaced by
+    problems with the shards (``datasets.DataError``). An unreadable sample is replaced by
     the last readable one of the same worker (the first readable one when none came before) and
     counted in ``n_skipped``, so every worker delivers exactly its planned number of samples.
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import logging
 
-from .config import PretrainConfig
-from .data import build_dataset
+from ..core.config import PretrainConfig
+from ..data.datasets import build_dataset
+from ..methods import build_method
+from ..methods.teacher_cache import attach_teacher_cache
 from .engine import Engine, autocast_dtype
-from .eval.online import build_online_evaluator
-from .methods import build_method
-from .methods.teacher_cache import attach_teacher_cache
+from .online import build_online_evaluator
 from .rundir import prepare_run, write_results
 
 log = logging.getLogger("mimlab")

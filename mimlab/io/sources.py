@@ -4,7 +4,7 @@
 ``analyze psnr`` / ``visualize --checkpoint``, ``export`` and ``method.teacher`` all accept:
 
 =========================  ===================================================================
-``mimlab:PATH`` / ``PATH``  a mimlab checkpoint (:mod:`mimlab.checkpoint`; pre-schema files too)
+``mimlab:PATH`` / ``PATH``  a mimlab checkpoint (:mod:`mimlab.io.checkpoint`; pre-schema files too)
 ``mae:PATH``               official facebookresearch/mae ``.pth`` (``{'model': ...}``): an
                            encoder (pretrained, or fine-tuned with ``fc_norm`` + ``head``), or
                            encoder + decoder as in its ``*_visualize`` / full pretraining files
@@ -23,7 +23,7 @@
 Options for the files whose head count cannot be read from the weights: ``mae:PATH?heads=16``
 (``dec_heads=``, ``norm_pix=1`` for the decoder's target), ``mocov3:PATH?heads=12``.
 
-Every source is mapped onto mimlab's :class:`~mimlab.models.ViTEncoder` (timm blocks, class
+Every source is mapped onto mimlab's :class:`~mimlab.nn.models.ViTEncoder` (timm blocks, class
 token, absolute position embeddings) with **strict key accounting**: each key of the file is
 mapped, or belongs to a part that is named in the load line as not used (a MoCo projector, an
 HF tanh pooler), or the load fails with one line naming what is unsupported (layer scale,
@@ -58,9 +58,9 @@ from timm.data import resolve_data_config
 from timm.layers import Mlp, resample_abs_pos_embed
 from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 
+from ..core.config import ModelConfig
+from ..nn.models import MAEDecoder, ViTEncoder, build_decoder, build_encoder
 from . import checkpoint as ckpt_format
-from .config import ModelConfig
-from .models import MAEDecoder, ViTEncoder, build_decoder, build_encoder
 
 log = logging.getLogger("mimlab.sources")
 

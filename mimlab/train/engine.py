@@ -29,12 +29,12 @@ import torch.nn as nn
 from torch.utils.data import BatchSampler, DataLoader
 from tqdm.auto import tqdm
 
-from . import checkpoint as ckpt_format
-from . import dist
-from .config import OptimConfig, RunConfig, to_dict
-from .data import EpochSampler
-from .dist import autocast_dtype  # noqa: F401  (re-exported)
-from .tracking import Sink, build_sinks
+from ..core import dist
+from ..core.config import OptimConfig, RunConfig, to_dict
+from ..core.dist import autocast_dtype  # noqa: F401  (re-exported)
+from ..data.datasets import EpochSampler
+from ..io import checkpoint as ckpt_format
+from ..io.tracking import Sink, build_sinks
 
 log = logging.getLogger("mimlab.engine")
 
@@ -177,7 +177,7 @@ def seed_everything(seed: int) -> None:
 
 def atomic_save(obj: Any, path: Path) -> None:
     """Write to ``path.tmp`` then rename: a crash never leaves a partial file at ``path``
-    (:func:`mimlab.checkpoint.save`; errors as :class:`TrainingError`)."""
+    (:func:`mimlab.io.checkpoint.save`; errors as :class:`TrainingError`)."""
     try:
         ckpt_format.save(obj, path)
     except ckpt_format.CheckpointError as e:
@@ -186,7 +186,7 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 def load_checkpoint(path: str | Path, trust: bool = False) -> dict:
     """Read a checkpoint file as stored (``weights_only=True`` unless ``trust``), errors as
-    :class:`TrainingError`. Readers of the *schema* use :func:`mimlab.checkpoint.load`."""
+    :class:`TrainingError`. Readers of the *schema* use :func:`mimlab.io.checkpoint.load`."""
     try:
         return ckpt_format.read(path, trust)
     except ckpt_format.CheckpointError as e:
@@ -218,7 +218,7 @@ class MetricLogger:
         self.jsonl = run_dir / "metrics.jsonl"
         self.csv = run_dir / "metrics.csv"
         self.tb = None
-        self.sinks = list(sinks)  # optional W&B / MLflow (mimlab.tracking), rank 0 only
+        self.sinks = list(sinks)  # optional W&B / MLflow (mimlab.io.tracking), rank 0 only
         if not enabled:
             return
         if resume_step is not None and self.jsonl.exists():
@@ -325,7 +325,7 @@ class LogWindow:
 
 class Evaluator(Protocol):
     """A callback run during training every ``every`` optimizer steps (and at the start and
-    the end), e.g. :class:`mimlab.eval.online.OnlineKNN`. Called on every rank with the
+    the end), e.g. :class:`mimlab.train.online.OnlineKNN`. Called on every rank with the
     unwrapped module (it may use collectives and must leave the RNG and train/eval flags as it
     found them); the metrics returned on rank 0 are logged with kind ``kind``, then
     ``plot(rows of that kind)`` may redraw a figure."""
@@ -378,12 +378,12 @@ class _SignalCatcher:
 
 
 class Engine:
-    """Train ``method`` on ``dataset`` (items :class:`mimlab.batch.Batch`).
+    """Train ``method`` on ``dataset`` (items :class:`mimlab.data.batch.Batch`).
 
     ``config`` is the resolved top-level config (saved into every checkpoint); ``optim`` and
     ``run`` are its sections. ``eval_fn(model, epoch) -> dict`` runs on rank 0 after epochs
     (every ``eval_every`` epochs and at the end). ``batch_fn(batch) -> batch``
-    transforms a :class:`~mimlab.batch.Batch` on the device before the forward (mixup/cutmix,
+    transforms a :class:`~mimlab.data.batch.Batch` on the device before the forward (mixup/cutmix,
     the teacher cache's row lookup); the method is called as ``method(images, labels)``.
     ``evaluators`` run every ``ev.every`` optimizer steps (see :class:`Evaluator`).
     """
@@ -471,7 +471,7 @@ class Engine:
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict:
-        """The checkpoint (:func:`mimlab.checkpoint.make`): schema fields plus every state an
+        """The checkpoint (:func:`mimlab.io.checkpoint.make`): schema fields plus every state an
         exact resume needs."""
         cfg = to_dict(self.config)
         kind = ckpt_format.kind_of_config(cfg)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor
 
-from .registry import NEGATIVES
+from ..core.registry import NEGATIVES
 
 __all__ = [
     "masked_mean",

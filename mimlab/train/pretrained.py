@@ -1,5 +1,5 @@
 """Pretrained encoders for fine-tuning and probing: read a model source
-(:mod:`mimlab.sources`), check it against the run's ``model.*``, copy its weights.
+(:mod:`mimlab.io.sources`), check it against the run's ``model.*``, copy its weights.
 
 Adopting a source's architecture is part of resolving a config
 (:func:`adopt_source_model`, called by :func:`mimlab.tasks.resolve_run_config`); the
@@ -13,11 +13,11 @@ from typing import Any, Optional
 
 import torch.nn as nn
 
-from . import checkpoint as ckpt_format
-from .config import ModelConfig
+from ..core.config import ModelConfig
+from ..io import checkpoint as ckpt_format
+from ..io.sources import SourceError, SourceModel, load_encoder
+from ..nn.models import ViTEncoder
 from .engine import TrainingError
-from .models import ViTEncoder
-from .sources import SourceError, SourceModel, load_encoder
 
 ARCH_FIELDS = ("patch_size", "in_chans", "embed_dim", "depth", "num_heads")
 """Model fields a pretrained source fixes: a run's ``model.*`` must agree with them."""
@@ -27,7 +27,7 @@ setting them does not count as choosing the model."""
 
 
 def model_config_of(ckpt: dict) -> ModelConfig:
-    """The architecture of a mimlab checkpoint (any layout; :mod:`mimlab.checkpoint`)."""
+    """The architecture of a mimlab checkpoint (any layout; :mod:`mimlab.io.checkpoint`)."""
     return ckpt_format.model_config(ckpt_format.upgrade(ckpt))
 
 
@@ -40,7 +40,7 @@ def load_encoder_weights(
     encoder: ViTEncoder, source: "str | SourceModel", trust: bool = False
 ) -> SourceModel:
     """Copy a pretrained encoder (any model source, or an already loaded
-    :class:`~mimlab.sources.SourceModel`) into ``encoder``; architecture mismatches fail in
+    :class:`~mimlab.io.sources.SourceModel`) into ``encoder``; architecture mismatches fail in
     one line listing the keys. ``encoder`` keeps its own random init order (so seeded runs
     are unchanged); its LayerNorm eps becomes the source's."""
     sm = source if isinstance(source, SourceModel) else load_encoder(source, trust=trust)

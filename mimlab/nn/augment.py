@@ -266,7 +266,7 @@ def color_jitter_batch(
 
 
 def patch_mask_to_pixels(mask: Tensor, size: Sequence[int]) -> Tensor:
-    """[B, N] patch mask on a square grid (row-major, as :func:`mimlab.ops.patchify`) ->
+    """[B, N] patch mask on a square grid (row-major, as :func:`mimlab.nn.ops.patchify`) ->
     [B, 1, H, W] pixel mask of the same dtype (each patch value repeated over its pixels)."""
     B, N = mask.shape
     g = int(round(math.sqrt(N)))

@@ -12,9 +12,9 @@ from typing import Any, Optional
 
 import torch
 
-from . import dist
-from .config import ConfigError, RunConfig, save_yaml
-from .data import default_data_path
+from ..core import dist
+from ..core.config import ConfigError, RunConfig, save_yaml
+from ..data.datasets import default_data_path
 from .engine import TrainingError, seed_everything
 
 

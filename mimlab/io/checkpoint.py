@@ -8,7 +8,7 @@ A checkpoint is a plain ``dict`` that ``torch.load(weights_only=True)`` can read
 ``kind``            ``'pretrain'`` | ``'finetune'`` (fine-tuning and supervised training)
 ``method``          the pretraining method name (``'mae'``, ``'cmae'``, ...); for ``finetune``
                     the source it started from, or ``None`` (supervised from scratch)
-``model_config``    the :class:`~mimlab.config.ModelConfig` as a dict (the architecture)
+``model_config``    the :class:`~mimlab.core.config.ModelConfig` as a dict (the architecture)
 ``data_stats``      ``{'mean': [C], 'std': [C], 'img_size': int, 'in_chans': int}``: how the
                     inputs were normalised; ``None`` only in upgraded pre-schema files
 ``encoder``         the encoder's state dict, keys without prefix (timm ViT names). It shares
@@ -26,7 +26,7 @@ A checkpoint is a plain ``dict`` that ``torch.load(weights_only=True)`` can read
 
 Readers never guess from keys: they call :func:`load` (which upgrades old files) and then the
 accessors :func:`model_config`, :func:`data_stats`, :func:`encoder_state`, :func:`head_state`.
-Every consumer that needs an *encoder* goes through :func:`mimlab.sources.load_encoder`, which
+Every consumer that needs an *encoder* goes through :func:`mimlab.io.sources.load_encoder`, which
 accepts this format and the foreign ones (``mae:``, ``timm:``, ``hf:``, ``mocov3:``).
 """
 
@@ -42,8 +42,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from . import __version__
-from .config import ModelConfig, from_dict
+from .. import __version__
+from ..core.config import ModelConfig, from_dict
 
 log = logging.getLogger("mimlab.checkpoint")
 

@@ -23,7 +23,7 @@ methods layer's :data:`mimlab.methods.BUILDERS`, keyed by family name (this modu
 it and imports neither torch nor the config dataclasses).
 
 To add a preset, add one :class:`Preset` to :data:`PRESETS` (and its optimiser settings to
-:mod:`mimlab.paper_settings`); tests, ``mimlab methods`` and ``--help`` pick it up from here.
+:mod:`mimlab.core.paper_settings`); tests, ``mimlab methods`` and ``--help`` pick it up from here.
 """
 
 from __future__ import annotations
@@ -355,7 +355,7 @@ def family_of(m: Any) -> Family:
 
 
 # --------------------------------------------------------------------------------------
-# Presets. Paper settings of the optimiser: mimlab/paper_settings.py.
+# Presets. Paper settings of the optimiser: mimlab/core/paper_settings.py.
 # --------------------------------------------------------------------------------------
 # R-MAE (Kong & Zhang, Sec. 5): mask ratio 0.75 and "lambda is set to 1 for ours"; one decoder
 # ("we let phi = phi'").

@@ -2,7 +2,7 @@
 
 The encoder's parameter names are those of ``timm.models.vision_transformer.VisionTransformer``
 (``cls_token``, ``pos_embed``, ``patch_embed.proj``, ``blocks.i.*``, ``norm``) so a pretrained
-encoder loads into ``timm.create_model`` of the same shape (see :mod:`mimlab.export`).
+encoder loads into ``timm.create_model`` of the same shape (see :mod:`mimlab.io.export`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch.utils.checkpoint import CheckpointPolicy
 
-from .config import ModelConfig, checkpointing_mode
+from ..core.config import ModelConfig, checkpointing_mode
 from .ops import gather_tokens, sincos_pos_embed_2d
 
 
@@ -71,7 +71,7 @@ def _selective_context():
 
 def run_block(blk: nn.Module, x: torch.Tensor, checkpointing: str) -> torch.Tensor:
     """``blk(x)`` with activation checkpointing ``'off' | 'selective' | 'full'`` (as normalised
-    by :func:`mimlab.config.checkpointing_mode`) while autograd records:
+    by :func:`mimlab.core.config.checkpointing_mode`) while autograd records:
 
     * full: only the block input is kept; the whole block is recomputed in the backward pass
       (about one more forward of compute, least memory);

@@ -6,7 +6,7 @@ writes a local run under ``<run dir>/wandb`` that ``wandb sync`` can upload late
 tracking URI with ``log.mlflow_uri``). Neither package is imported unless enabled. A resumed run
 continues the same W&B / MLflow run (its id is kept in the run directory).
 
-A sink has ``log(step, metrics, prefix)`` and ``close()``; :class:`mimlab.engine.MetricLogger`
+A sink has ``log(step, metrics, prefix)`` and ``close()``; :class:`mimlab.train.engine.MetricLogger`
 forwards every row it writes (rank 0 only).
 """
 
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
-from .config import ConfigError, LogConfig
+from ..core.config import ConfigError, LogConfig
 
 
 class Sink(Protocol):

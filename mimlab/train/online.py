@@ -4,8 +4,8 @@ fixed, labelled subset, every ``eval.online_every`` optimizer steps.
 A fixed bank of ``eval.online_bank`` training images and ``eval.online_queries`` held-out
 images (evaluation transform, seeded, class-balanced) are encoded by the current encoder
 (eval mode, no gradients, pooled features); queries are classified by k-NN against the bank
-(:func:`mimlab.eval.knn.knn_classify`) and, with ``eval.online_probe=true``, by linear heads
-trained on the cached bank features (:func:`mimlab.eval.linear.probe_top1`).
+(:func:`mimlab.nn.knn.knn_classify`) and, with ``eval.online_probe=true``, by linear heads
+trained on the cached bank features (:func:`mimlab.nn.linear_probe.probe_top1`).
 
 Guarantees:
   * the training RNG is untouched: CPU/CUDA torch, ``random`` and numpy states are restored,
@@ -15,7 +15,7 @@ Guarantees:
     all-gathered, so every rank holds the same features in dataset order and the result does
     not depend on the number of processes; the scores are computed on rank 0.
 
-:class:`OnlineKNN` is an evaluator callback of :class:`mimlab.engine.Engine` (``kind``,
+:class:`OnlineKNN` is an evaluator callback of :class:`mimlab.train.engine.Engine` (``kind``,
 ``every``, ``__call__(module, step) -> metrics``, ``plot(rows)``); the curve is drawn to
 ``online_eval.png`` in the run directory from the logged rows, so it continues across a resume.
 """
@@ -37,11 +37,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .. import dist
-from ..config import ConfigError, DataConfig, EvalConfig, ModelConfig
-from ..data import DataError, build_dataset, subset_indices
-from .knn import knn_classify, top1
-from .linear import probe_top1
+from ..core import dist
+from ..core.config import ConfigError, DataConfig, EvalConfig, ModelConfig
+from ..data.datasets import DataError, build_dataset, subset_indices
+from ..nn.knn import knn_classify, top1
+from ..nn.linear_probe import probe_top1
 
 FeatureFn = Callable[[nn.Module, torch.Tensor], torch.Tensor]
 

@@ -8,7 +8,7 @@ Kinds (``data.kind``; ``auto`` detects):
   * ``photos``: natural photos bundled with scikit-image (``builtin:photos`` or
     ``builtin:photos:astronaut``), for single-image pretraining and offline demos;
   * ``wds``: WebDataset tar shards (``mimlab shards`` writes them), streamed by
-    :class:`mimlab.shards.ShardStream`: each rank and worker reads its own part of the epoch;
+    :class:`mimlab.data.shards.ShardStream`: each rank and worker reads its own part of the epoch;
   * ``hf``: a Hugging Face ``datasets`` dataset on disk (``save_to_disk`` folder, parquet, ...),
     random access like an image folder.
 If ``path/<train_split>`` exists it is used as the training root (CIFAR-10 copies have
@@ -41,8 +41,8 @@ from PIL import Image, ImageFile
 from torch.utils.data import Dataset, Sampler
 from torchvision.transforms import v2 as T
 
+from ..core.config import DataConfig
 from .batch import Batch
-from .config import DataConfig
 from .shards import (
     IMAGE_EXTS,
     INFO_FILE,
@@ -564,8 +564,8 @@ class SeededTransform:
 
 
 class ImageDataset(Dataset):
-    """Indexable by ``int`` or by ``(index, epoch)``; returns a :class:`mimlab.batch.Batch` of one
-    image: ``images`` [C, H, W], ``labels``, ``index`` (position among the distinct items),
+    """Indexable by ``int`` or by ``(index, epoch)``; returns a :class:`mimlab.data.batch.Batch` of
+    one image: ``images`` [C, H, W], ``labels``, ``index`` (position among the distinct items),
     ``skipped``.
 
     ``skipped`` counts the unreadable files visited for this sample with ``on_bad='skip'``:
@@ -709,7 +709,7 @@ class ShardDecoder:
     """A :class:`ShardStream`'s ``decode``: WebDataset sample -> (uint8 image [C, H, W], label).
 
     The image is the sample's ``image_key`` entry, else its first entry with an image
-    extension (:data:`mimlab.shards.IMAGE_EXTS`); the label is the integer text of its
+    extension (:data:`mimlab.data.shards.IMAGE_EXTS`); the label is the integer text of its
     ``label_key`` entry (default ``cls``), -1 when absent. Unreadable images give ``None`` with
     ``on_bad='skip'`` (the stream substitutes and counts them) and raise
     :class:`BadImageError` with ``on_bad='error'``.
@@ -969,7 +969,9 @@ def build_dataset(
         if train_aug
         else eval_transform(img_size, mean, std)
     )
-    if src.shards is not None:  # tar shards: streamed, split by rank and worker (mimlab.shards)
+    if (
+        src.shards is not None
+    ):  # tar shards: streamed, split by rank and worker (mimlab.data.shards)
         ds = shard_stream(cfg, src, split, tf, in_chans, seed, train_aug, label_fraction)
         ds.mean, ds.std = mean, std
         return ds

@@ -1,0 +1,3 @@
+"""Layer 1, network parts: pure tensor functions with their shapes and equations (patchify and
+masking, losses, batch augmentations, the k-NN vote, linear heads on cached features), the ViT
+encoder/decoder and the frozen teachers of MaskDistill-style targets."""
