@@ -267,12 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--suite",
         default="quick",
-        help="quick (smoke test) | standard (decides the claims, in stages) | full (default quick)",
+        help="quick (smoke test) | standard (protocol v1, in stages) | evidence (protocol v2, "
+        "in stages) | full (default quick)",
     )
     r.add_argument(
         "--stage",
         default=None,
-        help="standard suite: core | rmae | contrastive | cmae_variants | smalldata | augment",
+        help="standard suite: core | rmae | contrastive | cmae_variants | smalldata | augment; "
+        "evidence suite: protocol | ftbudget",
     )
     r.add_argument(
         "--results",
@@ -470,6 +472,30 @@ def run(argv: Optional[list[str]] = None) -> int:
                 print(e, file=sys.stderr)
                 return 1
             return bench.main_from_args(args)
+        if args.command == "reproduce" and args.suite == "evidence":
+            from .data.datasets import default_data_path  # lazy: CLI start-up speed (torch)
+            from .experiments.evidence.suite import (  # lazy: CLI start-up speed (torch)
+                EvidenceError,
+                reproduce_evidence,
+            )
+
+            try:
+                if args.stage is None:
+                    raise EvidenceError("--suite evidence needs --stage (protocol | ftbudget)")
+                data = args.data or default_data_path()
+                if not data and args.stage != "protocol":
+                    raise EvidenceError("no dataset: pass --data PATH (CIFAR-10 ImageFolder)")
+                path = reproduce_evidence(
+                    args.stage,
+                    data or "",
+                    args.out or "runs/standard",
+                    args.results or "docs/results/standard",
+                )
+            except EvidenceError as e:
+                print(f"mimlab: error: {_one_line(e)}", file=sys.stderr)
+                return 2
+            print(f"written: {path}")
+            return 0
         if args.command == "reproduce" and args.suite == "standard":
             from .data.datasets import default_data_path  # lazy: CLI start-up speed (torch)
             from .experiments.standard import (  # lazy: CLI start-up speed (torch-heavy suite)

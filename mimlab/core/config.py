@@ -503,6 +503,11 @@ class FinetuneOptions:
     eval_every: int = doc(
         "evaluate on the held-out split every N epochs (0 = only at the end)", default=0
     )
+    eval_at: list[int] = doc(
+        "also evaluate after these epochs (e.g. [2, 5, 10]); results.json keeps top-1 at every "
+        "evaluation as `curve`. Evaluations do not change the training's random stream",
+        default_factory=list,
+    )
 
 
 def _ft_optim() -> OptimConfig:

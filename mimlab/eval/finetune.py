@@ -114,11 +114,19 @@ def finetune(cfg: FinetuneConfig) -> dict:
     nw = cfg.data.num_workers
 
     last_correct: list = []
+    curve: list = []  # (epoch, top-1) of every evaluation
+    eval_at = {int(e) for e in ft.eval_at}
 
     def eval_fn(m, epoch):
-        c = predict_correct(m, val, 256, device, nw)
+        if eval_at and epoch not in eval_at and epoch < cfg.optim.epochs:
+            if not (ft.eval_every and epoch % ft.eval_every == 0):
+                return {}
+        with torch.random.fork_rng(devices=[]):  # the DataLoader draws a seed: keep it out
+            c = predict_correct(m, val, 256, device, nw)
         last_correct[:] = [c]
-        return {"top1": 100.0 * float(c.float().sum()) / max(len(c), 1)}
+        top1 = 100.0 * float(c.float().sum()) / max(len(c), 1)
+        curve.append([int(epoch), round(top1, 4)])
+        return {"top1": top1}
 
     eng = Engine(
         model,
@@ -128,7 +136,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         cfg.run,
         run_dir,
         eval_fn=eval_fn,
-        eval_every=ft.eval_every,
+        eval_every=1 if eval_at else ft.eval_every,
         batch_fn=batch_fn,
         device=device,
     )
@@ -149,6 +157,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         "ddp_max_param_divergence": res.ddp_max_param_divergence,
         "layer_decay": cfg.optim.layer_decay,
         "base_lr": cfg.optim.base_lr,
+        "curve": curve,
     }
     if last_correct:  # per-image correctness for paired statistics (mimlab.core.stats)
         out["correct"] = pack_correct(last_correct[0].numpy())
