@@ -13,6 +13,17 @@ from pathlib import Path
 
 PROTOCOL_VERSION = 2
 
+#: the starting EMA time constant as a fraction of the run: C-MAE's 0.996 (250 steps) over an
+#: ImageNet run of about 125k steps
+EMA_FRACTION = 0.002
+
+
+def ema_m0(steps: int, fraction: float = EMA_FRACTION) -> float:
+    """Starting momentum of a cosine EMA schedule whose time constant ``1 / (1 - m0)`` is
+    ``fraction`` of a run of ``steps`` steps (at least one step: ``m0 >= 0``)."""
+    return max(0.0, 1.0 - 1.0 / (fraction * steps))
+
+
 #: the v2 protocol; fields marked "pilot" are fixed by a pilot's rule, not by its numbers
 PROTOCOL: dict = {
     "version": PROTOCOL_VERSION,
@@ -83,6 +94,32 @@ PROTOCOL: dict = {
         "no correction needed for 'all')",
         "not_reproduced": "at least one sub-test contradicts it after Holm's correction over "
         "the claim's sub-tests",
+    },
+    "settings": {
+        "ema": {
+            "rule": "cosine schedule m0 -> 1 (MoCo v3 / BYOL); the starting time constant "
+            "1 / (1 - m0) is the same fraction of the run as C-MAE's on ImageNet (0.996 over "
+            "about 125k steps: 250 steps = 0.2 %)",
+            "fraction_of_run": EMA_FRACTION,
+            "m0_at_624_steps": round(ema_m0(624), 4),
+            "applies_to": ["cmae", "cmae_nomask_aug", "data2vec"],
+        },
+        "maskdistill_teacher": {
+            "spec": "effnet_lite0:head_preact",
+            "teacher_size": 256,
+            "why": "stride 32 at 256 px gives the student's 8x8 grid; features before the "
+            "ReLU6 (after it 61-90 % of the values are exact zeros)",
+            "teacher": "EfficientNet-Lite0 (ImageNet-1k), not CLIP",
+        },
+        "mocov3": {
+            "crop": "one (its own view crops; the loader's crop and flip are off)",
+            "weight_decay": 0.1,
+        },
+        "pretrain_lr": "MAE's base lr 1.5e-3 per 256 x the paper's lr ratio to MAE; each "
+        "checked on the held-out split at x0.5 and x2 (one run each) before its stage",
+        "small_data": "early stop per N chosen on held-out data (k-NN on the held-out 20 % at "
+        "checkpoints 1/8, 1/4, 1/2, 1 of the step budget); both the early-stopped and the "
+        "full-budget results are reported",
     },
     "words": ["reproduced", "not reproduced", "undecided"],
     "pilots": {
