@@ -120,7 +120,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     def eval_fn(m, epoch):
         if eval_at and epoch not in eval_at and epoch < cfg.optim.epochs:
             if not (ft.eval_every and epoch % ft.eval_every == 0):
-                return {}
+                return None
         with torch.random.fork_rng(devices=[]):  # the DataLoader draws a seed: keep it out
             c = predict_correct(m, val, 256, device, nw)
         last_correct[:] = [c]

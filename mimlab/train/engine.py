@@ -382,9 +382,10 @@ class Engine:
 
     ``config`` is the resolved top-level config (saved into every checkpoint); ``optim`` and
     ``run`` are its sections. ``eval_fn(model, epoch) -> dict`` runs on rank 0 after epochs
-    (every ``eval_every`` epochs and at the end). ``batch_fn(batch) -> batch``
-    transforms a :class:`~mimlab.data.batch.Batch` on the device before the forward (mixup/cutmix,
-    the teacher cache's row lookup); the method is called as ``method(images, labels)``.
+    (every ``eval_every`` epochs and at the end; it may return None to skip an epoch).
+    ``batch_fn(batch) -> batch`` transforms a :class:`~mimlab.data.batch.Batch` on the device
+    before the forward (mixup/cutmix, the teacher cache's row lookup); the method is called as
+    ``method(images, labels)``.
     ``evaluators`` run every ``ev.every`` optimizer steps (see :class:`Evaluator`).
     """
 
@@ -844,10 +845,11 @@ class Engine:
         if self.eval_fn is not None and (
             finished or (self.eval_every and epoch_done and self.epoch % self.eval_every == 0)
         ):
-            if self.main:
-                result.eval_metrics = self.eval_fn(self.method, self.epoch)
-                logger.log(self.global_step, result.eval_metrics, prefix="eval")
-                log.info("epoch %d eval: %s", self.epoch, result.eval_metrics)
+            metrics = self.eval_fn(self.method, self.epoch) if self.main else None
+            if metrics is not None:  # None: the evaluator skips this epoch
+                result.eval_metrics = metrics
+                logger.log(self.global_step, metrics, prefix="eval")
+                log.info("epoch %d eval: %s", self.epoch, metrics)
             dist.barrier()
             self.method.train()
         logger.flush()
