@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--stage",
         default=None,
         help="standard suite: core | rmae | contrastive | cmae_variants | smalldata | augment; "
-        "evidence suite: protocol | ftbudget",
+        "evidence suite: protocol | ftbudget | core | contrastive | smalldata | rmae | augment",
     )
     r.add_argument(
         "--results",
@@ -480,13 +480,16 @@ def run(argv: Optional[list[str]] = None) -> int:
             )
 
             try:
-                if args.stage is None:
-                    raise EvidenceError("--suite evidence needs --stage (protocol | ftbudget)")
+                if args.stage is None and not args.report_only:
+                    raise EvidenceError(
+                        "--suite evidence needs --stage (protocol | ftbudget | core | "
+                        "contrastive | smalldata | rmae | augment) or --report-only"
+                    )
                 data = args.data or default_data_path()
-                if not data and args.stage != "protocol":
+                if not data and args.stage not in (None, "protocol"):
                     raise EvidenceError("no dataset: pass --data PATH (CIFAR-10 ImageFolder)")
                 path = reproduce_evidence(
-                    args.stage,
+                    None if args.report_only else args.stage,
                     data or "",
                     args.out or "runs/standard",
                     args.results or "docs/results/standard",

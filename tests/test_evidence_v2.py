@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import micro_pretrain_cfg
+from conftest import make_imagefolder, micro_pretrain_cfg
 
 from mimlab import tasks
 from mimlab.core.config import FinetuneConfig
@@ -96,9 +96,10 @@ def _ft(data, out, name, *extra):
     return tasks.finetune(tasks.resolve_run_config(FinetuneConfig, overrides=ov))
 
 
-def test_eval_at_records_a_curve_without_changing_the_run(cifar_dir, tmp_path):
-    a = _ft(cifar_dir, tmp_path, "curve", "finetune.eval_at=[1,2]")
-    b = _ft(cifar_dir, tmp_path, "plain")
+def test_eval_at_records_a_curve_without_changing_the_run(tmp_path):
+    data = make_imagefolder(tmp_path / "data", classes=3, per_class=22)
+    a = _ft(data, tmp_path, "curve", "finetune.eval_at=[1,2]")
+    b = _ft(data, tmp_path, "plain")
     assert [e for e, _ in a["curve"]] == [1, 2, 3]
     assert a["curve"][-1][1] == pytest.approx(a["top1"], abs=1e-3)
     assert [e for e, _ in b["curve"]] == [3]
@@ -112,12 +113,13 @@ def _train_losses(res: dict) -> list:
         return [r["loss"] for r in csv.DictReader(f) if r.get("kind") == "train"]
 
 
-def test_mocov3_crops_once(cifar_dir, tmp_path):
-    cfg = micro_pretrain_cfg(cifar_dir, tmp_path, "moco", "method.name=mocov3", "optim.epochs=1")
+def test_mocov3_crops_once(tmp_path):
+    data = make_imagefolder(tmp_path / "data", classes=3, per_class=16)
+    cfg = micro_pretrain_cfg(data, tmp_path, "moco", "method.name=mocov3", "optim.epochs=1")
     res = tasks.pretrain(cfg)
     saved = yaml.safe_load((Path(res["run_dir"]) / "config.yaml").read_text())
     assert saved["data"]["crop_scale"] == [1.0, 1.0] and saved["data"]["hflip"] is False
-    mae = micro_pretrain_cfg(cifar_dir, tmp_path, "mae", "optim.epochs=1")
+    mae = micro_pretrain_cfg(data, tmp_path, "mae", "optim.epochs=1")
     assert mae.data.crop_scale != [1.0, 1.0]  # methods without their own crops keep the loader's
 
 
@@ -130,3 +132,49 @@ def test_effnet_head_preact_is_the_head_before_its_activation():
         h, p = head.features(head.preprocess(x)), pre.features(pre.preprocess(x))
     assert torch.allclose(torch.nn.functional.relu6(p), h, atol=1e-5)
     assert (p < 0).float().mean() > 0.2  # what the activation zeroed is kept
+
+
+def _toy_protocol() -> dict:
+    p = json.loads(json.dumps(PROTOCOL))
+    p.update(model="micro", random_init_ft_seeds=2)
+    p["pool"]["images"] = 48
+    p["pretrain"].update(epochs=1, batch=16, steps=3)
+    p["pretrain_runs"] = {k: 2 for k in p["pretrain_runs"]}
+    p["ft_epochs"]["value"] = 2
+    p["ft_eval_at_epochs"] = [1]
+    return p
+
+
+def test_a_stage_end_to_end_gives_a_verdict_from_its_files(tmp_path):
+    """The core stage on a toy protocol: every unit is fine-tuned (curve on test) and probed,
+    claim (a) gets a verdict from the result files alone, at the end and along the budget."""
+    from mimlab.experiments.evidence.runner import EvidenceError, Runner
+    from mimlab.experiments.evidence.verdicts import judge
+
+    p = _toy_protocol()
+    data = make_imagefolder(tmp_path / "data", classes=3, per_class=16)
+    res = tmp_path / "results"
+    r = Runner(p, str(data), tmp_path / "runs", res, workers=0)
+    assert judge(res, p, "a")["verdict"] == "not measured"
+    r.run_stage("core", ("mae",))
+    files = sorted(str(f.relative_to(res / "v2")) for f in (res / "v2").rglob("*.json"))
+    assert files == sorted(
+        f"core/{k}/{arm}-s{s}.json"
+        for k in ("ft", "lp_cls", "knn", "pretrain")
+        for arm in ("mae", "random")
+        for s in (0, 1)
+        if not (k == "pretrain" and arm == "random")
+    )
+    ft = json.loads((res / "v2/core/ft/mae-s0.json").read_text())
+    assert [e for e, _ in ft["curve"]] == [1, 2] and ft["protocol"] == 2
+    j = judge(res, p, "a")
+    assert j["verdict"] in ("reproduced", "not reproduced", "undecided")
+    d = j["tests"][0]["diff"]
+    assert len(d["a_units"]) == 2 and len(d["b_units"]) == 2 and d["lo"] <= d["mean"] <= d["hi"]
+    early = judge(res, p, "a", at=1)["tests"][0]["diff"]
+    assert early["a_units"] == [
+        json.loads((res / f"v2/core/ft/mae-s{s}.json").read_text())["curve"][0][1] for s in (0, 1)
+    ]
+    p["ft_epochs"]["value"] = None
+    with pytest.raises(EvidenceError, match="ft_epochs"):
+        Runner(p, str(data), tmp_path / "runs2", tmp_path / "r2").finetune("core", "mae", 0)
