@@ -16,6 +16,7 @@ from timm.data import ImageNetInfo
 from mimlab import tasks
 from mimlab.cli import run
 from mimlab.core.config import ConfigError, FinetuneConfig, resolve, save_yaml
+from mimlab.core.stats import verdict
 from mimlab.eval.shape_bias import (
     CATEGORIES,
     CIFAR10_CLASSES,
@@ -26,12 +27,14 @@ from mimlab.eval.shape_bias import (
     conflict_stimuli,
     evaluate,
     evaluate_model,
+    format_line,
     imagenet_category_classes,
     load_category_wnids,
     load_classifier,
     pack_indices,
     scan_stimuli,
     score_decisions,
+    shape_bias_diff,
     unpack_indices,
 )
 
@@ -180,10 +183,55 @@ def test_bootstrap_interval_brackets_the_value_and_is_seeded():
     assert a["shape_bias"] == pytest.approx(0.3, abs=0.06)
 
 
+def test_collapsed_decisions_are_flagged():
+    shapes, textures = [0, 0, 1, 1, 2, 2], [1, 2, 0, 2, 0, 1]
+    r = score_decisions([0] * 6, shapes, textures, list("abc"), bootstrap=0)
+    r["protocol"] = "imagenet"
+    assert r["top_decision_share"] == 1.0 and r["shape_bias"] == 0.5
+    assert "warning: 100 % of the decisions are 'a'" in format_line(r)
+    r = score_decisions([0, 1, 2, 0, 1, 2], shapes, textures, list("abc"), bootstrap=0)
+    r["protocol"] = "imagenet"
+    assert "warning" not in format_line(r)
+
+
 def test_pack_round_trip():
     v = [0, 15, 7, 3, 9, 10]
     assert pack_indices(v) == "0f739a"
     assert unpack_indices(pack_indices(v)).tolist() == v
+
+
+def _unit(p_shape: float, seed: int, n: int = 300, digest: str = "d") -> dict:
+    """A synthetic unit: each image's decision is its shape with probability ``p_shape``,
+    else its texture (one image in ten: a third category)."""
+    rng = np.random.default_rng(seed)
+    shapes = np.arange(n) % 7
+    textures = (shapes + 1 + np.arange(n) % 6) % 7
+    dec = np.where(rng.random(n) < p_shape, shapes, textures)
+    for i in np.flatnonzero(rng.random(n) < 0.1):  # neither shape nor texture
+        dec[i] = min({0, 1, 2} - {shapes[i], textures[i]})
+    r = score_decisions(dec, shapes, textures, list("abcdefg"), bootstrap=0)
+    r.update(
+        decisions=pack_indices(dec), shapes=pack_indices(shapes), textures=pack_indices(textures)
+    )
+    r["stimuli_digest"] = digest
+    return r
+
+
+def test_shape_bias_diff_reads_like_the_other_claims():
+    hi = [_unit(0.6, s) for s in range(3)]
+    lo = [_unit(0.3, 10 + s) for s in range(3)]
+    d = shape_bias_diff(hi, lo, bootstrap=300)
+    assert d.n_units == 3 and d.n_images == 300
+    assert d.a_units[0] == pytest.approx(100 * hi[0]["shape_bias"])
+    assert d.mean == pytest.approx(np.mean(d.a_units) - np.mean(d.b_units))
+    assert 20 < d.mean < 40 and d.lo < d.mean < d.hi
+    assert verdict(d, ">") == "holds" and verdict(shape_bias_diff(lo, hi, bootstrap=300)) == (
+        "contradicted"
+    )
+    same = shape_bias_diff(hi, hi, bootstrap=50)
+    assert same.mean == 0 and same.lo == same.hi == 0  # identical units: no noise at all
+    with pytest.raises(ValueError, match="different stimuli"):
+        shape_bias_diff(hi, [_unit(0.3, 1, digest="other")] * 3)
 
 
 # ------------------------------------------------------------------------- mappings
@@ -216,11 +264,15 @@ def full16(tmp_path_factory):
 
 
 def test_random_weights_spread_decisions_over_categories(full16):
+    """A tiny random timm EfficientNet on noise images: decisions vary with the image and
+    cover the categories (no axis or mapping bug that pins them to one). On the real stimuli
+    random CNNs do collapse onto few categories; the command warns when one takes >= 90 %."""
     state = torch.get_rng_state()
     m = load_classifier("timm:test_efficientnet", random_init=True, seed=0)
     assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left alone
     r = evaluate_model(m, full16, bootstrap=200)
     assert r["protocol"] == "imagenet" and r["images"] == 240
+    assert r["dropped_same_category"] == 16
     counts = np.array(list(r["decision_counts"].values()))
     assert (counts > 0).sum() >= 8  # decisions land in at least half of the 16 categories
     assert counts.max() <= 0.5 * counts.sum()  # and no category takes half of them

@@ -77,7 +77,11 @@ def predict_correct(
 def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune ``finetune.pretrained`` (random init without one) with the model of
     ``cfg.model``, which must be the source's architecture: resolve the config with
-    :func:`mimlab.tasks.resolve_run_config` to adopt it. Returns ``results.json`` as a dict."""
+    :func:`mimlab.tasks.resolve_run_config` to adopt it. Returns ``results.json`` as a dict.
+
+    With ``finetune.shape_bias`` (a cue-conflict folder), the trained model's CIFAR-10-protocol
+    shape bias (:mod:`mimlab.eval.shape_bias`) is scored after training and recorded under
+    ``shape_bias``; the folder and the data set's class names are checked before training."""
     ft = cfg.finetune
     if cfg.optim.layer_decay is None:  # MAE's 0.75 for a pretrained encoder, none from scratch
         cfg.optim.layer_decay = 0.75 if ft.pretrained else 1.0

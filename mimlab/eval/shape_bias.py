@@ -56,6 +56,7 @@ from timm.data import ImageNetInfo, resolve_data_config
 from tqdm.auto import tqdm
 
 from ..core.config import DataConfig
+from ..core.stats import Diff, t975
 from ..data.datasets import BadImageError, DataError, load_image, resolve_stats, scan_source
 from ..io import checkpoint as ckpt_format
 from ..io.plots import pyplot
@@ -335,6 +336,78 @@ def compact_result(res: dict) -> dict:
         "textures",
     )
     return {k: res[k] for k in keys if k in res}
+
+
+def shape_bias_diff(
+    a: Sequence[dict],
+    b: Sequence[dict],
+    seed_sd: Optional[float] = None,
+    bootstrap: int = 2000,
+    seed: int = 0,
+) -> Diff:
+    """Paired difference of shape bias, A - B in points (100 x), between two arms of units
+    (e.g. fine-tuning seeds), each unit a result of :func:`evaluate` / ``results.json``'s
+    ``shape_bias`` on the same stimuli (same ``stimuli_digest``); unit ``i`` of A is paired
+    with unit ``i`` of B.
+
+    The interval has the shape of :func:`mimlab.core.stats.paired_diff`'s, so that
+    :func:`mimlab.core.stats.verdict` reads it in the same words: the seed term
+    ``t_{n-1} sd(d_i) / sqrt(n)`` of the per-unit differences ``d_i`` (or ``1.96 seed_sd``
+    with one unit), and the image term ``1.96 se``, where ``se`` is the standard deviation
+    of the unit-averaged difference over ``bootstrap`` paired resamples of the images (the
+    same resampled images for every unit of both arms; shape bias is a ratio, not a mean of
+    per-image scores), combined in quadrature."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired arms need the same number (>= 1) of units: {len(a)}, {len(b)}")
+    digests = {r.get("stimuli_digest") for r in [*a, *b]}
+    if len(digests) != 1:
+        raise ValueError(f"units were scored on different stimuli (digests {sorted(digests)})")
+
+    def hits(arm):
+        d = np.stack([unpack_indices(r["decisions"]) for r in arm])
+        s = np.stack([unpack_indices(r["shapes"]) for r in arm])
+        t = np.stack([unpack_indices(r["textures"]) for r in arm])
+        return (d == s).astype(np.int64), (d == t).astype(np.int64)
+
+    sa, ta = hits(a)
+    sb, tb = hits(b)
+    n, N = sa.shape
+
+    def bias(s, t):  # [..., N] -> [...] (nan where a unit made neither decision)
+        den = s.sum(-1) + t.sum(-1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(den > 0, s.sum(-1) / np.maximum(den, 1), np.nan)
+
+    ua, ub = 100 * bias(sa, ta), 100 * bias(sb, tb)
+    d = ua - ub
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(max(int(bootstrap), 0)):
+        idx = rng.integers(0, N, N)
+        boot.append(np.nanmean(100 * (bias(sa[:, idx], ta[:, idx]) - bias(sb[:, idx], tb[:, idx]))))
+    image_se = float(np.nanstd(boot, ddof=1)) if len(boot) > 1 else 0.0
+    sd = float(np.std(d, ddof=1)) if n > 1 else None
+    if sd is not None:
+        seed_half = t975(n - 1) * sd / np.sqrt(n)
+    elif seed_sd is not None:
+        seed_half = 1.96 * seed_sd
+    else:
+        seed_half = 0.0
+    half = float(np.sqrt(seed_half**2 + (1.96 * image_se) ** 2))
+    m = float(np.mean(d))
+    return Diff(
+        m,
+        m - half,
+        m + half,
+        n,
+        N,
+        sd,
+        image_se,
+        float(np.mean(ua)),
+        float(np.mean(ub)),
+        [float(x) for x in ua],
+        [float(x) for x in ub],
+    )
 
 
 # ------------------------------------------------------------------------- models
@@ -683,6 +756,9 @@ def evaluate(
     textures = [pos[s.texture] for s in used]
     res = {"protocol": protocol, "categories": cats}
     res.update(score_decisions(dec.tolist(), shapes, textures, cats, bootstrap, seed))
+    res["dropped_same_category"] = sum(
+        1 for s in stimuli if s.shape == s.texture and s.shape in pos
+    )
     res["stimuli_digest"] = stimuli_digest(used)
     res["decisions"] = pack_indices(dec.tolist())
     res["shapes"] = pack_indices(shapes)
@@ -908,6 +984,7 @@ __all__ = [
     "protocol_for",
     "scan_stimuli",
     "score_decisions",
+    "shape_bias_diff",
     "stimuli_digest",
     "unpack_indices",
 ]
