@@ -343,6 +343,15 @@ def test_hf_vit_classifier(full16, tmp_path):
         assert torch.allclose(m.net(x), clf(pixel_values=x).logits, atol=1e-4)
     r = evaluate_model(m, full16, bootstrap=0)
     assert r["protocol"] == "imagenet" and r["images"] == 240
+    # a 10-class head with names: the CIFAR protocol maps by name (here in reverse order)
+    names = list(reversed(CIFAR10_CLASSES))
+    cfg.num_labels, cfg.id2label = 10, dict(enumerate(names))
+    cfg.label2id = {n: i for i, n in enumerate(names)}
+    transformers.ViTForImageClassification(cfg).save_pretrained(tmp_path / "vit10")
+    m10 = load_classifier(f"hf:{tmp_path / 'vit10'}")
+    assert m10.class_names == names
+    r10 = evaluate_model(m10, full16, bootstrap=0)
+    assert r10["protocol"] == "cifar10" and r10["images"] == 42 and "notes" not in r10
 
 
 def test_effnet_lite0_real_weights_on_a_miniature(tmp_path):

@@ -557,7 +557,9 @@ def _hf_class_names(target: str, num_classes: int) -> Optional[list]:
         names = [str(id2label[str(i)]) for i in range(num_classes)]
     except (ValueError, KeyError):
         return None
-    return None if num_classes == 1000 else names
+    if num_classes == 1000 or all(re.fullmatch(r"LABEL_\d+", n) for n in names):
+        return None  # ImageNet order / transformers' placeholder names
+    return names
 
 
 def _source_classifier(spec: str, trust: bool) -> ShapeBiasModel:
@@ -799,12 +801,13 @@ def evaluate_model(
         progress=progress,
         desc=f"shape bias {model.label}",
     )
+    notes = list(model.notes)
     if proto == "cifar10" and model.class_names is None:
-        model.notes.append("class names unknown: CIFAR-10's label order assumed")
+        notes.append("class names unknown: CIFAR-10's label order assumed")
     res = {"model": model.label, "source": model.source, **res}
     res["loaded"] = model.description
-    if model.notes:
-        res["notes"] = list(model.notes)
+    if notes:
+        res["notes"] = notes
     return res
 
 
