@@ -455,6 +455,21 @@ def test_finetune_shape_bias_checked_before_training(tmp_path, cc7, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+def test_pretraining_checkpoint_has_no_head(tmp_path):
+    from conftest import make_imagefolder
+
+    from mimlab.core.config import PretrainConfig
+
+    data = make_imagefolder(tmp_path / "data", classes=2, per_class=4)
+    cfg = resolve(
+        PretrainConfig,
+        overrides=[f"data.path={data}", f"run.out_dir={tmp_path}", "run.name=mae", *FT[:6]],
+    )
+    ck = tasks.pretrain(cfg)["checkpoint"]
+    with pytest.raises(ShapeBiasError, match="no classifier head"):
+        load_classifier(ck)
+
+
 def test_shape_bias_option_round_trips(tmp_path):
     cfg = resolve(FinetuneConfig, overrides=["finetune.shape_bias=/some/cue-conflict"])
     save_yaml(cfg, tmp_path / "c.yaml")

@@ -240,7 +240,7 @@ def _shape_bias_parser(asub) -> None:
     sb.add_argument(
         "--seed", type=int, default=0, help="seed of the bootstrap and of --random-init"
     )
-    sb.add_argument("--out", help="output folder (default runs/shape-bias)")
+    sb.add_argument("--out", help="output folder (default runs/shape-bias-<time>)")
     sb.add_argument("--batch", type=int, default=64, help="images per mini-batch")
     sb.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     sb.add_argument(

@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -482,7 +483,9 @@ def _timm_classifier(spec: str, random_init: bool) -> ShapeBiasModel:
     try:
         probe = timm.create_model(name, pretrained=False)
     except Exception as e:  # noqa: BLE001 - unknown names and bad arguments
-        raise ShapeBiasError(f"{spec}: timm cannot build '{name}': {str(e).splitlines()[0]}")
+        raise ShapeBiasError(
+            f"{spec}: timm cannot build '{name}': {str(e).splitlines()[0]}"
+        ) from None
     file = src.file
     if random_init:
         model, what = probe, "random weights"
@@ -933,7 +936,7 @@ def analyze_shape_bias(
         seen[m.label] = n + 1
         if n:
             m.label = f"{m.label}#{n + 1}"
-    out_dir = Path(out) if out else Path("runs") / "shape-bias"
+    out_dir = Path(out) if out else Path("runs") / f"shape-bias-{time.strftime('%Y%m%d-%H%M%S')}"
     out_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for m in loaded:
