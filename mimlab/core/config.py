@@ -508,6 +508,13 @@ class FinetuneOptions:
         "evaluation as `curve`. Evaluations do not change the training's random stream",
         default_factory=list,
     )
+    shape_bias: Optional[str] = doc(
+        "cue-conflict stimulus folder (e.g. ../shared/data/cue-conflict): right after "
+        "fine-tuning, score the model's shape bias with the CIFAR-10 protocol (its classes "
+        "must include airplane, automobile, bird, cat, dog, ship, truck) and record it in "
+        "results.json under shape_bias; null = off",
+        default=None,
+    )
 
 
 def _ft_optim() -> OptimConfig:

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import Mixup
 
+from ..core import dist
 from ..core.config import ConfigError, FinetuneConfig
 from ..core.stats import pack_correct
 from ..data.batch import Batch
@@ -19,6 +20,8 @@ from ..nn.models import ViTEncoder, build_encoder
 from ..train.engine import Engine
 from ..train.pretrained import load_encoder_weights, load_pretrained
 from ..train.rundir import prepare_run, write_results
+from .shape_bias import ShapeBiasError, check_cifar_classes, check_stimuli_folder, compact_result
+from .shape_bias import evaluate as shape_bias_evaluate
 
 log = logging.getLogger("mimlab")
 
@@ -74,10 +77,20 @@ def predict_correct(
 def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune ``finetune.pretrained`` (random init without one) with the model of
     ``cfg.model``, which must be the source's architecture: resolve the config with
-    :func:`mimlab.tasks.resolve_run_config` to adopt it. Returns ``results.json`` as a dict."""
+    :func:`mimlab.tasks.resolve_run_config` to adopt it. Returns ``results.json`` as a dict.
+
+    With ``finetune.shape_bias`` (a cue-conflict folder), the trained model's CIFAR-10-protocol
+    shape bias (:mod:`mimlab.eval.shape_bias`) is scored after training and recorded under
+    ``shape_bias``; the folder and the data set's class names are checked before training."""
     ft = cfg.finetune
     if cfg.optim.layer_decay is None:  # MAE's 0.75 for a pretrained encoder, none from scratch
         cfg.optim.layer_decay = 0.75 if ft.pretrained else 1.0
+    stimuli = None
+    if ft.shape_bias:  # checked before any work; scored after training
+        try:
+            stimuli = check_stimuli_folder(ft.shape_bias)
+        except ShapeBiasError as e:
+            raise ConfigError(f"finetune.shape_bias: {e}") from None
     ck = load_pretrained(cfg)
     run_dir, device = prepare_run(cfg, "finetune")
     train, val = labelled_splits(
@@ -89,6 +102,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
         label_fraction=ft.label_fraction,
     )
     nc = ft.num_classes or len(train.classes)
+    if stimuli is not None:
+        try:
+            check_cifar_classes(train.classes)
+        except ShapeBiasError as e:
+            raise ConfigError(f"finetune.shape_bias: {e}") from None
     enc = build_encoder(cfg.model, mask_token=False)
     if ck is not None:
         load_encoder_weights(enc, ck)
@@ -161,5 +179,25 @@ def finetune(cfg: FinetuneConfig) -> dict:
     }
     if last_correct:  # per-image correctness for paired statistics (mimlab.core.stats)
         out["correct"] = pack_correct(last_correct[0].numpy())
+    if stimuli is not None and dist.is_main():  # after training: outside the run's RNG stream
+        model.eval()
+        sb = shape_bias_evaluate(
+            model.logits,
+            stimuli,
+            "cifar10",
+            img_size=cfg.model.img_size,
+            mean=train.mean,
+            std=train.std,
+            in_chans=cfg.model.in_chans,
+            class_names=train.classes,
+            device=device,
+            batch_size=256,
+        )
+        out["shape_bias"] = compact_result(sb)
+        log.info(
+            "shape bias (CIFAR-10 protocol, %d cue-conflict images): %.3f",
+            sb["images"],
+            sb["shape_bias"] if sb["shape_bias"] is not None else float("nan"),
+        )
     write_results(run_dir, out)
     return out
