@@ -178,3 +178,24 @@ def test_a_stage_end_to_end_gives_a_verdict_from_its_files(tmp_path):
     p["ft_epochs"]["value"] = None
     with pytest.raises(EvidenceError, match="ft_epochs"):
         Runner(p, str(data), tmp_path / "runs2", tmp_path / "r2").finetune("core", "mae", 0)
+
+
+def test_claim_k_reads_the_shape_bias_each_fine_tune_recorded(tmp_path):
+    """Claim (k) compares the shape bias the fine-tunes recorded (finetune.shape_bias), in
+    points, with the run as the unit."""
+    from mimlab.experiments.evidence.verdicts import judge, values
+
+    p = _toy_protocol()
+    for arm, base in (("random", 0.30), ("mae", 0.45), ("maskdistill", 0.50), ("cmae", 0.31)):
+        for s in (0, 1):
+            stage = {"random": "core", "mae": "core", "maskdistill": "augment"}.get(
+                arm, "contrastive"
+            )
+            f = tmp_path / "v2" / stage / "ft" / f"{arm}-s{s}.json"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps({"top1": 50.0, "shape_bias": {"shape_bias": base + 0.01 * s}}))
+    assert values(tmp_path, p, "mae", "shape_bias") == pytest.approx([45.0, 46.0])
+    j = judge(tmp_path, p, "k")
+    assert [t["a"] for t in j["tests"]] == ["mae", "maskdistill", "cmae"]
+    assert j["tests"][0]["diff"]["mean"] == pytest.approx(15.0)
+    assert j["verdict"] == "undecided"  # C-MAE's +1 point over 2 runs is not decided

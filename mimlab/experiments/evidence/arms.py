@@ -100,4 +100,10 @@ CLAIMS = {
         "MaskDistill paper",
         [("maskdistill", "mae", "ft", ">")],
     ),
+    "k": (
+        "MIM pretraining raises shape bias over supervised training (CIFAR-10 protocol of the "
+        "cue-conflict stimuli, 210 images; fine-tuned models)",
+        "MaskDistill paper (shape-bias analysis)",
+        [(arm, "random", "shape_bias", ">") for arm in ("mae", "maskdistill", "cmae")],
+    ),
 }

@@ -121,6 +121,13 @@ PROTOCOL: dict = {
         "checkpoints 1/8, 1/4, 1/2, 1 of the step budget); both the early-stopped and the "
         "full-budget results are reported",
     },
+    "shape_bias": {
+        "claim": "k",
+        "protocol": "CIFAR-10 protocol of the cue-conflict stimuli (the 7 shared categories, "
+        "210 images), scored right after every full-label fine-tune",
+        "stimuli_beside_data": "cue-conflict",
+        "unit": "the fine-tuned pretraining run (random init = supervised: its FT seeds)",
+    },
     "words": ["reproduced", "not reproduced", "undecided"],
     "pilots": {
         "P1_ftbudget": "random init FT for 20 and 60 epochs (and 10 and 30 when 20 passes the "

@@ -44,6 +44,7 @@ class Runner:
     runs: Path  # run directories (checkpoints; not committed)
     results: Path  # small result files (committed): <results>/v2/...
     workers: int = 1
+    stimuli: Optional[str] = None  # cue-conflict folder: every fine-tune records its shape bias
 
     def _file(self, name: str) -> Path:
         return self.results / "v2" / f"{name}.json"
@@ -139,6 +140,8 @@ class Runner:
             ov.append(f"finetune.eval_at=[{','.join(map(str, at))}]")
             if label_fraction != 1.0:
                 ov.append(f"finetune.label_fraction={label_fraction:g}")
+            if self.stimuli:  # claim (k): recorded right after fine-tuning
+                ov.append(f"finetune.shape_bias={self.stimuli}")
             return tasks.finetune(tasks.resolve_run_config(FinetuneConfig, overrides=ov))
 
         return self.step(name, fn)

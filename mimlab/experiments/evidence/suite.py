@@ -46,5 +46,8 @@ def reproduce_evidence(
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=1) + "\n")
     elif stage is not None:
-        Runner(PROTOCOL, data, Path(runs), res, workers).run_stage(stage, ARM_STAGES[stage][0])
+        stimuli = Path(data).parent / PROTOCOL["shape_bias"]["stimuli_beside_data"]
+        Runner(
+            PROTOCOL, data, Path(runs), res, workers, str(stimuli) if stimuli.is_dir() else None
+        ).run_stage(stage, ARM_STAGES[stage][0])
     return write_report(res, PROTOCOL)

@@ -30,15 +30,21 @@ def stage_of(arm: str) -> str:
 def values(
     results: Path, protocol: dict, arm: str, metric: str, at: Optional[int] = None
 ) -> list[float]:
-    """The arm's per-unit values of ``metric`` (``ft`` | ``lp_cls`` | ``knn``), for the units
-    that exist; ``at``: FT top-1 after that epoch instead of at the end."""
+    """The arm's per-unit values of ``metric`` (``ft`` | ``lp_cls`` | ``knn`` | ``shape_bias``,
+    in points), for the units that exist; ``at``: FT top-1 after that epoch instead of at the
+    end."""
     n = protocol["random_init_ft_seeds"] if arm == "random" else protocol["pretrain_runs"][arm]
     out = []
+    folder = "ft" if metric == "shape_bias" else metric  # recorded by the fine-tune itself
     for seed in range(n):
-        r = read_result(Path(results) / "v2" / stage_of(arm) / metric / f"{arm}-s{seed}.json")
+        r = read_result(Path(results) / "v2" / stage_of(arm) / folder / f"{arm}-s{seed}.json")
         if r is None:
             continue
-        if metric == "ft" and at is not None:
+        if metric == "shape_bias":
+            sb = (r.get("shape_bias") or {}).get("shape_bias")
+            if sb is not None:
+                out.append(100.0 * float(sb))  # points, like top-1
+        elif metric == "ft" and at is not None:
             hit = [v for e, v in r.get("curve", []) if e == at]
             if hit:
                 out.append(float(hit[0]))
@@ -64,7 +70,7 @@ def judge(results: Path, protocol: dict, claim: str, at: Optional[int] = None) -
             missing.append(f"{a} vs {b} ({metric}: {len(va)}/{full[0]} and {len(vb)}/{full[1]})")
             continue
         margin = 0.0
-        if kind == "~":
+        if kind == "~":  # a fraction of MAE's gain over random init, same metric and budget
             gain = welch(
                 values(results, protocol, "mae", metric, at),
                 values(results, protocol, "random", metric, at),
