@@ -160,7 +160,10 @@ def test_config_keys_named_in_docs_exist(page):
 
 def test_key_check_can_fail():
     assert unknown_keys("set `optim.epochz=3` and `data.kind=wds`") == ["optim.epochz"]
-    assert unknown_keys("`mimlab.data.batch`, `mimlab/data/shards.py`, model.safetensors, (data.md)") == []
+    assert (
+        unknown_keys("`mimlab.data.batch`, `mimlab/data/shards.py`, model.safetensors, (data.md)")
+        == []
+    )
 
 
 @pytest.mark.parametrize("page", PAGES, ids=rel)
