@@ -38,8 +38,8 @@ case "$job" in
   install) echo "[bootstrap] ok: $(.venv/bin/python -c 'import torch, timm, mimlab; print("torch", torch.__version__, "timm", timm.__version__, "mimlab", mimlab.__version__)')" ;;
   demo)    exec .venv/bin/mimlab demo "$@" ;;
   test)    # lint and format check first (configured in pyproject.toml), then the suite
-           .venv/bin/ruff check mimlab tests benchmarks
-           .venv/bin/ruff format --check mimlab tests benchmarks
+           .venv/bin/ruff check mimlab tests benchmarks docs/hooks
+           .venv/bin/ruff format --check mimlab tests benchmarks docs/hooks
            .venv/bin/mypy   # the torch-free core ([tool.mypy] files in pyproject.toml)
            exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@" ;;
   mimlab)  exec .venv/bin/mimlab "$@" ;;

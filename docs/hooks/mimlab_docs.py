@@ -115,13 +115,14 @@ def config_reference() -> str:
                 default = f"`{values[0]}`"
             else:
                 default = "<br>".join(
-                    f"{c}: `{r['defaults'][c]}`" if c in r["defaults"] else f"{c}: -"
-                    for c in used
+                    f"{c}: `{r['defaults'][c]}`" if c in r["defaults"] else f"{c}: -" for c in used
                 )
             meaning = _md(r["doc"])
             if key.startswith("method.") and key != "method.name":
                 meaning += " *(read by " + ", ".join(reading_families(key.split(".", 1)[1])) + ")*"
-            lines.append(f"| <a id=\"{key}\"></a>`{key}` | `{_md(r['type'])}` | {default} | {meaning} |")
+            lines.append(
+                f'| <a id="{key}"></a>`{key}` | `{_md(r["type"])}` | {default} | {meaning} |'
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -182,7 +183,13 @@ def family_block(name: str) -> str:
     for p in presets_of(fam.name):
         values = ", ".join(f"`{k}={v}`" for k, v in PRESETS[p].values.items())
         lines.append(f"| `{p}` | {_md(PRESETS[p].about)} | {values} |")
-    lines += ["", "Fields it reads:", "", "| field | type | default | meaning |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "Fields it reads:",
+        "",
+        "| field | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
     for f in sorted(fam.reads - {"name"}):
         tp, default, doc = docs[f]
         lines.append(f"| `method.{f}` | `{_md(tp)}` | `{default}` | {_md(doc)} |")
