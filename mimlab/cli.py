@@ -1,5 +1,5 @@
-"""``mimlab`` command line: pretrain | finetune | linprobe | knn | demo | export | methods |
-flops | bench | stats | shards | reproduce | analyze | visualize (the last two:
+"""``mimlab`` command line: pretrain | finetune | linprobe | knn | segment | demo | export |
+methods | flops | bench | stats | shards | reproduce | analyze | visualize (the last two:
 :mod:`mimlab.analysis.cli`).
 
 Every training/evaluation command takes ``--config file.yaml`` and ``key=value`` overrides
@@ -26,11 +26,13 @@ from . import __version__
 from .analysis.cli import add_parsers as add_analysis_parsers
 from .analysis.cli import dispatch as analysis_dispatch
 from .core.config import (
+    SEGMENT_RECIPES,
     ConfigError,
     DataConfig,
     FinetuneConfig,
     PretrainConfig,
     ProbeConfig,
+    SegmentConfig,
     describe,
     parse_overrides,
     to_dict,
@@ -42,12 +44,14 @@ CONFIGS = {
     "finetune": FinetuneConfig,
     "linprobe": ProbeConfig,
     "knn": ProbeConfig,
+    "segment": SegmentConfig,
 }
 SUMMARY = {
     "pretrain": "self-supervised pretraining (method.name selects MAE, ...)",
     "finetune": "end-to-end fine-tuning (or supervised training from scratch) + top-1",
     "linprobe": "linear probe on frozen features, several lrs in one pass + top-1",
     "knn": "weighted k-NN on frozen features + top-1",
+    "segment": "semantic segmentation fine-tuning (linear or UperNet head) + mIoU",
     "demo": "offline demo: brief MAE pretraining, evaluation, figure and summary",
     "export": "write any model source in timm's or transformers' Hub format (or a .pt)",
     "stats": "compute per-channel mean/std of a dataset",
@@ -122,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
               mimlab demo
               mimlab pretrain --data ../shared/data/cifar10 optim.epochs=100
               mimlab finetune --data ../shared/data/cifar10 --pretrained runs/X/checkpoints/last.pt
+              mimlab segment --recipe camvid_cpu --data ../shared/data/camvid
               torchrun --nproc_per_node=2 -m mimlab.cli pretrain --data DIR run.device=cpu
             """),
     )
@@ -135,7 +140,16 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=_keys_help(cls),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        _add_common(p, probe=name in ("linprobe", "knn"), ft=name == "finetune")
+        _add_common(p, probe=name in ("linprobe", "knn"), ft=name in ("finetune", "segment"))
+        if name == "segment":
+            p.add_argument(
+                "--recipe",
+                choices=sorted(SEGMENT_RECIPES),
+                help="base settings below --config and key=value: ade20k_vit_b (BEiT / MAE "
+                "UperNet recipe: ViT-B/16, 512 crops, 160k steps at batch 16; for GPUs) | "
+                "camvid_cpu (mini ViT, 96-pixel crops of CamVid at 160x120, linear head, "
+                "1000 steps of 8 on a CPU)",
+            )
     d = sub.add_parser(
         "demo",
         help=SUMMARY["demo"],
@@ -397,11 +411,13 @@ def _resolve_cmd(args, cls):
     if getattr(args, "resume", None):
         ov.append(f"run.resume={args.resume}")
     if getattr(args, "pretrained", None):
-        sec = "finetune" if cls is FinetuneConfig else "probe"
+        sec = {FinetuneConfig: "finetune", SegmentConfig: "segment"}.get(cls, "probe")
         ov.append(f"{sec}.pretrained={args.pretrained}")
     from .tasks import resolve_run_config  # lazy: torch start-up, only for these commands
 
-    return resolve_run_config(cls, args.config, ov)  # adopts a --pretrained source's model
+    recipe = getattr(args, "recipe", None)
+    base = SEGMENT_RECIPES[recipe] if recipe else None
+    return resolve_run_config(cls, args.config, ov, base)  # adopts a --pretrained source's model
 
 
 def run(argv: Optional[list[str]] = None) -> int:
