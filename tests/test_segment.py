@@ -295,6 +295,11 @@ def test_linear_head_overfits_one_image_to_miou_100(tmp_path):
     assert res["steps"] == 80
     assert res["miou"] == 100.0 and res["pixel_acc"] == 100.0, res
     assert (tmp_path / "runs" / "overfit" / "predictions.png").stat().st_size > 0
+    # the engine ran the poly schedule: the row logged after step s used lr(s - 1)
+    rows = [json.loads(ln) for ln in (tmp_path / "runs" / "overfit" / "metrics.jsonl").open()]
+    lrs = {r["step"]: r["lr"] for r in rows if r["kind"] == "train"}
+    for s in (5, 11, 40, 80):
+        assert lrs[s] == pytest.approx(poly_lr(s - 1, 80, 10, 3e-3, 0.0, 1.0))
 
 
 def test_segment_command_ade20k_upernet_slide_and_pretrained(tmp_path, capsys):
@@ -362,13 +367,13 @@ def test_evaluate_whole_equals_argmax_of_logits(tmp_path):
         DataConfig(path=str(root), val_split="val"), seg, 3, 0, [0.5] * 3, [0.5] * 3
     )
     model = Segmenter(_enc(), 11, "linear").eval()
-    res = evaluate(model, val, torch.device("cpu"), "whole", eval_batch=2, keep=1)
+    res = evaluate(model, val, "cpu", "whole", eval_batch=2, keep=[1])
     cm = torch.zeros(11, 11, dtype=torch.int64)
     for i in range(len(val)):
         b = val[i]
         pred = infer_whole(model, b.images[None])[0].argmax(0)
         cm += confusion_matrix(pred, b.labels, 11)
-    assert torch.equal(res["confusion"], cm) and len(res["kept"]) == 1
+    assert torch.equal(res["confusion"], cm) and [i for i, _ in res["kept"]] == [1]
 
 
 # ------------------------------------------------------------------------------- config

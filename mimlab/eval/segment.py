@@ -14,7 +14,7 @@ import math
 import time
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..core.config import ConfigError, SegmentConfig
+from ..core.dist import autocast_dtype
 from ..data.datasets import resolve_stats
 from ..data.segmentation import SegDataset, seg_splits, steps_for
 from ..io.plots import pyplot
@@ -84,6 +85,8 @@ class Segmenter(Method):
         else:
             raise ValueError(f"unknown segmentation head '{head}' (linear | upernet)")
         self.aux_weight = aux_weight
+        # blocks after the last one read get no gradient: DDP must be told
+        self.ddp_find_unused = max(self.block_ids) < encoder.depth
         if head == "upernet":  # the final norm is unused: keep it out of DDP's unused set
             self.encoder.norm = nn.Identity()
 
@@ -179,34 +182,40 @@ def evaluate(
     crop: int = 512,
     stride: Optional[int] = None,
     eval_batch: int = 1,
-    keep: int = 0,
+    keep: Sequence[int] = (),
     on_pred=None,
+    amp_dtype: Optional[torch.dtype] = None,
 ) -> dict:
     """Confusion matrix over ``ds`` (predictions resized back to each mask's resolution) and
-    its scores (:func:`mimlab.nn.segmentation.scores_from_confusion`); the first ``keep``
-    (image index, prediction) pairs are returned under 'kept' for figures; ``on_pred(i, pred)``
-    sees every prediction [H, W]."""
+    its scores (:func:`mimlab.nn.segmentation.scores_from_confusion`); the (image index,
+    prediction) pairs of the indices in ``keep`` are returned under 'kept' for figures;
+    ``on_pred(i, pred)`` sees every prediction [H, W]; ``amp_dtype`` runs the model under
+    autocast."""
     was = model.training
     model.eval()
+    device = torch.device(device)
     K = model.num_classes
     cm = torch.zeros(K, K, dtype=torch.int64)
     stride = stride or max(1, crop * 2 // 3)
     kept = []
+    keep = set(keep)
     pending: list = []
 
     def flush():
         imgs = torch.stack([p[1] for p in pending]).to(device)
-        if mode == "slide":
-            lg = infer_slide(model, imgs, crop, stride)
-        else:
-            lg = infer_whole(model, imgs)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            if mode == "slide":
+                lg = infer_slide(model, imgs, crop, stride)
+            else:
+                lg = infer_whole(model, imgs)
+        lg = lg.float()
         for (i, _, lab), one in zip(pending, lg):
             one = one[None]
             if tuple(one.shape[-2:]) != tuple(lab.shape):
                 one = F.interpolate(one, size=lab.shape, mode="bilinear", align_corners=False)
             pred = one[0].argmax(0).cpu()
             cm.add_(confusion_matrix(pred, lab, K))
-            if len(kept) < keep:
+            if i in keep:
                 kept.append((i, pred))
             if on_pred is not None:
                 on_pred(i, pred)
@@ -254,10 +263,13 @@ def write_figure(path: Path, ds: SegDataset, kept: list, colours: torch.Tensor) 
 def segment(cfg: SegmentConfig) -> dict:
     """Fine-tune a segmentation model (``segment.pretrained`` backbone, random init without
     one) and score it on ``data.val_split``; writes ``results.json`` (mIoU, per-class IoU,
-    pixel accuracy), ``predictions.png`` and, with ``segment.save_predictions``, coloured
+    pixel accuracy), ``confusion.csv`` (rows ground truth, columns prediction),
+    ``predictions.png`` and, with ``segment.save_predictions``, coloured
     PNGs. ``cfg.model`` must be the source's architecture (resolve the config with
     :func:`mimlab.tasks.resolve_run_config`); it runs at ``segment.crop_size``."""
     sg = cfg.segment
+    if cfg.optim.layer_decay is None:  # 0.75 for a pretrained backbone, none from scratch
+        cfg.optim.layer_decay = 0.75 if sg.pretrained else 1.0
     cfg.model.img_size = sg.crop_size
     if sg.crop_size % cfg.model.patch_size:
         raise ConfigError(
@@ -323,8 +335,9 @@ def segment(cfg: SegmentConfig) -> dict:
         sg.crop_size,
         sg.stride,
         sg.eval_batch,
-        keep=sg.figure_images,
+        keep=np.linspace(0, len(val) - 1, min(sg.figure_images, len(val))).round().astype(int),
         on_pred=on_pred,
+        amp_dtype=autocast_dtype(cfg.run.precision, device),
     )
     eval_s = time.time() - t0
     write_figure(run_dir / "predictions.png", val, ev["kept"], colours)
@@ -349,9 +362,9 @@ def segment(cfg: SegmentConfig) -> dict:
         "eval_seconds": round(eval_s, 1),
         "final_loss": res.last_metrics.get("loss"),
         "layer_decay": cfg.optim.layer_decay,
-        "confusion": ev["confusion"].tolist(),
     }
     write_results(run_dir, out)
+    np.savetxt(run_dir / "confusion.csv", ev["confusion"].numpy(), fmt="%d", delimiter=",")
     return out
 
 
