@@ -387,6 +387,9 @@ class Engine:
     before the forward (mixup/cutmix, the teacher cache's row lookup); the method is called as
     ``method(images, labels)``.
     ``evaluators`` run every ``ev.every`` optimizer steps (see :class:`Evaluator`).
+    ``total_steps`` caps the run at that many optimizer steps (an iteration budget; the caller
+    sets ``optim.epochs`` high enough); ``lr_fn(step, total_steps, peak_lr, min_lr) -> lr``
+    replaces the warm-up + cosine schedule (e.g. the poly schedule of segmentation).
     """
 
     def __init__(
@@ -403,6 +406,8 @@ class Engine:
         device: Optional[torch.device] = None,
         layer_decay_fn=None,
         evaluators: Sequence[Evaluator] = (),
+        total_steps: Optional[int] = None,
+        lr_fn: Optional[Callable[[int, int, float, float], float]] = None,
     ):
         self.device = device or dist.init(run.device)
         self.method, self.dataset, self.config = method.to(self.device), dataset, config
@@ -425,8 +430,11 @@ class Engine:
                 "processes); lower optim.batch_size or raise data.repeat"
             )
         self.total_steps = self.steps_per_epoch * optim.epochs
+        if total_steps is not None:  # an iteration budget (segmentation recipes)
+            self.total_steps = min(self.total_steps, total_steps)
         if run.max_steps is not None:
             self.total_steps = min(self.total_steps, run.max_steps)
+        self.lr_fn = lr_fn
         self.warmup_steps = int(round(optim.warmup_epochs * self.steps_per_epoch))
         nd = method.no_weight_decay() if hasattr(method, "no_weight_decay") else set()
         enc = getattr(method, "encoder", None)
@@ -566,6 +574,11 @@ class Engine:
         )
 
     def _set_lr(self) -> float:
+        if self.lr_fn is not None:
+            lr = self.lr_fn(self.global_step, self.total_steps, self.peak_lr, self.optim_cfg.min_lr)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
+            return lr
         lr = lr_at(
             self.global_step,
             self.total_steps,
