@@ -71,12 +71,34 @@ def test_budget_rule(tmp_path):
 
 
 def test_pilot_recipe_overrides():
-    ov = ftbudget.ft_overrides(PROTOCOL, 20, None, holdout=True)
-    assert "finetune.eval_at=[2,5,10]" in ov and "data.holdout=0.2" in ov
-    assert "optim.layer_decay=1.0" in ov and "model.preset=mini" in ov
-    ov = ftbudget.ft_overrides(PROTOCOL, 60, "ck.pt", holdout=False)
-    assert "finetune.eval_at=[2,5,10,20,30,40]" in ov and "optim.warmup_epochs=3" in ov
-    assert "optim.layer_decay=0.75" in ov and "finetune.pretrained=ck.pt" in ov
+    from mimlab.experiments.evidence.runner import ft_overrides
+
+    ov = ft_overrides(PROTOCOL, 20, None, holdout=True)
+    assert {"data.holdout=0.2", "optim.layer_decay=1.0", "model.preset=mini"} <= set(ov)
+    assert {"finetune.mixup=0.8", "finetune.cutmix=1.0", "optim.warmup_epochs=1"} <= set(ov)
+    ov = ft_overrides(PROTOCOL, 60, "ck.pt", holdout=False)
+    assert {"optim.warmup_epochs=3", "optim.layer_decay=0.75", "finetune.pretrained=ck.pt"} <= set(
+        ov
+    )
+    assert not any(o.startswith("data.holdout") for o in ov)
+
+
+def test_pilot_runs_on_the_held_out_split(tmp_path, monkeypatch):
+    """P1's fine-tunes train on 80 % of the pool and are scored on the held-out 20 % (never
+    on test), along their schedule; MAE's run is pretrained once, on demand."""
+    from mimlab.experiments.evidence.runner import Runner
+
+    monkeypatch.setattr(ftbudget, "SCHEDULES", (("random", 2), ("mae", 2)))
+    data = make_imagefolder(tmp_path / "data", classes=3, per_class=20)
+    r = Runner(_toy_protocol(), str(data), tmp_path / "runs", tmp_path / "res", workers=0)
+    summary = ftbudget.run_ftbudget(r)
+    assert set(summary["held_out_top1"]) == {"random-e2", "mae-e2"}
+    assert summary["decided"] is False  # the rule needs the 20- and 60-epoch schedules
+    ft = json.loads((tmp_path / "res/v2/ftbudget/mae-e2.json").read_text())
+    # a class-balanced 20 % of the 48-image pool (3 of each class's 16)
+    assert ft["val_images"] == 9 and ft["train_images"] == 39
+    assert [e for e, _ in ft["curve"]] == [1, 2] and "correct" not in ft
+    assert (tmp_path / "res/v2/ftbudget/pretrain/mae-s0.json").is_file()
 
 
 def _ft(data, out, name, *extra):

@@ -6,6 +6,7 @@ generated folders, offline)."""
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -176,9 +177,14 @@ def test_train_transform_crop_flip_pad_and_seeded(tmp_path):
     lab = torch.zeros(40, 56, dtype=torch.long)
     img[:, :, 28:] = 255
     lab[:, 28:] = 1
-    torch.manual_seed(0)
-    x, y = t((img, lab))
-    assert torch.equal((x[0] > 0.5).long(), y)
+    for seed in range(5):  # the transform draws from Python's and torch's generators
+        random.seed(seed)
+        torch.manual_seed(seed)
+        x, y = t((img, lab))
+        # away from the one column where bilinear (image) and nearest (labels) resampling may
+        # round the 0/255 edge differently, the image crop is the label crop
+        agree = ((x[0] > 0.5).long() == y).float().mean(0)  # per column
+        assert (agree < 1).sum() <= 1, (seed, agree)
 
 
 # ------------------------------------------------------------------------------- metrics

@@ -235,7 +235,7 @@ def resize_labels(lab: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def photometric(img: torch.Tensor) -> torch.Tensor:
-    """mmseg's PhotoMetricDistortion on a float image in [0, 1] [3, H, W]: brightness
+    """mmseg's PhotoMetricDistortion on a float image in [0, 1] of shape [3, H, W]: brightness
     (+-32/255), contrast (0.5..1.5) before or after saturation (0.5..1.5) and hue (+-18/180),
     each applied with probability 0.5 (``random`` and torch's CPU generator drive it)."""
     if random.random() < 0.5:

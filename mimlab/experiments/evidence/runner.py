@@ -18,7 +18,32 @@ from ... import tasks
 from ...core.config import FinetuneConfig, PretrainConfig, ProbeConfig, resolve
 from ..common import read_result
 from .arms import ARMS, Arm
-from .ftbudget import ft_overrides
+
+HOLDOUT = 0.2  # the class-balanced part of the pool held out for choices (never test)
+
+
+def ft_overrides(p: dict, epochs: int, pretrained: Optional[str], holdout: bool) -> list[str]:
+    """The fine-tuning overrides of protocol v2's recipe for a schedule of ``epochs``."""
+    r = p["ft_recipe"]
+    ld = r["layer_decay"]["pretrained" if pretrained else "random"]
+    ov = [
+        f"optim.epochs={epochs}",
+        f"optim.batch_size={p['pretrain']['batch']}",
+        f"optim.base_lr={r['base_lr_per_256']:g}",
+        f"optim.warmup_epochs={max(1.0, 0.05 * epochs):g}",
+        "optim.weight_decay=0.05",
+        f"optim.layer_decay={ld}",
+        f"model.drop_path={r['drop_path']}",
+        f"finetune.label_smoothing={r['label_smoothing']}",
+        f"finetune.mixup={r['mixup']}",
+        f"finetune.cutmix={r['cutmix']}",
+        "run.save_every_steps=0",
+        "run.log_every=50",
+    ]
+    if holdout:
+        ov.append(f"data.holdout={HOLDOUT}")
+    ov += [f"finetune.pretrained={pretrained}"] if pretrained else [f"model.preset={p['model']}"]
+    return ov
 
 
 class EvidenceError(Exception):
@@ -122,29 +147,54 @@ class Runner:
             )
         return int(b)
 
+    def ft_run(
+        self,
+        name: str,
+        sub: str,
+        ckpt: Optional[Callable[[], str]],
+        seed: int,
+        epochs: int,
+        eval_at: list,
+        holdout: bool = False,
+        label_fraction: float = 1.0,
+    ) -> dict:
+        """One fine-tune (``ckpt``: lazy checkpoint, None = random init) with the protocol's
+        recipe for ``epochs``, evaluated after the epochs ``eval_at`` and at the end: on the
+        held-out part of the pool with ``holdout``, else on test."""
+
+        def fn() -> dict:
+            ck = ckpt() if ckpt else None
+            ov = self._common(sub, Path(name).name, seed) + ft_overrides(
+                self.protocol, epochs, ck, holdout
+            )
+            ov.append(f"finetune.eval_at=[{','.join(str(e) for e in eval_at if e < epochs)}]")
+            if label_fraction != 1.0:
+                ov.append(f"finetune.label_fraction={label_fraction:g}")
+            if self.stimuli and not holdout:  # claim (k): recorded right after fine-tuning
+                ov.append(f"finetune.shape_bias={self.stimuli}")
+            res = tasks.finetune(tasks.resolve_run_config(FinetuneConfig, overrides=ov))
+            if holdout:
+                res.pop("correct", None)  # held-out correctness serves no comparison
+            return res
+
+        return self.step(name, fn)
+
     def finetune(self, stage: str, arm: str, seed: int, label_fraction: float = 1.0) -> dict:
         """One fine-tune of ``arm``'s run ``seed`` (random init: FT seed ``seed``), scored on
         test along its schedule."""
         tag = f"{arm}-s{seed}" + ("" if label_fraction == 1.0 else f"-lf{label_fraction:g}")
         sub = "core" if arm == "random" else stage
-        name = f"{sub}/ft/{tag}"
-
-        def fn() -> dict:
-            ck = None if arm == "random" else self.checkpoint(stage, arm, seed)
-            epochs = self.ft_epochs()
-            ov = self._common(f"{sub}/ft", tag, seed) + ft_overrides(
-                self.protocol, epochs, ck, holdout=False
-            )
-            ov = [o for o in ov if not o.startswith("finetune.eval_at=")]
-            at = [e for e in self.protocol["ft_eval_at_epochs"] if e < epochs]
-            ov.append(f"finetune.eval_at=[{','.join(map(str, at))}]")
-            if label_fraction != 1.0:
-                ov.append(f"finetune.label_fraction={label_fraction:g}")
-            if self.stimuli:  # claim (k): recorded right after fine-tuning
-                ov.append(f"finetune.shape_bias={self.stimuli}")
-            return tasks.finetune(tasks.resolve_run_config(FinetuneConfig, overrides=ov))
-
-        return self.step(name, fn)
+        epochs = self.ft_epochs()
+        ck = None if arm == "random" else (lambda: self.checkpoint(stage, arm, seed))
+        return self.ft_run(
+            f"{sub}/ft/{tag}",
+            f"{sub}/ft",
+            ck,
+            seed,
+            epochs,
+            list(self.protocol["ft_eval_at_epochs"]),
+            label_fraction=label_fraction,
+        )
 
     def probe(self, stage: str, arm: str, seed: int, kind: str) -> dict:
         """``lp_cls`` (linear probe on the class token, MAE's protocol) or ``knn``."""

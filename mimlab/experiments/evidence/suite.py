@@ -40,14 +40,15 @@ def reproduce_evidence(
         check_committed(res)
     except ProtocolMismatch as e:
         raise EvidenceError(str(e)) from None
+    stimuli = Path(data).parent / PROTOCOL["shape_bias"]["stimuli_beside_data"]
+    runner = Runner(
+        PROTOCOL, data, Path(runs), res, workers, str(stimuli) if stimuli.is_dir() else None
+    )
     if stage == "ftbudget":
-        summary = run_ftbudget(data, Path(runs) / "v2" / "ftbudget", res / "v2", workers)
+        summary = run_ftbudget(runner)
         path = res / "v2" / "ftbudget" / "summary.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=1) + "\n")
     elif stage is not None:
-        stimuli = Path(data).parent / PROTOCOL["shape_bias"]["stimuli_beside_data"]
-        Runner(
-            PROTOCOL, data, Path(runs), res, workers, str(stimuli) if stimuli.is_dir() else None
-        ).run_stage(stage, ARM_STAGES[stage][0])
+        runner.run_stage(stage, ARM_STAGES[stage][0])
     return write_report(res, PROTOCOL)
