@@ -221,3 +221,25 @@ def test_claim_k_reads_the_shape_bias_each_fine_tune_recorded(tmp_path):
     assert [t["a"] for t in j["tests"]] == ["mae", "maskdistill", "cmae"]
     assert j["tests"][0]["diff"]["mean"] == pytest.approx(15.0)
     assert j["verdict"] == "undecided"  # C-MAE's +1 point over 2 runs is not decided
+
+
+def test_small_data_early_stop_and_full_budget(tmp_path):
+    """A small-data arm's run is stopped at 1/8 .. all of the step budget, each point scored by
+    k-NN on the held-out part of the pool; its fine-tune starts from the best point, and a
+    second fine-tune from the full budget is kept beside it."""
+    from mimlab.experiments.evidence.runner import Runner
+
+    p = _toy_protocol()
+    p["pretrain"].update(steps=8, epochs=1, batch=16)
+    data = make_imagefolder(tmp_path / "data", classes=3, per_class=16)
+    r = Runner(p, str(data), tmp_path / "runs", tmp_path / "res", workers=0)
+    es = r.early_stop("smalldata", "mae_n10", 0)
+    assert sorted(es["held_out_knn"]) == [1, 2, 4, 8] and es["budget_steps"] == 8
+    assert es["best_step"] in es["held_out_knn"] and Path(es["checkpoint"]).is_file()
+    assert Path(es["checkpoint"]).name == f"step{es['best_step']}.pt"
+    primary = r.finetune("smalldata", "mae_n10", 0)
+    full = r.finetune("smalldata", "mae_n10", 0, full_budget=True)
+    assert primary["pretrained"] == es["checkpoint"]
+    assert full["pretrained"].endswith("checkpoints/last.pt")
+    pre = json.loads((tmp_path / "res/v2/smalldata/pretrain/mae_n10-s0.json").read_text())
+    assert pre["steps"] == 8

@@ -118,8 +118,9 @@ PROTOCOL: dict = {
         "pretrain_lr": "MAE's base lr 1.5e-3 per 256 x the paper's lr ratio to MAE; each "
         "checked on the held-out split at x0.5 and x2 (one run each) before its stage",
         "small_data": "early stop per N chosen on held-out data (k-NN on the held-out 20 % at "
-        "checkpoints 1/8, 1/4, 1/2, 1 of the step budget); both the early-stopped and the "
-        "full-budget results are reported",
+        "checkpoints 1/8, 1/4, 1/2, 1 of the step budget, the earliest best); claim (d) "
+        "fine-tunes the early-stopped checkpoint, and the full-budget fine-tune is reported "
+        "beside it",
     },
     "shape_bias": {
         "claim": "k",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from ..common import read_result
 from .arms import ARMS, Arm
 
 HOLDOUT = 0.2  # the class-balanced part of the pool held out for choices (never test)
+#: small-data arms: the stopping points tried, as fractions of the step budget
+STOP_FRACTIONS = (0.125, 0.25, 0.5, 1.0)
 
 
 def ft_overrides(p: dict, epochs: int, pretrained: Optional[str], holdout: bool) -> list[str]:
@@ -179,13 +182,26 @@ class Runner:
 
         return self.step(name, fn)
 
-    def finetune(self, stage: str, arm: str, seed: int, label_fraction: float = 1.0) -> dict:
+    def finetune(
+        self,
+        stage: str,
+        arm: str,
+        seed: int,
+        label_fraction: float = 1.0,
+        full_budget: bool = False,
+    ) -> dict:
         """One fine-tune of ``arm``'s run ``seed`` (random init: FT seed ``seed``), scored on
-        test along its schedule."""
+        test along its schedule. Small-data arms start from the early-stopped checkpoint
+        (:meth:`early_stop`), or with ``full_budget`` from the end of the step budget (tag
+        ``-full``, reported beside it)."""
         tag = f"{arm}-s{seed}" + ("" if label_fraction == 1.0 else f"-lf{label_fraction:g}")
         sub = "core" if arm == "random" else stage
         epochs = self.ft_epochs()
         ck = None if arm == "random" else (lambda: self.checkpoint(stage, arm, seed))
+        if full_budget:
+            tag += "-full"
+        elif arm in ARMS and ARMS[arm].small:  # the protocol's unit: the early-stopped run
+            ck = lambda: self.early_stop(stage, arm, seed)["checkpoint"]  # noqa: E731
         return self.ft_run(
             f"{sub}/ft/{tag}",
             f"{sub}/ft",
@@ -214,6 +230,50 @@ class Runner:
 
         return self.step(name, fn)
 
+    def early_stop(self, stage: str, arm: str, seed: int) -> dict:
+        """Small-data arms (the paper's early stop): the pretraining run is stopped at
+        :data:`STOP_FRACTIONS` of the step budget (one schedule; exact resume makes the chunks
+        equal a straight run), each point scored by k-NN on the held-out 20 % of the pool; the
+        best point's checkpoint (the earliest on a tie)."""
+        name = f"{stage}/earlystop/{arm}-s{seed}"
+
+        def fn() -> dict:
+            steps = self.protocol["pretrain"]["steps"]
+            ov = self.pretrain_overrides(stage, arm, seed)
+            scores: dict = {}
+            ckpts: dict = {}
+            for frac in STOP_FRACTIONS:
+                k = max(1, round(frac * steps))
+                stop = [f"run.stop_at_step={k}"] if k < steps else []
+                res = tasks.pretrain(resolve(PretrainConfig, overrides=ov + stop))
+                src = Path(res["checkpoint"])
+                dst = src.with_name(f"step{k}.pt")
+                shutil.copyfile(src, dst)
+                knn = tasks.knn(
+                    tasks.resolve_run_config(
+                        ProbeConfig,
+                        overrides=self._common(f"{stage}/earlystop", f"{arm}-s{seed}-step{k}", seed)
+                        + [
+                            f"probe.pretrained={dst}",
+                            f"data.holdout={HOLDOUT}",
+                            "probe.feature=avg",
+                        ],
+                    )
+                )
+                scores[k], ckpts[k] = float(knn["top1"]), str(dst)
+            best = max(scores, key=lambda k: (scores[k], -k))
+            return {
+                "held_out_knn": scores,
+                "best_step": best,
+                "budget_steps": steps,
+                "checkpoint": ckpts[best],
+            }
+
+        res = self.step(name, fn)
+        if not Path(res["checkpoint"]).is_file():  # lost with its machine
+            res = self.step(name, fn, force=True)
+        return res
+
     def units(self, arm: str) -> list[int]:
         if arm == "random":
             return list(range(self.protocol["random_init_ft_seeds"]))
@@ -224,5 +284,7 @@ class Runner:
         for arm in ("random", *arms):
             for seed in self.units(arm):
                 self.finetune(stage, arm, seed)
+                if arm in ARMS and ARMS[arm].small:
+                    self.finetune(stage, arm, seed, full_budget=True)
                 for kind in ("lp_cls", "knn"):
                     self.probe(stage, arm, seed, kind)
