@@ -314,7 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--stage",
         default=None,
         help="standard suite: core | rmae | contrastive | cmae_variants | smalldata | augment; "
-        "evidence suite: protocol | ftbudget | core | contrastive | smalldata | rmae | augment",
+        "evidence suite: protocol | ftbudget | core | contrastive | smalldata | rmae | augment | "
+        "cmae_variants",
     )
     r.add_argument(
         "--results",
@@ -525,7 +526,7 @@ def run(argv: Optional[list[str]] = None) -> int:
                 if args.stage is None and not args.report_only:
                     raise EvidenceError(
                         "--suite evidence needs --stage (protocol | ftbudget | core | "
-                        "contrastive | smalldata | rmae | augment) or --report-only"
+                        "contrastive | smalldata | rmae | augment | cmae_variants) or --report-only"
                     )
                 data = args.data or default_data_path()
                 if not data and args.stage not in (None, "protocol"):

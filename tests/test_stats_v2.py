@@ -121,6 +121,11 @@ def test_subtests_and_their_words():
     assert claim_verdict([subtest(small, "effect", 0.375)])["verdict"] == NOT_REPRODUCED
     with pytest.raises(ValueError, match="positive margin"):
         subtest(near, "~", 0.0)
+    # non-inferiority: "A at least as good as B" within the margin
+    assert claim_verdict([subtest(up, ">=", 0.5)])["verdict"] == REPRODUCED
+    assert claim_verdict([subtest(near, ">=", 0.5)])["verdict"] == REPRODUCED
+    assert claim_verdict([subtest(down, ">=", 0.5)])["verdict"] == NOT_REPRODUCED
+    assert claim_verdict([subtest(noisy, ">=", 0.5)])["verdict"] == UNDECIDED
 
 
 def test_holm_step_down():

@@ -268,6 +268,8 @@ def subtest(diff: RunDiff, kind: str, margin: float = 0.0) -> dict:
     * ``>``: A above B; refuted when A is below B;
     * ``<``: the mirror image;
     * ``~``: A within ``±margin`` of B (two one-sided tests); refuted when A is outside it;
+    * ``>=``: A at least as good as B (non-inferiority): A above ``B - margin``; refuted when
+      A is below ``B - margin``;
     * ``effect``: A above B by an effect that matters, ``margin`` = the smallest one (e.g. a
       quarter of the paper's effect): supported when A is above B and the interval reaches
       ``margin``, refuted when A - B is below ``margin``.
@@ -281,11 +283,17 @@ def subtest(diff: RunDiff, kind: str, margin: float = 0.0) -> dict:
             raise ValueError(f"an '≈' sub-test needs a positive margin, got {margin}")
         sup = max(diff.p_above(-margin), diff.p_below(margin))
         ref = min(diff.p_below(-margin), diff.p_above(margin))
+    elif kind == ">=":
+        if margin <= 0:
+            raise ValueError(
+                f"a '>=' (non-inferiority) sub-test needs a positive margin, got {margin}"
+            )
+        sup, ref = diff.p_above(-margin), diff.p_below(-margin)
     elif kind == "effect":
         sup = diff.p_above(0.0) if diff.hi >= margin else 1.0
         ref = diff.p_below(margin)
     else:
-        raise ValueError(f"sub-test kind must be '>', '<', '~' or 'effect', got {kind!r}")
+        raise ValueError(f"sub-test kind must be '>', '<', '~', '>=' or 'effect', got {kind!r}")
     return {"kind": kind, "margin": margin, "p_support": sup, "p_refute": ref}
 
 

@@ -18,7 +18,7 @@ from typing import Callable, Optional
 from ... import tasks
 from ...core.config import FinetuneConfig, PretrainConfig, ProbeConfig, resolve
 from ..common import read_result
-from .arms import ARMS, Arm
+from .arms import ARMS, FT10, Arm, stage_of
 
 HOLDOUT = 0.2  # the class-balanced part of the pool held out for choices (never test)
 #: small-data arms: the stopping points tried, as fractions of the step budget
@@ -195,8 +195,14 @@ class Runner:
         (:meth:`early_stop`), or with ``full_budget`` from the end of the step budget (tag
         ``-full``, reported beside it)."""
         tag = f"{arm}-s{seed}" + ("" if label_fraction == 1.0 else f"-lf{label_fraction:g}")
-        sub = "core" if arm == "random" else stage
+        stage = sub = stage_of(arm)  # an arm's runs live in its own stage, whoever asks
         epochs = self.ft_epochs()
+        at = list(self.protocol["ft_eval_at_epochs"])
+        if (
+            label_fraction != 1.0
+        ):  # the same optimizer steps (and evaluation points) on fewer labels
+            epochs = round(epochs / label_fraction)
+            at = [round(e / label_fraction) for e in at]
         ck = None if arm == "random" else (lambda: self.checkpoint(stage, arm, seed))
         if full_budget:
             tag += "-full"
@@ -208,13 +214,13 @@ class Runner:
             ck,
             seed,
             epochs,
-            list(self.protocol["ft_eval_at_epochs"]),
+            at,
             label_fraction=label_fraction,
         )
 
     def probe(self, stage: str, arm: str, seed: int, kind: str) -> dict:
         """``lp_cls`` (linear probe on the class token, MAE's protocol) or ``knn``."""
-        sub = "core" if arm == "random" else stage
+        stage = sub = stage_of(arm)
         name = f"{sub}/{kind}/{arm}-s{seed}"
 
         def fn() -> dict:
@@ -288,3 +294,6 @@ class Runner:
                     self.finetune(stage, arm, seed, full_budget=True)
                 for kind in ("lp_cls", "knn"):
                     self.probe(stage, arm, seed, kind)
+        for arm in FT10.get(stage, ()):  # 10 %-label fine-tunes (same optimizer steps)
+            for seed in self.units(arm):
+                self.finetune(stage, arm, seed, label_fraction=self.protocol["label_fraction_ft"])

@@ -15,16 +15,7 @@ from typing import Optional
 
 from ...core.stats import claim_verdict, subtest, welch
 from ..common import read_result
-from .arms import CLAIMS, STAGES
-
-
-def stage_of(arm: str) -> str:
-    if arm == "random":
-        return "core"
-    for stage, (arms, _) in STAGES.items():
-        if arm in arms:
-            return stage
-    raise KeyError(f"arm {arm!r} is in no stage")
+from .arms import CLAIMS, stage_of
 
 
 def values(
@@ -35,9 +26,12 @@ def values(
     end."""
     n = protocol["random_init_ft_seeds"] if arm == "random" else protocol["pretrain_runs"][arm]
     out = []
-    folder = "ft" if metric == "shape_bias" else metric  # recorded by the fine-tune itself
+    # shape bias is recorded by the full-label fine-tune; ft10 is the 10 %-label fine-tune
+    folder = "ft" if metric in ("shape_bias", "ft10") else metric
+    suffix = "-lf0.1" if metric == "ft10" else ""
     for seed in range(n):
-        r = read_result(Path(results) / "v2" / stage_of(arm) / folder / f"{arm}-s{seed}.json")
+        f = Path(results) / "v2" / stage_of(arm) / folder / f"{arm}-s{seed}{suffix}.json"
+        r = read_result(f)
         if r is None:
             continue
         if metric == "shape_bias":
@@ -70,7 +64,7 @@ def judge(results: Path, protocol: dict, claim: str, at: Optional[int] = None) -
             missing.append(f"{a} vs {b} ({metric}: {len(va)}/{full[0]} and {len(vb)}/{full[1]})")
             continue
         margin = 0.0
-        if kind == "~":  # a fraction of MAE's gain over random init, same metric and budget
+        if kind in ("~", ">="):  # a fraction of MAE's gain over random init, same metric/budget
             gain = welch(
                 values(results, protocol, "mae", metric, at),
                 values(results, protocol, "random", metric, at),
