@@ -9,6 +9,7 @@ optional heavy dependencies and CLI start-up speed only.
 
 import ast
 import pathlib
+import re
 
 import pytest
 
@@ -222,6 +223,27 @@ def test_the_checker_sees_cycles_upward_imports_and_silent_lazy_imports():
         (7, "optional heavy dependency"),
     ]
     assert layer_of("train.engine") > layer_of("core.config")  # the planted edge is upward
+
+
+def test_contributing_shows_this_map():
+    """CONTRIBUTING.md's layer table names every layer folder with its layer number and, where
+    it lists a folder's modules, exactly the modules in it."""
+    text = (ROOT.parent / "CONTRIBUTING.md").read_text()
+    rows = [r for r in text.splitlines() if re.match(r"\| \d+ ", r)]
+    seen = {}
+    for row in rows:
+        layer_cell, where = row.split("|")[1].strip(), row.split("|")[2].strip()
+        layer = int(layer_cell.split()[0])
+        names = re.findall(r"`([\w.]+)/?`", where)
+        head = re.match(r"`([\w.]+)/`:", where)
+        for n in names if not head else [head.group(1)]:
+            seen[n.removesuffix(".py")] = layer
+        if head:  # the folder's modules, listed
+            listed = set(names[1:])
+            actual = {p.stem for p in (ROOT / head.group(1)).glob("*.py")} - {"__init__"}
+            assert listed == actual, f"CONTRIBUTING.md lists {sorted(listed)} for {head.group(1)}/"
+    expected = {n: layer for layer, names in LAYERS.items() for n in names if n != "__init__"}
+    assert seen == expected, f"CONTRIBUTING.md's map {seen} != LAYERS {expected}"
 
 
 def report() -> str:
