@@ -297,6 +297,12 @@ class RunConfig:
         "skip up to this many batches with a non-finite loss before stopping", default=0
     )
     compile: bool = doc("wrap the model in torch.compile", default=False)
+    parallel: str = doc(
+        "ddp | fsdp: how torchrun processes share the model (ddp: a replica per process; "
+        "fsdp: FSDP2 fully_shard per transformer block plus the root, sharded "
+        "checkpoints checkpoints/<name>.dcp; pretraining only)",
+        default="ddp",
+    )
 
 
 @dataclass
@@ -902,6 +908,8 @@ def validate(cfg: Any, method_explicit: Optional[dict] = None) -> None:
             raise ConfigError(
                 f"run.precision must be auto | fp32 | bf16 | fp16, got '{r.precision}'"
             )
+        if r.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"run.parallel must be ddp | fsdp, got '{r.parallel}'")
     ft = getattr(cfg, "finetune", None)
     if ft is not None and not 0 < ft.label_fraction <= 1:
         raise ConfigError(f"finetune.label_fraction must be in (0, 1], got {ft.label_fraction}")

@@ -35,6 +35,7 @@ from ..core.dist import autocast_dtype  # noqa: F401  (re-exported)
 from ..data.datasets import EpochSampler
 from ..io import checkpoint as ckpt_format
 from ..io.tracking import Sink, build_sinks
+from . import fsdp
 
 log = logging.getLogger("mimlab.engine")
 
@@ -462,6 +463,15 @@ class Engine:
                 )
             )
             nlayers = enc.depth + 1
+        self.amp_dtype = autocast_dtype(run.precision, self.device)
+        self.fsdp = self.world > 1 and run.parallel == "fsdp"
+        if self.fsdp:  # before the optimizer: it must hold the sharded parameters
+            if eval_fn is not None or evaluators:
+                raise TrainingError(
+                    "run.parallel=fsdp supports pretraining without online evaluation only "
+                    "(evaluation runs on unsharded modules); use run.parallel=ddp"
+                )
+            fsdp.shard(self.method, self.amp_dtype)
         self.groups = param_groups(self.method, optim.weight_decay, nd, ld, layer_id, nlayers)
         opt_groups = [{k: v for k, v in g.items() if k != "names"} for g in self.groups]
         kw = {}
@@ -472,12 +482,11 @@ class Engine:
         )
         # a fused AdamW skips a step given a device flag (``found_inf``), without a host read
         self._skip_on_device = bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
-        self.amp_dtype = autocast_dtype(run.precision, self.device)
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.amp_dtype == torch.float16
         )
         self.model: nn.Module = self.method
-        if self.world > 1:
+        if self.world > 1 and not self.fsdp:
             self.model = nn.parallel.DistributedDataParallel(
                 self.method,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -502,9 +511,9 @@ class Engine:
         self.ckpt_dir = self.run_dir / "checkpoints"
 
     # ---------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict:
+    def state_dict(self, model_state: Optional[dict] = None) -> dict:
         """The checkpoint (:func:`mimlab.io.checkpoint.make`): schema fields plus every state an
-        exact resume needs."""
+        exact resume needs (``model_state``: instead of the method's own, e.g. ``{}``)."""
         cfg = to_dict(self.config)
         kind = ckpt_format.kind_of_config(cfg)
         method = (
@@ -517,7 +526,7 @@ class Engine:
         return ckpt_format.make(
             kind,
             cfg,
-            self.method.state_dict(),
+            self.method.state_dict() if model_state is None else model_state,
             method=method,
             data_mean=mean,
             data_std=std,
@@ -540,6 +549,11 @@ class Engine:
         }
 
     def save(self, name: str = "last") -> Optional[Path]:
+        if self.fsdp:  # every rank writes its shards
+            path = fsdp.save(self, name, rng_state())
+            if name == "last":
+                self.last_ckpt = path
+            return path
         path = None
         if self.main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -551,14 +565,15 @@ class Engine:
         return path
 
     def load(self, path: str | Path) -> None:
-        ck = load_checkpoint(path, trust=self.run_cfg.trust_checkpoints)
-        missing, unexpected = self.method.load_state_dict(ck["model"], strict=False)
-        if missing or unexpected:
-            raise TrainingError(
-                f"checkpoint {path} does not match this model: missing "
-                f"{list(missing)[:8]}, unexpected {list(unexpected)[:8]}"
-            )
-        self.optimizer.load_state_dict(ck["optimizer"])
+        if Path(path).is_dir():  # a sharded checkpoint (run.parallel=fsdp)
+            if not self.fsdp:
+                raise TrainingError(
+                    f"{path} is a sharded (FSDP) checkpoint: resume it with run.parallel=fsdp "
+                    "and the same number of processes"
+                )
+            ck = fsdp.load(self, Path(path))
+        else:
+            ck = self._load_file(path)
         self.scaler.load_state_dict(ck["scaler"])
         self.global_step = int(ck["global_step"])
         self.epoch = int(ck["epoch"])
@@ -579,6 +594,21 @@ class Engine:
         else:  # a different number of processes: each rank re-seeds from (seed, step, rank)
             seed_everything(self.run_cfg.seed + 1000003 * self.global_step + self.rank)
         self.last_ckpt = Path(path)
+
+    def _load_file(self, path: str | Path) -> dict:
+        ck = load_checkpoint(path, trust=self.run_cfg.trust_checkpoints)
+        if self.fsdp:
+            raise TrainingError(
+                f"run.parallel=fsdp resumes from a sharded checkpoint directory, not {path}"
+            )
+        missing, unexpected = self.method.load_state_dict(ck["model"], strict=False)
+        if missing or unexpected:
+            raise TrainingError(
+                f"checkpoint {path} does not match this model: missing "
+                f"{list(missing)[:8]}, unexpected {list(unexpected)[:8]}"
+            )
+        self.optimizer.load_state_dict(ck["optimizer"])
+        return ck
 
     # ---------------------------------------------------------------- loop
     def _loader(self, epoch: int, start_micro: int) -> DataLoader:
@@ -646,7 +676,7 @@ class Engine:
             check_writable(self.run_dir)
         if self.run_cfg.resume:
             path = (
-                (self.ckpt_dir / "last.pt")
+                (self.ckpt_dir / ("last.dcp" if self.fsdp else "last.pt"))
                 if self.run_cfg.resume == "auto"
                 else Path(self.run_cfg.resume)
             )
@@ -722,7 +752,11 @@ class Engine:
             batch = self.batch_fn(batch)
         images, labels = batch.images, batch.labels
         sync = (k == accum - 1) or self.world == 1
-        ctx = self.model.no_sync() if not sync else contextlib.nullcontext()
+        ctx = contextlib.nullcontext()
+        if self.fsdp:
+            fsdp.set_gradient_sync(self.model, sync)
+        elif not sync:
+            ctx = self.model.no_sync()
         with ctx:
             with torch.autocast(
                 self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
@@ -852,7 +886,7 @@ class Engine:
             signum = sig.signum or signal.SIGTERM
             raise Interrupted(
                 f"stopped by signal {signal.Signals(signum).name} at step {self.global_step}; "
-                f"checkpoint written to {self.ckpt_dir / 'last.pt'}; continue with "
+                f"checkpoint written to {self.last_ckpt}; continue with "
                 "run.resume=auto (same run directory)",
                 128 + int(signum),
             )
@@ -957,7 +991,8 @@ class Engine:
         result.images_per_s = self._images_seen / max(result.seconds, 1e-9)
         result.skipped_files = self.skipped_files
         result.world_size = self.world
-        result.ddp_max_param_divergence = dist.max_param_divergence(self.method)
+        if not self.fsdp:  # sharded parameters have no replicas to compare
+            result.ddp_max_param_divergence = dist.max_param_divergence(self.method)
         if self.skipped_files and self.main:
             log.warning("%d unreadable file(s) were skipped (data.on_bad=skip)", self.skipped_files)
         return result
