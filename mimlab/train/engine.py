@@ -30,7 +30,7 @@ from torch.utils.data import BatchSampler, DataLoader
 from tqdm.auto import tqdm
 
 from ..core import dist
-from ..core.config import OptimConfig, RunConfig, to_dict
+from ..core.config import OptimConfig, RunConfig, data_workers, to_dict
 from ..core.dist import autocast_dtype  # noqa: F401  (re-exported)
 from ..data.datasets import EpochSampler
 from ..io import checkpoint as ckpt_format
@@ -118,10 +118,15 @@ def make_loader(
     world: int = 1,
     num_workers: int = 0,
     pin_memory: bool = False,
+    persistent: bool = False,
+    prefetch: int = 2,
 ) -> DataLoader:
     """The training DataLoader of one epoch (what :class:`Engine` iterates; also used by
     ``benchmarks/bench_data.py``): seeded :class:`EpochSampler` order from sample ``start``
-    on, this rank's share, full batches only, ``num_workers`` forked worker processes."""
+    on, this rank's share, full batches only, ``num_workers`` forked worker processes that
+    each prepare ``prefetch`` batches ahead. ``persistent``: the workers outlive the epoch;
+    :func:`next_epoch` points the same loader at another epoch (items are functions of
+    (index, epoch) alone, so reused workers deliver what fresh ones would)."""
     if hasattr(dataset, "make_loader"):  # tar shard streams plan the epoch themselves
         return dataset.make_loader(
             batch_size, seed, epoch, start, rank, world, num_workers, pin_memory
@@ -137,9 +142,18 @@ def make_loader(
         num_workers=num_workers,
         generator=gen,
         pin_memory=pin_memory,
-        persistent_workers=False,
+        persistent_workers=persistent and num_workers > 0,
+        prefetch_factor=prefetch if num_workers > 0 else None,
         multiprocessing_context="fork" if num_workers > 0 and os.name == "posix" else None,
     )
+
+
+def next_epoch(loader: DataLoader, epoch: int, start: int = 0) -> DataLoader:
+    """Point a :func:`make_loader` loader at sample ``start`` of ``epoch`` (the next
+    ``iter(loader)`` then yields that epoch; persistent workers are kept)."""
+    sampler = loader.batch_sampler.sampler  # type: ignore[union-attr]
+    sampler.epoch, sampler.start = epoch, start
+    return loader
 
 
 def _fused_adamw_on(device: torch.device) -> bool:
@@ -500,6 +514,7 @@ class Engine:
         self.nonfinite_skipped = 0
         self.skipped_files = 0
         self.last_ckpt: Optional[Path] = None
+        self._kept_loader: Optional[DataLoader] = None  # persistent workers across epochs
         # device-side bookkeeping, read only at log steps and checkpoints (:meth:`_drain`)
         dev = self.device
         self._step_bad = torch.zeros((), dtype=torch.bool, device=dev)  # this optimizer step
@@ -612,19 +627,31 @@ class Engine:
 
     # ---------------------------------------------------------------- loop
     def _loader(self, epoch: int, start_micro: int) -> DataLoader:
-        nw = getattr(self.config, "data", None)
-        nw = nw.num_workers if nw is not None else 0
-        return make_loader(
+        """This epoch's loader: with workers, one loader whose persistent workers serve every
+        epoch (:func:`next_epoch`); tar shard streams plan each epoch anew."""
+        data = getattr(self.config, "data", None)
+        nw = data_workers(data.num_workers) if data is not None else 0
+        prefetch = data.prefetch if data is not None else 2
+        start = start_micro * self.optim_cfg.batch_size * self.world
+        persistent = nw > 0 and not hasattr(self.dataset, "make_loader")
+        if persistent and self._kept_loader is not None:
+            return next_epoch(self._kept_loader, epoch, start)
+        loader = make_loader(
             self.dataset,
             self.optim_cfg.batch_size,
             self.run_cfg.seed,
             epoch,
-            start=start_micro * self.optim_cfg.batch_size * self.world,
+            start=start,
             rank=self.rank,
             world=self.world,
             num_workers=nw,
             pin_memory=self.device.type == "cuda",
+            persistent=persistent,
+            prefetch=prefetch,
         )
+        if persistent:
+            self._kept_loader = loader
+        return loader
 
     def _set_lr(self) -> float:
         lr = lr_at(
@@ -666,6 +693,7 @@ class Engine:
         finally:
             if bar is not None:
                 bar.close()
+            self._kept_loader = None  # its workers exit with it
         logger.close()
         return self._finish(result)
 
