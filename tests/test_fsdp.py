@@ -99,10 +99,16 @@ def test_fsdp_matches_one_process_and_resumes_exactly(cifar_dir, tmp_path):
 
 @pytest.mark.slow
 @needs_torchrun
-def test_fsdp_ema_target_matches_ddp(cifar_dir, tmp_path):
-    """data2vec: an EMA target (frozen, sharded as its own unit like the online encoder) and
-    block masking; FSDP and DDP draw the same masks on each rank, so they must agree."""
-    ex = ("method.name=data2vec", "optim.batch_size=8", "optim.epochs=1")
+def test_fsdp_ema_target_and_checkpointing_match_ddp(cifar_dir, tmp_path):
+    """data2vec: an EMA target (frozen, sharded as its own unit like the online encoder),
+    block masking and activation checkpointing of every block (recomputed inside the block's
+    FSDP unit); FSDP and DDP draw the same masks on each rank, so they must agree."""
+    ex = (
+        "method.name=data2vec",
+        "optim.batch_size=8",
+        "optim.epochs=1",
+        "model.grad_checkpointing=full",
+    )
     _launch(_args(cifar_dir, tmp_path, "ddp", *ex), 2)
     _launch(_args(cifar_dir, tmp_path, "fsdp", *ex, "run.parallel=fsdp"), 2)
     a, b = _losses(tmp_path / "ddp"), _losses(tmp_path / "fsdp")

@@ -2,10 +2,17 @@
 
 AdamW (no weight decay on norms, biases and tokens; optional layer-wise lr decay),
 lr = base_lr * effective_batch / 256, per-iteration cosine schedule with linear warm-up,
-gradient accumulation, autocast (bf16/fp16 with a grad scaler), DistributedDataParallel under
-torchrun, atomic checkpoints with everything needed for an exact resume (RNG states and the
-position inside the epoch), SIGTERM/SIGINT handling, non-finite loss detection, CSV/JSONL and
-TensorBoard metrics, and a progress bar with images/s and ETA.
+gradient accumulation, autocast (bf16/fp16 with a grad scaler), DistributedDataParallel or FSDP2
+(``run.parallel``, :mod:`mimlab.train.fsdp`) under torchrun, atomic checkpoints with everything
+needed for an exact resume (RNG states and the position inside the epoch), SIGTERM/SIGINT
+handling, non-finite loss detection, CSV/JSONL and TensorBoard metrics, and a progress bar with
+images/s and ETA.
+
+The loop reads nothing from the device between log steps (``run.log_every``): loss and metric
+sums, the non-finite flag and the skipped-file count stay on the device and are read by
+:meth:`Engine._drain` at log steps, checkpoints and epoch ends (``tests/test_host_sync.py``
+counts the reads). What that changes is in :meth:`Engine._optimizer_step` and
+:meth:`Engine._drain`.
 """
 
 from __future__ import annotations
@@ -484,6 +491,11 @@ class Engine:
                 raise TrainingError(
                     "run.parallel=fsdp supports pretraining without online evaluation only "
                     "(evaluation runs on unsharded modules); use run.parallel=ddp"
+                )
+            if self.amp_dtype == torch.float16:
+                raise TrainingError(
+                    "run.parallel=fsdp with fp16 (a grad scaler over sharded gradients) is not "
+                    "supported: use run.precision=bf16 or fp32"
                 )
             fsdp.shard(self.method, self.amp_dtype)
         self.groups = param_groups(self.method, optim.weight_decay, nd, ld, layer_id, nlayers)
