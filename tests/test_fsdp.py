@@ -84,9 +84,13 @@ def test_fsdp_matches_one_process_and_resumes_exactly(cifar_dir, tmp_path):
     worst = max((wa[k] - ck["model"][k]).abs().max().item() for k in wa)
     assert worst < 1e-5, worst
     # one mimlab checkpoint file, and `mimlab export` reading the directory directly
-    one = ckpt_format.consolidate(sharded / "checkpoints/last.dcp", tmp_path / "one.pt")
-    back = ckpt_format.load(one)
+    dcp = str(sharded / "checkpoints/last.dcp")
+    assert run(["export", dcp, str(tmp_path / "one.pt"), "--format=mimlab"]) == 0
+    back = ckpt_format.load(tmp_path / "one.pt")
+    assert back["kind"] == "pretrain" and back["global_step"] == 8
     assert all(torch.equal(back["model"][k], ck["model"][k]) for k in wa)
+    two = ckpt_format.load(ckpt_format.consolidate(dcp, tmp_path / "two.pt"))
+    assert all(torch.equal(two["encoder"][k], back["encoder"][k]) for k in ck["encoder"])
     assert run(["export", str(sharded / "checkpoints/last.dcp"), str(tmp_path / "e.pt")]) == 0
     # exact resume from the sharded checkpoint: stop after step 3 (mid-epoch), resume
     _launch(_args(cifar_dir, tmp_path, "split", *fsdp, "run.stop_at_step=3"), 2)
