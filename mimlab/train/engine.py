@@ -808,7 +808,8 @@ class Engine:
             self._step_bad = self._step_bad | bad
             self.scaler.scale(loss / accum).backward()
         self.micro_in_epoch += 1
-        self._step_outs.append((out, images.shape[0] * self.world))
+        scalars = {k: v.detach() for k, v in out.items() if torch.is_tensor(v) and v.ndim == 0}
+        self._step_outs.append((scalars, images.shape[0] * self.world))  # not the big outputs
         self._images_seen += images.shape[0] * self.world
         return True
 
