@@ -486,6 +486,8 @@ class Engine:
             nlayers = enc.depth + 1
         self.amp_dtype = autocast_dtype(run.precision, self.device)
         self.fsdp = self.world > 1 and run.parallel == "fsdp"
+        if run.parallel == "fsdp" and self.world == 1:
+            log.warning("run.parallel=fsdp has no effect in one process (launch with torchrun)")
         if self.fsdp:  # before the optimizer: it must hold the sharded parameters
             if eval_fn is not None or evaluators:
                 raise TrainingError(
