@@ -124,6 +124,35 @@ def test_fsdp_ema_target_and_checkpointing_match_ddp(cifar_dir, tmp_path):
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
 
 
+@pytest.mark.slow
+@needs_torchrun
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_nonfinite_loss_on_one_rank_skips_the_step_everywhere(cifar_dir, tmp_path, parallel):
+    """A NaN loss on rank 1 only (its 3rd micro-batch) drops that optimizer step's update on
+    both ranks, without a host read in the loop (the flag is max-reduced on the device): the
+    weights after step 3 equal those after step 2, and the replicas stay identical."""
+    ex = (
+        "optim.batch_size=8",
+        "optim.epochs=1",
+        "run.nonfinite_skip=1",
+        f"run.parallel={parallel}",
+    )
+    os.environ["NAN_AT"] = "1:3"
+    try:
+        for stop in (2, 3):
+            _launch(_args(cifar_dir, tmp_path, f"s{stop}", *ex, f"run.stop_at_step={stop}"), 2)
+    finally:
+        del os.environ["NAN_AT"]
+    suffix = "dcp" if parallel == "fsdp" else "pt"
+    a, b = (ckpt_format.read(tmp_path / f"s{s}/checkpoints/last.{suffix}") for s in (2, 3))
+    assert a["nonfinite_skipped"] == 0 and b["nonfinite_skipped"] == 1
+    assert b["global_step"] == 3
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    if parallel == "ddp":
+        res = json.loads((tmp_path / "s3/results.json").read_text())
+        assert res["ddp_max_param_divergence"] == 0.0
+
+
 @pytest.mark.parametrize("result,ok", [(1.5, True), (3.0, False)])
 def test_gloo_avg_reduce_scatter_probe(monkeypatch, result, ok):
     """pytorch#162338: an AVG reduce-scatter that sums (3.0 = 1 + 2 instead of 1.5) stops an
