@@ -912,17 +912,21 @@ class Engine:
         if bar is not None:
             bar.update(1)
         self._run_evaluators(logger, result)
-        if (
+        save_now = (
             self.run_cfg.save_every_steps
             and self.global_step % self.run_cfg.save_every_steps == 0
             and self.micro_in_epoch < self._usable_micro()
-        ):
+        )
+        if save_now:
             self._checkpoint("last")
         # one process: a host flag, read every step; under torchrun the ranks agree by a
-        # collective with a host read, so only at log steps (a signal waits <= log_every steps)
+        # collective with a host read, so only where the loop syncs anyway: log steps,
+        # save_every_steps checkpoints and the last step of an epoch (a signal waits at most
+        # until the first of them)
         stop = sig.signum is not None
         if self.world > 1:
-            stop = log_now and dist.any_true(stop, self.device)
+            synced = log_now or save_now or self.micro_in_epoch >= self._usable_micro()
+            stop = bool(synced) and dist.any_true(stop, self.device)
         if stop:
             self._checkpoint("last")
             logger.close()
