@@ -65,6 +65,7 @@ def shard(method: nn.Module, param_dtype) -> nn.Module:
     """Apply FSDP2 in place (blocks, frozen sub-networks, root) after broadcasting rank 0's
     parameters and buffers; returns ``method``."""
     from torch.distributed.fsdp import (  # lazy: torch.distributed.fsdp only for fsdp runs
+        FSDPModule,
         MixedPrecisionPolicy,
         fully_shard,
     )
@@ -78,7 +79,8 @@ def shard(method: nn.Module, param_dtype) -> nn.Module:
         if isinstance(m, Block):
             fully_shard(m, mp_policy=mp)
     for m in _frozen_subtrees(method):
-        fully_shard(m, mp_policy=mp)
+        if not isinstance(m, FSDPModule):  # a frozen block is a unit already
+            fully_shard(m, mp_policy=mp)
     fully_shard(method, mp_policy=mp)
     return method
 
