@@ -220,11 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--format",
         default="auto",
-        choices=("auto", "timm", "hf", "pt"),
+        choices=("auto", "timm", "hf", "pt", "mimlab"),
         help="timm: safetensors + config.json for timm.create_model('local-dir:OUT',"
         " pretrained=True); hf: transformers ViTMAEForPreTraining (MAE with "
-        "decoder) or ViTModel directory; pt: state dict + timm kwargs; auto: "
-        "pt when OUTPUT ends in .pt, else timm",
+        "decoder) or ViTModel directory; pt: state dict + timm kwargs; mimlab: one "
+        "mimlab checkpoint file (e.g. of a sharded checkpoints/<name>.dcp directory of "
+        "run.parallel=fsdp); auto: pt when OUTPUT ends in .pt, else timm",
     )
     sub.add_parser("methods", help=SUMMARY["methods"], description=SUMMARY["methods"])
     fl = sub.add_parser(

@@ -41,7 +41,14 @@ from .analysis.recon import (
     save_grid,
     stats_label,
 )
-from .core.config import DataConfig, PretrainConfig, ProbeConfig, parse_overrides, resolve
+from .core.config import (
+    DataConfig,
+    PretrainConfig,
+    ProbeConfig,
+    data_workers,
+    parse_overrides,
+    resolve,
+)
 from .data.datasets import (
     build_dataset,
     default_data_path,
@@ -257,7 +264,7 @@ def demo(
                 f"data.limit={n_img}",
                 "data.val_limit=2000",
                 "run.progress=false",
-                f"data.num_workers={cfg.data.num_workers}",
+                f"data.num_workers={data_workers(cfg.data.num_workers)}",
             ]
             pov += (
                 [f"probe.pretrained={pretrained}"]

@@ -134,6 +134,8 @@ def test_nonfinite_loss_stops_with_step_and_hint(cifar_dir, tmp_path, monkeypatc
 
 
 def test_nonfinite_skip_budget(cifar_dir, tmp_path, monkeypatch):
+    """A step with a non-finite loss keeps its place in the schedule but its update is a
+    no-op: weights and AdamW state after it equal those before it (no host read needed)."""
     import mimlab.train.pretraining as T
 
     real = T.build_method
@@ -146,10 +148,22 @@ def test_nonfinite_skip_budget(cifar_dir, tmp_path, monkeypatch):
             return out
 
     monkeypatch.setattr(T, "build_method", lambda cfg, **kw: OneNaN(real(cfg, **kw), 2))
-    res = tasks.pretrain(
-        _cfg(cifar_dir, tmp_path, "skip", "run.nonfinite_skip=1", "optim.epochs=1")
+    ex = ("run.nonfinite_skip=1", "optim.epochs=1")
+    res = tasks.pretrain(_cfg(cifar_dir, tmp_path, "skip", *ex))
+    assert res["steps"] == 6 and math.isfinite(res["final_loss"])  # step 3 ran, not applied
+    ck = torch.load(tmp_path / "skip/checkpoints/last.pt", weights_only=True)
+    assert ck["nonfinite_skipped"] == 1
+    cks = []
+    for stop in (2, 3):  # before and after the step whose loss is NaN
+        tasks.pretrain(_cfg(cifar_dir, tmp_path, f"s{stop}", *ex, f"run.stop_at_step={stop}"))
+        cks.append(torch.load(tmp_path / f"s{stop}/checkpoints/last.pt", weights_only=True))
+    before, after = cks
+    assert after["global_step"] == 3 and after["nonfinite_skipped"] == 1
+    assert all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
+    sa, sb = before["optimizer"]["state"], after["optimizer"]["state"]
+    assert sa.keys() == sb.keys() and all(
+        torch.equal(sa[i][f], sb[i][f]) for i in sa for f in ("step", "exp_avg", "exp_avg_sq")
     )
-    assert res["steps"] == 5 and math.isfinite(res["final_loss"])  # one of 6 steps skipped
 
 
 def test_atomic_save_keeps_previous_on_failure(tmp_path, monkeypatch):

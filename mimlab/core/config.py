@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -192,7 +193,12 @@ class DataConfig:
         "RandomResizedCrop scale range", default_factory=lambda: [0.2, 1.0]
     )
     hflip: bool = doc("random horizontal flip during training", default=True)
-    num_workers: int = doc("data-loader worker processes", default=2)
+    num_workers: Optional[int] = doc(
+        "data-loader worker processes; null = from the visible cores: cores per process "
+        "(visible cores / LOCAL_WORLD_SIZE) - 1, at most 16",
+        default=None,
+    )
+    prefetch: int = doc("batches each data-loader worker prepares ahead", default=4)
     limit: Optional[int] = doc("use only this many training images (seeded subset)", default=None)
     val_limit: Optional[int] = doc(
         "evaluate on only this many held-out images (seeded, class-balanced subset; null = all)",
@@ -297,6 +303,12 @@ class RunConfig:
         "skip up to this many batches with a non-finite loss before stopping", default=0
     )
     compile: bool = doc("wrap the model in torch.compile", default=False)
+    parallel: str = doc(
+        "ddp | fsdp: how torchrun processes share the model (ddp: a replica per process; "
+        "fsdp: FSDP2 fully_shard per transformer block plus the root, sharded "
+        "checkpoints checkpoints/<name>.dcp; pretraining only)",
+        default="ddp",
+    )
 
 
 @dataclass
@@ -985,6 +997,24 @@ def apply_method_preset(method: "MethodConfig", explicit: dict) -> None:
 CHECKPOINTING = ("off", "selective", "full")
 
 
+def visible_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. a Slurm/cgroup share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def data_workers(num_workers: Optional[int]) -> int:
+    """``data.num_workers``, or its default when null: the visible cores per process
+    (``LOCAL_WORLD_SIZE`` processes on this machine under torchrun) minus one for the training
+    loop, at most 16 (0 on a single core: load in the main process)."""
+    if num_workers is not None:
+        return num_workers
+    per_process = visible_cores() // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(16, per_process - 1))
+
+
 def checkpointing_mode(value: Any) -> str:
     """``model.grad_checkpointing`` -> 'off' | 'selective' | 'full'; booleans (the field's
     earlier type, as saved in older configs) mean 'full' (true) and 'off' (false)."""
@@ -1090,14 +1120,18 @@ def validate(cfg: Any, method_explicit: Optional[dict] = None) -> None:
             raise ConfigError("data.mean and data.std must be given together")
         if d.std is not None and any(s <= 0 for s in d.std):
             raise ConfigError(f"data.std must be positive, got {d.std}")
-        if d.num_workers < 0:
+        if d.num_workers is not None and d.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
+        if d.prefetch < 1:
+            raise ConfigError(f"data.prefetch must be >= 1, got {d.prefetch}")
     r = getattr(cfg, "run", None)
     if r is not None:
         if r.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(
                 f"run.precision must be auto | fp32 | bf16 | fp16, got '{r.precision}'"
             )
+        if r.parallel not in ("ddp", "fsdp"):
+            raise ConfigError(f"run.parallel must be ddp | fsdp, got '{r.parallel}'")
     ft = getattr(cfg, "finetune", None)
     if ft is not None and not 0 < ft.label_fraction <= 1:
         raise ConfigError(f"finetune.label_fraction must be in (0, 1], got {ft.label_fraction}")

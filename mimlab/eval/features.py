@@ -12,7 +12,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from ..core import dist
-from ..core.config import ProbeConfig
+from ..core.config import ProbeConfig, data_workers
 from ..core.stats import pack_correct
 from ..data.datasets import labelled_splits
 from ..io.sources import SourceModel
@@ -33,16 +33,28 @@ def extract_features(
     batch_size: int = 256,
     num_workers: int = 2,
     progress: bool = True,
+    amp_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen features [n, D] = ``feature_fn(images)`` and labels [n], in eval mode."""
+    """Frozen features [n, D] = ``feature_fn(images)`` (float32; computed under autocast in
+    ``amp_dtype`` when given, see :func:`mimlab.core.dist.autocast_dtype`) and labels [n], in
+    eval mode."""
     feature_fn.eval().to(device)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+    dev = torch.device(device)
+    loader = torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        pin_memory=dev.type == "cuda",
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
     feats, labels = [], []
     it = loader
     if progress and dist.is_main():
         it = tqdm(loader, desc="features", unit="batch", leave=False)
     for b in it:
-        feats.append(feature_fn(b.images.to(device)).float().cpu())
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            f = feature_fn(b.images.to(device, non_blocking=True))
+        feats.append(f.float().cpu())
         labels.append(b.labels)
     return torch.cat(feats), torch.cat(labels)
 
@@ -99,13 +111,14 @@ def frozen_features(cfg: ProbeConfig, command: str):
         label_fraction=cfg.probe.label_fraction,
     )
     fn = _probe_encoder(cfg, device, ck)
-    nw, prog = cfg.data.num_workers, cfg.run.progress
+    nw, prog = data_workers(cfg.data.num_workers), cfg.run.progress
+    amp = dist.autocast_dtype(cfg.run.precision, torch.device(device))
     return (
         run_dir,
         train,
         val,
-        extract_features(fn, train, device, num_workers=nw, progress=prog),
-        extract_features(fn, val, device, num_workers=nw, progress=prog),
+        extract_features(fn, train, device, num_workers=nw, progress=prog, amp_dtype=amp),
+        extract_features(fn, val, device, num_workers=nw, progress=prog, amp_dtype=amp),
     )
 
 

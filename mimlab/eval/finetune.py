@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -11,7 +12,8 @@ import torch.nn.functional as F
 from timm.data import Mixup
 
 from ..core import dist
-from ..core.config import ConfigError, FinetuneConfig
+from ..core.config import ConfigError, FinetuneConfig, data_workers
+from ..core.dist import autocast_dtype
 from ..core.stats import pack_correct
 from ..data.batch import Batch
 from ..data.datasets import labelled_splits
@@ -63,14 +65,25 @@ class Classifier(Method):
 
 @torch.no_grad()
 def predict_correct(
-    model: Classifier, ds, batch_size: int, device, num_workers: int = 2
+    model: Classifier,
+    ds,
+    batch_size: int,
+    device,
+    num_workers: int = 2,
+    amp_dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
-    """Per-image correctness [N] (bool, dataset order) of ``model`` on ``ds``."""
+    """Per-image correctness [N] (bool, dataset order) of ``model`` on ``ds`` (logits under
+    autocast in ``amp_dtype`` when given)."""
     model.eval()
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
+    dev = torch.device(device)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=batch_size, num_workers=num_workers, pin_memory=dev.type == "cuda"
+    )
     out = []
     for b in loader:
-        out.append(model.logits(b.images.to(device)).argmax(-1).cpu() == b.labels)
+        with torch.autocast(dev.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model.logits(b.images.to(device, non_blocking=True))
+        out.append(logits.argmax(-1).cpu() == b.labels)
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
 
 
@@ -129,7 +142,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         def batch_fn(b: Batch) -> Batch:  # soft labels from timm's mixup / cutmix
             return b._replace(**dict(zip(("images", "labels"), mix(b.images, b.labels))))
 
-    nw = cfg.data.num_workers
+    nw = data_workers(cfg.data.num_workers)
+    amp = autocast_dtype(cfg.run.precision, torch.device(device))
 
     last_correct: list = []
     curve: list = []  # (epoch, top-1) of every evaluation
@@ -140,7 +154,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             if not (ft.eval_every and epoch % ft.eval_every == 0):
                 return None
         with torch.random.fork_rng(devices=[]):  # the DataLoader draws a seed: keep it out
-            c = predict_correct(m, val, 256, device, nw)
+            c = predict_correct(m, val, 256, device, nw, amp)
         last_correct[:] = [c]
         top1 = 100.0 * float(c.float().sum()) / max(len(c), 1)
         curve.append([int(epoch), round(top1, 4)])

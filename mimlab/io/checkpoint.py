@@ -36,6 +36,7 @@ import contextlib
 import logging
 import os
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -158,8 +159,12 @@ def save(ck: dict, path: str | Path) -> Path:
 
 
 def read(path: str | Path, trust: bool = False) -> Any:
-    """``torch.load`` with ``weights_only=True`` (unless ``trust``) on the CPU, one-line errors."""
+    """``torch.load`` with ``weights_only=True`` (unless ``trust``) on the CPU, one-line errors.
+    A sharded checkpoint directory (``<name>.dcp``, ``run.parallel=fsdp``) is read as one
+    ordinary checkpoint (:func:`read_sharded`)."""
     p = Path(path)
+    if p.is_dir() and (p / "meta.pt").is_file():
+        return read_sharded(p)
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
     try:
@@ -169,6 +174,41 @@ def read(path: str | Path, trust: bool = False) -> Any:
         raise CheckpointError(
             f"could not load checkpoint {p}: {type(e).__name__}: {first}"
         ) from None
+
+
+def read_sharded(path: str | Path) -> dict:
+    """A ``torch.distributed.checkpoint`` directory written by ``run.parallel=fsdp``
+    (:mod:`mimlab.train.fsdp`) as one checkpoint dict in the schema: the full ``model`` and
+    ``encoder`` states gathered from every rank's shards (one process, no process group),
+    ``meta.pt``'s fields, rank 0's RNG states, and the optimizer state keyed by parameter name
+    under ``optimizer`` (as ``torch.distributed.checkpoint.state_dict`` writes it)."""
+    from torch.distributed.checkpoint.format_utils import (  # lazy: sharded checkpoints only
+        dcp_to_torch_save,
+    )
+
+    p = Path(path)
+    try:
+        meta = torch.load(p / "meta.pt", map_location="cpu", weights_only=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            dcp_to_torch_save(str(p), Path(tmp) / "full.pt")
+            full = torch.load(Path(tmp) / "full.pt", map_location="cpu", weights_only=True)
+        rng = p / "rng-rank0.pt"
+        if rng.is_file():
+            meta["rng"] = torch.load(rng, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unreadable shards of every kind
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise CheckpointError(
+            f"could not read sharded checkpoint {p}: {type(e).__name__}: {first}"
+        ) from None
+    meta["model"] = full["model"]
+    meta["encoder"] = _encoder_view(full["model"])
+    meta["optimizer"] = full.get("optim")
+    return meta
+
+
+def consolidate(path: str | Path, out: str | Path) -> Path:
+    """Write the sharded checkpoint directory ``path`` as one checkpoint file ``out``."""
+    return save(read_sharded(path), out)
 
 
 def load(path: str | Path, trust: bool = False) -> dict:

@@ -7,7 +7,10 @@ load.
 * ``--format hf`` (a directory): transformers ``ViTMAEForPreTraining`` for an MAE with its
   decoder, ``ViTModel`` for an encoder;
 * ``--format pt`` (OUTPUT ``.pt``; the original export): ``{'state_dict', 'timm_model',
-  'timm_kwargs'}`` for ``timm.create_model(d['timm_model'], **d['timm_kwargs'])``.
+  'timm_kwargs'}`` for ``timm.create_model(d['timm_model'], **d['timm_kwargs'])``;
+* ``--format mimlab`` (a ``.pt`` file): one mimlab checkpoint, e.g. from the sharded
+  ``checkpoints/<name>.dcp`` directory of a ``run.parallel=fsdp`` run (every format above also
+  reads such a directory directly).
 
 A pretrained encoder exports with ``global_pool='token'`` (its class token); a fine-tuned
 checkpoint with ``global_pool='avg'`` whose ``fc_norm`` and ``head`` are mimlab's (same logits).
@@ -20,12 +23,13 @@ from typing import Optional
 
 import torch
 
+from .checkpoint import read as read_checkpoint
 from .checkpoint import save as atomic_save
 from .hub import TIMM_ARCH, save_hf, save_timm, timm_model_args, timm_state_dict
 from .hub import to_timm as _to_timm
 from .sources import SourceError, load_encoder
 
-FORMATS = ("auto", "timm", "hf", "pt")
+FORMATS = ("auto", "timm", "hf", "pt", "mimlab")
 
 
 def to_timm(source: str | Path, num_classes: Optional[int] = None) -> torch.nn.Module:
@@ -40,6 +44,18 @@ def export_checkpoint(source: str | Path, output: str | Path, fmt: str = "auto")
         raise SourceError(f"--format must be one of {' | '.join(FORMATS)}, got '{fmt}'")
     if fmt == "auto":
         fmt = "pt" if str(output).endswith(".pt") else "timm"
+    if fmt == "mimlab":
+        src = Path(str(source))
+        if not src.exists():
+            raise SourceError(f"--format mimlab needs a mimlab checkpoint file or directory: {src}")
+        ck = read_checkpoint(src)
+        atomic_save(ck, Path(output))
+        return {
+            "format": "mimlab",
+            "output": str(output),
+            "from": str(src),
+            "global_step": ck.get("global_step"),
+        }
     sm = load_encoder(str(source))
     if fmt == "timm":
         return {**save_timm(sm, output), "loaded": sm.description}

@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..core import dist
-from ..core.config import ConfigError, PretrainConfig
+from ..core.config import ConfigError, PretrainConfig, data_workers
 from ..core.dist import autocast_dtype
 from ..data.batch import Batch
 from ..io.checkpoint import save as atomic_save
@@ -204,7 +204,7 @@ def load_or_build(
             ds,
             device,
             min(cfg.optim.batch_size, 256),
-            cfg.data.num_workers,
+            data_workers(cfg.data.num_workers),
             autocast_dtype(cfg.run.precision, device),
             cfg.run.progress,
         )

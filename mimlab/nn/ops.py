@@ -98,42 +98,45 @@ def block_masking(
     are masked (then topped up / trimmed at random so every sample has exactly that count).
 
     Returns mask [B, N] float (1 = masked). Used by MaskDistill / SimMIM presets.
+
+    The random draws (``generator``, else the global torch RNG) are the same calls in the same
+    order as in the original per-sample tensor loop, so a seed gives the same masks bitwise;
+    the per-try bookkeeping (painting, counting) runs on a NumPy grid instead of scalar tensor
+    ops (which dominated the cost), and the batch reaches ``device`` in one copy.
     """
     h, w = grid
     N = h * w
     target = int(round(mask_ratio * N))
-    out = torch.zeros(batch, N)
+    out = np.zeros((batch, N), dtype=np.float32)
     g = generator
+    log_max = math.log(max_aspect)
     for b in range(batch):
-        m = torch.zeros(h, w, dtype=torch.bool)
-        tries = 0
-        while int(m.sum()) < target and tries < 100:
+        m = np.zeros((h, w), dtype=bool)
+        count, tries = 0, 0
+        while count < target and tries < 100:
             tries += 1
-            remaining = target - int(m.sum())
-            area = float(torch.empty(1).uniform_(min_block, max(min_block, remaining), generator=g))
-            log_r = torch.empty(1).uniform_(
-                -math.log(max_aspect), math.log(max_aspect), generator=g
-            )
-            ar = math.exp(float(log_r))
-            bh = int(round(math.sqrt(area * ar)))
-            bw = int(round(math.sqrt(area / ar)))
+            remaining = target - count
+            area = torch.empty(1).uniform_(min_block, max(min_block, remaining), generator=g)
+            log_r = torch.empty(1).uniform_(-log_max, log_max, generator=g)
+            area_f, ar = area.item(), math.exp(log_r.item())
+            bh = int(round(math.sqrt(area_f * ar)))
+            bw = int(round(math.sqrt(area_f / ar)))
             if bh < 1 or bw < 1 or bh > h or bw > w:
                 continue
-            top = int(torch.randint(0, h - bh + 1, (1,), generator=g))
-            left = int(torch.randint(0, w - bw + 1, (1,), generator=g))
+            top = torch.randint(0, h - bh + 1, (1,), generator=g).item()
+            left = torch.randint(0, w - bw + 1, (1,), generator=g).item()
             m[top : top + bh, left : left + bw] = True
-        flat = m.flatten()
-        cnt = int(flat.sum())
-        if cnt > target:  # trim at random
-            on = flat.nonzero().flatten()
-            drop = on[torch.randperm(len(on), generator=g)[: cnt - target]]
-            flat[drop] = False
-        elif cnt < target:  # top up at random
-            off = (~flat).nonzero().flatten()
-            add = off[torch.randperm(len(off), generator=g)[: target - cnt]]
-            flat[add] = True
-        out[b] = flat.float()
-    return out.to(device) if device is not None else out
+            count = int(m.sum())
+        flat = m.reshape(-1)
+        if count > target:  # trim at random
+            on = np.flatnonzero(flat)
+            flat[on[torch.randperm(len(on), generator=g)[: count - target].numpy()]] = False
+        elif count < target:  # top up at random
+            off = np.flatnonzero(~flat)
+            flat[off[torch.randperm(len(off), generator=g)[: target - count].numpy()]] = True
+        out[b] = flat
+    t = torch.from_numpy(out)
+    return t.to(device) if device is not None else t
 
 
 # ---------------------------------------------------------------------------- positions

@@ -2,10 +2,17 @@
 
 AdamW (no weight decay on norms, biases and tokens; optional layer-wise lr decay),
 lr = base_lr * effective_batch / 256, per-iteration cosine schedule with linear warm-up,
-gradient accumulation, autocast (bf16/fp16 with a grad scaler), DistributedDataParallel under
-torchrun, atomic checkpoints with everything needed for an exact resume (RNG states and the
-position inside the epoch), SIGTERM/SIGINT handling, non-finite loss detection, CSV/JSONL and
-TensorBoard metrics, and a progress bar with images/s and ETA.
+gradient accumulation, autocast (bf16/fp16 with a grad scaler), DistributedDataParallel or FSDP2
+(``run.parallel``, :mod:`mimlab.train.fsdp`) under torchrun, atomic checkpoints with everything
+needed for an exact resume (RNG states and the position inside the epoch), SIGTERM/SIGINT
+handling, non-finite loss detection, CSV/JSONL and TensorBoard metrics, and a progress bar with
+images/s and ETA.
+
+The loop reads nothing from the device between log steps (``run.log_every``): loss and metric
+sums, the non-finite flag and the skipped-file count stay on the device and are read by
+:meth:`Engine._drain` at log steps, checkpoints and epoch ends (``tests/test_host_sync.py``
+counts the reads). What that changes is in :meth:`Engine._optimizer_step` and
+:meth:`Engine._drain`.
 """
 
 from __future__ import annotations
@@ -30,11 +37,12 @@ from torch.utils.data import BatchSampler, DataLoader
 from tqdm.auto import tqdm
 
 from ..core import dist
-from ..core.config import OptimConfig, RunConfig, to_dict
+from ..core.config import OptimConfig, RunConfig, data_workers, to_dict
 from ..core.dist import autocast_dtype  # noqa: F401  (re-exported)
 from ..data.datasets import EpochSampler
 from ..io import checkpoint as ckpt_format
 from ..io.tracking import Sink, build_sinks
+from . import fsdp
 
 log = logging.getLogger("mimlab.engine")
 
@@ -117,10 +125,15 @@ def make_loader(
     world: int = 1,
     num_workers: int = 0,
     pin_memory: bool = False,
+    persistent: bool = False,
+    prefetch: int = 2,
 ) -> DataLoader:
     """The training DataLoader of one epoch (what :class:`Engine` iterates; also used by
     ``benchmarks/bench_data.py``): seeded :class:`EpochSampler` order from sample ``start``
-    on, this rank's share, full batches only, ``num_workers`` forked worker processes."""
+    on, this rank's share, full batches only, ``num_workers`` forked worker processes that
+    each prepare ``prefetch`` batches ahead. ``persistent``: the workers outlive the epoch;
+    :func:`next_epoch` points the same loader at another epoch (items are functions of
+    (index, epoch) alone, so reused workers deliver what fresh ones would)."""
     if hasattr(dataset, "make_loader"):  # tar shard streams plan the epoch themselves
         return dataset.make_loader(
             batch_size, seed, epoch, start, rank, world, num_workers, pin_memory
@@ -136,9 +149,29 @@ def make_loader(
         num_workers=num_workers,
         generator=gen,
         pin_memory=pin_memory,
-        persistent_workers=False,
+        persistent_workers=persistent and num_workers > 0,
+        prefetch_factor=prefetch if num_workers > 0 else None,
         multiprocessing_context="fork" if num_workers > 0 and os.name == "posix" else None,
     )
+
+
+def next_epoch(loader: DataLoader, epoch: int, start: int = 0) -> DataLoader:
+    """Point a :func:`make_loader` loader at sample ``start`` of ``epoch`` (the next
+    ``iter(loader)`` then yields that epoch; persistent workers are kept)."""
+    sampler = loader.batch_sampler.sampler  # type: ignore[union-attr]
+    sampler.epoch, sampler.start = epoch, start
+    return loader
+
+
+def _fused_adamw_on(device: torch.device) -> bool:
+    """Whether this torch has a fused AdamW kernel for ``device`` (CUDA; CPU since 2.4)."""
+    try:
+        from torch.optim.optimizer import (  # lazy: private helper, absent in some versions
+            _get_fused_kernels_supported_devices,
+        )
+    except ImportError:
+        return device.type == "cuda"
+    return device.type in _get_fused_kernels_supported_devices()
 
 
 def rng_state() -> dict:
@@ -280,27 +313,37 @@ class MetricLogger:
 class LogWindow:
     """Running sums of a method's scalar outputs since the last logged row.
 
-    The logged value of a key is its mean over the micro-batches of the window. ``sums`` and
-    ``n`` are saved in checkpoints, so the first row after a resume averages the whole window
-    (steps before and after the interruption), exactly as an uninterrupted run does. ``images``
-    and ``t0`` only feed images/s and are not saved.
+    The logged value of a key is its mean over the micro-batches of the window. The sums stay
+    on the device as float64 tensors (float32 on MPS) and are read only by :meth:`means` and
+    :meth:`state`, so adding costs no host-device sync. ``add(..., keep=flag)`` adds a
+    micro-batch only where the 0-d bool ``flag`` is true (the engine drops the micro-batches of
+    an optimizer step whose update was skipped for a non-finite loss); ``n`` is then a 0-d
+    tensor too. ``sums`` and ``n`` are saved in checkpoints, so the first row after a resume
+    averages the whole window (steps before and after the interruption), exactly as an
+    uninterrupted run does. ``images`` and ``t0`` only feed images/s and are not saved.
     """
 
     def __init__(self) -> None:
-        self.sums: dict[str, float] = {}
-        self.n = 0
+        self.sums: dict[str, Any] = {}  # key -> 0-d tensor (or float after load)
+        self.n: Any = 0  # int, or a 0-d int64 tensor once a ``keep`` flag was used
         self.images = 0
         self.t0 = time.time()
 
-    def add(self, out: dict, images: int) -> None:
+    def add(self, out: dict, images: int, keep: Optional[torch.Tensor] = None) -> None:
         for key, v in out.items():
             if torch.is_tensor(v) and v.ndim == 0:
-                self.sums[key] = self.sums.get(key, 0.0) + float(v.detach())
-        self.n += 1
+                v = v.detach()
+                v = v.to(torch.float32 if v.device.type == "mps" else torch.float64)
+                if keep is not None:
+                    v = torch.where(keep, v, torch.zeros_like(v))
+                self.sums[key] = self.sums.get(key, 0.0) + v
+        self.n = self.n + (1 if keep is None else keep.to(torch.int64))
         self.images += images
 
     def means(self) -> dict[str, float]:
-        return {k: v / max(self.n, 1) for k, v in self.sums.items()}
+        """Means over the window (reads the device: call at log steps only)."""
+        n = max(int(self.n), 1)
+        return {k: float(v) / n for k, v in self.sums.items()}
 
     def reset(self, now: float) -> None:
         self.sums, self.n, self.images, self.t0 = {}, 0, 0, now
@@ -309,11 +352,12 @@ class LogWindow:
         """Replace this rank's loss sum by the mean over ranks (a collective; no-op on one
         process), so the sums rank 0 checkpoints stand for every rank."""
         if dist.is_dist() and "loss" in self.sums:
-            t = torch.tensor([self.sums["loss"]], dtype=torch.float64, device=device)
-            self.sums["loss"] = float(dist.all_reduce_mean(t))
+            v = self.sums["loss"]
+            t = (v if torch.is_tensor(v) else torch.tensor(v)).to(device, torch.float64)
+            self.sums["loss"] = float(dist.all_reduce_mean(t.reshape(1))[0])
 
     def state(self) -> dict:
-        return {"sums": dict(self.sums), "n": self.n}
+        return {"sums": {k: float(v) for k, v in self.sums.items()}, "n": int(self.n)}
 
     def load(self, st: Optional[dict]) -> None:
         """Restore ``state()``; checkpoints written before the window was saved restore an
@@ -449,20 +493,37 @@ class Engine:
                 )
             )
             nlayers = enc.depth + 1
+        self.amp_dtype = autocast_dtype(run.precision, self.device)
+        self.fsdp = self.world > 1 and run.parallel == "fsdp"
+        if run.parallel == "fsdp" and self.world == 1:
+            log.warning("run.parallel=fsdp has no effect in one process (launch with torchrun)")
+        if self.fsdp:  # before the optimizer: it must hold the sharded parameters
+            if eval_fn is not None or evaluators:
+                raise TrainingError(
+                    "run.parallel=fsdp supports pretraining without online evaluation only "
+                    "(evaluation runs on unsharded modules); use run.parallel=ddp"
+                )
+            if self.amp_dtype == torch.float16:
+                raise TrainingError(
+                    "run.parallel=fsdp with fp16 (a grad scaler over sharded gradients) is not "
+                    "supported: use run.precision=bf16 or fp32"
+                )
+            fsdp.shard(self.method, self.amp_dtype)
         self.groups = param_groups(self.method, optim.weight_decay, nd, ld, layer_id, nlayers)
         opt_groups = [{k: v for k, v in g.items() if k != "names"} for g in self.groups]
         kw = {}
         if optim.fused:
-            kw = {"fused": True} if self.device.type == "cuda" else {"foreach": True}
+            kw = {"fused": True} if _fused_adamw_on(self.device) else {"foreach": True}
         self.optimizer = torch.optim.AdamW(
             opt_groups, lr=self.peak_lr, betas=tuple(optim.betas), **kw
         )
-        self.amp_dtype = autocast_dtype(run.precision, self.device)
+        # a fused AdamW skips a step given a device flag (``found_inf``), without a host read
+        self._skip_on_device = bool(getattr(self.optimizer, "_step_supports_amp_scaling", False))
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.amp_dtype == torch.float16
         )
         self.model: nn.Module = self.method
-        if self.world > 1:
+        if self.world > 1 and not self.fsdp:
             self.model = nn.parallel.DistributedDataParallel(
                 self.method,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -476,12 +537,21 @@ class Engine:
         self.nonfinite_skipped = 0
         self.skipped_files = 0
         self.last_ckpt: Optional[Path] = None
+        self._kept_loader: Optional[DataLoader] = None  # persistent workers across epochs
+        # device-side bookkeeping, read only at log steps and checkpoints (:meth:`_drain`)
+        dev = self.device
+        self._step_bad = torch.zeros((), dtype=torch.bool, device=dev)  # this optimizer step
+        self._step_outs: list[tuple[dict, int]] = []  # its micro-batches' scalars, for the log
+        self._bad_steps = torch.zeros((), dtype=torch.int64, device=dev)  # since the last drain
+        self._first_bad = torch.full((), -1, dtype=torch.int64, device=dev)  # step of the first
+        self._bad_loss = torch.zeros((), dtype=torch.float32, device=dev)  # its loss value
+        self._skipped_files_acc = torch.zeros((), dtype=torch.int64)  # on the host (CPU tensor)
         self.ckpt_dir = self.run_dir / "checkpoints"
 
     # ---------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict:
+    def state_dict(self, model_state: Optional[dict] = None) -> dict:
         """The checkpoint (:func:`mimlab.io.checkpoint.make`): schema fields plus every state an
-        exact resume needs."""
+        exact resume needs (``model_state``: instead of the method's own, e.g. ``{}``)."""
         cfg = to_dict(self.config)
         kind = ckpt_format.kind_of_config(cfg)
         method = (
@@ -494,7 +564,7 @@ class Engine:
         return ckpt_format.make(
             kind,
             cfg,
-            self.method.state_dict(),
+            self.method.state_dict() if model_state is None else model_state,
             method=method,
             data_mean=mean,
             data_std=std,
@@ -517,6 +587,11 @@ class Engine:
         }
 
     def save(self, name: str = "last") -> Optional[Path]:
+        if self.fsdp:  # every rank writes its shards
+            path = fsdp.save(self, name, rng_state())
+            if name == "last":
+                self.last_ckpt = path
+            return path
         path = None
         if self.main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -528,14 +603,15 @@ class Engine:
         return path
 
     def load(self, path: str | Path) -> None:
-        ck = load_checkpoint(path, trust=self.run_cfg.trust_checkpoints)
-        missing, unexpected = self.method.load_state_dict(ck["model"], strict=False)
-        if missing or unexpected:
-            raise TrainingError(
-                f"checkpoint {path} does not match this model: missing "
-                f"{list(missing)[:8]}, unexpected {list(unexpected)[:8]}"
-            )
-        self.optimizer.load_state_dict(ck["optimizer"])
+        if Path(path).is_dir():  # a sharded checkpoint (run.parallel=fsdp)
+            if not self.fsdp:
+                raise TrainingError(
+                    f"{path} is a sharded (FSDP) checkpoint: resume it with run.parallel=fsdp "
+                    "and the same number of processes"
+                )
+            ck = fsdp.load(self, Path(path))
+        else:
+            ck = self._load_file(path)
         self.scaler.load_state_dict(ck["scaler"])
         self.global_step = int(ck["global_step"])
         self.epoch = int(ck["epoch"])
@@ -557,21 +633,48 @@ class Engine:
             seed_everything(self.run_cfg.seed + 1000003 * self.global_step + self.rank)
         self.last_ckpt = Path(path)
 
+    def _load_file(self, path: str | Path) -> dict:
+        ck = load_checkpoint(path, trust=self.run_cfg.trust_checkpoints)
+        if self.fsdp:
+            raise TrainingError(
+                f"run.parallel=fsdp resumes from a sharded checkpoint directory, not {path}"
+            )
+        missing, unexpected = self.method.load_state_dict(ck["model"], strict=False)
+        if missing or unexpected:
+            raise TrainingError(
+                f"checkpoint {path} does not match this model: missing "
+                f"{list(missing)[:8]}, unexpected {list(unexpected)[:8]}"
+            )
+        self.optimizer.load_state_dict(ck["optimizer"])
+        return ck
+
     # ---------------------------------------------------------------- loop
     def _loader(self, epoch: int, start_micro: int) -> DataLoader:
-        nw = getattr(self.config, "data", None)
-        nw = nw.num_workers if nw is not None else 0
-        return make_loader(
+        """This epoch's loader: with workers, one loader whose persistent workers serve every
+        epoch (:func:`next_epoch`); tar shard streams plan each epoch anew."""
+        data = getattr(self.config, "data", None)
+        nw = data_workers(data.num_workers) if data is not None else 0
+        prefetch = data.prefetch if data is not None else 2
+        start = start_micro * self.optim_cfg.batch_size * self.world
+        persistent = nw > 0 and not hasattr(self.dataset, "make_loader")
+        if persistent and self._kept_loader is not None:
+            return next_epoch(self._kept_loader, epoch, start)
+        loader = make_loader(
             self.dataset,
             self.optim_cfg.batch_size,
             self.run_cfg.seed,
             epoch,
-            start=start_micro * self.optim_cfg.batch_size * self.world,
+            start=start,
             rank=self.rank,
             world=self.world,
             num_workers=nw,
             pin_memory=self.device.type == "cuda",
+            persistent=persistent,
+            prefetch=prefetch,
         )
+        if persistent:
+            self._kept_loader = loader
+        return loader
 
     def _set_lr(self) -> float:
         if self.lr_fn is not None:
@@ -589,23 +692,6 @@ class Engine:
         for g in self.optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
         return lr
-
-    def _nonfinite(self, loss: torch.Tensor) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-        self.nonfinite_skipped += 1
-        if self.nonfinite_skipped > self.run_cfg.nonfinite_skip:
-            raise NonFiniteLossError(
-                f"non-finite loss ({loss.item()}) at step {self.global_step} (epoch "
-                f"{self.epoch}); last good checkpoint: {self.last_ckpt or 'none'}; try a lower "
-                "optim.base_lr, a longer warm-up, optim.clip_grad=1.0 or run.precision=fp32, or "
-                "run.nonfinite_skip=N to skip such batches"
-            )
-        log.warning(
-            "non-finite loss at step %d: batch skipped (%d/%d)",
-            self.global_step,
-            self.nonfinite_skipped,
-            self.run_cfg.nonfinite_skip,
-        )
 
     def _usable_micro(self) -> int:
         """Micro-batches of an epoch that form whole optimizer steps (the rest is dropped)."""
@@ -635,6 +721,7 @@ class Engine:
         finally:
             if bar is not None:
                 bar.close()
+            self._kept_loader = None  # its workers exit with it
         logger.close()
         return self._finish(result)
 
@@ -645,7 +732,7 @@ class Engine:
             check_writable(self.run_dir)
         if self.run_cfg.resume:
             path = (
-                (self.ckpt_dir / "last.pt")
+                (self.ckpt_dir / ("last.dcp" if self.fsdp else "last.pt"))
                 if self.run_cfg.resume == "auto"
                 else Path(self.run_cfg.resume)
             )
@@ -710,68 +797,157 @@ class Engine:
 
     def _micro_step(self, batch, k: int, it) -> bool:
         """Forward + backward of micro-batch ``k`` of an optimizer step (gradients synced
-        across ranks on the last one). A non-finite loss on any rank drops the rest of the
-        optimizer step's micro-batches and returns False."""
+        across ranks on the last one). No host-device sync: the loss's finiteness is OR-ed
+        into a device flag that :meth:`_optimizer_step` consumes, and the scalars the method
+        returns are kept as device tensors for the log window. Returns True (every micro-batch
+        runs; a non-finite loss drops the whole optimizer step's update instead)."""
         accum = self.optim_cfg.accum_steps
+        self._skipped_files_acc += batch.skipped.sum()  # host tensor: no device sync
         batch = batch.to(self.device)
-        self.skipped_files += int(batch.skipped.sum())
         if self.batch_fn is not None:
             batch = self.batch_fn(batch)
         images, labels = batch.images, batch.labels
         sync = (k == accum - 1) or self.world == 1
-        ctx = self.model.no_sync() if not sync else contextlib.nullcontext()
+        ctx = contextlib.nullcontext()
+        if self.fsdp:
+            fsdp.set_gradient_sync(self.model, sync)
+        elif not sync:
+            ctx = self.model.no_sync()
         with ctx:
             with torch.autocast(
                 self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
             ):
                 out = self.model(images, labels)
             loss = out["loss"]
-            if dist.any_true(not bool(torch.isfinite(loss.detach())), self.device):
-                for _ in range(accum - k - 1):
-                    next(it, None)  # keep the loader aligned with the count
-                self.micro_in_epoch += accum - k
-                self._nonfinite(loss)
-                return False
+            bad = ~torch.isfinite(loss.detach())
+            self._bad_loss = torch.where(bad, loss.detach().float(), self._bad_loss)
+            self._step_bad = self._step_bad | bad
             self.scaler.scale(loss / accum).backward()
         self.micro_in_epoch += 1
-        self.window.add(out, images.shape[0] * self.world)
+        scalars = {k: v.detach() for k, v in out.items() if torch.is_tensor(v) and v.ndim == 0}
+        self._step_outs.append((scalars, images.shape[0] * self.world))  # not the big outputs
         self._images_seen += images.shape[0] * self.world
         return True
 
     def _optimizer_step(self) -> None:
+        """Clip, step, EMA hook. A non-finite loss on any rank during this step's micro-batches
+        (the device flag, max-reduced over ranks by a collective, not read on the host) makes
+        the update a no-op: with a fused AdamW (``optim.fused``, the default) the flag is the
+        optimizer's ``found_inf`` (parameters, moments and step count unchanged); under fp16
+        it marks the gradients non-finite so the grad scaler skips the step (and backs off its
+        scale); with an unfused AdamW the flag is read on the host here (one sync per step).
+        The step still counts (``global_step``, lr schedule, ``after_step`` hooks: an EMA
+        target takes its step towards the unchanged weights); see :meth:`_drain`."""
+        bad = self._step_bad
+        if self.world > 1:
+            flag = bad.to(torch.float32).reshape(1)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            bad = flag[0] > 0
+        if self.scaler.is_enabled():  # fp16: the scaler's own inf check drops the step
+            for p in self.method.parameters():
+                if p.grad is not None:
+                    p.grad.copy_(torch.where(bad, torch.full_like(p.grad, math.nan), p.grad))
+                    break
         if self.optim_cfg.clip_grad:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.method.parameters(), self.optim_cfg.clip_grad)
-        self.scaler.step(self.optimizer)
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+        elif self._skip_on_device:
+            self.optimizer.found_inf = bad.to(torch.float32)  # type: ignore[attr-defined]
+            try:
+                self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf  # type: ignore[attr-defined]
+        elif not bool(bad):  # unfused AdamW: one host read per optimizer step
+            self.optimizer.step()
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        keep = ~bad
+        for out, n_images in self._step_outs:
+            self.window.add(out, n_images, keep=keep)
+        self._step_outs = []
+        self._first_bad = torch.where(
+            bad & (self._first_bad < 0), self.global_step, self._first_bad
+        )
+        self._bad_steps = self._bad_steps + bad.to(torch.int64)
+        self._step_bad = torch.zeros_like(self._step_bad)
         self.global_step += 1
         if hasattr(self.method, "after_step"):
             self.method.after_step(self.global_step, self.total_steps)
+
+    def _drain(self) -> None:
+        """Read the device-side bookkeeping (the only host-device syncs of the loop, at log
+        steps, checkpoints and epoch ends): files skipped by the loader and optimizer steps
+        dropped for a non-finite loss since the last drain.
+
+        Compared with a check after every micro-batch (before this loop): a non-finite loss
+        is noticed at the next log step (``run.log_every``), a checkpoint or the epoch end,
+        so up to ``log_every`` steps later; every step with a non-finite loss in between
+        has its update dropped (:meth:`_optimizer_step`) but still counts as a step, and
+        the rest of its micro-batches still run. ``run.nonfinite_skip`` counts such steps;
+        past it, :class:`NonFiniteLossError` names the first of them."""
+        self.skipped_files += int(self._skipped_files_acc)
+        self._skipped_files_acc.zero_()
+        bad = int(self._bad_steps)
+        if not bad:
+            return
+        first, value = int(self._first_bad), float(self._bad_loss)
+        self._bad_steps.zero_()
+        self._first_bad.fill_(-1)
+        self.nonfinite_skipped += bad
+        if self.nonfinite_skipped > self.run_cfg.nonfinite_skip:
+            raise NonFiniteLossError(
+                f"non-finite loss ({value}) at step {first} (epoch {self.epoch}; "
+                f"{self.nonfinite_skipped} step(s) skipped in all); last good checkpoint: "
+                f"{self.last_ckpt or 'none'}; try a lower optim.base_lr, a longer warm-up, "
+                "optim.clip_grad=1.0 or run.precision=fp32, or run.nonfinite_skip=N to skip "
+                "such batches"
+            )
+        log.warning(
+            "non-finite loss at step %d: %d optimizer step(s) skipped (%d/%d)",
+            first,
+            bad,
+            self.nonfinite_skipped,
+            self.run_cfg.nonfinite_skip,
+        )
 
     def _after_step(
         self, sig: _SignalCatcher, logger: MetricLogger, bar, result: FitResult
     ) -> bool:
         """Log, evaluate, checkpoint and honour signals after an optimizer step; True when
         this was the last step to run now."""
-        if self.global_step % self.run_cfg.log_every == 0 or self.global_step == self.total_steps:
+        log_now = (
+            self.global_step % self.run_cfg.log_every == 0 or self.global_step == self.total_steps
+        )
+        if log_now:
+            self._drain()
             self._log_window(logger, result, bar)
         if bar is not None:
             bar.update(1)
         self._run_evaluators(logger, result)
-        if (
+        save_now = (
             self.run_cfg.save_every_steps
             and self.global_step % self.run_cfg.save_every_steps == 0
             and self.micro_in_epoch < self._usable_micro()
-        ):
+        )
+        if save_now:
             self._checkpoint("last")
-        if dist.any_true(sig.signum is not None, self.device):
+        # one process: a host flag, read every step; under torchrun the ranks agree by a
+        # collective with a host read, so only where the loop syncs anyway: log steps,
+        # save_every_steps checkpoints and the last step of an epoch (a signal waits at most
+        # until the first of them)
+        stop = sig.signum is not None
+        if self.world > 1:
+            synced = log_now or save_now or self.micro_in_epoch >= self._usable_micro()
+            stop = bool(synced) and dist.any_true(stop, self.device)
+        if stop:
             self._checkpoint("last")
             logger.close()
             signum = sig.signum or signal.SIGTERM
             raise Interrupted(
                 f"stopped by signal {signal.Signals(signum).name} at step {self.global_step}; "
-                f"checkpoint written to {self.ckpt_dir / 'last.pt'}; continue with "
+                f"checkpoint written to {self.last_ckpt}; continue with "
                 "run.resume=auto (same run directory)",
                 128 + int(signum),
             )
@@ -833,7 +1009,9 @@ class Engine:
         self.window.t0 += time.time() - t0
 
     def _checkpoint(self, name: str) -> None:
-        """:meth:`save` after making the saved loss window stand for every rank."""
+        """:meth:`save` after reading the device bookkeeping (:meth:`_drain`) and making the
+        saved loss window stand for every rank."""
+        self._drain()
         self.window.sync_loss(self.device)
         self.save(name)
 
@@ -869,12 +1047,14 @@ class Engine:
         return False
 
     def _finish(self, result: FitResult) -> FitResult:
+        self._drain()
         result.global_step, result.epochs_done = self.global_step, self.epoch
         result.seconds = time.time() - self._t_start
         result.images_per_s = self._images_seen / max(result.seconds, 1e-9)
         result.skipped_files = self.skipped_files
         result.world_size = self.world
-        result.ddp_max_param_divergence = dist.max_param_divergence(self.method)
+        if not self.fsdp:  # sharded parameters have no replicas to compare
+            result.ddp_max_param_divergence = dist.max_param_divergence(self.method)
         if self.skipped_files and self.main:
             log.warning("%d unreadable file(s) were skipped (data.on_bad=skip)", self.skipped_files)
         return result

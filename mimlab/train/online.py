@@ -38,7 +38,7 @@ from matplotlib.figure import Figure
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from ..core import dist
-from ..core.config import ConfigError, DataConfig, EvalConfig, ModelConfig
+from ..core.config import ConfigError, DataConfig, EvalConfig, ModelConfig, data_workers
 from ..data.datasets import DataError, build_dataset, subset_indices
 from ..nn.knn import knn_classify, top1
 from ..nn.linear_probe import probe_top1
@@ -283,7 +283,7 @@ def build_online_evaluator(
         sseed,
         device,
         256,
-        data.num_workers,
+        data_workers(data.num_workers),
         amp_dtype,
         pooled_encoder_features(ev.online_feature),
         run_dir / "online_eval.png",

@@ -84,7 +84,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         "images_per_s": round(res.images_per_s, 1),
         "final_loss": res.last_metrics.get("loss"),
         "skipped_files": res.skipped_files,
-        "checkpoint": str(run_dir / "checkpoints/last.pt"),
+        "checkpoint": str(eng.last_ckpt or run_dir / "checkpoints/last.pt"),
         "world_size": res.world_size,
         "ddp_max_param_divergence": res.ddp_max_param_divergence,
         "data_mean": ds.mean,
