@@ -83,6 +83,17 @@ def any_true(flag: bool, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def gather_object(obj):
+    """``[obj of rank 0, obj of rank 1, ...]`` on rank 0 (a collective; every rank must call
+    it), ``None`` on the other ranks; ``[obj]`` on one process. Used for per-rank state that a
+    checkpoint must carry (each rank's RNG)."""
+    if not is_dist():
+        return [obj]
+    out = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def cleanup() -> None:
     if is_dist():
         dist.destroy_process_group()

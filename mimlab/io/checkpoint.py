@@ -18,7 +18,8 @@ A checkpoint is a plain ``dict`` that ``torch.load(weights_only=True)`` can read
 ``optimizer``,      the engine's other states, unchanged from the pre-schema layout: optimizer,
 ``scaler``,         grad scaler, RNG states and the position in training (``global_step``,
 ``rng``, ...        ``epoch``, ``micro_in_epoch``, ``samples_in_epoch``, ``world_size``,
-                    ``nonfinite_skipped``, ``skipped_files``)
+                    ``nonfinite_skipped``, ``skipped_files``); ``rng_ranks``: every rank's
+                    RNG states under torchrun (``rng`` is rank 0's), so a resume is exact
 ``config``          the full resolved run config (``to_dict``)
 ``provenance``      ``{'mimlab': version, 'git': commit or 'unknown', 'torch': version,
                     'time': ISO-8601 UTC}``

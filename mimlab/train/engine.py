@@ -470,9 +470,10 @@ class Engine:
         self.ckpt_dir = self.run_dir / "checkpoints"
 
     # ---------------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict:
+    def state_dict(self, rank_rngs: Optional[list] = None) -> dict:
         """The checkpoint (:func:`mimlab.io.checkpoint.make`): schema fields plus every state an
-        exact resume needs."""
+        exact resume needs. ``rank_rngs``: every rank's :func:`rng_state` (from :meth:`save`;
+        default this process's only)."""
         cfg = to_dict(self.config)
         kind = ckpt_format.kind_of_config(cfg)
         method = (
@@ -489,10 +490,10 @@ class Engine:
             method=method,
             data_mean=mean,
             data_std=std,
-            **self._engine_states(),
+            **self._engine_states(rank_rngs),
         )
 
-    def _engine_states(self) -> dict:
+    def _engine_states(self, rank_rngs: Optional[list] = None) -> dict:
         return {
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -505,14 +506,17 @@ class Engine:
             "skipped_files": self.skipped_files,
             "log_window": self.window.state(),
             "rng": rng_state(),
+            # each rank's RNG (masking noise, dropout differ per rank): exact resume under DDP
+            "rng_ranks": rank_rngs if rank_rngs is not None else [rng_state()],
         }
 
     def save(self, name: str = "last") -> Optional[Path]:
+        rank_rngs = dist.gather_object(rng_state())  # a collective: every rank's RNG to rank 0
         path = None
         if self.main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             path = self.ckpt_dir / f"{name}.pt"
-            atomic_save(self.state_dict(), path)
+            atomic_save(self.state_dict(rank_rngs), path)
             if name == "last":
                 self.last_ckpt = path
         dist.barrier()
@@ -542,8 +546,9 @@ class Engine:
         self.micro_in_epoch = samples // (self.optim_cfg.batch_size * self.world)
         if self.micro_in_epoch >= self.micro_per_epoch:
             self.epoch, self.micro_in_epoch = self.epoch + 1, 0
-        if int(ck.get("world_size", 1)) == self.world:
-            set_rng_state(ck["rng"])
+        ranks = ck.get("rng_ranks") or [ck["rng"]]  # older files: rank 0's state only
+        if int(ck.get("world_size", 1)) == self.world:  # each rank its own RNG (masking noise)
+            set_rng_state(ranks[self.rank] if len(ranks) == self.world else ranks[0])
         else:  # a different number of processes: each rank re-seeds from (seed, step, rank)
             seed_everything(self.run_cfg.seed + 1000003 * self.global_step + self.rank)
         self.last_ckpt = Path(path)
