@@ -14,6 +14,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -33,6 +34,7 @@ from .core.config import (
     ProbeConfig,
     describe,
     parse_overrides,
+    resolve,
     to_dict,
 )
 from .core.registry import FAMILIES, PRESETS, presets_of, reading_families
@@ -102,6 +104,12 @@ def _add_common(p: argparse.ArgumentParser, probe: bool = False, ft: bool = Fals
     p.add_argument("--out", help="parent folder of run directories (run.out_dir)")
     p.add_argument("--name", help="run directory name (run.name)")
     p.add_argument("--resume", help="checkpoint to resume from, or 'auto' (run.resume)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run of the same --name (run.overwrite=true); without it such "
+        "a run directory is refused unless --resume continues it",
+    )
     if probe or ft:
         p.add_argument(
             "--pretrained",
@@ -185,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
         " pretrained=True); hf: transformers ViTMAEForPreTraining (MAE with "
         "decoder) or ViTModel directory; pt: state dict + timm kwargs; auto: "
         "pt when OUTPUT ends in .pt, else timm",
+    )
+    e.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing OUTPUT file or the files in a non-empty OUTPUT folder "
+        "(never the source itself)",
     )
     sub.add_parser("methods", help=SUMMARY["methods"], description=SUMMARY["methods"])
     fl = sub.add_parser(
@@ -399,12 +413,34 @@ def _resolve_cmd(args, cls):
     if getattr(args, "pretrained", None):
         sec = "finetune" if cls is FinetuneConfig else "probe"
         ov.append(f"{sec}.pretrained={args.pretrained}")
+    if getattr(args, "overwrite", False):
+        ov.append("run.overwrite=true")
+    resolve(cls, args.config, ov)  # config errors before torch is imported (seconds)
     from .tasks import resolve_run_config  # lazy: torch start-up, only for these commands
 
     return resolve_run_config(cls, args.config, ov)  # adopts a --pretrained source's model
 
 
 def run(argv: Optional[list[str]] = None) -> int:
+    """``mimlab ARGV``: the exit code (0 ok, 1 error, 2 usage/config error, 128+N signal);
+    errors are one line on stderr. Run directories the command locked are released, and
+    those it created are removed again when it fails before writing anything but its
+    ``config.yaml`` and ``log.txt``."""
+    rc = 1
+    try:
+        rc = _run_command(argv)
+        return rc
+    finally:
+        rundir = sys.modules.get("mimlab.train.rundir")  # loaded only if a run dir was made
+        if rundir is not None:
+            rundir.release_run()
+            created, rundir.CREATED[:] = list(rundir.CREATED), []
+            if rc != 0:
+                for d, top in created:
+                    rundir.remove_if_empty(d, top)
+
+
+def _run_command(argv: Optional[list[str]] = None) -> int:
     ap = build_parser()
     # overrides (key=value) may appear before, between or after options
     args, extra = ap.parse_known_args(argv)
@@ -424,6 +460,8 @@ def run(argv: Optional[list[str]] = None) -> int:
     from .data.datasets import (
         DataError,  # lazy: CLI start-up speed (torch), --help and --version stay fast
     )
+    from .io.checkpoint import CheckpointError  # lazy: as above
+    from .io.sources import SourceError  # lazy: as above
     from .train.engine import Interrupted, TrainingError  # lazy: as above
 
     try:
@@ -452,12 +490,12 @@ def run(argv: Optional[list[str]] = None) -> int:
             print(f"demo finished: {res['run_dir']}/summary.md")
             return 0
         if args.command == "export":
-            from .io.checkpoint import CheckpointError  # lazy: CLI start-up speed (torch)
             from .io.export import export_checkpoint  # lazy: CLI start-up speed (torch)
-            from .io.sources import SourceError  # lazy: CLI start-up speed (torch)
 
             try:
-                info = export_checkpoint(args.checkpoint, args.output, args.format)
+                info = export_checkpoint(
+                    args.checkpoint, args.output, args.format, overwrite=args.overwrite
+                )
             except (SourceError, CheckpointError) as e:
                 print(f"mimlab: error: {_one_line(e)}", file=sys.stderr)
                 return 1
@@ -560,8 +598,12 @@ def run(argv: Optional[list[str]] = None) -> int:
     except Interrupted as e:
         print(f"mimlab: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
-    except (DataError, TrainingError) as e:
+    except (DataError, TrainingError, SourceError, CheckpointError) as e:
         print(f"mimlab: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a file or folder the user named: missing, not writable, disk full
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"mimlab: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
     ap.print_help()
     return 2
@@ -569,7 +611,21 @@ def run(argv: Optional[list[str]] = None) -> int:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
-    sys.exit(run())
+    try:
+        code = run()
+        sys.stdout.flush()
+    except KeyboardInterrupt:  # Ctrl-C outside training (imports, data scan, evaluation)
+        print("mimlab: interrupted (Ctrl-C)", file=sys.stderr)
+        code = 130
+    except BrokenPipeError:  # `mimlab ... | head`: the reader left; stop quietly
+        code = 141
+    if code == 141:
+        try:  # no second BrokenPipeError when the interpreter flushes stdout at exit
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError
+
 
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -38,6 +40,18 @@ def init(device: str = "auto", timeout_s: float = 300.0) -> torch.device:
     of hanging forever (gloo/nccl timeouts).
     """
     want_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if device.startswith("cuda"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        idx = int(device.split(":", 1)[1]) if ":" in device else 0
+        if idx >= n:
+            raise ConfigError(
+                f"run.device={device}: "
+                + (
+                    "no CUDA GPU is available (torch sees none); use run.device=cpu or auto"
+                    if n == 0
+                    else f"this machine has {n} CUDA device(s) (cuda:0 .. cuda:{n - 1})"
+                )
+            )
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         if not is_dist():
             backend = "nccl" if want_cuda else "gloo"

@@ -524,12 +524,28 @@ class Engine:
 
     def load(self, path: str | Path) -> None:
         ck = load_checkpoint(path, trust=self.run_cfg.trust_checkpoints)
-        missing, unexpected = self.method.load_state_dict(ck["model"], strict=False)
-        if missing or unexpected:
+        if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict):
+            raise TrainingError(f"{path} is not a mimlab training checkpoint (no 'model' state)")
+        own = self.method.state_dict()
+        shape = [
+            f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+            for k, v in ck["model"].items()
+            if k in own and hasattr(v, "shape") and own[k].shape != v.shape
+        ]
+        missing = [k for k in own if k not in ck["model"]]
+        unexpected = [k for k in ck["model"] if k not in own]
+        if shape or missing or unexpected:
+            parts = [
+                f"shape mismatches (checkpoint vs model): {', '.join(shape[:4])}" if shape else "",
+                f"missing: {', '.join(missing[:6])}" if missing else "",
+                f"unexpected: {', '.join(unexpected[:6])}" if unexpected else "",
+            ]
             raise TrainingError(
-                f"checkpoint {path} does not match this model: missing "
-                f"{list(missing)[:8]}, unexpected {list(unexpected)[:8]}"
+                f"checkpoint {path} does not fit this model ("
+                + "; ".join(p for p in parts if p)
+                + "); resume needs the run's own model.* and method.* settings"
             )
+        self.method.load_state_dict(ck["model"], strict=True)
         self.optimizer.load_state_dict(ck["optimizer"])
         self.scaler.load_state_dict(ck["scaler"])
         self.global_step = int(ck["global_step"])
