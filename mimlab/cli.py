@@ -120,8 +120,19 @@ def _add_common(p: argparse.ArgumentParser, probe: bool = False, ft: bool = Fals
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors in one line (``mimlab: error: ...``; ``--help`` for more)."""
+
+    def error(self, message: str):
+        print(
+            f"mimlab: error: {' '.join(message.split())} (see `{self.prog} --help`)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="mimlab",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Masked image modeling: pretrain, evaluate and analyse Vision Transformers.",
@@ -601,6 +612,8 @@ def _run_command(argv: Optional[list[str]] = None) -> int:
     except (DataError, TrainingError, SourceError, CheckpointError) as e:
         print(f"mimlab: error: {_one_line(e)}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        raise  # stdout's reader left: main() stops quietly
     except OSError as e:  # a file or folder the user named: missing, not writable, disk full
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         print(f"mimlab: error: {e.strerror or e}{where}", file=sys.stderr)
