@@ -97,7 +97,8 @@ def _add_common(p: argparse.ArgumentParser, probe: bool = False, ft: bool = Fals
         "overrides",
         nargs="*",
         metavar="key=value",
-        help="config overrides, e.g. optim.epochs=5 model.preset=vit_b16",
+        help="config overrides, e.g. "
+        + ("probe.k=10 data.limit=1000" if probe else "optim.epochs=5 model.preset=vit_b16"),
     )
     p.add_argument("--config", help="YAML config file (read with a safe loader)")
     p.add_argument("--data", help="dataset path (same as data.path=...)")

@@ -455,6 +455,74 @@ def test_ctrl_c_before_training_is_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "mimlab: interrupted (Ctrl-C)"
 
 
+# ------------------------------------------------------------------ friction a newcomer meets
+def test_probe_help_examples_are_probe_keys(capsys):
+    from mimlab.cli import run
+    from mimlab.core.config import ProbeConfig, resolve
+
+    with pytest.raises(SystemExit):
+        run(["knn", "--help"])
+    out = capsys.readouterr().out
+    assert "optim.epochs=5" not in out and "e.g. probe.k=10 data.limit=1000" in out
+    assert resolve(ProbeConfig, overrides=["probe.k=10", "data.limit=1000"]).probe.k == 10
+
+
+def test_a_run_logs_its_normalisation(world):
+    log = (Path(world["out"]) / "done/log.txt").read_text()
+    assert re.search(r"normalisation: mean \[[0-9., ]+\], std \[[0-9., ]+\] from ", log), log
+
+
+def test_timm_export_names_no_foreign_weights_and_is_readable(world, tmp_path):
+    from mimlab.cli import run
+
+    assert run(["export", f"{world['out']}/done/checkpoints/last.pt", str(tmp_path / "t")]) == 0
+    cfg = json.loads((tmp_path / "t/config.json").read_text())
+    assert "tag" not in cfg["pretrained_cfg"] and "license" not in cfg["pretrained_cfg"]
+    assert cfg["model_args"]["embed_dim"] == 32  # the real size
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "t/model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_hf_export_keeps_pooling_and_its_feature_recipe_holds(world, tmp_path, caplog):
+    transformers = pytest.importorskip("transformers")
+    import logging
+
+    import torch
+
+    from mimlab.io.export import export_checkpoint
+    from mimlab.io.sources import load_encoder
+
+    ckpt = f"{world['out']}/done/checkpoints/last.pt"
+    info = export_checkpoint(ckpt, tmp_path / "h", "hf")
+    sm = load_encoder(ckpt)
+    assert sm.pool == "avg" and "mean of the patch tokens" in info["features"]
+    with caplog.at_level(logging.INFO, logger="mimlab.sources"):
+        back = load_encoder(f"hf:{tmp_path / 'h'}")
+    assert back.pool == "avg" and "pooling avg" in caplog.text
+    # the documented recipe gives mimlab's features
+    enc = transformers.ViTMAEForPreTraining.from_pretrained(str(tmp_path / "h"), mask_ratio=0.0)
+    enc = enc.vit.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        noise = torch.arange(16, dtype=torch.float).expand(2, 16)
+        h = enc(pixel_values=x, noise=noise).last_hidden_state
+        assert (h[:, 1:].mean(1) - sm.features(x)).abs().max() < 1e-5
+
+
+def test_building_models_does_not_import_wandb():
+    code = "import sys, mimlab.io.sources, mimlab.nn.models; print('wandb' in sys.modules)"
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.stdout.strip() == "False", p.stderr[-2000:]
+
+
 # ------------------------------------------------------------------ the table in the docs
 def doc_table() -> str:
     """The markdown table of ``docs/reliability.md``'s section 'Bad inputs'."""
