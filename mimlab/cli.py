@@ -412,7 +412,8 @@ def _one_line(e: BaseException) -> str:
     return " ".join(msg.split())
 
 
-def _resolve_cmd(args, cls):
+def _cmd_overrides(args, cls) -> list[str]:
+    """A run command's ``key=value`` overrides, with its options (--data, --name ...) added."""
     ov = list(args.overrides or [])
     if getattr(args, "data", None):
         ov.append(f"data.path={args.data}")
@@ -427,10 +428,14 @@ def _resolve_cmd(args, cls):
         ov.append(f"{sec}.pretrained={args.pretrained}")
     if getattr(args, "overwrite", False):
         ov.append("run.overwrite=true")
-    resolve(cls, args.config, ov)  # config errors before torch is imported (seconds)
+    return ov
+
+
+def _resolve_cmd(args, cls):
     from .tasks import resolve_run_config  # lazy: torch start-up, only for these commands
 
-    return resolve_run_config(cls, args.config, ov)  # adopts a --pretrained source's model
+    # adopts a --pretrained source's model
+    return resolve_run_config(cls, args.config, _cmd_overrides(args, cls))
 
 
 def run(argv: Optional[list[str]] = None) -> int:
@@ -469,6 +474,13 @@ def _run_command(argv: Optional[list[str]] = None) -> int:
     if not args.command:
         ap.print_help()
         return 2
+    if args.command in CONFIGS:  # config errors in a blink, before torch is imported
+        try:
+            cls = CONFIGS[args.command]
+            resolve(cls, args.config, _cmd_overrides(args, cls))
+        except ConfigError as e:
+            print(f"mimlab: config error: {_one_line(e)}", file=sys.stderr)
+            return 2
     from .data.datasets import (
         DataError,  # lazy: CLI start-up speed (torch), --help and --version stay fast
     )

@@ -510,6 +510,23 @@ def test_hf_export_keeps_pooling_and_its_feature_recipe_holds(world, tmp_path, c
         assert (h[:, 1:].mean(1) - sm.features(x)).abs().max() < 1e-5
 
 
+def test_config_errors_come_before_torch_is_imported():
+    code = (
+        "import sys; from mimlab.cli import run; "
+        "rc = run(['pretrain', 'optim.epoch=3']); print(rc, 'torch' in sys.modules)"
+    )
+    p = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.stdout.strip() == "2 False", (p.stdout, p.stderr[-2000:])
+    assert "did you mean 'optim.epochs'?" in p.stderr
+
+
 def test_building_models_does_not_import_wandb():
     code = "import sys, mimlab.io.sources, mimlab.nn.models; print('wandb' in sys.modules)"
     p = subprocess.run(
