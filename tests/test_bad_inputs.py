@@ -390,6 +390,18 @@ def test_export_overwrite_is_explicit(world, tmp_path, capsys):
     assert "is the source itself" in capsys.readouterr().err
 
 
+def test_python_api_releases_its_lock_on_failure(world, tmp_path):
+    from mimlab import tasks
+    from mimlab.core.config import PretrainConfig, resolve
+    from mimlab.train.engine import TrainingError
+
+    ov = [f"data.path={world['data']}", f"run.out_dir={tmp_path}", "run.name=x", *TINY.split()]
+    cfg = resolve(PretrainConfig, overrides=ov + ["optim.batch_size=64"])
+    with pytest.raises(TrainingError, match="smaller than one optimizer step"):
+        tasks.pretrain(cfg)
+    assert (tmp_path / "x/config.yaml").is_file() and not (tmp_path / "x/.lock").exists()
+
+
 def _cli(*args, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     return subprocess.Popen(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -12,7 +13,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -114,6 +115,23 @@ def release_run(d: Optional[Path] = None) -> None:
         if lock is not None and _read_lock(lock).get("pid") == os.getpid():
             with contextlib.suppress(OSError):
                 lock.unlink()
+
+
+def owns_run_dir(fn: Callable) -> Callable:
+    """Decorator of a command function (pretrain, finetune, knn, linprobe): the run
+    directories it locks are released when it returns or fails (the Python API holds no lock
+    after a call; a kill leaves a stale lock, which the next run replaces)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = set(_HELD)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            for d in set(_HELD) - before:
+                release_run(d)
+
+    return wrapper
 
 
 def remove_if_empty(d: Path, top: Optional[Path] = None) -> bool:
