@@ -6,7 +6,8 @@ tests/test_bad_inputs.py`` prints that table, and a test checks that the two agr
 Placeholders in a case's arguments: ``{data}`` labelled images, ``{out}`` the folder of runs
 (holding the finished run ``done``), ``{ckpt}`` its ``last.pt``, ``{files}`` a folder of odd
 files (``zero.pt`` empty, ``garbage.pt`` random bytes, ``text.pt`` text, ``other.pt`` an
-existing file, ``dir/`` a non-empty folder), ``{C}`` a tiny run's settings."""
+existing file, ``dir/`` a non-empty folder), ``{C}`` a tiny run's settings, ``{K}`` a tiny
+k-NN's."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ TINY = (
     "model.preset=micro data.limit=32 optim.batch_size=16 optim.epochs=1 run.progress=false "
     "data.num_workers=0 run.device=cpu run.log_every=1"
 )
+#: a tiny k-NN run (``{K}``)
+TINY_KNN = "data.limit=32 data.val_limit=16 run.progress=false data.num_workers=0 run.device=cpu"
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ CASES = [
     Case(
         "knn_temperature_zero",
         "traceback",
-        "knn --data {data} probe.temperature=0",
+        "knn --data {data} {K} probe.temperature=0",
         2,
         "probe.temperature must be > 0",
     ),
@@ -135,7 +138,7 @@ CASES = [
     Case(
         "knn_resume",
         "wrong success",
-        "knn --data {data} --resume {ckpt}",
+        "knn --data {data} {K} --resume {ckpt}",
         2,
         "knn and linprobe have nothing to resume",
     ),
@@ -143,14 +146,14 @@ CASES = [
     Case(
         "zero_byte_checkpoint",
         "traceback",
-        "knn --data {data} --pretrained {files}/zero.pt",
+        "knn --data {data} {K} --pretrained {files}/zero.pt",
         1,
         "the file is empty (0 bytes)",
     ),
     Case(
         "random_bytes_checkpoint",
         "clean",
-        "knn --data {data} --pretrained {files}/garbage.pt",
+        "knn --data {data} {K} --pretrained {files}/garbage.pt",
         1,
         "set run.trust_checkpoints=true only for a file from a source you trust",
     ),
@@ -171,7 +174,7 @@ CASES = [
     Case(
         "finetune_missing_pretrained",
         "clean",
-        "finetune --data {data} --pretrained {files}/nope.pt",
+        "finetune --data {data} {C} --pretrained {files}/nope.pt",
         1,
         "checkpoint not found",
     ),
@@ -201,7 +204,7 @@ CASES = [
     Case(
         "knn_with_optim_key",
         "clean",
-        "knn --data {data} optim.epochs=5",
+        "knn --data {data} {K} optim.epochs=5",
         2,
         "unknown config key 'optim'",
     ),
@@ -305,7 +308,7 @@ def world(cifar_dir, tmp_path_factory):
 
 
 def _fill(args: str, w: dict) -> list[str]:
-    text = args.replace("{C}", TINY)
+    text = args.replace("{C}", TINY).replace("{K}", TINY_KNN)
     text = text.replace("{ckpt}", f"{w['out']}/done/checkpoints/last.pt")
     for k, v in w.items():
         text = text.replace("{" + k + "}", v)
