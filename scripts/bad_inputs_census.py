@@ -1,7 +1,8 @@
 """Count how the mimlab on ``PYTHONPATH`` answers the bad-input cases of
 ``tests/test_bad_inputs.py`` (issue 26): clean (the expected exit code and one ``mimlab:``
-line), other one-line answers, tracebacks (an exception escaped), wrong successes (exit 0) and
-cases that changed an earlier run's files (lost or mixed data).
+line), other one-line answers, several lines (argparse usage), tracebacks (an exception
+escaped), wrong successes (exit 0), cases that changed an earlier run's files (lost or mixed
+data) and cases that left a new folder behind.
 
     PYTHONPATH=<checkout> OMP_NUM_THREADS=1 python scripts/bad_inputs_census.py DATA [--json F]
 
@@ -30,6 +31,7 @@ def _cases():
         "bad_inputs", HERE / "tests" / "test_bad_inputs.py"
     )
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["bad_inputs"] = mod  # dataclasses look their module up
     spec.loader.exec_module(mod)
     return mod
 
@@ -62,9 +64,17 @@ def main() -> int:
     (busy / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": os.uname().nodename}))
     shutil.copytree(root, pristine, ignore=shutil.ignore_patterns("pristine"))
     world = {"data": a.data, "out": str(out), "files": str(files)}
-    rows, counts = [], {"clean": 0, "one line": 0, "traceback": 0, "wrong success": 0, "lost": 0}
+    rows = []
+    counts = dict.fromkeys(
+        ("clean", "other one line", "several lines", "traceback", "wrong success", "lost"), 0
+    )
+    counts["left behind"] = 0
+
+    def earlier() -> dict:  # the earlier run, the locked folder and the odd files
+        return {k: bi._digest(root / k) for k in ("runs/done", "runs/busy", "files")}
+
     for case in bi.CASES:
-        before = {k: bi._digest(root / k) for k in ("runs", "files")}
+        before = earlier()
         err = io.StringIO()
         escaped = None
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
@@ -75,8 +85,8 @@ def main() -> int:
             except BaseException as e:  # noqa: BLE001 - what a user would see as a traceback
                 rc, escaped = None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
         lines = bi.error_lines(err.getvalue())
-        after = {k: bi._digest(root / k) for k in ("runs", "files")}
-        lost = after != before or sorted(p.name for p in out.iterdir()) != ["busy", "done"]
+        lost = earlier() != before
+        left = sorted(p.name for p in out.iterdir() if p.name not in ("busy", "done"))
         if escaped or "Traceback" in err.getvalue():
             kind = "traceback"
         elif rc == 0:
@@ -84,24 +94,17 @@ def main() -> int:
         elif rc == case.rc and len(lines) == 1 and case.message in lines[0]:
             kind = "clean"
         else:
-            kind = "one line" if len(lines) == 1 else "traceback"
+            kind = "other one line" if len(lines) == 1 else "several lines"
         counts[kind] += 1
         counts["lost"] += int(lost)
+        counts["left behind"] += int(bool(left))
+        said = escaped or (lines[0][:160] if lines else "")
         rows.append(
-            {
-                "case": case.id,
-                "rc": rc,
-                "kind": kind,
-                "lost": lost,
-                "said": escaped or (lines[0][:160] if lines else ""),
-            }
+            {"case": case.id, "rc": rc, "kind": kind, "lost": lost, "left": left, "said": said}
         )
-        print(
-            f"{case.id:36s} rc={rc!s:4s} {kind:13s} {'LOST/MIXED ' if lost else ''}"
-            f"{rows[-1]['said']}",
-            flush=True,
-        )
-        if lost:  # restore the earlier run and the odd files for the next case
+        flags = ("LOST/MIXED " if lost else "") + (f"LEFT {left} " if left else "")
+        print(f"{case.id:36s} rc={rc!s:4s} {kind:14s} {flags}{said}", flush=True)
+        if lost or left:  # restore the earlier run and the odd files for the next case
             shutil.rmtree(out)
             shutil.rmtree(files)
             shutil.copytree(pristine / "runs", out)
