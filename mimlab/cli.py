@@ -1,5 +1,5 @@
-"""``mimlab`` command line: pretrain | finetune | linprobe | knn | demo | export | methods |
-flops | bench | stats | shards | reproduce | analyze | visualize (the last two:
+"""``mimlab`` command line: pretrain | finetune | linprobe | knn | segment | demo | export |
+methods | flops | bench | stats | shards | reproduce | analyze | visualize (the last two:
 :mod:`mimlab.analysis.cli`).
 
 Every training/evaluation command takes ``--config file.yaml`` and ``key=value`` overrides
@@ -27,11 +27,13 @@ from . import __version__
 from .analysis.cli import add_parsers as add_analysis_parsers
 from .analysis.cli import dispatch as analysis_dispatch
 from .core.config import (
+    SEGMENT_RECIPES,
     ConfigError,
     DataConfig,
     FinetuneConfig,
     PretrainConfig,
     ProbeConfig,
+    SegmentConfig,
     describe,
     parse_overrides,
     resolve,
@@ -44,12 +46,14 @@ CONFIGS = {
     "finetune": FinetuneConfig,
     "linprobe": ProbeConfig,
     "knn": ProbeConfig,
+    "segment": SegmentConfig,
 }
 SUMMARY = {
     "pretrain": "self-supervised pretraining (method.name selects MAE, ...)",
     "finetune": "end-to-end fine-tuning (or supervised training from scratch) + top-1",
     "linprobe": "linear probe on frozen features, several lrs in one pass + top-1",
     "knn": "weighted k-NN on frozen features + top-1",
+    "segment": "semantic segmentation fine-tuning (linear or UperNet head) + mIoU",
     "demo": "offline demo: brief MAE pretraining, evaluation, figure and summary",
     "export": "write any model source in timm's or transformers' Hub format (or a .pt)",
     "stats": "compute per-channel mean/std of a dataset",
@@ -60,6 +64,31 @@ SUMMARY = {
     "reproduce": "run the papers' experiment suites (quick | standard | full), resumable; "
     "writes report.md",
 }
+
+SEGMENT_HELP = textwrap.dedent("""\
+    Semantic segmentation fine-tuning + mIoU, per-class IoU and pixel accuracy.
+
+    Backbone: --pretrained (any model source: a mimlab checkpoint, mimlab:, mae:, timm:, hf:,
+    mocov3:; position embeddings resampled to segment.crop_size) or random init. Heads:
+    segment.head=linear (last block's patch tokens, BatchNorm + 1x1 conv, bilinear upsampling)
+    or upernet (blocks 4, 6, 8, 12 of 12 at 4x, 2x, 1x, 1/2x; auxiliary FCN head with
+    segment.aux_weight > 0). AdamW with layer-wise lr decay, linear warm-up then poly schedule
+    for segment.iters steps, random rescale / crop / flip and photometric jitter, ignored
+    pixels left out; test on the whole image or with a sliding window (segment.test_mode).
+
+    Data (--data): ADE20K (ADEChallengeData2016/images/{training,validation},
+    annotations/...; 0 = ignore, 150 classes), CamVid (images/<split>, annotations/<split>;
+    11 = void), or any image folder + mask folder (segment.dataset=generic segment.images=...
+    segment.masks=... segment.num_classes=K segment.ignore_index=V). A mask whose size
+    differs from its image, or with a class id out of range, stops with one line naming it.
+
+    Writes results.json, confusion.csv, predictions.png (image / ground truth / prediction)
+    and, with segment.save_predictions=true, coloured PNGs under predictions/.
+
+    examples:
+      mimlab segment --recipe camvid_cpu --data ../shared/data/camvid
+      mimlab segment --recipe ade20k_vit_b --data ADEChallengeData2016 \\
+          --pretrained mae:mae_pretrain_vit_base.pth""")
 
 
 def _keys_help(cls) -> str:
@@ -142,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
               mimlab demo
               mimlab pretrain --data ../shared/data/cifar10 optim.epochs=100
               mimlab finetune --data ../shared/data/cifar10 --pretrained runs/X/checkpoints/last.pt
+              mimlab segment --recipe camvid_cpu --data ../shared/data/camvid
               torchrun --nproc_per_node=2 -m mimlab.cli pretrain --data DIR run.device=cpu
             """),
     )
@@ -155,7 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
             epilog=_keys_help(cls),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        _add_common(p, probe=name in ("linprobe", "knn"), ft=name == "finetune")
+        _add_common(p, probe=name in ("linprobe", "knn"), ft=name in ("finetune", "segment"))
+        if name == "segment":
+            p.description = SEGMENT_HELP
+            p.add_argument(
+                "--recipe",
+                choices=sorted(SEGMENT_RECIPES),
+                help="base settings below --config and key=value: ade20k_vit_b (BEiT / MAE "
+                "UperNet recipe: ViT-B/16, 512 crops, 160k steps at batch 16; for GPUs) | "
+                "camvid_cpu (mini ViT, 96-pixel crops of CamVid at 160x120, linear head, "
+                "300 steps of 8 on a CPU)",
+            )
     d = sub.add_parser(
         "demo",
         help=SUMMARY["demo"],
@@ -293,12 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--suite",
         default="quick",
-        help="quick (smoke test) | standard (decides the claims, in stages) | full (default quick)",
+        help="quick (smoke test) | standard (protocol v1, in stages) | evidence (protocol v2, "
+        "in stages) | full (default quick)",
     )
     r.add_argument(
         "--stage",
         default=None,
-        help="standard suite: core | rmae | contrastive | cmae_variants | smalldata | augment",
+        help="standard suite: core | rmae | contrastive | cmae_variants | smalldata | augment; "
+        "evidence suite: protocol | ftbudget | core | contrastive | smalldata | rmae | augment",
     )
     r.add_argument(
         "--results",
@@ -424,18 +466,24 @@ def _cmd_overrides(args, cls) -> list[str]:
     if getattr(args, "resume", None):
         ov.append(f"run.resume={args.resume}")
     if getattr(args, "pretrained", None):
-        sec = "finetune" if cls is FinetuneConfig else "probe"
+        sec = {FinetuneConfig: "finetune", SegmentConfig: "segment"}.get(cls, "probe")
         ov.append(f"{sec}.pretrained={args.pretrained}")
     if getattr(args, "overwrite", False):
         ov.append("run.overwrite=true")
     return ov
 
 
+def _recipe_base(args) -> Optional[dict]:
+    """The ``segment --recipe`` base config (None for other commands)."""
+    recipe = getattr(args, "recipe", None)
+    return SEGMENT_RECIPES[recipe] if recipe else None
+
+
 def _resolve_cmd(args, cls):
     from .tasks import resolve_run_config  # lazy: torch start-up, only for these commands
 
     # adopts a --pretrained source's model
-    return resolve_run_config(cls, args.config, _cmd_overrides(args, cls))
+    return resolve_run_config(cls, args.config, _cmd_overrides(args, cls), _recipe_base(args))
 
 
 def run(argv: Optional[list[str]] = None) -> int:
@@ -477,7 +525,7 @@ def _run_command(argv: Optional[list[str]] = None) -> int:
     if args.command in CONFIGS:  # config errors in a blink, before torch is imported
         try:
             cls = CONFIGS[args.command]
-            resolve(cls, args.config, _cmd_overrides(args, cls))
+            resolve(cls, args.config, _cmd_overrides(args, cls), _recipe_base(args))
         except ConfigError as e:
             print(f"mimlab: config error: {_one_line(e)}", file=sys.stderr)
             return 2
@@ -532,6 +580,33 @@ def _run_command(argv: Optional[list[str]] = None) -> int:
                 print(e, file=sys.stderr)
                 return 1
             return bench.main_from_args(args)
+        if args.command == "reproduce" and args.suite == "evidence":
+            from .data.datasets import default_data_path  # lazy: CLI start-up speed (torch)
+            from .experiments.evidence.suite import (  # lazy: CLI start-up speed (torch)
+                EvidenceError,
+                reproduce_evidence,
+            )
+
+            try:
+                if args.stage is None and not args.report_only:
+                    raise EvidenceError(
+                        "--suite evidence needs --stage (protocol | ftbudget | core | "
+                        "contrastive | smalldata | rmae | augment) or --report-only"
+                    )
+                data = args.data or default_data_path()
+                if not data and args.stage not in (None, "protocol"):
+                    raise EvidenceError("no dataset: pass --data PATH (CIFAR-10 ImageFolder)")
+                path = reproduce_evidence(
+                    None if args.report_only else args.stage,
+                    data or "",
+                    args.out or "runs/standard",
+                    args.results or "docs/results/standard",
+                )
+            except EvidenceError as e:
+                print(f"mimlab: error: {_one_line(e)}", file=sys.stderr)
+                return 2
+            print(f"written: {path}")
+            return 0
         if args.command == "reproduce" and args.suite == "standard":
             from .data.datasets import default_data_path  # lazy: CLI start-up speed (torch)
             from .experiments.standard import (  # lazy: CLI start-up speed (torch-heavy suite)

@@ -1,4 +1,5 @@
-"""Commands as Python functions: pretrain, finetune, linprobe, knn (the CLI calls these).
+"""Commands as Python functions: pretrain, finetune, linprobe, knn, segment (the CLI calls
+these).
 
 Each takes a resolved config, creates its run directory (resolved ``config.yaml``, ``log.txt``,
 metrics, checkpoints, ``results.json``) and returns a dict of results. Resolve configs with
@@ -18,6 +19,7 @@ from typing import Any, Optional
 from .core.config import load_yaml, parse_overrides, resolve
 from .eval.features import extract_features, frozen_features, knn, linprobe
 from .eval.finetune import Classifier, finetune, predict_correct
+from .eval.segment import segment
 from .train.pretrained import (
     RUN_MODEL_FIELDS,
     adopt_source_model,
@@ -72,5 +74,6 @@ __all__ = [
     "pretrain",
     "resolve",
     "resolve_run_config",
+    "segment",
     "setup_logging",
 ]

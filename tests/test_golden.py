@@ -38,9 +38,9 @@ CHANGED = {  # preset -> (reason, tolerance or None when the value legitimately 
     "cmae_nomask": (_CMAE, None),
     "cmae_nomask_byol": (_CMAE, None),
     "mocov3": (
-        "C-MAE fidelity fixes: the projector/predictor BatchNorm is a SyncBatchNorm1d "
-        "(DDP-correct) whose statistics are summed in another order: rounding only",
-        ROUNDING,
+        "MoCo v3 crops once: its views make their own random resized crops, so pretraining turns "
+        "the loader's crop and flip off (evidence v2, issue 22; before, it was cropped twice)",
+        None,
     ),
     "maskfeat": (
         "MaskFeat fidelity: the HOG target follows MaskFeat's reference HOGLayerC by default",

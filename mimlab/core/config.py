@@ -511,6 +511,18 @@ class FinetuneOptions:
     eval_every: int = doc(
         "evaluate on the held-out split every N epochs (0 = only at the end)", default=0
     )
+    eval_at: list[int] = doc(
+        "also evaluate after these epochs (e.g. [2, 5, 10]); results.json keeps top-1 at every "
+        "evaluation as `curve`. Evaluations do not change the training's random stream",
+        default_factory=list,
+    )
+    shape_bias: Optional[str] = doc(
+        "cue-conflict stimulus folder (e.g. ../shared/data/cue-conflict): right after "
+        "fine-tuning, score the model's shape bias with the CIFAR-10 protocol (its classes "
+        "must include airplane, automobile, bird, cat, dog, ship, truck) and record it in "
+        "results.json under shape_bias; null = off",
+        default=None,
+    )
 
 
 def _ft_optim() -> OptimConfig:
@@ -574,6 +586,190 @@ class ProbeConfig:
     data: DataConfig = field(default_factory=_probe_data)
     run: RunConfig = field(default_factory=RunConfig)
     probe: ProbeOptions = field(default_factory=ProbeOptions)
+
+
+@dataclass
+class SegmentOptions:
+    """Semantic segmentation fine-tuning (``mimlab segment``, :mod:`mimlab.eval.segment`)."""
+
+    pretrained: Optional[str] = doc(
+        "backbone to start from: a mimlab checkpoint path or a model source (mimlab: | mae: | "
+        "timm: | hf: | mocov3:); position embeddings are resampled to segment.crop_size; "
+        "null = random init",
+        default=None,
+    )
+    dataset: str = doc(
+        "auto | ade20k (ADEChallengeData2016: images/{training,validation}, annotations with "
+        "0 = ignore, 150 classes) | camvid (images/<split>, annotations/<split>, 11 classes, "
+        "11 = void) | generic (segment.images + segment.masks, segment.num_classes, "
+        "segment.ignore_index); auto: ade20k when data.path has images/training, camvid when "
+        "its name says so, else generic",
+        default="auto",
+    )
+    images: str = doc(
+        "generic: image folder, relative to data.path; {split} becomes the split name",
+        default="images/{split}",
+    )
+    masks: str = doc(
+        "generic: mask folder (PNGs of class ids, same file stems as the images), relative "
+        "to data.path; {split} becomes the split name",
+        default="annotations/{split}",
+    )
+    num_classes: Optional[int] = doc(
+        "generic: number of classes (mask values 0..num_classes-1); null = the dataset's",
+        default=None,
+    )
+    ignore_index: Optional[int] = doc(
+        "generic: mask value of unlabelled pixels (not trained on, not scored); null = 255",
+        default=None,
+    )
+    check_masks: bool = doc(
+        "read every mask of the used splits before training and stop on the first with a class "
+        "id out of range (sizes are always checked from the file headers)",
+        default=True,
+    )
+    head: str = doc(
+        "linear (BatchNorm + 1x1 conv on the last block's patch tokens, bilinear upsampling; "
+        "DINOv2's linear protocol) | upernet (UperNet on 4 blocks made 4x, 2x, 1x, 1/2x)",
+        default="upernet",
+    )
+    blocks: Optional[list[int]] = doc(
+        "upernet: the 4 blocks (1-based) it reads; null = 1/3, 1/2, 2/3 and all of the depth "
+        "(4, 6, 8, 12 of 12)",
+        default=None,
+    )
+    channels: int = doc("upernet: channels of the decode head", default=512)
+    aux_weight: float = doc(
+        "upernet: weight of the auxiliary FCN head's loss on the third map (0 = no auxiliary head)",
+        default=0.4,
+    )
+    crop_size: int = doc(
+        "training crop (square, pixels) and sliding-window size; the encoder runs at it",
+        default=512,
+    )
+    scale: list[int] = doc(
+        "[long, short] side limits images are resized to (aspect kept) before the random "
+        "ratio, and at test time",
+        default_factory=lambda: [2048, 512],
+    )
+    ratio_range: list[float] = doc(
+        "training: random rescale of segment.scale by a factor in [lo, hi]",
+        default_factory=lambda: [0.5, 2.0],
+    )
+    cat_max_ratio: float = doc(
+        "training: re-draw a crop (up to 10 times) while one class covers more than this "
+        "fraction of its labelled pixels (1 = off)",
+        default=0.75,
+    )
+    photometric: bool = doc(
+        "training: random brightness, contrast, saturation and hue (each with probability 0.5)",
+        default=True,
+    )
+    iters: int = doc("optimizer steps of training (optim.epochs follows from it)", default=160000)
+    warmup_iters: int = doc("linear warm-up steps", default=1500)
+    poly_power: float = doc(
+        "poly schedule after the warm-up: lr * (1 - t) ** power down to optim.min_lr",
+        default=1.0,
+    )
+    test_mode: str = doc(
+        "inference: whole (the resized image at once, position embeddings resampled) | slide "
+        "(crop_size windows, overlapping logits averaged)",
+        default="slide",
+    )
+    stride: Optional[int] = doc(
+        "slide: window stride in pixels; null = 2/3 of crop_size", default=None
+    )
+    eval_batch: int = doc("images per forward at test time (whole mode)", default=1)
+    save_predictions: bool = doc(
+        "write every evaluated image's prediction as a coloured PNG to <run>/predictions",
+        default=False,
+    )
+    figure_images: int = doc(
+        "validation images in predictions.png (image / ground truth / prediction; evenly "
+        "spaced over the split; 0 = none)",
+        default=4,
+    )
+
+
+def _seg_optim() -> OptimConfig:
+    # BEiT / MAE ADE20K UperNet recipe: AdamW lr 1e-4 at batch 16, betas (0.9, 0.999),
+    # weight decay 0.05, layer-wise decay 0.65 (MAE; BEiT uses 0.9 for its own backbone)
+    return OptimConfig(
+        epochs=1,
+        batch_size=16,
+        base_lr=1.6e-3,
+        betas=[0.9, 0.999],
+        weight_decay=0.05,
+        layer_decay=0.65,
+        warmup_epochs=0.0,
+        min_lr=0.0,
+    )
+
+
+def _seg_data() -> DataConfig:
+    return DataConfig(train_split="train", val_split="val")
+
+
+@dataclass
+class SegmentConfig:
+    model: ModelConfig = field(default_factory=_ft_model)
+    data: DataConfig = field(default_factory=_seg_data)
+    optim: OptimConfig = field(default_factory=_seg_optim)
+    run: RunConfig = field(default_factory=RunConfig)
+    segment: SegmentOptions = field(default_factory=SegmentOptions)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+#: ``mimlab segment --recipe NAME``: a base config (below --config and key=value overrides)
+SEGMENT_RECIPES: dict[str, dict[str, Any]] = {
+    # BEiT / MAE / MaskDistill ADE20K: UperNet on ViT-B/16, 512 crops, 160k iterations at
+    # batch 16 (8 GPUs x 2), AdamW 1e-4, layer decay 0.65, drop path 0.1, warm-up 1500,
+    # poly power 1.0, sliding-window test (stride 341)
+    "ade20k_vit_b": {
+        "model": {"preset": "vit_b16", "drop_path": 0.1},
+        "data": {"train_split": "training", "val_split": "validation"},
+        "optim": {"batch_size": 16, "lr": 1e-4, "layer_decay": 0.65, "weight_decay": 0.05},
+        "segment": {
+            "dataset": "ade20k",
+            "head": "upernet",
+            "channels": 768,
+            "aux_weight": 0.4,
+            "crop_size": 512,
+            "scale": [2048, 512],
+            "iters": 160000,
+            "warmup_iters": 1500,
+            "test_mode": "slide",
+            "stride": 341,
+        },
+        "run": {"precision": "auto"},
+    },
+    # a CPU-sized CamVid run: 480x360 scenes at a third of their size (160x120), 96-pixel crops
+    # of a mini ViT with 8-pixel patches, linear head, 300 steps of 8, whole-image test; layer
+    # decay 0.75 from a pretrained backbone, none from random init
+    "camvid_cpu": {
+        "model": {
+            "preset": "mini",
+            "patch_size": 8,
+            "embed_dim": 128,
+            "depth": 6,
+            "num_heads": 4,
+            "drop_path": 0.1,
+        },
+        "data": {"train_split": "train", "val_split": "test", "num_workers": 1},
+        "optim": {"batch_size": 8, "lr": 1e-3, "layer_decay": None, "weight_decay": 0.05},
+        "segment": {
+            "dataset": "camvid",
+            "head": "linear",
+            "crop_size": 96,
+            "scale": [160, 120],
+            "ratio_range": [0.75, 1.5],
+            "iters": 300,
+            "warmup_iters": 30,
+            "test_mode": "whole",
+            "eval_batch": 8,
+        },
+    },
+}
 
 
 # --------------------------------------------------------------------------------------
@@ -939,6 +1135,9 @@ def validate(cfg: Any, method_explicit: Optional[dict] = None) -> None:
     ft = getattr(cfg, "finetune", None)
     if ft is not None and not 0 < ft.label_fraction <= 1:
         raise ConfigError(f"finetune.label_fraction must be in (0, 1], got {ft.label_fraction}")
+    sg = getattr(cfg, "segment", None)
+    if sg is not None:
+        _check_segment(sg)
     ev = getattr(cfg, "eval", None)
     if ev is not None:
         if ev.online_every < 0:
@@ -980,6 +1179,48 @@ def validate(cfg: Any, method_explicit: Optional[dict] = None) -> None:
                 "run.resume: knn and linprobe have nothing to resume (they finish in one pass); "
                 "remove --resume / run.resume"
             )
+
+
+def _check_segment(sg: "SegmentOptions") -> None:
+    """One line per impossible ``segment.*`` value."""
+    choices = {
+        "dataset": ("auto", "ade20k", "camvid", "generic"),
+        "head": ("linear", "upernet"),
+        "test_mode": ("whole", "slide"),
+    }
+    for key, ok in choices.items():
+        v = getattr(sg, key)
+        if v not in ok:
+            close = difflib.get_close_matches(str(v), ok, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"segment.{key}: unknown value '{v}'{hint}; choose from {' | '.join(ok)}"
+            )
+    if sg.num_classes is not None and sg.num_classes < 1:
+        raise ConfigError(f"segment.num_classes must be >= 1, got {sg.num_classes}")
+    if sg.blocks is not None and (len(sg.blocks) != 4 or any(b < 1 for b in sg.blocks)):
+        raise ConfigError(f"segment.blocks must be 4 block numbers >= 1, got {sg.blocks}")
+    if sg.crop_size < 1 or sg.channels < 1 or sg.iters < 1 or sg.eval_batch < 1:
+        raise ConfigError(
+            "segment.crop_size, segment.channels, segment.iters and segment.eval_batch must be >= 1"
+        )
+    if sg.warmup_iters < 0 or sg.aux_weight < 0 or sg.poly_power <= 0 or sg.figure_images < 0:
+        raise ConfigError(
+            "segment.warmup_iters, segment.aux_weight and segment.figure_images must be >= 0 "
+            "and segment.poly_power > 0"
+        )
+    if len(sg.scale) != 2 or min(sg.scale) < 1:
+        raise ConfigError(f"segment.scale must be [long, short] in pixels, got {sg.scale}")
+    if len(sg.ratio_range) != 2 or not 0 < sg.ratio_range[0] <= sg.ratio_range[1]:
+        raise ConfigError(
+            f"segment.ratio_range must be [lo, hi] with 0 < lo <= hi, got {sg.ratio_range}"
+        )
+    if not 0 < sg.cat_max_ratio <= 1:
+        raise ConfigError(f"segment.cat_max_ratio must be in (0, 1], got {sg.cat_max_ratio}")
+    if sg.stride is not None and not 0 < sg.stride <= sg.crop_size:
+        raise ConfigError(
+            f"segment.stride must be in 1..segment.crop_size ({sg.crop_size}), got {sg.stride}"
+        )
 
 
 def save_yaml(cfg: Any, path: str | Path) -> None:

@@ -177,3 +177,144 @@ def verdict(diff: Diff, kind: str = ">", margin: float = 1.0) -> str:
             return "contradicted"
         return "undecided"
     raise ValueError(f"claim kind must be '>', '<' or '~', got {kind!r}")
+
+
+# ------------------------------------------------------------------ protocol v2: runs as units
+#
+# Protocol v2 (docs/results/standard/protocol.md) makes the *run* the unit: one value per
+# pretraining run (random init: per fine-tuning seed), compared with Welch's t, which lets the
+# two arms have their own spread and counts each arm's runs once. A claim's sub-tests are
+# combined with Holm's correction (see :func:`claim_verdict`).
+
+#: the words of protocol v2
+REPRODUCED, NOT_REPRODUCED, UNDECIDED = "reproduced", "not reproduced", "undecided"
+
+
+def _t():
+    import scipy.stats  # lazy: scipy is only needed by the suite's statistics
+
+    return scipy.stats.t
+
+
+@dataclass
+class RunDiff:
+    """``mean(A) - mean(B)`` over per-run values with its Welch interval (level ``1 - alpha``).
+
+    ``se``: standard error, ``df``: Welch-Satterthwaite degrees of freedom (``inf`` when both
+    arms have no spread)."""
+
+    mean: float
+    lo: float
+    hi: float
+    se: float
+    df: float
+    a_mean: float
+    b_mean: float
+    a_units: list
+    b_units: list
+    alpha: float = 0.05
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def fmt(self, nd: int = 2) -> str:
+        return f"{self.mean:+.{nd}f} [{self.lo:+.{nd}f}, {self.hi:+.{nd}f}]"
+
+    def p_above(self, x: float) -> float:
+        """One-sided p-value of H0 ``difference <= x`` (small: the difference is above x)."""
+        if self.se == 0:
+            return 0.0 if self.mean > x else 1.0
+        return float(_t().sf((self.mean - x) / self.se, self.df))
+
+    def p_below(self, x: float) -> float:
+        """One-sided p-value of H0 ``difference >= x`` (small: the difference is below x)."""
+        if self.se == 0:
+            return 0.0 if self.mean < x else 1.0
+        return float(_t().cdf((self.mean - x) / self.se, self.df))
+
+
+def welch(a: Sequence[float], b: Sequence[float], alpha: float = 0.05) -> RunDiff:
+    """Welch's two-sample t interval for ``mean(a) - mean(b)``; ``a``, ``b``: one value per
+    unit (run), at least 2 each."""
+    A, B = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if len(A) < 2 or len(B) < 2:
+        raise ValueError(f"Welch's t needs >= 2 units per arm, got {len(A)} and {len(B)}")
+    va, vb = A.var(ddof=1) / len(A), B.var(ddof=1) / len(B)
+    se = math.sqrt(va + vb)
+    if se > 0:
+        df = (va + vb) ** 2 / (va**2 / (len(A) - 1) + vb**2 / (len(B) - 1))
+        half = float(_t().ppf(1 - alpha / 2, df)) * se
+    else:
+        df, half = math.inf, 0.0
+    m = float(A.mean() - B.mean())
+    return RunDiff(
+        m,
+        m - half,
+        m + half,
+        se,
+        float(df),
+        float(A.mean()),
+        float(B.mean()),
+        [float(x) for x in A],
+        [float(x) for x in B],
+        alpha,
+    )
+
+
+def subtest(diff: RunDiff, kind: str, margin: float = 0.0) -> dict:
+    """One sub-test of a claim: the one-sided p-values for (``p_support``) and against
+    (``p_refute``) it.
+
+    * ``>``: A above B; refuted when A is below B;
+    * ``<``: the mirror image;
+    * ``~``: A within ``±margin`` of B (two one-sided tests); refuted when A is outside it;
+    * ``effect``: A above B by an effect that matters, ``margin`` = the smallest one (e.g. a
+      quarter of the paper's effect): supported when A is above B and the interval reaches
+      ``margin``, refuted when A - B is below ``margin``.
+    """
+    if kind == ">":
+        sup, ref = diff.p_above(0.0), diff.p_below(0.0)
+    elif kind == "<":
+        sup, ref = diff.p_below(0.0), diff.p_above(0.0)
+    elif kind == "~":
+        if margin <= 0:
+            raise ValueError(f"an '≈' sub-test needs a positive margin, got {margin}")
+        sup = max(diff.p_above(-margin), diff.p_below(margin))
+        ref = min(diff.p_below(-margin), diff.p_above(margin))
+    elif kind == "effect":
+        sup = diff.p_above(0.0) if diff.hi >= margin else 1.0
+        ref = diff.p_below(margin)
+    else:
+        raise ValueError(f"sub-test kind must be '>', '<', '~' or 'effect', got {kind!r}")
+    return {"kind": kind, "margin": margin, "p_support": sup, "p_refute": ref}
+
+
+def holm(pvalues: Sequence[float], alpha: float) -> list[bool]:
+    """Holm's step-down procedure: which hypotheses are rejected at family-wise level
+    ``alpha``."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    out = [False] * len(pvalues)
+    for rank, i in enumerate(order):
+        if pvalues[i] > alpha / (len(pvalues) - rank):
+            break
+        out[i] = True
+    return out
+
+
+def claim_verdict(tests: Sequence[dict], alpha: float = 0.025) -> dict:
+    """Protocol v2's verdict of a claim made of ``tests`` (from :func:`subtest`); ``alpha`` is
+    one-sided (0.025: the decisions agree with the two-sided 95 % intervals).
+
+    **reproduced**: every sub-test supports the claim at ``alpha`` (intersection-union: no
+    correction is needed to conclude that all hold); **not reproduced**: at least one sub-test
+    refutes it after Holm's correction across the sub-tests; otherwise **undecided**."""
+    if not tests:
+        raise ValueError("a claim needs at least one sub-test")
+    refuted = holm([t["p_refute"] for t in tests], alpha)
+    if any(refuted):
+        word = NOT_REPRODUCED
+    elif all(t["p_support"] < alpha for t in tests):
+        word = REPRODUCED
+    else:
+        word = UNDECIDED
+    return {"verdict": word, "refuted": refuted, "alpha_one_sided": alpha}

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.data import Mixup
 
+from ..core import dist
 from ..core.config import ConfigError, FinetuneConfig
 from ..core.stats import pack_correct
 from ..data.batch import Batch
@@ -19,6 +20,8 @@ from ..nn.models import ViTEncoder, build_encoder
 from ..train.engine import Engine
 from ..train.pretrained import load_encoder_weights, load_pretrained
 from ..train.rundir import owns_run_dir, prepare_run, write_results
+from .shape_bias import ShapeBiasError, check_cifar_classes, check_stimuli_folder, compact_result
+from .shape_bias import evaluate as shape_bias_evaluate
 
 log = logging.getLogger("mimlab")
 
@@ -75,10 +78,20 @@ def predict_correct(
 def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune ``finetune.pretrained`` (random init without one) with the model of
     ``cfg.model``, which must be the source's architecture: resolve the config with
-    :func:`mimlab.tasks.resolve_run_config` to adopt it. Returns ``results.json`` as a dict."""
+    :func:`mimlab.tasks.resolve_run_config` to adopt it. Returns ``results.json`` as a dict.
+
+    With ``finetune.shape_bias`` (a cue-conflict folder), the trained model's CIFAR-10-protocol
+    shape bias (:mod:`mimlab.eval.shape_bias`) is scored after training and recorded under
+    ``shape_bias``; the folder and the data set's class names are checked before training."""
     ft = cfg.finetune
     if cfg.optim.layer_decay is None:  # MAE's 0.75 for a pretrained encoder, none from scratch
         cfg.optim.layer_decay = 0.75 if ft.pretrained else 1.0
+    stimuli = None
+    if ft.shape_bias:  # checked before any work; scored after training
+        try:
+            stimuli = check_stimuli_folder(ft.shape_bias)
+        except ShapeBiasError as e:
+            raise ConfigError(f"finetune.shape_bias: {e}") from None
     ck = load_pretrained(cfg)
     run_dir, device = prepare_run(cfg, "finetune")
     train, val = labelled_splits(
@@ -90,6 +103,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
         label_fraction=ft.label_fraction,
     )
     nc = ft.num_classes or len(train.classes)
+    if stimuli is not None:
+        try:
+            check_cifar_classes(train.classes)
+        except ShapeBiasError as e:
+            raise ConfigError(f"finetune.shape_bias: {e}") from None
     enc = build_encoder(cfg.model, mask_token=False)
     if ck is not None:
         load_encoder_weights(enc, ck)
@@ -115,11 +133,19 @@ def finetune(cfg: FinetuneConfig) -> dict:
     nw = cfg.data.num_workers
 
     last_correct: list = []
+    curve: list = []  # (epoch, top-1) of every evaluation
+    eval_at = {int(e) for e in ft.eval_at}
 
     def eval_fn(m, epoch):
-        c = predict_correct(m, val, 256, device, nw)
+        if eval_at and epoch not in eval_at and epoch < cfg.optim.epochs:
+            if not (ft.eval_every and epoch % ft.eval_every == 0):
+                return None
+        with torch.random.fork_rng(devices=[]):  # the DataLoader draws a seed: keep it out
+            c = predict_correct(m, val, 256, device, nw)
         last_correct[:] = [c]
-        return {"top1": 100.0 * float(c.float().sum()) / max(len(c), 1)}
+        top1 = 100.0 * float(c.float().sum()) / max(len(c), 1)
+        curve.append([int(epoch), round(top1, 4)])
+        return {"top1": top1}
 
     eng = Engine(
         model,
@@ -129,7 +155,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         cfg.run,
         run_dir,
         eval_fn=eval_fn,
-        eval_every=ft.eval_every,
+        eval_every=1 if eval_at else ft.eval_every,
         batch_fn=batch_fn,
         device=device,
     )
@@ -150,8 +176,29 @@ def finetune(cfg: FinetuneConfig) -> dict:
         "ddp_max_param_divergence": res.ddp_max_param_divergence,
         "layer_decay": cfg.optim.layer_decay,
         "base_lr": cfg.optim.base_lr,
+        "curve": curve,
     }
     if last_correct:  # per-image correctness for paired statistics (mimlab.core.stats)
         out["correct"] = pack_correct(last_correct[0].numpy())
+    if stimuli is not None and dist.is_main():  # after training: outside the run's RNG stream
+        model.eval()
+        sb = shape_bias_evaluate(
+            model.logits,
+            stimuli,
+            "cifar10",
+            img_size=cfg.model.img_size,
+            mean=train.mean,
+            std=train.std,
+            in_chans=cfg.model.in_chans,
+            class_names=train.classes,
+            device=device,
+            batch_size=256,
+        )
+        out["shape_bias"] = compact_result(sb)
+        log.info(
+            "shape bias (CIFAR-10 protocol, %d cue-conflict images): %.3f",
+            sb["images"],
+            sb["shape_bias"] if sb["shape_bias"] is not None else float("nan"),
+        )
     write_results(run_dir, out)
     return out

@@ -202,7 +202,7 @@ def _uniform(n: int, lo: float, hi: float, device) -> Tensor:
 def jitter_pixels(
     px: Tensor, spec: JitterSpec = SIMSIAM_JITTER, visible: Optional[Tensor] = None
 ) -> Tensor:
-    """Colour augmentation of pixels in [0, 1] [B, C, H, W] with per-image random parameters.
+    """Colour augmentation of pixels in [0, 1] ``[B, C, H, W]`` with per-image random parameters.
 
     Like torchvision's ``ColorJitter`` each image applies brightness, contrast, saturation and
     hue in its own random order (four rounds; in round r an image applies the op at position r

@@ -347,9 +347,11 @@ def instance_info_nce(
     it yourself if you need that convention. Memory O(B Bk).
 
     Args:
-        q: ``[B, D]`` queries.  k: ``[Bk, D]`` keys, ``Bk >= B``.  temperature: softmax
-        temperature.  key_offset: index of q's first image in ``k``.  reduction: ``'mean'`` |
-        ``'none'`` (``[B]``).
+        q: ``[B, D]`` queries.
+        k: ``[Bk, D]`` keys, ``Bk >= B``.
+        temperature: softmax temperature.
+        key_offset: index of q's first image in ``k``.
+        reduction: ``'mean'`` | ``'none'`` (``[B]``).
 
     Returns:
         0-dim tensor or ``[B]``.

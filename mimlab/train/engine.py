@@ -382,10 +382,14 @@ class Engine:
 
     ``config`` is the resolved top-level config (saved into every checkpoint); ``optim`` and
     ``run`` are its sections. ``eval_fn(model, epoch) -> dict`` runs on rank 0 after epochs
-    (every ``eval_every`` epochs and at the end). ``batch_fn(batch) -> batch``
-    transforms a :class:`~mimlab.data.batch.Batch` on the device before the forward (mixup/cutmix,
-    the teacher cache's row lookup); the method is called as ``method(images, labels)``.
+    (every ``eval_every`` epochs and at the end; it may return None to skip an epoch).
+    ``batch_fn(batch) -> batch`` transforms a :class:`~mimlab.data.batch.Batch` on the device
+    before the forward (mixup/cutmix, the teacher cache's row lookup); the method is called as
+    ``method(images, labels)``.
     ``evaluators`` run every ``ev.every`` optimizer steps (see :class:`Evaluator`).
+    ``total_steps`` caps the run at that many optimizer steps (an iteration budget; the caller
+    sets ``optim.epochs`` high enough); ``lr_fn(step, total_steps, peak_lr, min_lr) -> lr``
+    replaces the warm-up + cosine schedule (e.g. the poly schedule of segmentation).
     """
 
     def __init__(
@@ -402,6 +406,8 @@ class Engine:
         device: Optional[torch.device] = None,
         layer_decay_fn=None,
         evaluators: Sequence[Evaluator] = (),
+        total_steps: Optional[int] = None,
+        lr_fn: Optional[Callable[[int, int, float, float], float]] = None,
     ):
         self.device = device or dist.init(run.device)
         self.method, self.dataset, self.config = method.to(self.device), dataset, config
@@ -424,8 +430,11 @@ class Engine:
                 "processes); lower optim.batch_size or raise data.repeat"
             )
         self.total_steps = self.steps_per_epoch * optim.epochs
+        if total_steps is not None:  # an iteration budget (segmentation recipes)
+            self.total_steps = min(self.total_steps, total_steps)
         if run.max_steps is not None:
             self.total_steps = min(self.total_steps, run.max_steps)
+        self.lr_fn = lr_fn
         self.warmup_steps = int(round(optim.warmup_epochs * self.steps_per_epoch))
         nd = method.no_weight_decay() if hasattr(method, "no_weight_decay") else set()
         enc = getattr(method, "encoder", None)
@@ -586,6 +595,11 @@ class Engine:
         )
 
     def _set_lr(self) -> float:
+        if self.lr_fn is not None:
+            lr = self.lr_fn(self.global_step, self.total_steps, self.peak_lr, self.optim_cfg.min_lr)
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr * g.get("lr_scale", 1.0)
+            return lr
         lr = lr_at(
             self.global_step,
             self.total_steps,
@@ -865,10 +879,11 @@ class Engine:
         if self.eval_fn is not None and (
             finished or (self.eval_every and epoch_done and self.epoch % self.eval_every == 0)
         ):
-            if self.main:
-                result.eval_metrics = self.eval_fn(self.method, self.epoch)
-                logger.log(self.global_step, result.eval_metrics, prefix="eval")
-                log.info("epoch %d eval: %s", self.epoch, result.eval_metrics)
+            metrics = self.eval_fn(self.method, self.epoch) if self.main else None
+            if metrics is not None:  # None: the evaluator skips this epoch
+                result.eval_metrics = metrics
+                logger.log(self.global_step, metrics, prefix="eval")
+                log.info("epoch %d eval: %s", self.epoch, metrics)
             dist.barrier()
             self.method.train()
         logger.flush()

@@ -84,8 +84,13 @@ def load_encoder_weights(
 
 
 def pretrained_source(cfg: Any) -> Optional[str]:
-    """``finetune.pretrained`` / ``probe.pretrained`` of a config (None: random init)."""
-    sec = getattr(cfg, "finetune", None) or getattr(cfg, "probe", None)
+    """``finetune.pretrained`` / ``probe.pretrained`` / ``segment.pretrained`` of a config
+    (None: random init)."""
+    sec = (
+        getattr(cfg, "finetune", None)
+        or getattr(cfg, "probe", None)
+        or getattr(cfg, "segment", None)
+    )
     return sec.pretrained if sec is not None else None
 
 

@@ -19,7 +19,19 @@ log = logging.getLogger("mimlab")
 def pretrain(cfg: PretrainConfig) -> dict:
     """Pretrain ``cfg.method`` on ``cfg.data``; writes the run directory (checkpoints in
     ``checkpoints/``) and returns its ``results.json`` as a dict."""
+    # MoCo v3 (method.view2=crop) crops and flips each view itself: a loader crop before it
+    # would crop twice, so the loader's augmentation is turned off (and saved as such)
+    loader_aug_off = cfg.method.view2 == "crop" and (
+        [float(v) for v in cfg.data.crop_scale] != [1.0, 1.0] or cfg.data.hflip
+    )
+    if loader_aug_off:
+        cfg.data.crop_scale, cfg.data.hflip = [1.0, 1.0], False
     run_dir, device = prepare_run(cfg, f"pretrain-{cfg.method.name}")
+    if loader_aug_off:
+        log.info(
+            "method.view2=crop makes its own random resized crops and flips: the loader's are "
+            "off (data.crop_scale=[1, 1], data.hflip=false in config.yaml)"
+        )
     ds = build_dataset(
         cfg.data,
         "train",

@@ -1,0 +1,229 @@
+"""Protocol v2's sub-runs: pretraining runs, fine-tunes and probes, each one small result file.
+
+A finished sub-run is skipped when its file exists (``<results>/v2/<stage>/<kind>/<name>.json``),
+so a stage resumes at sub-run granularity on a fresh machine; a checkpoint lost with its
+machine is retrained when a pending sub-run needs it (pretraining is deterministic).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from ... import tasks
+from ...core.config import FinetuneConfig, PretrainConfig, ProbeConfig, resolve
+from ..common import read_result
+from .arms import ARMS, Arm
+
+HOLDOUT = 0.2  # the class-balanced part of the pool held out for choices (never test)
+
+
+def ft_overrides(p: dict, epochs: int, pretrained: Optional[str], holdout: bool) -> list[str]:
+    """The fine-tuning overrides of protocol v2's recipe for a schedule of ``epochs``."""
+    r = p["ft_recipe"]
+    ld = r["layer_decay"]["pretrained" if pretrained else "random"]
+    ov = [
+        f"optim.epochs={epochs}",
+        f"optim.batch_size={p['pretrain']['batch']}",
+        f"optim.base_lr={r['base_lr_per_256']:g}",
+        f"optim.warmup_epochs={max(1.0, 0.05 * epochs):g}",
+        "optim.weight_decay=0.05",
+        f"optim.layer_decay={ld}",
+        f"model.drop_path={r['drop_path']}",
+        f"finetune.label_smoothing={r['label_smoothing']}",
+        f"finetune.mixup={r['mixup']}",
+        f"finetune.cutmix={r['cutmix']}",
+        "run.save_every_steps=0",
+        "run.log_every=50",
+    ]
+    if holdout:
+        ov.append(f"data.holdout={HOLDOUT}")
+    ov += [f"finetune.pretrained={pretrained}"] if pretrained else [f"model.preset={p['model']}"]
+    return ov
+
+
+class EvidenceError(Exception):
+    """Bad stage, missing protocol or missing prerequisite (printed as one line)."""
+
+
+def small_overrides(arm: Arm, steps: int, batch: int, warmup_epochs: float, epochs: int) -> list:
+    """N images repeated to ``steps`` optimizer steps (one 'epoch' of the repeated set)."""
+    if not arm.small:
+        return []
+    return [
+        f"data.limit={arm.small}",
+        f"data.repeat={math.ceil(steps * batch / arm.small)}",
+        "optim.epochs=1",
+        f"optim.warmup_epochs={warmup_epochs / epochs:g}",
+    ]
+
+
+@dataclass
+class Runner:
+    protocol: dict
+    data: str
+    runs: Path  # run directories (checkpoints; not committed)
+    results: Path  # small result files (committed): <results>/v2/...
+    workers: int = 1
+    stimuli: Optional[str] = None  # cue-conflict folder: every fine-tune records its shape bias
+
+    def _file(self, name: str) -> Path:
+        return self.results / "v2" / f"{name}.json"
+
+    def done(self, name: str) -> Optional[dict]:
+        return read_result(self._file(name))
+
+    def step(self, name: str, fn: Callable[[], dict], force: bool = False) -> dict:
+        """Run ``fn`` unless its result file exists; write it (atomically) when done."""
+        res = None if force else self.done(name)
+        if res is not None:
+            return res
+        print(f"[evidence] {name}: running ...", flush=True)
+        t0 = time.time()
+        res = {**fn(), "wall_seconds": round(time.time() - t0, 1), "protocol": 2}
+        f = self._file(name)
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(res, indent=1, default=str))
+        tmp.replace(f)
+        print(f"[evidence] {name}: done in {time.time() - t0:.0f} s", flush=True)
+        return res
+
+    def _common(self, sub: str, name: str, seed: int) -> list[str]:
+        p = self.protocol
+        return [
+            f"data.path={self.data}",
+            f"run.out_dir={self.runs / 'v2' / sub}",
+            f"run.name={name}",
+            "run.overwrite=true",  # the suite owns its folders: a failed / stale sub-run is redone
+            f"run.seed={seed}",
+            "run.progress=false",
+            f"data.num_workers={self.workers}",
+            f"data.limit={p['pool']['images']}",
+            f"data.subset_seed={p['pool']['subset_seed']}",
+        ]
+
+    # -- pretraining -------------------------------------------------------------------------
+    def pretrain_overrides(self, stage: str, arm_name: str, seed: int) -> list[str]:
+        p, arm = self.protocol, ARMS[arm_name]
+        pre = p["pretrain"]
+        return self._common(f"{stage}/pretrain", f"{arm_name}-s{seed}", seed) + [
+            f"model.preset={p['model']}",
+            f"method.name={arm.method}",
+            f"optim.epochs={pre['epochs']}",
+            f"optim.batch_size={pre['batch']}",
+            f"optim.base_lr={1.5e-3 * arm.lr_scale:g}",
+            "optim.warmup_epochs=1",
+            *small_overrides(arm, pre["steps"], pre["batch"], 1.0, pre["epochs"]),
+            "run.resume=auto",
+            "run.log_every=20",
+            "run.save_every_steps=100",
+            *arm.overrides,
+        ]
+
+    def checkpoint(self, stage: str, arm_name: str, seed: int) -> str:
+        """The pretraining run's checkpoint, (re)made when missing."""
+        name = f"{stage}/pretrain/{arm_name}-s{seed}"
+
+        def fn() -> dict:
+            ov = self.pretrain_overrides(stage, arm_name, seed)
+            return tasks.pretrain(resolve(PretrainConfig, overrides=ov))
+
+        res = self.step(name, fn)
+        if not Path(res.get("checkpoint", "")).is_file():
+            res = self.step(name, fn, force=True)
+        return res["checkpoint"]
+
+    # -- evaluation --------------------------------------------------------------------------
+    def ft_epochs(self) -> int:
+        b = self.protocol["ft_epochs"]["value"]
+        if not b:
+            raise EvidenceError(
+                "protocol v2 has no ft_epochs yet: run pilot P1 (--stage ftbudget) and commit "
+                "the budget its rule chooses"
+            )
+        return int(b)
+
+    def ft_run(
+        self,
+        name: str,
+        sub: str,
+        ckpt: Optional[Callable[[], str]],
+        seed: int,
+        epochs: int,
+        eval_at: list,
+        holdout: bool = False,
+        label_fraction: float = 1.0,
+    ) -> dict:
+        """One fine-tune (``ckpt``: lazy checkpoint, None = random init) with the protocol's
+        recipe for ``epochs``, evaluated after the epochs ``eval_at`` and at the end: on the
+        held-out part of the pool with ``holdout``, else on test."""
+
+        def fn() -> dict:
+            ck = ckpt() if ckpt else None
+            ov = self._common(sub, Path(name).name, seed) + ft_overrides(
+                self.protocol, epochs, ck, holdout
+            )
+            ov.append(f"finetune.eval_at=[{','.join(str(e) for e in eval_at if e < epochs)}]")
+            if label_fraction != 1.0:
+                ov.append(f"finetune.label_fraction={label_fraction:g}")
+            if self.stimuli and not holdout:  # claim (k): recorded right after fine-tuning
+                ov.append(f"finetune.shape_bias={self.stimuli}")
+            res = tasks.finetune(tasks.resolve_run_config(FinetuneConfig, overrides=ov))
+            if holdout:
+                res.pop("correct", None)  # held-out correctness serves no comparison
+            return res
+
+        return self.step(name, fn)
+
+    def finetune(self, stage: str, arm: str, seed: int, label_fraction: float = 1.0) -> dict:
+        """One fine-tune of ``arm``'s run ``seed`` (random init: FT seed ``seed``), scored on
+        test along its schedule."""
+        tag = f"{arm}-s{seed}" + ("" if label_fraction == 1.0 else f"-lf{label_fraction:g}")
+        sub = "core" if arm == "random" else stage
+        epochs = self.ft_epochs()
+        ck = None if arm == "random" else (lambda: self.checkpoint(stage, arm, seed))
+        return self.ft_run(
+            f"{sub}/ft/{tag}",
+            f"{sub}/ft",
+            ck,
+            seed,
+            epochs,
+            list(self.protocol["ft_eval_at_epochs"]),
+            label_fraction=label_fraction,
+        )
+
+    def probe(self, stage: str, arm: str, seed: int, kind: str) -> dict:
+        """``lp_cls`` (linear probe on the class token, MAE's protocol) or ``knn``."""
+        sub = "core" if arm == "random" else stage
+        name = f"{sub}/{kind}/{arm}-s{seed}"
+
+        def fn() -> dict:
+            ck = None if arm == "random" else self.checkpoint(stage, arm, seed)
+            ov = self._common(f"{sub}/{kind}", f"{arm}-s{seed}", seed) + (
+                ["probe.epochs=30", "probe.feature=cls", "probe.lr_extend=3"]
+                if kind == "lp_cls"
+                else ["probe.feature=avg"]
+            )
+            ov += [f"probe.pretrained={ck}"] if ck else [f"model.preset={self.protocol['model']}"]
+            f = tasks.linprobe if kind == "lp_cls" else tasks.knn
+            return f(tasks.resolve_run_config(ProbeConfig, overrides=ov))
+
+        return self.step(name, fn)
+
+    def units(self, arm: str) -> list[int]:
+        if arm == "random":
+            return list(range(self.protocol["random_init_ft_seeds"]))
+        return list(range(self.protocol["pretrain_runs"][arm]))
+
+    def run_stage(self, stage: str, arms: tuple) -> None:
+        """Every unit of random init and of ``arms``: fine-tune, then the frozen-feature probes."""
+        for arm in ("random", *arms):
+            for seed in self.units(arm):
+                self.finetune(stage, arm, seed)
+                for kind in ("lp_cls", "knn"):
+                    self.probe(stage, arm, seed, kind)
