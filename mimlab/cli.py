@@ -14,6 +14,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -35,6 +36,7 @@ from .core.config import (
     SegmentConfig,
     describe,
     parse_overrides,
+    resolve,
     to_dict,
 )
 from .core.registry import FAMILIES, PRESETS, presets_of, reading_families
@@ -124,13 +126,20 @@ def _add_common(p: argparse.ArgumentParser, probe: bool = False, ft: bool = Fals
         "overrides",
         nargs="*",
         metavar="key=value",
-        help="config overrides, e.g. optim.epochs=5 model.preset=vit_b16",
+        help="config overrides, e.g. "
+        + ("probe.k=10 data.limit=1000" if probe else "optim.epochs=5 model.preset=vit_b16"),
     )
     p.add_argument("--config", help="YAML config file (read with a safe loader)")
     p.add_argument("--data", help="dataset path (same as data.path=...)")
     p.add_argument("--out", help="parent folder of run directories (run.out_dir)")
     p.add_argument("--name", help="run directory name (run.name)")
     p.add_argument("--resume", help="checkpoint to resume from, or 'auto' (run.resume)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an earlier run of the same --name (run.overwrite=true); without it such "
+        "a run directory is refused unless --resume continues it",
+    )
     if probe or ft:
         p.add_argument(
             "--pretrained",
@@ -141,8 +150,19 @@ def _add_common(p: argparse.ArgumentParser, probe: bool = False, ft: bool = Fals
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors in one line (``mimlab: error: ...``; ``--help`` for more)."""
+
+    def error(self, message: str):
+        print(
+            f"mimlab: error: {' '.join(message.split())} (see `{self.prog} --help`)",
+            file=sys.stderr,
+        )
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="mimlab",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Masked image modeling: pretrain, evaluate and analyse Vision Transformers.",
@@ -226,6 +246,12 @@ def build_parser() -> argparse.ArgumentParser:
         "decoder) or ViTModel directory; pt: state dict + timm kwargs; mimlab: one "
         "mimlab checkpoint file (e.g. of a sharded checkpoints/<name>.dcp directory of "
         "run.parallel=fsdp); auto: pt when OUTPUT ends in .pt, else timm",
+    )
+    e.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing OUTPUT file or the files in a non-empty OUTPUT folder "
+        "(never the source itself)",
     )
     sub.add_parser("methods", help=SUMMARY["methods"], description=SUMMARY["methods"])
     fl = sub.add_parser(
@@ -430,7 +456,8 @@ def _one_line(e: BaseException) -> str:
     return " ".join(msg.split())
 
 
-def _resolve_cmd(args, cls):
+def _cmd_overrides(args, cls) -> list[str]:
+    """A run command's ``key=value`` overrides, with its options (--data, --name ...) added."""
     ov = list(args.overrides or [])
     if getattr(args, "data", None):
         ov.append(f"data.path={args.data}")
@@ -443,14 +470,44 @@ def _resolve_cmd(args, cls):
     if getattr(args, "pretrained", None):
         sec = {FinetuneConfig: "finetune", SegmentConfig: "segment"}.get(cls, "probe")
         ov.append(f"{sec}.pretrained={args.pretrained}")
+    if getattr(args, "overwrite", False):
+        ov.append("run.overwrite=true")
+    return ov
+
+
+def _recipe_base(args) -> Optional[dict]:
+    """The ``segment --recipe`` base config (None for other commands)."""
+    recipe = getattr(args, "recipe", None)
+    return SEGMENT_RECIPES[recipe] if recipe else None
+
+
+def _resolve_cmd(args, cls):
     from .tasks import resolve_run_config  # lazy: torch start-up, only for these commands
 
-    recipe = getattr(args, "recipe", None)
-    base = SEGMENT_RECIPES[recipe] if recipe else None
-    return resolve_run_config(cls, args.config, ov, base)  # adopts a --pretrained source's model
+    # adopts a --pretrained source's model
+    return resolve_run_config(cls, args.config, _cmd_overrides(args, cls), _recipe_base(args))
 
 
 def run(argv: Optional[list[str]] = None) -> int:
+    """``mimlab ARGV``: the exit code (0 ok, 1 error, 2 usage/config error, 128+N signal);
+    errors are one line on stderr. Run directories the command locked are released, and
+    those it created are removed again when it fails before writing anything but its
+    ``config.yaml`` and ``log.txt``."""
+    rc = 1
+    try:
+        rc = _run_command(argv)
+        return rc
+    finally:
+        rundir = sys.modules.get("mimlab.train.rundir")  # loaded only if a run dir was made
+        if rundir is not None:
+            rundir.release_run()
+            created, rundir.CREATED[:] = list(rundir.CREATED), []
+            if rc != 0:
+                for d, top in created:
+                    rundir.remove_if_empty(d, top)
+
+
+def _run_command(argv: Optional[list[str]] = None) -> int:
     ap = build_parser()
     # overrides (key=value) may appear before, between or after options
     args, extra = ap.parse_known_args(argv)
@@ -467,9 +524,18 @@ def run(argv: Optional[list[str]] = None) -> int:
     if not args.command:
         ap.print_help()
         return 2
+    if args.command in CONFIGS:  # config errors in a blink, before torch is imported
+        try:
+            cls = CONFIGS[args.command]
+            resolve(cls, args.config, _cmd_overrides(args, cls), _recipe_base(args))
+        except ConfigError as e:
+            print(f"mimlab: config error: {_one_line(e)}", file=sys.stderr)
+            return 2
     from .data.datasets import (
         DataError,  # lazy: CLI start-up speed (torch), --help and --version stay fast
     )
+    from .io.checkpoint import CheckpointError  # lazy: as above
+    from .io.sources import SourceError  # lazy: as above
     from .train.engine import Interrupted, TrainingError  # lazy: as above
 
     try:
@@ -498,12 +564,12 @@ def run(argv: Optional[list[str]] = None) -> int:
             print(f"demo finished: {res['run_dir']}/summary.md")
             return 0
         if args.command == "export":
-            from .io.checkpoint import CheckpointError  # lazy: CLI start-up speed (torch)
             from .io.export import export_checkpoint  # lazy: CLI start-up speed (torch)
-            from .io.sources import SourceError  # lazy: CLI start-up speed (torch)
 
             try:
-                info = export_checkpoint(args.checkpoint, args.output, args.format)
+                info = export_checkpoint(
+                    args.checkpoint, args.output, args.format, overwrite=args.overwrite
+                )
             except (SourceError, CheckpointError) as e:
                 print(f"mimlab: error: {_one_line(e)}", file=sys.stderr)
                 return 1
@@ -633,8 +699,14 @@ def run(argv: Optional[list[str]] = None) -> int:
     except Interrupted as e:
         print(f"mimlab: {_one_line(e)}", file=sys.stderr)
         return e.exit_code
-    except (DataError, TrainingError) as e:
+    except (DataError, TrainingError, SourceError, CheckpointError) as e:
         print(f"mimlab: error: {_one_line(e)}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        raise  # stdout's reader left: main() stops quietly
+    except OSError as e:  # a file or folder the user named: missing, not writable, disk full
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"mimlab: error: {e.strerror or e}{where}", file=sys.stderr)
         return 1
     ap.print_help()
     return 2
@@ -642,7 +714,21 @@ def run(argv: Optional[list[str]] = None) -> int:
 
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
-    sys.exit(run())
+    try:
+        code = run()
+        sys.stdout.flush()
+    except KeyboardInterrupt:  # Ctrl-C outside training (imports, data scan, evaluation)
+        print("mimlab: interrupted (Ctrl-C)", file=sys.stderr)
+        code = 130
+    except BrokenPipeError:  # `mimlab ... | head`: the reader left; stop quietly
+        code = 141
+    if code == 141:
+        try:  # no second BrokenPipeError when the interpreter flushes stdout at exit
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except OSError:
+            pass
+    sys.exit(code)
 
 
 if __name__ == "__main__":

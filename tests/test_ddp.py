@@ -225,3 +225,41 @@ def test_online_eval_and_logging_under_two_processes(cifar_dir, tmp_path):
     got = ev(method, 8)["knn_top1"]
     # same features up to float rounding of different batch shapes: at most one query differs
     assert abs(got - online[-1]["knn_top1"]) <= 100 / 21 + 1e-9
+
+
+def _train_rows(d):
+    rows = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found")
+def test_chunked_run_under_torchrun_equals_straight_run(cifar_dir, tmp_path):
+    """2 gloo processes: a run stopped at step 3 (mid-epoch, run.stop_at_step) and resumed with
+    run.resume=auto logs the loss of an uninterrupted run step by step and ends with the same
+    weights. Each rank's RNG (masking noise) must be saved and restored, not only rank 0's."""
+    args = [
+        "pretrain",
+        f"--data={cifar_dir}",
+        f"--out={tmp_path}",
+        "model.preset=micro",
+        "method.name=mae",
+        "data.limit=64",
+        "optim.batch_size=8",
+        "optim.epochs=2",
+        "run.progress=false",
+        "data.num_workers=0",
+        "run.device=cpu",
+        "run.log_every=1",
+    ]
+    _torchrun(args + ["--name=straight"], tmp_path)
+    _torchrun(args + ["--name=chunked", "run.stop_at_step=3"], tmp_path)
+    ck = torch.load(tmp_path / "chunked/checkpoints/last.pt", weights_only=True)
+    assert ck["global_step"] == 3 and len(ck["rng_ranks"]) == 2
+    _torchrun(args + ["--name=chunked", "--resume=auto"], tmp_path)
+    a, b = _train_rows(tmp_path / "straight"), _train_rows(tmp_path / "chunked")
+    assert [s for s, _ in a] == [s for s, _ in b] == list(range(1, 9))
+    for (s, x), (_, y) in zip(a, b):
+        assert x == y, (s, x, y)
+    wa = torch.load(tmp_path / "straight/checkpoints/last.pt", weights_only=True)["model"]
+    wb = torch.load(tmp_path / "chunked/checkpoints/last.pt", weights_only=True)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

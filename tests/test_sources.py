@@ -231,6 +231,22 @@ def test_timm_file_features_and_logits(tmp_path, caplog):
         assert (m.logits(x) - ref(x)).abs().max() < TOL
 
 
+def test_headless_timm_weights_load_for_features(tmp_path):
+    """Weights saved with num_classes=0 under a name whose default has a head: no head is
+    needed for features, so they load (issue 26)."""
+    torch.manual_seed(0)
+    ref = timm.create_model("mimlab_test_vit_micro", pretrained=False, num_classes=0).eval()
+    torch.save(ref.state_dict(), tmp_path / "enc.pth")
+    m = load_encoder(f"timm:mimlab_test_vit_micro@{tmp_path / 'enc.pth'}")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (m.features(x) - ref(x)).abs().max() < TOL
+    bad = {k: v for k, v in ref.state_dict().items() if k != "norm.weight"}
+    torch.save(bad, tmp_path / "bad.pth")  # a missing encoder key is still an error
+    with pytest.raises(SourceError, match="does not load into timm"):
+        load_encoder(f"timm:mimlab_test_vit_micro@{tmp_path / 'bad.pth'}")
+
+
 def test_timm_avg_pool_fc_norm_non_square_positions(tmp_path, caplog):
     torch.manual_seed(0)
     ref = timm.create_model("mimlab_test_vit_gap", pretrained=False).eval()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -185,7 +186,9 @@ class DataConfig:
     )
     val_split: str = doc("sub-folder used for evaluation", default="test")
     mean: Optional[list[float]] = doc(
-        "per-channel mean; null = known value for the dataset or computed on the training split",
+        "per-channel mean; null = the known value for CIFAR-10 (a path containing 'cifar') or "
+        "Fashion-MNIST, else ImageNet's for 3 channels and 0.5 otherwise (nothing is measured: "
+        "`mimlab stats DATA` does; each run logs the values it uses)",
         default=None,
     )
     std: Optional[list[float]] = doc("per-channel std; null = as for mean", default=None)
@@ -308,6 +311,11 @@ class RunConfig:
         "fsdp: FSDP2 fully_shard per transformer block plus the root, sharded "
         "checkpoints checkpoints/<name>.dcp; pretraining only)",
         default="ddp",
+    )
+    overwrite: bool = doc(
+        "replace an earlier run in run.out_dir/run.name (its config, logs, metrics and "
+        "checkpoints); without it such a directory is refused unless run.resume continues it",
+        default=False,
     )
 
 
@@ -1096,6 +1104,14 @@ def validate(cfg: Any, method_explicit: Optional[dict] = None) -> None:
             raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
         if o.layer_decay is not None and not 0 < o.layer_decay <= 1:
             raise ConfigError(f"optim.layer_decay must be in (0, 1], got {o.layer_decay}")
+        if o.base_lr <= 0:
+            raise ConfigError(f"optim.base_lr must be > 0, got {o.base_lr}")
+        if o.weight_decay < 0:
+            raise ConfigError(f"optim.weight_decay must be >= 0, got {o.weight_decay}")
+        if o.clip_grad is not None and o.clip_grad <= 0:
+            raise ConfigError(
+                f"optim.clip_grad must be > 0 (null = no clipping), got {o.clip_grad}"
+            )
     d = getattr(cfg, "data", None)
     if d is not None:
         if d.on_bad not in ("skip", "error"):
@@ -1124,6 +1140,8 @@ def validate(cfg: Any, method_explicit: Optional[dict] = None) -> None:
             raise ConfigError(f"data.num_workers must be >= 0, got {d.num_workers}")
         if d.prefetch < 1:
             raise ConfigError(f"data.prefetch must be >= 1, got {d.prefetch}")
+        if d.repeat < 1:
+            raise ConfigError(f"data.repeat must be >= 1, got {d.repeat}")
     r = getattr(cfg, "run", None)
     if r is not None:
         if r.precision not in ("auto", "fp32", "bf16", "fp16"):
@@ -1132,6 +1150,22 @@ def validate(cfg: Any, method_explicit: Optional[dict] = None) -> None:
             )
         if r.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"run.parallel must be ddp | fsdp, got '{r.parallel}'")
+        if r.log_every < 1:
+            raise ConfigError(f"run.log_every must be >= 1, got {r.log_every}")
+        if r.save_every_steps < 0:
+            raise ConfigError(f"run.save_every_steps must be >= 0, got {r.save_every_steps}")
+        if r.ckpt_every < 0:
+            raise ConfigError(f"run.ckpt_every must be >= 0, got {r.ckpt_every}")
+        if r.max_steps is not None and r.max_steps < 1:
+            raise ConfigError(f"run.max_steps must be >= 1, got {r.max_steps}")
+        if r.stop_at_step is not None and r.stop_at_step < 1:
+            raise ConfigError(f"run.stop_at_step must be >= 1, got {r.stop_at_step}")
+        if r.nonfinite_skip < 0:
+            raise ConfigError(f"run.nonfinite_skip must be >= 0, got {r.nonfinite_skip}")
+        if r.device not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(
+            r"cuda:\d+", r.device
+        ):
+            raise ConfigError(f"run.device must be auto | cpu | cuda | cuda:N, got '{r.device}'")
     ft = getattr(cfg, "finetune", None)
     if ft is not None and not 0 < ft.label_fraction <= 1:
         raise ConfigError(f"finetune.label_fraction must be in (0, 1], got {ft.label_fraction}")
@@ -1164,6 +1198,21 @@ def validate(cfg: Any, method_explicit: Optional[dict] = None) -> None:
             raise ConfigError("probe.lrs must list at least one learning rate")
         if pr.lr_extend < 0:
             raise ConfigError(f"probe.lr_extend must be >= 0, got {pr.lr_extend}")
+        if pr.temperature <= 0:
+            raise ConfigError(f"probe.temperature must be > 0, got {pr.temperature}")
+        if pr.epochs < 1:
+            raise ConfigError(f"probe.epochs must be >= 1, got {pr.epochs}")
+        if pr.batch_size < 1:
+            raise ConfigError(f"probe.batch_size must be >= 1, got {pr.batch_size}")
+        if pr.weight_decay < 0:
+            raise ConfigError(f"probe.weight_decay must be >= 0, got {pr.weight_decay}")
+        if not 0 < pr.label_fraction <= 1:
+            raise ConfigError(f"probe.label_fraction must be in (0, 1], got {pr.label_fraction}")
+        if r is not None and r.resume:
+            raise ConfigError(
+                "run.resume: knn and linprobe have nothing to resume (they finish in one pass); "
+                "remove --resume / run.resume"
+            )
 
 
 def _check_segment(sg: "SegmentOptions") -> None:

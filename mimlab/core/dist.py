@@ -14,6 +14,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .errors import ConfigError
+
 
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
@@ -38,6 +40,18 @@ def init(device: str = "auto", timeout_s: float = 300.0) -> torch.device:
     of hanging forever (gloo/nccl timeouts).
     """
     want_cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if device.startswith("cuda"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        idx = int(device.split(":", 1)[1]) if ":" in device else 0
+        if idx >= n:
+            raise ConfigError(
+                f"run.device={device}: "
+                + (
+                    "no CUDA GPU is available (torch sees none); use run.device=cpu or auto"
+                    if n == 0
+                    else f"this machine has {n} CUDA device(s) (cuda:0 .. cuda:{n - 1})"
+                )
+            )
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         if not is_dist():
             backend = "nccl" if want_cuda else "gloo"
@@ -81,6 +95,17 @@ def any_true(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def gather_object(obj):
+    """``[obj of rank 0, obj of rank 1, ...]`` on rank 0 (a collective; every rank must call
+    it), ``None`` on the other ranks; ``[obj]`` on one process. Used for per-rank state that a
+    checkpoint must carry (each rank's RNG)."""
+    if not is_dist():
+        return [obj]
+    out = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
 
 
 def cleanup() -> None:

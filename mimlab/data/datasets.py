@@ -901,6 +901,23 @@ def resolve_stats(
     return default_stats(in_chans)
 
 
+def stats_origin(cfg: DataConfig, src: Optional[Source], in_chans: int) -> str:
+    """Where :func:`resolve_stats`'s values come from, in words (logged by every run)."""
+    if cfg.mean is not None:
+        return "data.mean/std"
+    if src is not None:
+        if src.kind == "fmnist" and in_chans == 1:
+            return "known Fashion-MNIST statistics"
+        if cfg.path and "cifar" in str(cfg.path).lower() and in_chans == 3:
+            return "known CIFAR-10 statistics (the path names cifar)"
+    if in_chans == 3:
+        return (
+            "ImageNet's statistics (the default for RGB data, not measured on this data set; "
+            "`mimlab stats DATA` measures them, set data.mean/std)"
+        )
+    return "0.5 / 0.5 (the default; `mimlab stats DATA` measures them, set data.mean/std)"
+
+
 def default_stats(in_chans: int) -> tuple[list[float], list[float]]:
     """The one default normalisation: ImageNet's for RGB, 0.5 / 0.5 for other channel counts."""
     if in_chans == 3:
@@ -964,6 +981,13 @@ def build_dataset(
     src = scan_source(cfg, "train" if held_out else split, labelled)
     if mean is None:
         mean, std = resolve_stats(cfg, src, in_chans)
+        if split == "train":
+            log.info(
+                "normalisation: mean %s, std %s from %s",
+                [round(float(v), 4) for v in mean],
+                [round(float(v), 4) for v in std],
+                stats_origin(cfg, src, in_chans),
+            )
     tf = (
         train_transform(img_size, mean, std, cfg.crop_scale, cfg.hflip)
         if train_aug

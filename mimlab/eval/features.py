@@ -20,7 +20,7 @@ from ..nn.knn import knn_classify
 from ..nn.linear_probe import choose_lr, train_linear_heads
 from ..nn.models import ViTEncoder, build_encoder
 from ..train.pretrained import load_encoder_weights, load_pretrained
-from ..train.rundir import prepare_run, write_results
+from ..train.rundir import owns_run_dir, prepare_run, write_results
 
 log = logging.getLogger("mimlab")
 
@@ -122,6 +122,7 @@ def frozen_features(cfg: ProbeConfig, command: str):
     )
 
 
+@owns_run_dir
 def knn(cfg: ProbeConfig) -> dict:
     """Weighted k-NN on frozen features; returns ``results.json`` as a dict."""
     run_dir, train, val, (ftr, ytr), (fte, yte) = frozen_features(cfg, "knn")
@@ -145,6 +146,7 @@ def knn(cfg: ProbeConfig) -> dict:
     return out
 
 
+@owns_run_dir
 def linprobe(cfg: ProbeConfig) -> dict:
     """Linear probe on frozen features (every lr of ``probe.lrs`` in one pass, extended past the
     grid's edge per ``probe.lr_extend``); returns ``results.json`` as a dict."""

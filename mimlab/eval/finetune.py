@@ -21,7 +21,7 @@ from ..methods import Method
 from ..nn.models import ViTEncoder, build_encoder
 from ..train.engine import Engine
 from ..train.pretrained import load_encoder_weights, load_pretrained
-from ..train.rundir import prepare_run, write_results
+from ..train.rundir import owns_run_dir, prepare_run, write_results
 from .shape_bias import ShapeBiasError, check_cifar_classes, check_stimuli_folder, compact_result
 from .shape_bias import evaluate as shape_bias_evaluate
 
@@ -87,6 +87,7 @@ def predict_correct(
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.bool)
 
 
+@owns_run_dir
 def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune ``finetune.pretrained`` (random init without one) with the model of
     ``cfg.model``, which must be the source's architecture: resolve the config with

@@ -44,7 +44,7 @@ from ..nn.segmentation import (
 )
 from ..train.engine import Engine
 from ..train.pretrained import load_encoder_weights, load_pretrained
-from ..train.rundir import prepare_run, write_results
+from ..train.rundir import owns_run_dir, prepare_run, write_results
 
 log = logging.getLogger("mimlab")
 
@@ -260,6 +260,7 @@ def write_figure(path: Path, ds: SegDataset, kept: list, colours: torch.Tensor) 
 
 
 # ----------------------------------------------------------------------------- command
+@owns_run_dir
 def segment(cfg: SegmentConfig) -> dict:
     """Fine-tune a segmentation model (``segment.pretrained`` backbone, random init without
     one) and score it on ``data.val_split``; writes ``results.json`` (mIoU, per-class IoU,

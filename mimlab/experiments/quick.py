@@ -336,6 +336,7 @@ class Suite:
             f"run.out_dir={self.out / out_sub}",
             f"run.name={name}",
             "run.resume=auto",
+            "run.overwrite=true",  # the suite owns its folders: a failed sub-run is redone
             f"run.seed={p.seed}",
             f"run.progress={str(self.progress).lower()}",
             "run.log_every=10",
@@ -381,6 +382,7 @@ class Suite:
             f"data.path={self.data}",
             f"run.out_dir={self.out / kind}",
             f"run.name={name}",
+            "run.overwrite=true",  # a probe has nothing to resume: a rerun replaces it
             f"run.seed={p.seed}",
             f"run.progress={str(self.progress).lower()}",
             f"data.num_workers={p.workers}",

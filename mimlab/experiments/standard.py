@@ -399,6 +399,7 @@ class StandardSuite:
             f"data.path={self.data}",
             f"run.out_dir={self.runs / sub}",
             f"run.name={name}",
+            "run.overwrite=true",  # the suite owns its folders: a failed / stale sub-run is redone
             f"run.seed={seed}",
             f"run.progress={str(self.progress).lower()}",
             f"data.num_workers={p.workers}",

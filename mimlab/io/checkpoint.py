@@ -18,7 +18,8 @@ A checkpoint is a plain ``dict`` that ``torch.load(weights_only=True)`` can read
 ``optimizer``,      the engine's other states, unchanged from the pre-schema layout: optimizer,
 ``scaler``,         grad scaler, RNG states and the position in training (``global_step``,
 ``rng``, ...        ``epoch``, ``micro_in_epoch``, ``samples_in_epoch``, ``world_size``,
-                    ``nonfinite_skipped``, ``skipped_files``)
+                    ``nonfinite_skipped``, ``skipped_files``); ``rng_ranks``: every rank's
+                    RNG states under torchrun (``rng`` is rank 0's), so a resume is exact
 ``config``          the full resolved run config (``to_dict``)
 ``provenance``      ``{'mimlab': version, 'git': commit or 'unknown', 'torch': version,
                     'time': ISO-8601 UTC}``
@@ -167,12 +168,26 @@ def read(path: str | Path, trust: bool = False) -> Any:
         return read_sharded(p)
     if not p.is_file():
         raise CheckpointError(f"checkpoint not found: {p}")
+    if p.stat().st_size == 0:
+        raise CheckpointError(f"could not load checkpoint {p}: the file is empty (0 bytes)")
     try:
         return torch.load(p, map_location="cpu", weights_only=not trust)
     except Exception as e:  # noqa: BLE001 - unpickling errors of every kind
-        first = str(e).splitlines()[0] if str(e) else ""
+        text = str(e)
+        if "Weights only load failed" in text:  # torch's advice (weights_only=False) is unsafe
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            why = next((ln for ln in lines if ln.startswith("Unsupported")), "")
+            why = why or next((ln for ln in lines[1:] if "error" not in ln.lower()), "")
+            raise CheckpointError(
+                f"could not load checkpoint {p}: safe loading (weights_only) refused it"
+                f"{f' ({why})' if why else ''}: the file is corrupt, not a torch checkpoint, "
+                "or holds pickled code; set run.trust_checkpoints=true only for a file from a "
+                "source you trust"
+            ) from None
+        first = text.splitlines()[0] if text else ""
         raise CheckpointError(
             f"could not load checkpoint {p}: {type(e).__name__}: {first}"
+            + ("" if trust else " (is it a torch checkpoint?)")
         ) from None
 
 

@@ -27,7 +27,7 @@ from .checkpoint import read as read_checkpoint
 from .checkpoint import save as atomic_save
 from .hub import TIMM_ARCH, save_hf, save_timm, timm_model_args, timm_state_dict
 from .hub import to_timm as _to_timm
-from .sources import SourceError, load_encoder
+from .sources import SourceError, load_encoder, parse_source
 
 FORMATS = ("auto", "timm", "hf", "pt", "mimlab")
 
@@ -37,13 +37,55 @@ def to_timm(source: str | Path, num_classes: Optional[int] = None) -> torch.nn.M
     return _to_timm(load_encoder(str(source)), num_classes)
 
 
-def export_checkpoint(source: str | Path, output: str | Path, fmt: str = "auto") -> dict:
+def _source_paths(source: str) -> list[Path]:
+    """The files / folders a source spec reads (``timm:NAME@FILE`` -> FILE, ``mae:F`` -> F)."""
+    try:
+        src = parse_source(source)
+    except SourceError:
+        return []
+    return [Path(p) for p in (src.target, src.file) if p]
+
+
+def check_output(source: str, output: Path, fmt: str, overwrite: bool) -> None:
+    """Refuse to write onto the source itself, onto an existing file or into a non-empty
+    folder (unless ``overwrite``), or a folder format onto a file; one line each."""
+    out = output.resolve()
+    for p in _source_paths(source):
+        if p.exists() and p.resolve() == out:
+            raise SourceError(
+                f"export: output {output} is the source itself ({source}); write to another path"
+            )
+    if fmt in ("pt", "mimlab"):  # one file
+        if output.is_dir():
+            raise SourceError(f"export: output {output} is a folder; --format {fmt} writes a file")
+        if output.exists() and not overwrite:
+            raise SourceError(
+                f"export: {output} exists; pass --overwrite to replace it, or choose another path"
+            )
+        return
+    if output.exists() and not output.is_dir():
+        raise SourceError(
+            f"export: {output} is a file; --format {fmt} writes a folder (a .pt output is "
+            "--format pt)"
+        )
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise SourceError(
+            f"export: folder {output} is not empty; pass --overwrite to replace its files, or "
+            "choose another path"
+        )
+
+
+def export_checkpoint(
+    source: str | Path, output: str | Path, fmt: str = "auto", overwrite: bool = False
+) -> dict:
     """Export ``source`` to ``output`` in ``fmt`` (see the module docstring); returns an info
-    dict (paths, architecture, how to load it)."""
+    dict (paths, architecture, how to load it). Never writes onto the source; an existing
+    file or non-empty folder only with ``overwrite``."""
     if fmt not in FORMATS:
         raise SourceError(f"--format must be one of {' | '.join(FORMATS)}, got '{fmt}'")
     if fmt == "auto":
         fmt = "pt" if str(output).endswith(".pt") else "timm"
+    check_output(str(source), Path(output), fmt, overwrite)
     if fmt == "mimlab":
         src = Path(str(source))
         if not src.exists():

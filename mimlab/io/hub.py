@@ -21,6 +21,7 @@ after export; the returned info says so).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -81,6 +82,30 @@ def to_timm(sm: SourceModel, num_classes: Optional[int] = None) -> torch.nn.Modu
     return model.eval()
 
 
+#: keys of a timm builder's ``pretrained_cfg`` that describe its published weights, not ours
+FOREIGN_PRETRAINED_KEYS = (
+    "tag",
+    "license",
+    "hf_hub_id",
+    "hf_hub_filename",
+    "url",
+    "origin_url",
+    "paper_ids",
+    "paper_name",
+    "notes",
+    "description",
+)
+
+
+def _readable(out: Path) -> None:
+    """Exported files get the usual permissions (0666 minus the umask), not 0600."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in out.iterdir():
+        if p.is_file():
+            p.chmod(0o666 & ~mask)
+
+
 def save_timm(sm: SourceModel, out_dir: str | Path) -> dict:
     """Write ``sm`` in timm's Hub format (``model.safetensors`` + ``config.json``)."""
     out = Path(out_dir)
@@ -90,7 +115,12 @@ def save_timm(sm: SourceModel, out_dir: str | Path) -> dict:
     data = {"input_size": (mc.in_chans, mc.img_size, mc.img_size), "crop_pct": 1.0}
     if sm.mean is not None:
         data.update(mean=tuple(sm.mean), std=tuple(sm.std))
+    # the builder's own pretrained weights are not these: no tag, licence or hub id of theirs
+    model.pretrained_cfg = {
+        k: v for k, v in model.pretrained_cfg.items() if k not in FOREIGN_PRETRAINED_KEYS
+    }
     save_for_hf(model, str(out), safe_serialization=True, data_config=data)
+    _readable(out)
     info = {
         "format": "timm",
         "output": str(out),
@@ -181,10 +211,11 @@ def to_hf(sm: SourceModel):
             decoder_intermediate_size=int(round(mc.mlp_ratio * mc.decoder_embed_dim)),
             mask_ratio=sm.mask_ratio,
             norm_pix_loss=bool(sm.norm_pix),
+            mimlab_pool=sm.pool,  # mimlab's pooling of the features (read back by hf:)
         )
         model = transformers.ViTMAEForPreTraining(cfg)
     else:
-        cfg = transformers.ViTConfig(**common)
+        cfg = transformers.ViTConfig(**common, mimlab_pool=sm.pool)
         model = transformers.ViTModel(cfg, add_pooling_layer=False)
     enc = sm.encoder.state_dict()
     dec = sm.decoder.state_dict() if sm.decoder is not None else {}
@@ -219,10 +250,23 @@ def save_hf(sm: SourceModel, out_dir: str | Path) -> dict:
                 indent=2,
             )
         )
+    _readable(out)
     arch = type(model).__name__
     return {
         "format": "hf",
         "output": str(out),
         "architecture": arch,
         "usage": f"transformers.{arch}.from_pretrained('{out}')",
+        **(
+            {
+                "features": f"enc = transformers.ViTMAEForPreTraining.from_pretrained('{out}', "
+                "mask_ratio=0.0).vit (the encoder, all patches); its outputs keep the patch "
+                "order with noise=torch.arange(N, dtype=torch.float).expand(B, N); mimlab's "
+                "features are the "
+                f"{'class token' if sm.pool == 'cls' else 'mean of the patch tokens'} of "
+                "last_hidden_state"
+            }
+            if arch == "ViTMAEForPreTraining"
+            else {}
+        ),
     }

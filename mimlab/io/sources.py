@@ -647,6 +647,15 @@ def _hub_file(repo: str, names: Sequence[str]) -> Optional[str]:
     return None
 
 
+def _only_head_missing(message: str) -> bool:
+    """Whether a ``load_state_dict`` error says only that the classifier head is missing."""
+    if "Unexpected key" in message or "size mismatch" in message:
+        return False
+    m = re.search(r"Missing key\(s\) in state_dict: (.*)", message)
+    missing = set(re.findall(r'"([^"]+)"', m.group(1))) if m else set()
+    return bool(missing) and missing <= {"head.weight", "head.bias"}
+
+
 def _timm(src: Source, img_size: Optional[int]) -> _Arch:
     name = src.target
     try:
@@ -672,10 +681,21 @@ def _timm(src: Source, img_size: Optional[int]) -> _Arch:
             )
     elif not os.path.isfile(os.path.expanduser(file)):
         raise SourceError(f"{src.text}: weights file not found: {file}")
-    try:
+
+    def load(m: nn.Module) -> None:
         timm.models.load_checkpoint(
-            model, os.path.expanduser(file), strict=True, filter_fn=checkpoint_filter_fn
+            m, os.path.expanduser(file), strict=True, filter_fn=checkpoint_filter_fn
         )
+
+    try:
+        try:
+            load(model)
+        except RuntimeError as e:
+            if not _only_head_missing(str(e)):
+                raise
+            # weights saved without a classifier (num_classes=0): for features that is fine
+            model = timm.create_model(name, pretrained=False, num_classes=0)
+            load(model)
     except Exception as e:  # noqa: BLE001 - strict loading reports missing / unexpected keys
         raise SourceError(
             f"{src.text}: {file} does not load into timm '{name}': {' '.join(str(e).split())[:300]}"
@@ -927,7 +947,7 @@ def _hf(src: Source) -> _Arch:
         heads,
         int(cfg["intermediate_size"]) / D,
         eps,
-        "cls",
+        cfg.get("mimlab_pool") if cfg.get("mimlab_pool") in ("cls", "avg") else "cls",
         list(IMAGENET_MEAN),
         list(IMAGENET_STD),
     )

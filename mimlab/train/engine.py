@@ -549,9 +549,13 @@ class Engine:
         self.ckpt_dir = self.run_dir / "checkpoints"
 
     # ---------------------------------------------------------------- checkpoints
-    def state_dict(self, model_state: Optional[dict] = None) -> dict:
+    def state_dict(
+        self, model_state: Optional[dict] = None, rank_rngs: Optional[list] = None
+    ) -> dict:
         """The checkpoint (:func:`mimlab.io.checkpoint.make`): schema fields plus every state an
-        exact resume needs (``model_state``: instead of the method's own, e.g. ``{}``)."""
+        exact resume needs (``model_state``: instead of the method's own, e.g. ``{}``;
+        ``rank_rngs``: every rank's :func:`rng_state` (from :meth:`save`; default this
+        process's only))."""
         cfg = to_dict(self.config)
         kind = ckpt_format.kind_of_config(cfg)
         method = (
@@ -568,10 +572,10 @@ class Engine:
             method=method,
             data_mean=mean,
             data_std=std,
-            **self._engine_states(),
+            **self._engine_states(rank_rngs),
         )
 
-    def _engine_states(self) -> dict:
+    def _engine_states(self, rank_rngs: Optional[list] = None) -> dict:
         return {
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -584,19 +588,22 @@ class Engine:
             "skipped_files": self.skipped_files,
             "log_window": self.window.state(),
             "rng": rng_state(),
+            # each rank's RNG (masking noise, dropout differ per rank): exact resume under DDP
+            "rng_ranks": rank_rngs if rank_rngs is not None else [rng_state()],
         }
 
     def save(self, name: str = "last") -> Optional[Path]:
-        if self.fsdp:  # every rank writes its shards
+        if self.fsdp:  # every rank writes its shards and its own RNG file
             path = fsdp.save(self, name, rng_state())
             if name == "last":
                 self.last_ckpt = path
             return path
+        rank_rngs = dist.gather_object(rng_state())  # a collective: every rank's RNG to rank 0
         path = None
         if self.main:
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             path = self.ckpt_dir / f"{name}.pt"
-            atomic_save(self.state_dict(), path)
+            atomic_save(self.state_dict(rank_rngs=rank_rngs), path)
             if name == "last":
                 self.last_ckpt = path
         dist.barrier()
@@ -627,24 +634,43 @@ class Engine:
         self.micro_in_epoch = samples // (self.optim_cfg.batch_size * self.world)
         if self.micro_in_epoch >= self.micro_per_epoch:
             self.epoch, self.micro_in_epoch = self.epoch + 1, 0
-        if int(ck.get("world_size", 1)) == self.world:
-            set_rng_state(ck["rng"])
+        ranks = ck.get("rng_ranks") or [ck["rng"]]  # older files: rank 0's state only
+        if int(ck.get("world_size", 1)) == self.world:  # each rank its own RNG (masking noise)
+            set_rng_state(ranks[self.rank] if len(ranks) == self.world else ranks[0])
         else:  # a different number of processes: each rank re-seeds from (seed, step, rank)
             seed_everything(self.run_cfg.seed + 1000003 * self.global_step + self.rank)
         self.last_ckpt = Path(path)
 
     def _load_file(self, path: str | Path) -> dict:
-        ck = load_checkpoint(path, trust=self.run_cfg.trust_checkpoints)
+        """A checkpoint file's model and optimizer states into this engine; a checkpoint of
+        another architecture is one line naming what does not fit."""
         if self.fsdp:
             raise TrainingError(
                 f"run.parallel=fsdp resumes from a sharded checkpoint directory, not {path}"
             )
-        missing, unexpected = self.method.load_state_dict(ck["model"], strict=False)
-        if missing or unexpected:
+        ck = load_checkpoint(path, trust=self.run_cfg.trust_checkpoints)
+        if not isinstance(ck, dict) or not isinstance(ck.get("model"), dict):
+            raise TrainingError(f"{path} is not a mimlab training checkpoint (no 'model' state)")
+        own = self.method.state_dict()
+        shape = [
+            f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}"
+            for k, v in ck["model"].items()
+            if k in own and hasattr(v, "shape") and own[k].shape != v.shape
+        ]
+        missing = [k for k in own if k not in ck["model"]]
+        unexpected = [k for k in ck["model"] if k not in own]
+        if shape or missing or unexpected:
+            parts = [
+                f"shape mismatches (checkpoint vs model): {', '.join(shape[:4])}" if shape else "",
+                f"missing: {', '.join(missing[:6])}" if missing else "",
+                f"unexpected: {', '.join(unexpected[:6])}" if unexpected else "",
+            ]
             raise TrainingError(
-                f"checkpoint {path} does not match this model: missing "
-                f"{list(missing)[:8]}, unexpected {list(unexpected)[:8]}"
+                f"checkpoint {path} does not fit this model ("
+                + "; ".join(p for p in parts if p)
+                + "); resume needs the run's own model.* and method.* settings"
             )
+        self.method.load_state_dict(ck["model"], strict=True)
         self.optimizer.load_state_dict(ck["optimizer"])
         return ck
 

@@ -108,6 +108,7 @@ def save(engine, name: str, rng: dict) -> Path:
         meta = engine.state_dict(model_state={})
         meta.pop("optimizer", None)
         meta.pop("rng", None)
+        meta.pop("rng_ranks", None)  # each rank's RNG lives in its own rng-rank<R>.pt
         meta["sharded"] = {"world_size": engine.world, "format": "torch.distributed.checkpoint"}
         torch.save(meta, tmp / "meta.pt")
     dist.barrier()

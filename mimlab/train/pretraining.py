@@ -10,11 +10,12 @@ from ..methods import build_method
 from ..methods.teacher_cache import attach_teacher_cache
 from .engine import Engine, autocast_dtype
 from .online import build_online_evaluator
-from .rundir import prepare_run, write_results
+from .rundir import owns_run_dir, prepare_run, write_results
 
 log = logging.getLogger("mimlab")
 
 
+@owns_run_dir
 def pretrain(cfg: PretrainConfig) -> dict:
     """Pretrain ``cfg.method`` on ``cfg.data``; writes the run directory (checkpoints in
     ``checkpoints/``) and returns its ``results.json`` as a dict."""

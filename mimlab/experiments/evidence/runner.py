@@ -102,6 +102,7 @@ class Runner:
             f"data.path={self.data}",
             f"run.out_dir={self.runs / 'v2' / sub}",
             f"run.name={name}",
+            "run.overwrite=true",  # the suite owns its folders: a failed / stale sub-run is redone
             f"run.seed={seed}",
             "run.progress=false",
             f"data.num_workers={self.workers}",
