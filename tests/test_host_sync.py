@@ -162,6 +162,6 @@ def test_sigterm_under_ddp_stops_at_the_next_sync_point_and_resumes_exactly(cifa
 
     got, want = rows("run"), rows("ref")
     assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(5, 31, 5))
-    # rows up to the stop are the uninterrupted run's; after the resume, rank 1 restarts from
-    # rank 0's saved RNG state (per-rank RNG in checkpoints is issue 26), so masks differ
-    assert [r for r in got if r["step"] <= step] == [r for r in want if r["step"] <= step]
+    # the stopped and resumed run logs what the uninterrupted one does, after the stop too:
+    # the checkpoint carries every rank's RNG state
+    assert got == want
