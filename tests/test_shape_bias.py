@@ -446,6 +446,7 @@ def test_finetune_shape_bias_checked_before_training(tmp_path, cc7, capsys):
     with pytest.raises(ConfigError, match="finetune.shape_bias: .*automobile"):
         _ft(data, tmp_path, "bad", [f"finetune.shape_bias={cc7}"])
     assert not (tmp_path / "bad" / "results.json").exists()
+    capsys.readouterr()  # the API call's log lines; what follows is the CLI's stderr alone
     rc = run(
         ["finetune", f"data.path={data}", f"run.out_dir={tmp_path}", "run.name=bad2", *FT]
         + [f"finetune.shape_bias={tmp_path / 'missing'}"]
