@@ -243,3 +243,22 @@ def test_small_data_early_stop_and_full_budget(tmp_path):
     assert full["pretrained"].endswith("checkpoints/last.pt")
     pre = json.loads((tmp_path / "res/v2/smalldata/pretrain/mae_n10-s0.json").read_text())
     assert pre["steps"] == 8
+
+
+def test_an_interrupted_fine_tune_resumes_with_its_whole_curve(tmp_path):
+    """The suite's fine-tunes resume (run.resume=auto): a run stopped after epoch 2 and resumed
+    reports the evaluations made before the stop too, equal to an uninterrupted run's."""
+    data = make_imagefolder(tmp_path / "data", classes=3, per_class=22)
+    straight = _ft(data, tmp_path, "straight", "finetune.eval_at=[1,2]")
+    steps_per_epoch = straight["steps"] // 3
+    _ft(
+        data,
+        tmp_path,
+        "chunked",
+        "finetune.eval_at=[1,2]",
+        f"run.stop_at_step={2 * steps_per_epoch}",
+        "run.resume=auto",
+    )
+    resumed = _ft(data, tmp_path, "chunked", "finetune.eval_at=[1,2]", "run.resume=auto")
+    assert [e for e, _ in resumed["curve"]] == [1, 2, 3]
+    assert resumed["curve"] == straight["curve"] and resumed["correct"] == straight["correct"]

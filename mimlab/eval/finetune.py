@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Optional
 
@@ -88,6 +89,21 @@ def predict_correct(
 
 
 @owns_run_dir
+def _curve(run_dir, this_process: list) -> list:
+    """(epoch, top-1) of every evaluation of the run, also those made before a resume (read
+    back from ``metrics.jsonl``; this process's own list when the file has none)."""
+    rows: dict = {}
+    path = run_dir / "metrics.jsonl"
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            r = json.loads(line) if line.strip() else {}
+            if r.get("kind") == "eval" and "top1" in r and "epoch" in r:
+                rows[int(r["epoch"])] = round(float(r["top1"]), 4)
+    for e, v in this_process:
+        rows[int(e)] = v
+    return [[e, rows[e]] for e in sorted(rows)]
+
+
 def finetune(cfg: FinetuneConfig) -> dict:
     """Fine-tune ``finetune.pretrained`` (random init without one) with the model of
     ``cfg.model``, which must be the source's architecture: resolve the config with
@@ -159,7 +175,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         last_correct[:] = [c]
         top1 = 100.0 * float(c.float().sum()) / max(len(c), 1)
         curve.append([int(epoch), round(top1, 4)])
-        return {"top1": top1}
+        return {"top1": top1, "epoch": int(epoch)}
 
     eng = Engine(
         model,
@@ -190,7 +206,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         "ddp_max_param_divergence": res.ddp_max_param_divergence,
         "layer_decay": cfg.optim.layer_decay,
         "base_lr": cfg.optim.base_lr,
-        "curve": curve,
+        "curve": _curve(run_dir, curve),
     }
     if last_correct:  # per-image correctness for paired statistics (mimlab.core.stats)
         out["correct"] = pack_correct(last_correct[0].numpy())

@@ -1049,16 +1049,11 @@ class Engine:
             self.epoch += 1
             self.micro_in_epoch = 0
         finished = self.epoch >= self.optim_cfg.epochs or self.global_step >= self.total_steps
-        if not finished and self.global_step == self.run_cfg.stop_at_step:
-            self._checkpoint("last")
-            log.info(
-                "stopped at step %d (run.stop_at_step); resume with run.resume=auto",
-                self.global_step,
-            )
-            return True
+        stop = not finished and self.global_step == self.run_cfg.stop_at_step
         if epoch_done and self.run_cfg.ckpt_every and self.epoch % self.run_cfg.ckpt_every == 0:
             self._checkpoint(f"checkpoint-epoch{self.epoch}")
-        self._checkpoint("last")
+        # an epoch's evaluation comes before the checkpoint that marks the epoch done (and
+        # before a stop at its end), so a resumed run never misses one
         if self.eval_fn is not None and (
             finished or (self.eval_every and epoch_done and self.epoch % self.eval_every == 0)
         ):
@@ -1069,8 +1064,14 @@ class Engine:
                 log.info("epoch %d eval: %s", self.epoch, metrics)
             dist.barrier()
             self.method.train()
+        self._checkpoint("last")
         logger.flush()
-        return False
+        if stop:
+            log.info(
+                "stopped at step %d (run.stop_at_step); resume with run.resume=auto",
+                self.global_step,
+            )
+        return stop
 
     def _finish(self, result: FitResult) -> FitResult:
         self._drain()

@@ -40,7 +40,8 @@ def ft_overrides(p: dict, epochs: int, pretrained: Optional[str], holdout: bool)
         f"finetune.label_smoothing={r['label_smoothing']}",
         f"finetune.mixup={r['mixup']}",
         f"finetune.cutmix={r['cutmix']}",
-        "run.save_every_steps=0",
+        "run.save_every_steps=0",  # the engine still writes last.pt at every epoch's end
+        "run.resume=auto",  # an interrupted fine-tune continues from its last epoch
         "run.log_every=50",
     ]
     if holdout:
