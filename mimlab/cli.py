@@ -712,6 +712,20 @@ def _run_command(argv: Optional[list[str]] = None) -> int:
     return 2
 
 
+def _close_process_group() -> None:
+    """Destroy the process group a torchrun command opened: left to the interpreter's exit,
+    its communication threads can abort the process (``terminate called without an active
+    exception``) after the work is done."""
+    if "torch.distributed" not in sys.modules:
+        return
+    try:
+        from .core.dist import cleanup  # lazy: torch is loaded already when this matters
+
+        cleanup()
+    except Exception as e:  # noqa: BLE001 - never turn a finished command into a failure
+        print(f"mimlab: warning: could not close the process group: {e}", file=sys.stderr)
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     try:
@@ -722,6 +736,7 @@ def main() -> None:
         code = 130
     except BrokenPipeError:  # `mimlab ... | head`: the reader left; stop quietly
         code = 141
+    _close_process_group()
     if code == 141:
         try:  # no second BrokenPipeError when the interpreter flushes stdout at exit
             devnull = os.open(os.devnull, os.O_WRONLY)
