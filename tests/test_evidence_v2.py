@@ -262,3 +262,29 @@ def test_an_interrupted_fine_tune_resumes_with_its_whole_curve(tmp_path):
     resumed = _ft(data, tmp_path, "chunked", "finetune.eval_at=[1,2]", "run.resume=auto")
     assert [e for e, _ in resumed["curve"]] == [1, 2, 3]
     assert resumed["curve"] == straight["curve"] and resumed["correct"] == straight["correct"]
+
+
+def test_a_margin_needs_mae_and_random_init(tmp_path):
+    """An '≈' sub-test's margin is a fraction of MAE's gain over random init: without MAE's
+    runs the claim is 'not measured', not an error."""
+    from mimlab.experiments.evidence.verdicts import judge
+
+    p = _toy_protocol()
+    for arm, stage in (
+        ("random", "core"),
+        ("rmae", "rmae"),
+        ("rmae_indep", "rmae"),
+        ("rmae_identity", "rmae"),
+    ):
+        for s in (0, 1):
+            f = tmp_path / "v2" / stage / "ft" / f"{arm}-s{s}.json"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps({"top1": 40.0 + s}))
+    j = judge(tmp_path, p, "b")
+    assert j["verdict"] == "not measured" and any("margin" in m for m in j["missing"])
+    for s in (0, 1):
+        f = tmp_path / "v2/core/ft" / f"mae-s{s}.json"
+        f.write_text(json.dumps({"top1": 50.0 + s}))
+    j = judge(tmp_path, p, "b")
+    assert j["verdict"] in ("reproduced", "not reproduced", "undecided")
+    assert j["tests"][0]["margin"] == pytest.approx(0.2 * 10.0)

@@ -65,11 +65,15 @@ def judge(results: Path, protocol: dict, claim: str, at: Optional[int] = None) -
             continue
         margin = 0.0
         if kind in ("~", ">="):  # a fraction of MAE's gain over random init, same metric/budget
-            gain = welch(
-                values(results, protocol, "mae", metric, at),
-                values(results, protocol, "random", metric, at),
-            ).mean
-            margin = abs(frac * gain)
+            mae = values(results, protocol, "mae", metric, at)
+            rnd = values(results, protocol, "random", metric, at)
+            if (
+                len(mae) < protocol["pretrain_runs"]["mae"]
+                or len(rnd) < protocol["random_init_ft_seeds"]
+            ):
+                missing.append(f"the margin of {a} vs {b}: MAE and random init ({metric})")
+                continue
+            margin = abs(frac * welch(mae, rnd).mean)
         d = welch(va, vb)
         t = subtest(d, kind, margin)
         subs.append(t)
