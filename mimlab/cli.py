@@ -489,6 +489,16 @@ def _resolve_cmd(args, cls):
 
 
 def run(argv: Optional[list[str]] = None) -> int:
+    """Run one command; returns its exit code. Under torchrun the process group it opened is
+    destroyed before returning (left to the interpreter's exit, gloo's threads can abort a
+    finished process: ``terminate called without an active exception``)."""
+    try:
+        return _run(argv)
+    finally:
+        _close_process_group()
+
+
+def _run(argv: Optional[list[str]] = None) -> int:
     """``mimlab ARGV``: the exit code (0 ok, 1 error, 2 usage/config error, 128+N signal);
     errors are one line on stderr. Run directories the command locked are released, and
     those it created are removed again when it fails before writing anything but its
@@ -713,9 +723,7 @@ def _run_command(argv: Optional[list[str]] = None) -> int:
 
 
 def _close_process_group() -> None:
-    """Destroy the process group a torchrun command opened: left to the interpreter's exit,
-    its communication threads can abort the process (``terminate called without an active
-    exception``) after the work is done."""
+    """Destroy the process group a torchrun command opened (no-op without one)."""
     if "torch.distributed" not in sys.modules:
         return
     try:
@@ -736,7 +744,6 @@ def main() -> None:
         code = 130
     except BrokenPipeError:  # `mimlab ... | head`: the reader left; stop quietly
         code = 141
-    _close_process_group()
     if code == 141:
         try:  # no second BrokenPipeError when the interpreter flushes stdout at exit
             devnull = os.open(os.devnull, os.O_WRONLY)
