@@ -28,11 +28,16 @@ SCHEDULES = (
 )
 
 
-def run_ftbudget(runner: Runner) -> dict:
-    """Run (or resume) pilot P1 with ``runner``; returns :func:`choose_budget` of what exists.
-    MAE's pretraining run is the ``core`` stage's seed 0 recipe, kept under ``ftbudget``."""
+def run_ftbudget(runner: Runner, inits: tuple = ("random",)) -> dict:
+    """Run (or resume) pilot P1's schedules of ``inits`` with ``runner``; returns
+    :func:`choose_budget` of what exists. Random init's schedules decide the budget (stage
+    ``ftbudget``); MAE's (stage ``ftbudget-mae``) show how far MAE is from its own plateau and
+    run after the core stage. MAE's pretraining run is the ``core`` stage's seed 0 recipe, kept
+    under ``ftbudget``."""
     out = runner.results / "v2" / "ftbudget"
     for init, epochs in SCHEDULES:
+        if init not in inits:
+            continue
         if epochs in (10, 30) and not _twenty_passes(out):
             continue  # 10 can only be chosen when 20 already reaches the plateau
         ck = (lambda: runner.checkpoint("ftbudget", "mae", 0)) if init == "mae" else None

@@ -135,9 +135,10 @@ PROTOCOL: dict = {
     "words": ["reproduced", "not reproduced", "undecided"],
     "pilots": {
         "P1_ftbudget": "random init FT for 20 and 60 epochs (and 10 and 30 when 20 passes the "
-        "rule), MAE (one 8-epoch run) for 20 and 60, seed 0, trained on 80 % of the pool and "
-        "scored on the held-out 20 %; chooses ft_epochs by the rule above; its numbers enter "
-        "no verdict",
+        "rule), seed 0, trained on 80 % of the pool and scored on the held-out 20 %; chooses "
+        "ft_epochs by the rule above. MAE (one 8-epoch run) for 20 and 60 epochs, the same "
+        "way, runs after the core stage and shows how far MAE is from its own plateau. Its "
+        "numbers enter no verdict",
     },
 }
 

@@ -2,7 +2,8 @@
 
 * ``protocol``: write ``protocol.json`` from :data:`.protocol.PROTOCOL` (commit it before the
   runs it governs);
-* ``ftbudget``: pilot P1 (:mod:`.ftbudget`);
+* ``ftbudget``: pilot P1 (:mod:`.ftbudget`), random init's schedules, which decide the budget;
+  ``ftbudget-mae``: its MAE schedules (after ``core``);
 * ``core``, ``contrastive``, ``smalldata``, ``rmae``, ``augment`` (:data:`.arms.STAGES`): every
   unit of the stage's arms and of random init, fine-tuned and probed (:mod:`.runner`).
 
@@ -22,7 +23,7 @@ from .protocol import PROTOCOL, ProtocolMismatch, check_committed, write_protoco
 from .report import write_report
 from .runner import EvidenceError, Runner
 
-STAGES = ("protocol", "ftbudget", *ARM_STAGES)
+STAGES = ("protocol", "ftbudget", *ARM_STAGES, "ftbudget-mae")
 
 __all__ = ["EvidenceError", "STAGES", "reproduce_evidence"]
 
@@ -44,8 +45,8 @@ def reproduce_evidence(
     runner = Runner(
         PROTOCOL, data, Path(runs), res, workers, str(stimuli) if stimuli.is_dir() else None
     )
-    if stage == "ftbudget":
-        summary = run_ftbudget(runner)
+    if stage in ("ftbudget", "ftbudget-mae"):
+        summary = run_ftbudget(runner, ("mae",) if stage == "ftbudget-mae" else ("random",))
         path = res / "v2" / "ftbudget" / "summary.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=1) + "\n")
