@@ -91,7 +91,8 @@ def test_pilot_runs_on_the_held_out_split(tmp_path, monkeypatch):
     monkeypatch.setattr(ftbudget, "SCHEDULES", (("random", 2), ("mae", 2)))
     data = make_imagefolder(tmp_path / "data", classes=3, per_class=20)
     r = Runner(_toy_protocol(), str(data), tmp_path / "runs", tmp_path / "res", workers=0)
-    summary = ftbudget.run_ftbudget(r)
+    assert set(ftbudget.run_ftbudget(r)["held_out_top1"]) == {"random-e2"}  # stage ftbudget
+    summary = ftbudget.run_ftbudget(r, ("mae",))  # stage ftbudget-mae
     assert set(summary["held_out_top1"]) == {"random-e2", "mae-e2"}
     assert summary["decided"] is False  # the rule needs the 20- and 60-epoch schedules
     ft = json.loads((tmp_path / "res/v2/ftbudget/mae-e2.json").read_text())
@@ -164,6 +165,8 @@ def _toy_protocol() -> dict:
     p["pretrain_runs"] = {k: 2 for k in p["pretrain_runs"]}
     p["ft_epochs"]["value"] = 2
     p["ft_eval_at_epochs"] = [1]
+    p["cka"].update(images=12, bootstrap_resamples=20)
+    p["psnr"].update(images=8)
     return p
 
 
@@ -182,11 +185,18 @@ def test_a_stage_end_to_end_gives_a_verdict_from_its_files(tmp_path):
     files = sorted(str(f.relative_to(res / "v2")) for f in (res / "v2").rglob("*.json"))
     assert files == sorted(
         f"core/{k}/{arm}-s{s}.json"
-        for k in ("ft", "lp_cls", "knn", "pretrain")
+        for k in ("ft", "lp_cls", "knn", "pretrain", "cka", "psnr")
         for arm in ("mae", "random")
         for s in (0, 1)
-        if not (k == "pretrain" and arm == "random")
+        if not (k in ("pretrain", "psnr") and arm == "random")
     )
+    sup = json.loads((res / "v2/core/ft/random-s0.json").read_text())["cka"]
+    assert sup["images"] == 12 and sup["boot_lo"] <= sup["cka"] <= sup["boot_hi"]
+    assert "cka" not in json.loads((res / "v2/core/ft/mae-s0.json").read_text())
+    rw = json.loads((res / "v2/core/cka/random-s1.json").read_text())
+    assert rw["model"] == "random-micro-s1" and rw["ratio"] == 0.75
+    ps = json.loads((res / "v2/core/psnr/mae-s0.json").read_text())
+    assert ps["psnr"] == ps["psnr_visible_stats"] and ps["images"] == 8
     ft = json.loads((res / "v2/core/ft/mae-s0.json").read_text())
     assert [e for e, _ in ft["curve"]] == [1, 2] and ft["protocol"] == 2
     j = judge(res, p, "a")
@@ -286,5 +296,54 @@ def test_a_margin_needs_mae_and_random_init(tmp_path):
         f = tmp_path / "v2/core/ft" / f"mae-s{s}.json"
         f.write_text(json.dumps({"top1": 50.0 + s}))
     j = judge(tmp_path, p, "b")
+    assert j["verdict"] == "not measured" and any("psnr" in m for m in j["missing"])
+    for arm, stage, db in (("mae", "core", 22.0), ("rmae", "rmae", 23.0)):
+        for s in (0, 1):
+            f = tmp_path / "v2" / stage / "psnr" / f"{arm}-s{s}.json"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps({"psnr": db + 0.1 * s}))
+    j = judge(tmp_path, p, "b")
     assert j["verdict"] in ("reproduced", "not reproduced", "undecided")
     assert j["tests"][0]["margin"] == pytest.approx(0.2 * 10.0)
+    psnr = j["tests"][3]
+    assert psnr["metric"] == "psnr" and psnr["margin"] == pytest.approx(0.25 * 1.5)
+    assert psnr["diff"]["mean"] == pytest.approx(1.0)
+
+
+def test_claim_e_reads_supervised_cka_from_random_inits_fine_tunes(tmp_path):
+    """Claim (e)'s 'supervised' units are random init's fine-tunes (their recorded CKA); the
+    pretrained arms' units are their CKA files; the effect margin is the protocol's."""
+    from mimlab.experiments.evidence.verdicts import judge, values
+
+    p = _toy_protocol()
+    files = {
+        "core/ft/random": lambda s: {"top1": 40.0, "cka": {"cka": 0.80 + 0.01 * s}},
+        "core/cka/mae": lambda s: {"cka": 0.95 + 0.001 * s},
+        "contrastive/cka/mocov3": lambda s: {"cka": 0.90 + 0.002 * s},
+        "contrastive/cka/cmae": lambda s: {"cka": 0.97 + 0.001 * s},
+    }
+    for stem, fn in files.items():
+        for s in (0, 1):
+            f = tmp_path / "v2" / f"{stem}-s{s}.json"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps(fn(s)))
+    assert values(tmp_path, p, "supervised", "cka") == pytest.approx([0.80, 0.81])
+    j = judge(tmp_path, p, "e")
+    assert [t["margin"] for t in j["tests"]] == [p["cka"]["min_effect"]] * 3
+    assert [t["diff"]["mean"] for t in j["tests"]] == pytest.approx([0.0495, 0.1455, 0.0695])
+    assert j["verdict"] in ("reproduced", "undecided")  # every difference is positive
+
+
+def test_small_arms_draw_their_images_per_run_and_supervised_is_a_fine_tune(tmp_path):
+    from mimlab.experiments.evidence.arms import ARMS
+    from mimlab.experiments.evidence.runner import Runner, small_overrides
+
+    ov = small_overrides(ARMS["mae_n1000_perclass"], 624, 128, 1.0, 8, seed=2)
+    assert "data.subset=one_per_class" in ov and "data.subset_seed=2" in ov
+    p = _toy_protocol()
+    data = make_imagefolder(tmp_path / "data", classes=3, per_class=16)
+    r = Runner(p, str(data), tmp_path / "runs", tmp_path / "res", workers=0)
+    ck = r.checkpoint("bench1000", "supervised_n1000", 0)
+    rec = json.loads((tmp_path / "res/v2/bench1000/pretrain/supervised_n1000-s0.json").read_text())
+    assert Path(ck).is_file() and rec["train_images"] == 3 * 16  # every image (1,000 > pool)
+    assert "top1" in rec

@@ -30,14 +30,16 @@ def _teacher() -> tuple:
 
 @dataclass(frozen=True)
 class Arm:
-    """``method`` preset, ``overrides`` (after the suite's), ``lr_scale`` x MAE's base lr,
-    ``small``: pretrain on N images of the pool at the same step budget."""
+    """``method`` preset (``supervised``: a fine-tune of random init on the labelled images),
+    ``overrides`` (after the suite's), ``lr_scale`` x MAE's base lr, ``small``: pretrain on N
+    training images at the same step budget, drawn with ``subset`` (``data.subset``)."""
 
     method: str
     overrides: tuple = ()
     lr_scale: float = 1.0
     label: str = ""
     small: int = 0
+    subset: str = "random"
 
 
 ARMS = {
@@ -59,8 +61,43 @@ ARMS = {
         f"mae_n{n}": Arm("mae", _SMALL_AUG, label=f"MAE on {n} image{'s' * (n > 1)}", small=n)
         for n in (1, 10, 100, 1000)
     },
+    # Tab. 7: how the 1,000 images are drawn; Tab. 8: methods on 1,000 images, one per class
+    "mae_n1000_oneclass": Arm(
+        "mae", _SMALL_AUG, label="MAE on 1000 images of one class", small=1000, subset="one_class"
+    ),
+    "mae_n1000_perclass": Arm(
+        "mae",
+        _SMALL_AUG,
+        label="MAE on 1000 images, class-balanced",
+        small=1000,
+        subset="one_per_class",
+    ),
+    "rmae_n1000": Arm(
+        "rmae", _SMALL_AUG, _lr_scale("rmae"), "R-MAE on 1000 images", 1000, "one_per_class"
+    ),
+    "cmae_n1000": Arm(
+        "cmae",
+        _SMALL_AUG + _ema(),
+        _lr_scale("cmae"),
+        "C-MAE on 1000 images",
+        1000,
+        "one_per_class",
+    ),
+    "mocov3_n1000": Arm(
+        "mocov3",
+        ("optim.weight_decay=0.1",),
+        1.0,
+        "MoCo v3 on 1000 images",
+        1000,
+        "one_per_class",
+    ),
+    "supervised_n1000": Arm(
+        "supervised", (), 1.0, "supervised on 1000 images", 1000, "one_per_class"
+    ),
 }
 
+#: Tab. 8's arms: each method on the same 1,000 class-balanced images
+BENCH1000 = ("supervised_n1000", "mocov3_n1000", "mae_n1000_perclass", "rmae_n1000", "cmae_n1000")
 #: stage -> (arms, claims), in the order they run
 STAGES = {
     "core": (("mae",), ("a",)),
@@ -69,9 +106,17 @@ STAGES = {
     "rmae": (("rmae", "rmae_indep", "rmae_identity"), ("b",)),
     "augment": (("mae_nomask", "cmae_nomask_aug", "maskdistill"), ("f", "g")),
     "cmae_variants": (("cmae_cls", "cmae_avg", "cmae_nomask"), ("h",)),
+    "sampling": (("mae_n1000_oneclass", "mae_n1000_perclass"), ("i",)),
+    "bench1000": (("supervised_n1000", "mocov3_n1000", "rmae_n1000", "cmae_n1000"), ("j",)),
 }
 #: stage -> arms that also get a 10 %-label fine-tune (Tab. 4's few-shot protocol)
-FT10 = {"cmae_variants": ("mae", "cmae", "cmae_nomask")}
+FT10 = {
+    "cmae_variants": ("mae", "cmae", "cmae_nomask"),
+    "bench1000": BENCH1000 + ("random",),
+}
+#: arms whose pretrained encoder gets a CKA reading (claim (e)); PSNR: MAE-style decoders
+CKA_ARMS = ("mae", "mocov3", "cmae", "rmae")
+PSNR_ARMS = ("mae", "rmae")
 
 
 def stage_of(arm: str) -> str:
@@ -99,12 +144,23 @@ CLAIMS = {
         + [("mae_n1", "mae_n1000", "ft", "~")],
     ),
     "b": (
-        "R-MAE ≈ MAE, R-MAE† ≈ R-MAE‡ ≈ R-MAE on FT",
-        "82.7 / 82.8 / 82.7 vs 83.1 (Tab. 1)",
+        "R-MAE ≈ MAE, R-MAE† ≈ R-MAE‡ ≈ R-MAE on FT; R-MAE's reconstruction PSNR above MAE's",
+        "82.7 / 82.8 / 82.7 vs 83.1; 23.7 vs 22.2 dB (Tab. 1)",
         [
             ("rmae", "mae", "ft", "~"),
             ("rmae_indep", "rmae", "ft", "~"),
             ("rmae_identity", "rmae", "ft", "~"),
+            ("rmae", "mae", "psnr", "effect"),
+        ],
+    ),
+    "e": (
+        "MIM features are occlusion invariant: last-block CKA(masked 75 %, full) of MAE above "
+        "MoCo v3's and the supervised model's, C-MAE's above MoCo v3's",
+        "qualitative (Fig. 1)",
+        [
+            ("mae", "mocov3", "cka", "effect"),
+            ("mae", "supervised", "cka", "effect"),
+            ("cmae", "mocov3", "cka", "effect"),
         ],
     ),
     "f": (
@@ -127,6 +183,27 @@ CLAIMS = {
             ("cmae", "cmae_avg", "ft", ">="),
             ("cmae_nomask", "cmae", "lp_cls", ">"),
             ("cmae_nomask", "cmae", "ft10", ">"),
+        ],
+    ),
+    "i": (
+        "how the 1,000 pretraining images are drawn does not matter (one class ≈ random ≈ one "
+        "per class) on FT",
+        "82.2 / 82.2 / 82.2 (Tab. 7)",
+        [
+            ("mae_n1000_oneclass", "mae_n1000", "ft", "~"),
+            ("mae_n1000_perclass", "mae_n1000", "ft", "~"),
+        ],
+    ),
+    "j": (
+        "on 1,000 images MAE, R-MAE and C-MAE fine-tune at least as well as supervised and "
+        "MoCo v3 while their linear probe is lower; on 10 %-label FT they are above both",
+        "LP 13.8 / 25.9 / 20.1 vs 33.1 / 37.3; FT 82.2 / 82.1 / 82.1 vs 81.0 / 79.2; 10 % FT "
+        "57.6 / 58.8 / 61.9 vs 52.6 / 45.8 (Tab. 8)",
+        [
+            (mim, other, metric, kind)
+            for mim in ("mae_n1000_perclass", "rmae_n1000", "cmae_n1000")
+            for other in ("supervised_n1000", "mocov3_n1000")
+            for metric, kind in (("ft", ">="), ("lp_cls", "<"), ("ft10", ">"))
         ],
     ),
     "k": (

@@ -7,9 +7,64 @@ import time
 from pathlib import Path
 
 from ..common import read_result
-from .arms import CLAIMS, STAGES
+from .arms import ARMS, CLAIMS, STAGES
 from .ftbudget import choose_budget
-from .verdicts import judge
+from .verdicts import judge, values
+
+#: metric -> (column, decimals)
+METRIC_COLUMNS = {
+    "ft": ("FT top-1", 2),
+    "ft10": ("10 %-label FT", 2),
+    "lp_cls": ("linear probe", 2),
+    "knn": ("k-NN", 2),
+    "cka": ("CKA (masked, full)", 4),
+    "psnr": ("PSNR dB", 2),
+    "shape_bias": ("shape bias %", 1),
+}
+
+
+def _cell(v: list, nd: int) -> str:
+    if not v:
+        return "–"
+    m = sum(v) / len(v)
+    sd = (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else float("nan")
+    return f"{m:.{nd}f} ± {sd:.{nd}f} ({len(v)})"
+
+
+def arm_table(res: Path, protocol: dict) -> list[str]:
+    """Per arm and metric: mean ± sd over its units (number of units); arms with no unit yet
+    are left out."""
+    rows = []
+    for arm in ("random", "supervised", *ARMS):
+        cells = [_cell(values(res, protocol, arm, m), nd) for m, (_, nd) in METRIC_COLUMNS.items()]
+        if any(c != "–" for c in cells):
+            label = {"random": "random init", "supervised": "random init, fine-tuned"}.get(
+                arm, ARMS[arm].label if arm in ARMS else arm
+            )
+            rows.append(f"| `{arm}` ({label}) | " + " | ".join(cells) + " |")
+    if not rows:
+        return ["No unit has finished yet."]
+    head = "| arm | " + " | ".join(c for c, _ in METRIC_COLUMNS.values()) + " |"
+    return [head, "|---|" + "---|" * len(METRIC_COLUMNS), *rows]
+
+
+def _side_results(res: Path) -> list[str]:
+    out = []
+    for f in sorted((res / "v2").glob("*/lrcheck/*.json")):
+        r = read_result(f) or {}
+        knn = ", ".join(f"x{k}: {v:.2f}" for k, v in r.get("held_out_knn", {}).items())
+        out.append(
+            f"- pretraining lr of `{f.stem}` (held-out k-NN): {knn}; best x{r.get('best_factor')}"
+        )
+    tt = read_result(res / "v2" / "augment" / "teacher_targets.json")
+    for k in ("v2", "v1") if tt else ():
+        d = tt[k]
+        out.append(
+            f"- MaskDistill targets, {k} teacher `{d['teacher']}` at {d['teacher_size']} px "
+            f"({d['teacher_map'][0]}x{d['teacher_map'][1]} map): neighbour cosine "
+            f"{d['neighbour_cosine']:.3f}, far-patch cosine {d['far_cosine']:.3f}"
+        )
+    return out or ["None yet."]
 
 
 def _fmt(d: dict) -> str:
@@ -75,6 +130,18 @@ def write_report(results: Path, protocol: dict) -> Path:
         for c in CLAIMS:
             row = [judge(res, protocol, c, e if e != int(b) else None)["verdict"] for e in at]
             lines.append(f"| ({c}) | " + " | ".join(row) + " |")
+    lines += ["", "## Per arm: mean ± sd over units (units)", ""]
+    lines += [
+        "Units: pretraining runs (random init: FT seeds). FT at the protocol's budget; CKA: last "
+        "block at 75 % masking (random init = random weights; 'fine-tuned' = the supervised "
+        "model); shape bias: CIFAR-10 protocol of the cue-conflict stimuli.",
+        "",
+        *arm_table(res, protocol),
+        "",
+        "## Settings checked beside the claims",
+        "",
+        *_side_results(res),
+    ]
     lines += ["", "## Wall time per stage (sum of sub-runs)", ""]
     for stage in ("ftbudget", *STAGES):
         lines.append(f"- `{stage}`: {_wall(res, stage) / 60:.1f} min")

@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ... import tasks
+from ...analysis.cka_interval import occlusion_cka
+from ...analysis.recon import analyze_psnr
+from ...analysis.teacher_targets import teacher_target_diversity
 from ...core.config import FinetuneConfig, PretrainConfig, ProbeConfig, resolve
 from ..common import read_result
-from .arms import ARMS, FT10, Arm, stage_of
+from .arms import ARMS, CKA_ARMS, FT10, PSNR_ARMS, Arm, stage_of
 
 HOLDOUT = 0.2  # the class-balanced part of the pool held out for choices (never test)
 #: small-data arms: the stopping points tried, as fractions of the step budget
@@ -54,12 +57,18 @@ class EvidenceError(Exception):
     """Bad stage, missing protocol or missing prerequisite (printed as one line)."""
 
 
-def small_overrides(arm: Arm, steps: int, batch: int, warmup_epochs: float, epochs: int) -> list:
-    """N images repeated to ``steps`` optimizer steps (one 'epoch' of the repeated set)."""
+def small_overrides(
+    arm: Arm, steps: int, batch: int, warmup_epochs: float, epochs: int, seed: int = 0
+) -> list:
+    """N images (drawn with the arm's subset strategy and subset seed ``seed``: which images is
+    part of a run's variance) repeated to ``steps`` optimizer steps (one 'epoch' of the
+    repeated set)."""
     if not arm.small:
         return []
     return [
         f"data.limit={arm.small}",
+        f"data.subset={arm.subset}",
+        f"data.subset_seed={seed}",
         f"data.repeat={math.ceil(steps * batch / arm.small)}",
         "optim.epochs=1",
         f"optim.warmup_epochs={warmup_epochs / epochs:g}",
@@ -122,7 +131,7 @@ class Runner:
             f"optim.batch_size={pre['batch']}",
             f"optim.base_lr={1.5e-3 * arm.lr_scale:g}",
             "optim.warmup_epochs=1",
-            *small_overrides(arm, pre["steps"], pre["batch"], 1.0, pre["epochs"]),
+            *small_overrides(arm, pre["steps"], pre["batch"], 1.0, pre["epochs"], seed),
             "run.resume=auto",
             "run.log_every=20",
             "run.save_every_steps=100",
@@ -134,6 +143,8 @@ class Runner:
         name = f"{stage}/pretrain/{arm_name}-s{seed}"
 
         def fn() -> dict:
+            if ARMS[arm_name].method == "supervised":
+                return self._supervised(stage, arm_name, seed)
             ov = self.pretrain_overrides(stage, arm_name, seed)
             return tasks.pretrain(resolve(PretrainConfig, overrides=ov))
 
@@ -141,6 +152,19 @@ class Runner:
         if not Path(res.get("checkpoint", "")).is_file():
             res = self.step(name, fn, force=True)
         return res["checkpoint"]
+
+    def _supervised(self, stage: str, arm_name: str, seed: int) -> dict:
+        """A supervised "pretraining" run: random init fine-tuned with the protocol's
+        random-init recipe on the arm's labelled images for the pretraining step budget."""
+        p, arm = self.protocol, ARMS[arm_name]
+        pre = p["pretrain"]
+        ov = self._common(f"{stage}/pretrain", f"{arm_name}-s{seed}", seed)
+        ov += ft_overrides(p, 1, None, holdout=False)
+        ov += small_overrides(arm, pre["steps"], pre["batch"], 1.0, pre["epochs"], seed)
+        ov += list(arm.overrides)
+        res = tasks.finetune(tasks.resolve_run_config(FinetuneConfig, overrides=ov))
+        res.pop("correct", None)
+        return {**res, "checkpoint": str(Path(res["run_dir"]) / "checkpoints" / "last.pt")}
 
     # -- evaluation --------------------------------------------------------------------------
     def ft_epochs(self) -> int:
@@ -180,6 +204,8 @@ class Runner:
             res = tasks.finetune(tasks.resolve_run_config(FinetuneConfig, overrides=ov))
             if holdout:
                 res.pop("correct", None)  # held-out correctness serves no comparison
+            elif ckpt is None and label_fraction == 1.0:  # claim (e)'s supervised model
+                res["cka"] = self._cka(checkpoint=str(Path(res["run_dir"]) / "checkpoints/last.pt"))
             return res
 
         return self.step(name, fn)
@@ -208,7 +234,8 @@ class Runner:
         ck = None if arm == "random" else (lambda: self.checkpoint(stage, arm, seed))
         if full_budget:
             tag += "-full"
-        elif arm in ARMS and ARMS[arm].small:  # the protocol's unit: the early-stopped run
+        elif arm in ARMS and ARMS[arm].small and ARMS[arm].method != "supervised":
+            # the protocol's unit: the early-stopped run
             ck = lambda: self.early_stop(stage, arm, seed)["checkpoint"]  # noqa: E731
         return self.ft_run(
             f"{sub}/ft/{tag}",
@@ -226,7 +253,12 @@ class Runner:
         name = f"{sub}/{kind}/{arm}-s{seed}"
 
         def fn() -> dict:
-            ck = None if arm == "random" else self.checkpoint(stage, arm, seed)
+            if arm == "random":
+                ck = None
+            elif ARMS[arm].small and ARMS[arm].method != "supervised":
+                ck = self.early_stop(stage, arm, seed)["checkpoint"]  # the unit's init
+            else:
+                ck = self.checkpoint(stage, arm, seed)
             ov = self._common(f"{sub}/{kind}", f"{arm}-s{seed}", seed) + (
                 ["probe.epochs=30", "probe.feature=cls", "probe.lr_extend=3"]
                 if kind == "lp_cls"
@@ -237,6 +269,91 @@ class Runner:
             return f(tasks.resolve_run_config(ProbeConfig, overrides=ov))
 
         return self.step(name, fn)
+
+    def _cka(self, **model) -> dict:
+        c = self.protocol["cka"]
+        return occlusion_cka(
+            self.data,
+            ratio=c["ratio"],
+            images=c["images"],
+            seed=c["image_seed"],
+            resamples=c["bootstrap_resamples"],
+            workers=self.workers,
+            **model,
+        )
+
+    def cka(self, arm: str, seed: int) -> dict:
+        """Claim (e): the last-block CKA(masked, full) of the arm's pretrained encoder (random
+        init: random weights of seed ``seed``), with its bootstrap interval over the images."""
+        sub = stage_of(arm)
+
+        def fn() -> dict:
+            if arm == "random":
+                return self._cka(random_preset=self.protocol["model"], random_seed=seed)
+            return self._cka(checkpoint=self.checkpoint(sub, arm, seed))
+
+        return self.step(f"{sub}/cka/{arm}-s{seed}", fn)
+
+    def psnr(self, arm: str, seed: int) -> dict:
+        """Claim (b): reconstruction PSNR of the pretraining run (the same seeded test images
+        and masks for every model); ``psnr`` is the protocol's reading."""
+        sub, c = stage_of(arm), self.protocol["psnr"]
+
+        def fn() -> dict:
+            r = analyze_psnr(
+                self.checkpoint(sub, arm, seed),
+                self.data,
+                images=c["images"],
+                seed=c["seed"],
+                out=str(self.runs / "v2" / sub / "psnr" / f"{arm}-s{seed}.json"),
+                workers=self.workers,
+                progress=False,
+            )
+            keep = ("psnr_visible_stats", "psnr_true_stats", "images", "mask_ratio", "split")
+            return {"psnr": r[c["reading"]], "reading": c["reading"], **{k: r[k] for k in keep}}
+
+        return self.step(f"{sub}/psnr/{arm}-s{seed}", fn)
+
+    def teacher_targets(self) -> dict:
+        """Spatial diversity of MaskDistill's targets (neighbour / far-patch cosine) with the
+        protocol's teacher, and with v1's (``effnet_lite0`` after its activation, 64 px)."""
+        t = self.protocol["settings"]["maskdistill_teacher"]
+        grid = self.protocol.get("grid", 8)
+        run = lambda spec, size: teacher_target_diversity(spec, self.data, size, grid)  # noqa: E731
+        return {"v2": run(t["spec"], t["teacher_size"]), "v1": run("effnet_lite0", 64)}
+
+    def lr_check(self, stage: str, arm: str) -> dict:
+        """The protocol's check of a pretraining lr: run 0's recipe at x0.5 and x2 (one run
+        each) against run 0, scored by k-NN on the held-out 20 % (reported, changes nothing)."""
+
+        def fn() -> dict:
+            scores = {}
+            for f in (0.5, 1.0, 2.0):
+                if f == 1.0:
+                    ck = self.checkpoint(stage, arm, 0)
+                else:
+                    ov = self.pretrain_overrides(stage, arm, 0) + [
+                        f"run.out_dir={self.runs / 'v2' / stage / 'lrcheck'}",
+                        f"run.name={arm}-s0-lr{f:g}",
+                        f"optim.base_lr={1.5e-3 * ARMS[arm].lr_scale * f:g}",
+                    ]
+                    ck = tasks.pretrain(resolve(PretrainConfig, overrides=ov))["checkpoint"]
+                knn = tasks.knn(
+                    tasks.resolve_run_config(
+                        ProbeConfig,
+                        overrides=self._common(f"{stage}/lrcheck", f"{arm}-knn-lr{f:g}", 0)
+                        + [
+                            f"probe.pretrained={ck}",
+                            f"data.holdout={HOLDOUT}",
+                            "probe.feature=avg",
+                        ],
+                    )
+                )
+                scores[f"{f:g}"] = float(knn["top1"])
+            best = max(scores, key=lambda k: scores[k])
+            return {"held_out_knn": scores, "best_factor": best, "protocol_factor": "1"}
+
+        return self.step(f"{stage}/lrcheck/{arm}", fn)
 
     def early_stop(self, stage: str, arm: str, seed: int) -> dict:
         """Small-data arms (the paper's early stop): the pretraining run is stopped at
@@ -290,12 +407,23 @@ class Runner:
     def run_stage(self, stage: str, arms: tuple) -> None:
         """Every unit of random init and of ``arms``: fine-tune, then the frozen-feature probes."""
         for arm in ("random", *arms):
+            small = arm in ARMS and ARMS[arm].small
             for seed in self.units(arm):
                 self.finetune(stage, arm, seed)
-                if arm in ARMS and ARMS[arm].small:
+                if small and ARMS[arm].method != "supervised":
                     self.finetune(stage, arm, seed, full_budget=True)
                 for kind in ("lp_cls", "knn"):
                     self.probe(stage, arm, seed, kind)
+                if arm in CKA_ARMS or arm == "random":
+                    self.cka(arm, seed)
+                if arm in PSNR_ARMS:
+                    self.psnr(arm, seed)
         for arm in FT10.get(stage, ()):  # 10 %-label fine-tunes (same optimizer steps)
             for seed in self.units(arm):
                 self.finetune(stage, arm, seed, label_fraction=self.protocol["label_fraction_ft"])
+        if "maskdistill" in arms:  # beside claim (g): v2's teacher targets against v1's
+            self.step(f"{stage}/teacher_targets", self.teacher_targets)
+        for arm in arms:  # after the verdicts' runs: is each method's pretraining lr sensible?
+            a = ARMS[arm]
+            if not a.small and a.method not in ("mae", "supervised"):
+                self.lr_check(stage, arm)

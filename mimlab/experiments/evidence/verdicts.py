@@ -18,33 +18,61 @@ from ..common import read_result
 from .arms import CLAIMS, stage_of
 
 
+def n_units(protocol: dict, arm: str) -> int:
+    """Units the protocol asks of an arm (random init and its fine-tuned 'supervised' model:
+    FT seeds; every other arm: pretraining runs)."""
+    if arm in ("random", "supervised"):
+        return protocol["random_init_ft_seeds"]
+    return protocol["pretrain_runs"][arm]
+
+
+def _value(r: dict, metric: str, at: Optional[int]) -> Optional[float]:
+    if metric == "shape_bias":
+        sb = (r.get("shape_bias") or {}).get("shape_bias")
+        return None if sb is None else 100.0 * float(sb)  # points, like top-1
+    if metric == "cka":
+        c = r.get("cka")
+        c = c.get("cka") if isinstance(c, dict) else c
+        return None if c is None else float(c)
+    if metric == "psnr":
+        return None if r.get("psnr") is None else float(r["psnr"])
+    if metric == "ft" and at is not None:
+        hit = [v for e, v in r.get("curve", []) if e == at]
+        return float(hit[0]) if hit else None
+    return None if r.get("top1") is None else float(r["top1"])
+
+
 def values(
     results: Path, protocol: dict, arm: str, metric: str, at: Optional[int] = None
 ) -> list[float]:
-    """The arm's per-unit values of ``metric`` (``ft`` | ``lp_cls`` | ``knn`` | ``shape_bias``,
-    in points), for the units that exist; ``at``: FT top-1 after that epoch instead of at the
-    end."""
-    n = protocol["random_init_ft_seeds"] if arm == "random" else protocol["pretrain_runs"][arm]
+    """The arm's per-unit values of ``metric`` (``ft`` | ``ft10`` | ``lp_cls`` | ``knn`` |
+    ``shape_bias`` in points; ``cka`` in [0, 1]; ``psnr`` in dB), for the units that exist;
+    ``at``: FT top-1 after that epoch instead of at the end. Arm ``supervised`` is random init
+    fine-tuned (its ``cka`` is recorded by the fine-tune); ``random``'s ``cka`` is random
+    weights'."""
     out = []
-    # shape bias is recorded by the full-label fine-tune; ft10 is the 10 %-label fine-tune
-    folder = "ft" if metric in ("shape_bias", "ft10") else metric
+    # shape bias and the supervised model's CKA are recorded by the full-label fine-tune;
+    # ft10 is the 10 %-label fine-tune
+    src = "random" if arm == "supervised" else arm
+    ft_record = metric in ("shape_bias", "ft10") or arm == "supervised"
+    folder = "ft" if ft_record else metric
     suffix = "-lf0.1" if metric == "ft10" else ""
-    for seed in range(n):
-        f = Path(results) / "v2" / stage_of(arm) / folder / f"{arm}-s{seed}{suffix}.json"
+    for seed in range(n_units(protocol, arm)):
+        f = Path(results) / "v2" / stage_of(src) / folder / f"{src}-s{seed}{suffix}.json"
         r = read_result(f)
-        if r is None:
-            continue
-        if metric == "shape_bias":
-            sb = (r.get("shape_bias") or {}).get("shape_bias")
-            if sb is not None:
-                out.append(100.0 * float(sb))  # points, like top-1
-        elif metric == "ft" and at is not None:
-            hit = [v for e, v in r.get("curve", []) if e == at]
-            if hit:
-                out.append(float(hit[0]))
-        elif r.get("top1") is not None:
-            out.append(float(r["top1"]))
+        v = None if r is None else _value(r, metric, at)
+        if v is not None:
+            out.append(v)
     return out
+
+
+def effect_margin(protocol: dict, metric: str) -> float:
+    """The smallest effect that matters for an ``effect`` sub-test (protocol's ``margin``)."""
+    if metric == "psnr":
+        return protocol["margin"]["effect_fraction"] * protocol["psnr"]["paper_effect_db"]
+    if metric == "cka":
+        return protocol["cka"]["min_effect"]
+    raise KeyError(f"no effect size is declared for metric {metric!r}")
 
 
 def judge(results: Path, protocol: dict, claim: str, at: Optional[int] = None) -> dict:
@@ -56,10 +84,7 @@ def judge(results: Path, protocol: dict, claim: str, at: Optional[int] = None) -
     rows, subs, missing = [], [], []
     for a, b, metric, kind in tests:
         va, vb = values(results, protocol, a, metric, at), values(results, protocol, b, metric, at)
-        full = (
-            protocol["random_init_ft_seeds"] if a == "random" else protocol["pretrain_runs"][a],
-            protocol["random_init_ft_seeds"] if b == "random" else protocol["pretrain_runs"][b],
-        )
+        full = (n_units(protocol, a), n_units(protocol, b))
         if len(va) < full[0] or len(vb) < full[1]:
             missing.append(f"{a} vs {b} ({metric}: {len(va)}/{full[0]} and {len(vb)}/{full[1]})")
             continue
@@ -74,6 +99,8 @@ def judge(results: Path, protocol: dict, claim: str, at: Optional[int] = None) -
                 missing.append(f"the margin of {a} vs {b}: MAE and random init ({metric})")
                 continue
             margin = abs(frac * welch(mae, rnd).mean)
+        elif kind == "effect":
+            margin = effect_margin(protocol, metric)
         d = welch(va, vb)
         t = subtest(d, kind, margin)
         subs.append(t)
