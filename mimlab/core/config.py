@@ -223,6 +223,12 @@ class DataConfig:
         default=0.0,
     )
     repeat: int = doc("repeat a small training set this many times per epoch", default=1)
+    resident: bool = doc(
+        "pretraining: decode the training set once and keep it as uint8 on the training "
+        "device; random resized crop, flip and normalisation run per batch there (CIFAR-scale "
+        "data on a GPU; image folders and arrays, not shards; see mimlab.data.resident)",
+        default=False,
+    )
     on_bad: str = doc("unreadable images: skip (count and log them) | error", default="skip")
     shuffle_buffer: int = doc(
         "wds: undecoded samples each loader worker shuffles in (memory: "

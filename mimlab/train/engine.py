@@ -455,6 +455,8 @@ class Engine:
     ):
         self.device = device or dist.init(run.device)
         self.method, self.dataset, self.config = method.to(self.device), dataset, config
+        if hasattr(dataset, "to_device"):  # a device-resident training set (data.resident)
+            dataset.to_device(self.device)
         self.optim_cfg, self.run_cfg, self.run_dir = optim, run, Path(run_dir)
         self.eval_fn, self.eval_every, self.batch_fn = eval_fn, eval_every, batch_fn
         self.evaluators = list(evaluators)

@@ -6,6 +6,7 @@ import logging
 
 from ..core.config import PretrainConfig
 from ..data.datasets import build_dataset
+from ..data.resident import resident_dataset
 from ..methods import build_method
 from ..methods.teacher_cache import attach_teacher_cache
 from .engine import Engine, autocast_dtype
@@ -41,6 +42,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
         train_aug=True,
         labelled=False,
     )
+    if cfg.data.resident:
+        ds = resident_dataset(ds, cfg.model.img_size, cfg.data.crop_scale, cfg.data.hflip)
     method = build_method(cfg, data_mean=ds.mean, data_std=ds.std)  # teachers need the stats
     log.info(
         "pretrain %s on %d images (%s), %s params",
