@@ -163,3 +163,50 @@ def test_direct_call_draws_what_the_engine_would():
         torch.manual_seed(5)
         staged = m(**m.sample_inputs(x, torch.default_generator))["loss"]
         assert torch.equal(direct, staged), name
+
+
+# ------------------------------------------------------------------ fixed shapes
+def test_masked_batchnorm_head_equals_the_head_on_the_selected_rows():
+    """C-MAE's heads on every position with ``valid`` give, at the valid rows, what the heads
+    gave on the boolean-indexed rows (BatchNorm statistics from the valid rows only), and the
+    same running statistics."""
+    from mimlab.methods.contrastive import MLPHead
+
+    torch.manual_seed(0)
+    head = MLPHead(8, 16, 8, "bn").train()
+    ref = MLPHead(8, 16, 8, "bn").train()
+    ref.load_state_dict(head.state_dict())
+    x = torch.randn(40, 8)
+    valid = torch.rand(40, generator=torch.Generator().manual_seed(1)) < 0.4
+    out = head(x, valid)
+    expect = ref(x[valid])
+    assert out.shape == (40, 8)
+    assert torch.allclose(out[valid], expect, atol=1e-5)
+    assert torch.allclose(head.norm.running_mean, ref.norm.running_mean, atol=1e-6)
+    assert torch.allclose(head.norm.running_var, ref.norm.running_var, atol=1e-5)
+
+
+def test_cmae_removed_queries_loss_equals_boolean_indexing():
+    """``queries=removed`` (a data-dependent subset of positions): the fixed-shape pair loss
+    equals the loss of the heads run on the boolean-indexed tokens (the code it replaced)."""
+    import torch.nn.functional as F
+
+    from mimlab.methods.contrastive import query_positions
+
+    m = _method("cmae", "method.queries=removed")
+    inputs = m.sample_inputs(_images(), torch.Generator().manual_seed(2))
+    on = encode(m.encoder, inputs["x1"], inputs["mask1"], "mask_token")
+    with torch.no_grad():
+        tg = encode(m.target_encoder, inputs["x2"], inputs["mask2"], "mask_token")
+    loss, cos = m.pair_loss(on, tg, inputs["mask1"], inputs["mask2"])
+    B, N = inputs["mask1"].shape
+    sel = query_positions(inputs["mask1"], inputs["mask2"], "mask_token", B, N, "cpu", "removed")
+    assert 0 < int(sel.sum()) < B * N
+    hq = m.predictor(m.projector(on.grid(N)[sel]))
+    with torch.no_grad():
+        hk = m.target_projector(tg.grid(N)[sel])
+    q = torch.zeros(B, N, hq.shape[-1]).index_put((sel,), hq)
+    k = torch.zeros(B, N, hk.shape[-1]).index_put((sel,), hk)
+    ref = m.token_terms(q, k, sel).sum() / sel.sum()
+    ref_cos = F.cosine_similarity(hq, hk, dim=-1).mean()
+    assert torch.allclose(loss, ref, atol=1e-5) and torch.allclose(cos, ref_cos, atol=1e-5)

@@ -258,7 +258,7 @@ class RelaxedMAE(Method):
         x1: Optional[Tensor] = None,
         x2: Optional[Tensor] = None,
     ) -> dict:
-        keep1, keep2 = self.views.keep1, self.views.keep2
+        keep1, keep2 = getattr(self.views, "keep1", None), getattr(self.views, "keep2", None)
         if x1 is None or x2 is None:  # called directly: draw the views here
             v = self.sample_inputs(images, None, noise, mask1, mask2)
             x1, x2, mask1, mask2 = v["x1"], v["x2"], v["mask1"], v["mask2"]
@@ -287,6 +287,12 @@ class RelaxedMAE(Method):
 
 
 # ------------------------------------------------------------------------- C-MAE / MoCo v3
+def _head(head: nn.Module, x: Tensor, valid: Optional[Tensor]) -> Tensor:
+    """``head(x)``; an :class:`MLPHead` also gets ``valid`` (its BatchNorm statistics from
+    those rows only), other heads are row-wise."""
+    return head(x, valid) if isinstance(head, MLPHead) else head(x)
+
+
 class ContrastiveSiamese(Method):
     """Online encoder + projector + predictor against an EMA target encoder + projector
     (C-MAE, MoCo v3); see the module docstring. ``forward(images, labels=None, mask1=None,
@@ -406,9 +412,9 @@ class ContrastiveSiamese(Method):
             zk = torch.cat([target.tokens[:, 0], zk])
             if valid is not None:
                 valid = torch.cat([valid.new_ones(B), valid])
-        hq = self.predictor(self.projector(zq, valid), valid)
+        hq = _head(self.predictor, _head(self.projector, zq, valid), valid)
         with torch.no_grad():
-            hk = self.target_projector(zk, valid)
+            hk = _head(self.target_projector, zk, valid)
         cos_all = F.cosine_similarity(hq.detach().float(), hk.float(), dim=-1)  # [rows]
         if valid is None:
             cos = cos_all.mean()
@@ -453,7 +459,7 @@ class ContrastiveSiamese(Method):
         x1: Optional[Tensor] = None,
         x2: Optional[Tensor] = None,
     ) -> dict:
-        k1, k2 = self.views.keep1, self.views.keep2
+        k1, k2 = getattr(self.views, "keep1", None), getattr(self.views, "keep2", None)
         if x1 is None or x2 is None:  # called directly: draw the views here
             d = self.sample_inputs(images, None, mask1, mask2)
             x1, x2, mask1, mask2 = d["x1"], d["x2"], d["mask1"], d["mask2"]
