@@ -27,6 +27,12 @@ _CMAE = (
     "jitter takes image statistics from visible patches only, and the views draw their "
     "masks before the augmentations"
 )
+_BLOCK = (
+    "block masking vectorised (issue 24): every sample's rectangles are drawn at once from one "
+    "[B, tries, 4] uniform draw, so a seed gives other masks of the same distribution "
+    "(tests/test_block_mask.py); with the masks of the per-sample loop it replaced the losses "
+    "are unchanged (test_block_masked_presets_unchanged_given_the_old_masks)"
+)
 ROUNDING = 1e-5  # largest |difference| of a first loss (about 1.3) that counts as rounding
 
 CHANGED = {  # preset -> (reason, tolerance or None when the value legitimately moved)
@@ -43,9 +49,31 @@ CHANGED = {  # preset -> (reason, tolerance or None when the value legitimately 
         None,
     ),
     "maskfeat": (
-        "MaskFeat fidelity: the HOG target follows MaskFeat's reference HOGLayerC by default",
+        "MaskFeat fidelity: the HOG target follows MaskFeat's reference HOGLayerC by default; "
+        "then " + _BLOCK,
         None,
     ),
+    "maskdistill": (_BLOCK, None),
+    "data2vec": (_BLOCK, None),
+}
+
+#: where the presets moved by the vectorised block masking are now (computed with the commit
+#: that vectorised it; compared to rounding like the unchanged presets)
+MOVED_TO = {
+    "maskdistill": [
+        0.16733475029468536,
+        0.1658221334218979,
+        0.15527594089508057,
+        0.1596636176109314,
+        0.15780338644981384,
+    ],
+    "data2vec": [
+        0.30309897661209106,
+        0.2979871332645416,
+        0.3154361844062805,
+        0.30397242307662964,
+        0.3105887770652771,
+    ],
 }
 
 
@@ -71,6 +99,32 @@ def test_first_losses_of_every_preset(values):
         assert new != old, f"{m} no longer changes: drop it from CHANGED ({reason})"
         if tol is not None:
             assert max(abs(a - b) for a, b in zip(old, new)) < tol, reason
+        if m in MOVED_TO:
+            diff = max(abs(a - b) for a, b in zip(MOVED_TO[m], new))
+            assert diff <= ROUNDING, f"{m}: first losses moved again {MOVED_TO[m]} -> {new}"
+
+
+@pytest.mark.slow
+def test_block_masked_presets_unchanged_given_the_old_masks(tmp_path, monkeypatch):
+    """The presets moved only by the vectorised block masking (MaskDistill, data2vec) give
+    their golden losses to rounding when the per-sample loop it replaced draws the masks (from
+    the same generator, at the same point of the step): the rest of their step, moved out of
+    ``forward`` into ``sample_inputs``, is unchanged."""
+    from test_block_mask import _reference
+
+    import mimlab.nn.ops as ops
+
+    def old_block_masking(batch, grid, ratio, generator=None, device=None, **kw):
+        return _reference(batch, grid, ratio, generator, **kw).to(device)
+
+    monkeypatch.setattr(ops, "block_masking", old_block_masking)
+    golden = json.loads((HERE / "golden.json").read_text())
+    names = [m for m, (reason, _) in CHANGED.items() if reason == _BLOCK]
+    assert names == ["maskdistill", "data2vec"]
+    now = compute(tmp_path, names, losses_only=True)
+    for m in names:
+        diff = max(abs(a - b) for a, b in zip(golden["losses"][m], now["losses"][m]))
+        assert diff <= ROUNDING, f"{m}: {golden['losses'][m]} -> {now['losses'][m]}"
 
 
 @pytest.mark.slow

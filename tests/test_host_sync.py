@@ -81,8 +81,10 @@ def counting(monkeypatch):
         ("optim.accum_steps=2", "optim.batch_size=8", "optim.clip_grad=1.0"),
         ("run.precision=fp16",),
         ("method.name=simmim",),  # a mask token, random masking
+        ("method.name=data2vec",),  # block masking, an EMA target
+        ("method.name=cmae",),  # two views, colour jitter, token-wise InfoNCE
     ],
-    ids=["mae", "accum-clip", "fp16", "simmim"],
+    ids=["mae", "accum-clip", "fp16", "simmim", "data2vec", "cmae"],
 )
 def test_no_host_read_between_log_steps(cifar_dir, tmp_path, monkeypatch, extra):
     cfg = micro_pretrain_cfg(cifar_dir, tmp_path, "run", "optim.epochs=1", *extra, log_every=4)

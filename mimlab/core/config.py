@@ -20,7 +20,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -311,7 +311,12 @@ class RunConfig:
     nonfinite_skip: int = doc(
         "skip up to this many batches with a non-finite loss before stopping", default=0
     )
-    compile: bool = doc("wrap the model in torch.compile", default=False)
+    compile: Union[bool, str] = doc(
+        "torch.compile: true wraps the whole model; 'blocks' compiles each transformer "
+        "block in place (encoder, decoder, target encoder: no graph break, parameter names "
+        "unchanged); false: eager",
+        default=False,
+    )
     parallel: str = doc(
         "ddp | fsdp: how torchrun processes share the model (ddp: a replica per process; "
         "fsdp: FSDP2 fully_shard per transformer block plus the root, sharded "
@@ -1156,6 +1161,8 @@ def validate(cfg: Any, method_explicit: Optional[dict] = None) -> None:
             )
         if r.parallel not in ("ddp", "fsdp"):
             raise ConfigError(f"run.parallel must be ddp | fsdp, got '{r.parallel}'")
+        if isinstance(r.compile, str) and r.compile != "blocks":
+            raise ConfigError(f"run.compile must be true | false | blocks, got '{r.compile}'")
         if r.log_every < 1:
             raise ConfigError(f"run.log_every must be >= 1, got {r.log_every}")
         if r.save_every_steps < 0:

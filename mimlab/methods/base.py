@@ -1,8 +1,18 @@
 """What every method gives the shared training engine.
 
-A method is an ``nn.Module`` whose ``forward(images, labels)`` returns a dict with a scalar
-``loss`` (and optional scalar metrics); it exposes the ``encoder`` that evaluation and export
-use, the parameter names exempt from weight decay, and an ``after_step`` hook (EMA updates).
+A method is an ``nn.Module`` whose ``forward(images, labels, **inputs)`` returns a dict with a
+scalar ``loss`` (and optional scalar metrics); it exposes the ``encoder`` that evaluation and
+export use, the parameter names exempt from weight decay, and an ``after_step`` hook (EMA
+updates).
+
+**Randomness outside forward.** Everything random in a training step (masks, views, colour
+jitter, cutmix, crops) is drawn by :meth:`Method.sample_inputs` from the generator the engine
+gives it (the device's default generator: seeded by ``run.seed``, saved in every checkpoint),
+and handed to ``forward`` as tensors. ``forward`` is then a pure function of its inputs:
+the same inputs give the same outputs, and the encoder / decoder trace under
+``torch.compile`` without graph breaks (tests/test_compile_ready.py). Called without those
+inputs (tests, analysis tools), ``forward`` draws them itself from the default generator,
+in the same order.
 """
 
 from __future__ import annotations
@@ -40,6 +50,16 @@ class Method(nn.Module):
         if self.data_mean is None or self.data_std is None or len(self.data_mean) != channels:
             return default_stats(channels)
         return list(self.data_mean), list(self.data_std)
+
+    def sample_inputs(
+        self, images: Tensor, generator: Optional[torch.Generator] = None
+    ) -> dict[str, Tensor]:
+        """The random part of one step, drawn from ``generator`` (the device's default when
+        None): the keyword arguments of ``forward``, ``images`` [B, C, H, W] included (possibly
+        augmented). The engine calls it under ``torch.no_grad()`` before every forward, as
+        ``method(labels=labels, **method.sample_inputs(images, generator))``. Default: nothing
+        random."""
+        return {"images": images}
 
     def no_weight_decay(self) -> set[str]:
         """Full parameter names (as in ``named_parameters``) without weight decay, on top of
@@ -100,15 +120,18 @@ def encode(
     mask: Optional[Tensor],
     student: str,
     ids: Optional[tuple[Tensor, Tensor]] = None,
+    keep: Optional[int] = None,
 ) -> Encoded:
     """f(T(x)), the one "encode with a mask" of every family: ``drop`` keeps only the visible
     tokens (MAE), ``mask_token`` replaces the removed patches [B, N] (1 = removed) by the
     learnable mask token (C-MAE, SimMIM); ``mask=None`` encodes every patch. ``ids``: the
     ``(ids_keep, ids_restore)`` of ``mask`` when the caller already has them (MAE's
-    :func:`~mimlab.nn.ops.random_masking` order, kept for bitwise parity with the reference)."""
+    :func:`~mimlab.nn.ops.random_masking` order, kept for bitwise parity with the reference);
+    ``keep``: the patches every row of ``mask`` keeps when known (:func:`~mimlab.nn.ops.
+    visible_count`), so that dropping tokens reads nothing from the device."""
     if mask is None:
         return Encoded(encoder.forward_features(x))
     if student == "mask_token":
         return Encoded(encoder.forward_features(x, mask=mask))
-    ids_keep, ids_restore = ids if ids is not None else mask_to_ids(mask)
+    ids_keep, ids_restore = ids if ids is not None else mask_to_ids(mask, keep)
     return Encoded(encoder.forward_features(x, ids_keep=ids_keep), ids_keep, ids_restore)

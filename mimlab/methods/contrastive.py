@@ -84,16 +84,29 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
     plain ``BatchNorm1d`` otherwise and in eval mode. Unlike ``torch.nn.SyncBatchNorm`` it also
     runs on CPU (gloo). Same parameters and buffers as ``BatchNorm1d`` (checkpoints load
     either way). Statistics in float32, two passes (mean, then the centred second moment), each
-    one differentiable all-reduce; running statistics get the unbiased global variance."""
+    one differentiable all-reduce; running statistics get the unbiased global variance.
 
-    def forward(self, x: Tensor) -> Tensor:
-        if not (self.training and world_size() > 1):
+    ``valid`` [n] bool (training): the statistics come from these rows only (the others are
+    normalised with them too and are to be ignored by the caller): a fixed-shape stand-in for
+    ``bn(x[valid])`` that reads nothing from the device."""
+
+    def forward(self, x: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+        if not self.training or (valid is None and world_size() == 1):
             return super().forward(x)
         xf = x.float()  # [n, C]
-        s = all_reduce_sum(torch.cat([xf.sum(0), xf.new_tensor([xf.shape[0]])]))
+        if valid is None:
+            s = torch.cat([xf.sum(0), xf.new_tensor([xf.shape[0]])])
+        else:
+            wt = valid.to(xf.dtype).unsqueeze(1)  # [n, 1]
+            xf_w = xf * wt
+            s = torch.cat([xf_w.sum(0), wt.sum().reshape(1)])
+        s = all_reduce_sum(s)
         n = s[-1]
         mean = s[:-1] / n.clamp_min(1.0)  # [C]
-        var = all_reduce_sum(((xf - mean) ** 2).sum(0)) / n.clamp_min(1.0)  # biased, [C]
+        sq = (xf - mean) ** 2  # [n, C]
+        if valid is not None:
+            sq = sq * wt
+        var = all_reduce_sum(sq.sum(0)) / n.clamp_min(1.0)  # biased, [C]
         if self.track_running_stats and self.running_mean is not None:
             with torch.no_grad():
                 m = self.momentum if self.momentum is not None else 0.1
@@ -124,9 +137,13 @@ class MLPHead(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, d_out)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+        """``valid`` [n] bool over the flattened rows: BatchNorm's statistics from those rows
+        only (see :class:`SyncBatchNorm1d`); ignored by the other norms (row-wise)."""
         shape = x.shape
-        h = self.act(self.norm(self.fc1(x.reshape(-1, shape[-1]))))  # [n, hidden]
+        h = self.fc1(x.reshape(-1, shape[-1]))  # [n, hidden]
+        h = self.norm(h, valid) if isinstance(self.norm, SyncBatchNorm1d) else self.norm(h)
+        h = self.act(h)
         return self.fc2(h).reshape(*shape[:-1], -1)
 
 

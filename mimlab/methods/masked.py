@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from ..nn.losses import instance_norm_tokens, layernorm_target, patch_norm_target, regression_loss
 from ..nn.models import ViTEncoder
-from ..nn.ops import patchify, random_masking, sample_mask
+from ..nn.ops import mask_to_ids, patchify, random_masking, sample_mask
 from .base import Method, encode
 from .views import ViewMaker
 
@@ -54,8 +54,10 @@ class PixelTarget(nn.Module):
 class MaskedPrediction(Method):
     """Generic masked-prediction objective (see module docstring).
 
-    ``forward(images, labels=None, noise=None, mask=None)``: pass ``noise`` [B, N] to reproduce
-    a random masking exactly, or an explicit ``mask`` [B, N] (1 = removed). ``masking='none'``
+    ``forward(images, labels=None, noise=None, mask=None, target_images=None, ids_keep=None,
+    ids_restore=None)``: the engine passes what :meth:`sample_inputs` drew (then forward draws
+    nothing); called directly, pass ``noise`` [B, N] to reproduce a random masking exactly, or
+    an explicit ``mask`` [B, N] (1 = removed), and forward draws the rest. ``masking='none'``
     (Table 5 without patch masking): every patch is encoded and predicted from the augmented
     image and the loss counts every patch against the original image (``mask`` returned as all
     ones).
@@ -99,8 +101,15 @@ class MaskedPrediction(Method):
             second="target",
         )
 
+    def augments(self) -> bool:
+        """Whether a training step augments the images (Table 5's cutmix / colour jitter)."""
+        return self.training and (self.color_jitter != "none" or self.cutmix)
+
     def augment(
-        self, images: torch.Tensor, visible: Optional[torch.Tensor] = None
+        self,
+        images: torch.Tensor,
+        visible: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Table 5 / 4 of Kong & Zhang, in training only -> (input, target images).
 
@@ -114,15 +123,63 @@ class MaskedPrediction(Method):
         Without patch masking (``mask=none``, Table 5's "removing patch masking") the target is
         always the **original** image: MAE reconstructs the image from its augmented (cutmix
         and / or jittered) version. See :mod:`mimlab.nn.augment`."""
-        if not self.training or (self.color_jitter == "none" and not self.cutmix):
+        if not self.augments():
             return images, images
         v = self.views.augment(
-            images, *self.data_stats(images.shape[1]), None if visible is None else 1.0 - visible
+            images,
+            *self.data_stats(images.shape[1]),
+            None if visible is None else 1.0 - visible,
+            generator=generator,
         )
         return v.x1, v.x2
 
-    def make_mask(self, B: int, device, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return sample_mask(self.masking, B, self.encoder.grid, self.mask_ratio, device, noise)
+    def make_mask(
+        self,
+        B: int,
+        device,
+        noise: Optional[torch.Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
+        return sample_mask(
+            self.masking, B, self.encoder.grid, self.mask_ratio, device, noise, generator
+        )
+
+    @torch.no_grad()
+    def sample_inputs(
+        self,
+        images: torch.Tensor,
+        generator: Optional[torch.Generator] = None,
+        noise: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+    ) -> dict:
+        """The mask (drawn unless ``noise`` / ``mask`` is given), then the augmentation, in
+        this order (the order of the draws before they left ``forward``: a seed gives the same
+        masks and the same losses). Returns ``images`` (augmented in training with Table 5's
+        switches), ``mask`` [B, N] (absent without patch masking), ``ids_keep`` [B, K] and
+        ``ids_restore`` [B, N] when masked tokens are dropped, ``target_images`` when
+        augmented."""
+        B, dev = images.shape[0], images.device
+        out: dict = {}
+        ids_keep = ids_restore = None
+        if mask is None and self.masking != "none":
+            if self.student == "drop" and self.masking == "random":
+                if noise is None:
+                    noise = torch.rand(B, self.encoder.num_patches, device=dev, generator=generator)
+                ids_keep, mask, ids_restore = random_masking(noise, self.mask_ratio)
+            else:
+                mask = self.make_mask(B, dev, noise, generator)
+        if mask is not None:
+            out["mask"] = mask
+            if self.student == "drop":
+                if ids_keep is None:  # a given mask: its count is read once, here
+                    ids_keep, ids_restore = mask_to_ids(mask)
+                out.update(ids_keep=ids_keep, ids_restore=ids_restore)
+        if self.augments():
+            x, t = self.augment(images, None if mask is None else 1.0 - mask, generator)
+            out.update(images=x, target_images=t)
+        else:
+            out["images"] = images
+        return out
 
     def forward(
         self,
@@ -130,24 +187,27 @@ class MaskedPrediction(Method):
         labels: Optional[torch.Tensor] = None,
         noise: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
+        target_images: Optional[torch.Tensor] = None,
+        ids_keep: Optional[torch.Tensor] = None,
+        ids_restore: Optional[torch.Tensor] = None,
     ):
-        B = images.shape[0]
-        ids_keep = ids_restore = None
-        if mask is None and self.masking != "none":
-            if self.student == "drop" and self.masking == "random":
-                if noise is None:
-                    noise = torch.rand(B, self.encoder.num_patches, device=images.device)
-                ids_keep, mask, ids_restore = random_masking(noise, self.mask_ratio)
-            else:
-                mask = self.make_mask(B, images.device, noise)
-        images, target_images = self.augment(images, None if mask is None else 1.0 - mask)
+        drawn = (
+            self.masking == "none"
+            or (mask is not None and (self.student != "drop" or ids_keep is not None))
+        ) and (target_images is not None or not self.augments())
+        if not drawn:  # called directly: draw what the engine's batch step would have
+            kw = self.sample_inputs(images, None, noise, mask)
+            images, mask, target_images = kw["images"], kw.get("mask"), kw.get("target_images")
+            ids_keep, ids_restore = kw.get("ids_keep"), kw.get("ids_restore")
+        if target_images is None:
+            target_images = images
         # no patch masking (mask None): every patch is encoded and predicted
         e = encode(
             self.encoder,
             images,
             mask,
             self.student,
-            None if ids_keep is None else (ids_keep, ids_restore),
+            None if ids_keep is None or ids_restore is None else (ids_keep, ids_restore),
         )
         if self.student == "drop":  # the MAE decoder restores the dropped positions
             pred = self.head(e.tokens, e.ids_restore)

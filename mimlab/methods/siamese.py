@@ -140,7 +140,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..core.config import PretrainConfig
-from ..core.dist import world_size
 from ..core.registry import check_method
 from ..nn.augment import MOCOV3_JITTER, SIMSIAM_JITTER
 from ..nn.losses import byol_loss, instance_info_nce, regression_loss, token_info_nce
@@ -153,7 +152,6 @@ from .contrastive import (
     gather_rows,
     global_mean,
     query_positions,
-    scatter_rows,
     select_positions,
 )
 from .masked import normalize_target
@@ -203,7 +201,9 @@ def rmae_distance(
 
 class RelaxedMAE(Method):
     """R-MAE (Eq. 8), see the module docstring. ``forward(images, labels=None, noise=None,
-    mask1=None, mask2=None)`` returns ``loss``, ``loss_dist``, ``loss_ae`` and, for the
+    mask1=None, mask2=None, x1=None, x2=None)`` (the views ``x1``, ``x2`` and their masks as
+    :meth:`sample_inputs` drew them; without ``x1`` forward draws the views itself) returns
+    ``loss``, ``loss_dist``, ``loss_ae`` and, for the
     reconstruction tools, ``pred`` (d(f(T1 x)), normalised pixels), ``pred2``, ``target``,
     ``mask`` (T1) and ``mask2``."""
 
@@ -227,10 +227,26 @@ class RelaxedMAE(Method):
         self.student, self.target_norm = student, target_norm
         self.loss_kind, self.loss_beta, self.lam, self.stopgrad = loss, loss_beta, lam, stopgrad
 
-    def reconstruct(self, x: Tensor, mask: Optional[Tensor]) -> Tensor:
-        """d(f(T(x))): [B, N, p*p*C] predictions of every patch."""
-        e = encode(self.encoder, x, mask, self.student)
+    def reconstruct(self, x: Tensor, mask: Optional[Tensor], keep: Optional[int] = None) -> Tensor:
+        """d(f(T(x))): [B, N, p*p*C] predictions of every patch (``keep``: patches ``mask``
+        keeps per row, when known)."""
+        e = encode(self.encoder, x, mask, self.student, keep=keep)
         return self.head(e.tokens, e.ids_restore)
+
+    @torch.no_grad()
+    def sample_inputs(
+        self,
+        images: Tensor,
+        generator: Optional[torch.Generator] = None,
+        noise: Optional[Tensor] = None,
+        mask1: Optional[Tensor] = None,
+        mask2: Optional[Tensor] = None,
+    ) -> dict:
+        """T1 / T2 (:class:`~mimlab.methods.views.ViewMaker`, masks then augmentations) ->
+        ``images``, ``x1``, ``x2``, ``mask1``, ``mask2``."""
+        mean, std = self.data_stats(images.shape[1])
+        v = self.views(images, mean, std, self.training, mask1, mask2, noise, generator)
+        return {"images": images, "x1": v.x1, "x2": v.x2, "mask1": v.mask1, "mask2": v.mask2}
 
     def forward(
         self,
@@ -239,11 +255,17 @@ class RelaxedMAE(Method):
         noise: Optional[Tensor] = None,
         mask1: Optional[Tensor] = None,
         mask2: Optional[Tensor] = None,
+        x1: Optional[Tensor] = None,
+        x2: Optional[Tensor] = None,
     ) -> dict:
-        mean, std = self.data_stats(images.shape[1])
-        v = self.views(images, mean, std, self.training, mask1, mask2, noise)
-        pred1 = self.reconstruct(v.x1, v.mask1)
-        pred2 = self.reconstruct(v.x2, v.mask2)
+        keep1, keep2 = getattr(self.views, "keep1", None), getattr(self.views, "keep2", None)
+        if x1 is None or x2 is None:  # called directly: draw the views here
+            v = self.sample_inputs(images, None, noise, mask1, mask2)
+            x1, x2, mask1, mask2 = v["x1"], v["x2"], v["mask1"], v["mask2"]
+            keep1 = keep2 = None  # masks may be the caller's: read their counts
+        v = Views(x1, x2, mask1, mask2)
+        pred1 = self.reconstruct(v.x1, v.mask1, keep1)
+        pred2 = self.reconstruct(v.x2, v.mask2, keep2)
         region = rmae_region(v.mask1, v.mask2)
         with torch.no_grad():
             target = normalize_target(
@@ -265,11 +287,18 @@ class RelaxedMAE(Method):
 
 
 # ------------------------------------------------------------------------- C-MAE / MoCo v3
+def _head(head: nn.Module, x: Tensor, valid: Optional[Tensor]) -> Tensor:
+    """``head(x)``; an :class:`MLPHead` also gets ``valid`` (its BatchNorm statistics from
+    those rows only), other heads are row-wise."""
+    return head(x, valid) if isinstance(head, MLPHead) else head(x)
+
+
 class ContrastiveSiamese(Method):
     """Online encoder + projector + predictor against an EMA target encoder + projector
     (C-MAE, MoCo v3); see the module docstring. ``forward(images, labels=None, mask1=None,
-    mask2=None)`` returns ``loss``, ``pos_cos`` (mean cosine of the positive pairs) and, when
-    symmetric, ``loss_12`` / ``loss_21``."""
+    mask2=None, x1=None, x2=None)`` (the views as :meth:`sample_inputs` drew them; without
+    ``x1`` forward draws them itself) returns ``loss``, ``pos_cos`` (mean cosine of the
+    positive pairs) and, when symmetric, ``loss_12`` / ``loss_21``."""
 
     def __init__(
         self,
@@ -367,24 +396,35 @@ class ContrastiveSiamese(Method):
             loss = global_mean(self.instance_terms(q, k).sum(), B)
             return loss, F.cosine_similarity(q.detach().float(), k.float(), dim=-1).mean()
         N = self.encoder.num_patches
-        sel = query_positions(
-            mask_q, mask_k, self.student, B, N, online.tokens.device, self.queries
-        )  # [B, N] bool
-        if world_size() == 1 and not bool(sel.any()):  # nothing to compare in this batch
-            zero = online.tokens.float().sum() * 0.0
-            return zero, zero.detach()
+        dev = online.tokens.device
+        sel = query_positions(mask_q, mask_k, self.student, B, N, dev, self.queries)  # [B, N]
+        # fixed shapes: every position goes through the heads; the unselected ones are left
+        # out of the BatchNorm statistics, the cosine and the loss (no boolean indexing, no
+        # host read; a batch without a selected position gives a zero loss)
+        every = (mask_q is None and mask_k is None) or (
+            self.student == "mask_token" and self.queries == "all"
+        )  # known without looking at the masks: every position is selected
+        valid = None if every else sel.reshape(B * N)  # [B N]
         with_cls = self.tokens == "patch+cls"
-        zq, zk = online.grid(N)[sel], target.grid(N)[sel]  # [M, D]
+        zq, zk = online.grid(N).flatten(0, 1), target.grid(N).flatten(0, 1)  # [B N, D]
         if with_cls:
-            zq = torch.cat([online.tokens[:, 0], zq])  # [B + M, D]
+            zq = torch.cat([online.tokens[:, 0], zq])  # [B + B N, D]
             zk = torch.cat([target.tokens[:, 0], zk])
-        hq = self.predictor(self.projector(zq))
+            if valid is not None:
+                valid = torch.cat([valid.new_ones(B), valid])
+        hq = _head(self.predictor, _head(self.projector, zq, valid), valid)
         with torch.no_grad():
-            hk = self.target_projector(zk)
-        cos = F.cosine_similarity(hq.detach().float(), hk.float(), dim=-1).mean()
+            hk = _head(self.target_projector, zk, valid)
+        cos_all = F.cosine_similarity(hq.detach().float(), hk.float(), dim=-1)  # [rows]
+        if valid is None:
+            cos = cos_all.mean()
+        else:
+            cos = (cos_all * valid).sum() / valid.sum().clamp_min(1)
         if with_cls:
-            (cq, hq), (ck, hk) = hq.split([B, hq.shape[0] - B]), hk.split([B, hk.shape[0] - B])
-        q, k = scatter_rows(hq, sel), scatter_rows(hk, sel)  # [B, N, D']
+            (cq, hq), (ck, hk) = hq.split([B, B * N]), hk.split([B, B * N])
+        keep = sel.unsqueeze(-1)  # [B, N, 1]
+        q = torch.where(keep, hq.view(B, N, -1), 0.0)  # [B, N, D']
+        k = torch.where(keep, hk.view(B, N, -1), 0.0)
         count = sel.sum()
         if with_cls and self.cls_term == "joint":  # the class token: one more position
             q, k = torch.cat([cq[:, None], q], 1), torch.cat([ck[:, None], k], 1)
@@ -396,24 +436,44 @@ class ContrastiveSiamese(Method):
             count = count + B
         return global_mean(total, count), cos
 
+    @torch.no_grad()
+    def sample_inputs(
+        self,
+        images: Tensor,
+        generator: Optional[torch.Generator] = None,
+        mask1: Optional[Tensor] = None,
+        mask2: Optional[Tensor] = None,
+    ) -> dict:
+        """T1 / T2 (:class:`~mimlab.methods.views.ViewMaker`: masks, cutmix, jitter, crops) ->
+        ``images``, ``x1``, ``x2``, ``mask1``, ``mask2``."""
+        mean, std = self.data_stats(images.shape[1])
+        v = self.views(images, mean, std, self.training, mask1, mask2, None, generator)
+        return {"images": images, "x1": v.x1, "x2": v.x2, "mask1": v.mask1, "mask2": v.mask2}
+
     def forward(
         self,
         images: Tensor,
         labels: Optional[Tensor] = None,
         mask1: Optional[Tensor] = None,
         mask2: Optional[Tensor] = None,
+        x1: Optional[Tensor] = None,
+        x2: Optional[Tensor] = None,
     ) -> dict:
-        mean, std = self.data_stats(images.shape[1])
-        v = self.views(images, mean, std, self.training, mask1, mask2)
-        on1 = encode(self.encoder, v.x1, v.mask1, self.student)
+        k1, k2 = getattr(self.views, "keep1", None), getattr(self.views, "keep2", None)
+        if x1 is None or x2 is None:  # called directly: draw the views here
+            d = self.sample_inputs(images, None, mask1, mask2)
+            x1, x2, mask1, mask2 = d["x1"], d["x2"], d["mask1"], d["mask2"]
+            k1 = k2 = None  # masks may be the caller's: read their counts
+        v = Views(x1, x2, mask1, mask2)
+        on1 = encode(self.encoder, v.x1, v.mask1, self.student, keep=k1)
         with torch.no_grad():
-            tg2 = encode(self.target_encoder, v.x2, v.mask2, self.student)
+            tg2 = encode(self.target_encoder, v.x2, v.mask2, self.student, keep=k2)
         loss, cos = self.pair_loss(on1, tg2, v.mask1, v.mask2)
         out = {"mask": v.mask1, "mask2": v.mask2}
         if self.symmetric:
-            on2 = encode(self.encoder, v.x2, v.mask2, self.student)
+            on2 = encode(self.encoder, v.x2, v.mask2, self.student, keep=k2)
             with torch.no_grad():
-                tg1 = encode(self.target_encoder, v.x1, v.mask1, self.student)
+                tg1 = encode(self.target_encoder, v.x1, v.mask1, self.student, keep=k1)
             loss21, cos21 = self.pair_loss(on2, tg1, v.mask2, v.mask1)
             out.update(loss_12=loss.detach(), loss_21=loss21.detach())
             loss, cos = 0.5 * (loss + loss21), 0.5 * (cos + cos21)

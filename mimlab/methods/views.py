@@ -26,6 +26,11 @@ image statistic it uses (contrast's mean grey level, :func:`mimlab.nn.augment.ad
 is taken over the *visible* patches of that view only (for ``whole``: T1's visible patches):
 the pixels T1 shows never depend on the pixels T1 hides (tested). Augmentations run only in
 training mode (``train=True``).
+
+**Where the randomness lives.** Every draw takes the ``generator`` it is given (the device's
+default generator when None). The methods call the view maker from their
+``sample_inputs`` (the training engine's batch step, outside ``forward``) and pass the views to
+``forward`` as tensors, so a method's forward is a pure function of its inputs.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from ..core.registry import JITTERS, MASKS, VIEW2  # noqa: F401  (the choices, declared once)
@@ -44,7 +50,7 @@ from ..nn.augment import (
     random_partner,
     random_resized_crop_batch,
 )
-from ..nn.ops import sample_mask
+from ..nn.ops import sample_mask, visible_count
 
 
 @dataclass
@@ -84,12 +90,27 @@ class ViewMaker:
         if second not in ("view", "target"):
             raise ValueError(f"second must be 'view' or 'target', got '{second}'")
         self.second = second
+        N = self.num_patches
+        #: patches each view keeps (Python ints, known before any mask is drawn; N when the
+        #: view removes nothing): dropping tokens needs no read of the mask on the host
+        self.keep1 = visible_count(masking, N, mask_ratio)
+        self.keep2 = N
+        if masking != "none" and view2 == "complement":
+            self.keep2 = N - self.keep1
+        elif masking != "none" and view2 == "independent":
+            self.keep2 = visible_count("random", N, view2_mask_ratio)
 
     def sample_mask(
-        self, B: int, device, kind: str, ratio: float, noise: Optional[Tensor] = None
+        self,
+        B: int,
+        device,
+        kind: str,
+        ratio: float,
+        noise: Optional[Tensor] = None,
+        generator: Optional[torch.Generator] = None,
     ) -> Optional[Tensor]:
         """[B, N] float mask (1 = removed) of ``kind`` random | block, or None for none."""
-        return sample_mask(kind, B, self.grid, ratio, device, noise)
+        return sample_mask(kind, B, self.grid, ratio, device, noise, generator)
 
     def masks(
         self,
@@ -98,15 +119,17 @@ class ViewMaker:
         mask1: Optional[Tensor] = None,
         mask2: Optional[Tensor] = None,
         noise: Optional[Tensor] = None,
+        generator: Optional[torch.Generator] = None,
     ) -> tuple[Optional[Tensor], Optional[Tensor]]:
         """(mask1, mask2): given ones are kept; T2's follows ``view2`` (step 1 above)."""
+        g = generator
         if mask1 is None:
-            mask1 = self.sample_mask(B, device, self.masking, self.mask_ratio, noise)
+            mask1 = self.sample_mask(B, device, self.masking, self.mask_ratio, noise, g)
         if mask2 is None and mask1 is not None:
             if self.view2 == "complement":
                 mask2 = 1.0 - mask1
             elif self.view2 == "independent":
-                mask2 = self.sample_mask(B, device, "random", self.view2_mask_ratio)
+                mask2 = self.sample_mask(B, device, "random", self.view2_mask_ratio, None, g)
         return mask1, mask2
 
     def __call__(
@@ -118,12 +141,13 @@ class ViewMaker:
         mask1: Optional[Tensor] = None,
         mask2: Optional[Tensor] = None,
         noise: Optional[Tensor] = None,
+        generator: Optional[torch.Generator] = None,
     ) -> Views:
         B, dev = images.shape[0], images.device
-        mask1, mask2 = self.masks(B, dev, mask1, mask2, noise)
+        mask1, mask2 = self.masks(B, dev, mask1, mask2, noise, generator)
         if not train:
             return Views(images, images, mask1, mask2)
-        return self.augment(images, mean, std, mask1, mask2)
+        return self.augment(images, mean, std, mask1, mask2, generator)
 
     def augment(
         self,
@@ -132,12 +156,14 @@ class ViewMaker:
         std=None,
         mask1: Optional[Tensor] = None,
         mask2: Optional[Tensor] = None,
+        generator: Optional[torch.Generator] = None,
     ) -> Views:
         """Steps 2-5 on given masks (their visible patches feed the jitter's statistic). With
         ``second='target'`` (masked prediction) ``x2`` is the reconstruction target: the
         (cutmix) image the input was made from with patch masking, the **original** image
         without it; only ``whole`` jitters it."""
         B, dev = images.shape[0], images.device
+        g = generator
         masked = self.masking != "none"
         target = self.second == "target"
         vis1 = None if mask1 is None else 1.0 - mask1  # [B, N], 1 = visible
@@ -145,26 +171,26 @@ class ViewMaker:
         x1 = x2 = images
         if self.cutmix:
             if masked:
-                x1 = x2 = cutmix_batch(images)
+                x1 = x2 = cutmix_batch(images, generator=g)
             elif target:  # reconstruct the original image from its cutmix
-                x1 = cutmix_batch(images)
+                x1 = cutmix_batch(images, generator=g)
             else:  # two independently augmented views: own partner, own box
-                x1 = cutmix_batch(images, partner=random_partner(B, dev))
-                x2 = cutmix_batch(images, partner=random_partner(B, dev))
+                x1 = cutmix_batch(images, partner=random_partner(B, dev, g), generator=g)
+                x2 = cutmix_batch(images, partner=random_partner(B, dev, g), generator=g)
         if self.color_jitter == "whole":
             if x1 is not x2:
                 raise ValueError(
                     "color_jitter='whole' shares one jitter between identical "
                     "views; without patch masking use 'after_mask'"
                 )
-            x1 = x2 = color_jitter_batch(x1, mean, std, self.jitter, visible=vis1)
+            x1 = x2 = color_jitter_batch(x1, mean, std, self.jitter, visible=vis1, generator=g)
         if self.view2 == "crop":
-            x1 = random_resized_crop_batch(x1, self.crop_scale)
-            x2 = random_resized_crop_batch(x2, self.crop_scale)
+            x1 = random_resized_crop_batch(x1, self.crop_scale, generator=g)
+            x2 = random_resized_crop_batch(x2, self.crop_scale, generator=g)
         if self.color_jitter == "after_mask":
-            x1 = color_jitter_batch(x1, mean, std, self.jitter, visible=vis1)
+            x1 = color_jitter_batch(x1, mean, std, self.jitter, visible=vis1, generator=g)
             if not target:
-                x2 = color_jitter_batch(x2, mean, std, self.jitter2, visible=vis2)
+                x2 = color_jitter_batch(x2, mean, std, self.jitter2, visible=vis2, generator=g)
         elif self.color_jitter == "unmasked":
-            x1 = color_jitter_batch(x1, mean, std, self.jitter, visible=vis1)
+            x1 = color_jitter_batch(x1, mean, std, self.jitter, visible=vis1, generator=g)
         return Views(x1, x2, mask1, mask2)

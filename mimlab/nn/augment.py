@@ -195,12 +195,15 @@ def adjust_hue(px: Tensor, shift: Tensor | float) -> Tensor:
     return hsv_to_rgb(torch.stack((h, hsv[..., 1, :, :], hsv[..., 2, :, :]), dim=-3))
 
 
-def _uniform(n: int, lo: float, hi: float, device) -> Tensor:
-    return torch.rand(n, device=device) * (hi - lo) + lo
+def _uniform(n: int, lo: float, hi: float, device, generator=None) -> Tensor:
+    return torch.rand(n, device=device, generator=generator) * (hi - lo) + lo
 
 
 def jitter_pixels(
-    px: Tensor, spec: JitterSpec = SIMSIAM_JITTER, visible: Optional[Tensor] = None
+    px: Tensor,
+    spec: JitterSpec = SIMSIAM_JITTER,
+    visible: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> Tensor:
     """Colour augmentation of pixels in [0, 1] ``[B, C, H, W]`` with per-image random parameters.
 
@@ -210,19 +213,22 @@ def jitter_pixels(
     grayscale with ``spec.grayscale_p`` and solarisation with ``spec.solarize_p``.
     ``visible`` [B, 1, H, W]: contrast's mean grey level from these pixels only (see
     :func:`adjust_contrast`), so the output at visible pixels depends on visible pixels only.
+    Draws from ``generator`` (default: the device's default generator).
     """
+    g = generator
     B, C = px.shape[:2]
     dev = px.device
     px = px.float()
     rgb = C == 3
-    apply = torch.rand(B, device=dev) < spec.p
+    apply = torch.rand(B, device=dev, generator=g) < spec.p
 
     def factor(s: float) -> Tensor:
-        return _uniform(B, max(0.0, 1.0 - s), 1.0 + s, dev)
+        return _uniform(B, max(0.0, 1.0 - s), 1.0 + s, dev, g)
 
     f_b, f_c, f_s = factor(spec.brightness), factor(spec.contrast), factor(spec.saturation)
-    f_h = _uniform(B, -spec.hue, spec.hue, dev)
-    order = torch.argsort(torch.rand(B, 4, device=dev), dim=1)  # per-image permutation of ops
+    f_h = _uniform(B, -spec.hue, spec.hue, dev, g)
+    # per-image permutation of the ops
+    order = torch.argsort(torch.rand(B, 4, device=dev, generator=g), dim=1)
     one = torch.ones(B, device=dev)
     for r in range(4):
         op = torch.where(apply, order[:, r], torch.full_like(order[:, r], -1))
@@ -236,10 +242,10 @@ def jitter_pixels(
             sel = (op == 3).view(B, 1, 1, 1)
             px = torch.where(sel, adjust_hue(px, f_h), px)
     if rgb and spec.grayscale_p > 0:
-        gray = (torch.rand(B, device=dev) < spec.grayscale_p).view(B, 1, 1, 1)
+        gray = (torch.rand(B, device=dev, generator=g) < spec.grayscale_p).view(B, 1, 1, 1)
         px = torch.where(gray, rgb_to_grayscale(px).expand_as(px), px)
     if spec.solarize_p > 0:
-        sol = (torch.rand(B, device=dev) < spec.solarize_p).view(B, 1, 1, 1)
+        sol = (torch.rand(B, device=dev, generator=g) < spec.solarize_p).view(B, 1, 1, 1)
         px = torch.where(sol & (px >= 0.5), 1.0 - px, px)
     return px
 
@@ -250,6 +256,7 @@ def color_jitter_batch(
     std: Optional[Sequence[float]] = None,
     spec: JitterSpec = SIMSIAM_JITTER,
     visible: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> Tensor:
     """Per-image colour augmentation of dataset-normalised images (see :func:`jitter_pixels`).
 
@@ -261,7 +268,10 @@ def color_jitter_batch(
         visible = patch_mask_to_pixels(visible, x.shape[-2:])
     with torch.no_grad():
         return renormalize(
-            jitter_pixels(denormalize(x, mean, std), spec, visible), mean, std, x.dtype
+            jitter_pixels(denormalize(x, mean, std), spec, visible, generator),
+            mean,
+            std,
+            x.dtype,
         )
 
 
@@ -280,17 +290,21 @@ def patch_mask_to_pixels(mask: Tensor, size: Sequence[int]) -> Tensor:
 
 
 # ------------------------------------------------------------------------- cutmix
-def random_partner(B: int, device=None) -> Tensor:
+def random_partner(B: int, device=None, generator: Optional[torch.Generator] = None) -> Tensor:
     """[B] long: a random cutmix partner for every image, never the image itself (a random
     cyclic order of the batch: ``partner[order[i]] = order[i + 1]``); [0] for B = 1."""
-    order = torch.randperm(B, device=device)
+    order = torch.randperm(B, device=device, generator=generator)
     partner = torch.empty_like(order)
     partner[order] = order.roll(-1)
     return partner
 
 
 def cutmix_batch(
-    x: Tensor, alpha: float = 1.0, return_mask: bool = False, partner: Optional[Tensor] = None
+    x: Tensor,
+    alpha: float = 1.0,
+    return_mask: bool = False,
+    partner: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
 ):
     """CutMix inside the batch: image ``b`` gets a box of image ``partner[b]`` (default
     ``b - 1``, i.e. ``x.roll(1, 0)``; :func:`random_partner` draws a random one).
@@ -298,15 +312,19 @@ def cutmix_batch(
     Per image: ``lam ~ Beta(alpha, alpha)``, box side ``sqrt(1 - lam)`` of the image side,
     centre uniform, clipped at the border (as in the CutMix paper). Labels are not used by
     pretraining, so only images are mixed. With ``return_mask`` also returns the pasted-box mask
-    [B, 1, H, W] (bool).
+    [B, 1, H, W] (bool). Draws from ``generator`` (default: the device's default generator).
     """
     B, _, H, W = x.shape
     dev = x.device
-    lam = torch.distributions.Beta(float(alpha), float(alpha)).sample((B,)).to(dev)
+    g = generator
+    # lam ~ Beta(a, a): the first component of a Dirichlet(a, a) sample, as
+    # torch.distributions.Beta.sample draws it (same values), with an explicit generator
+    conc = torch.full((B, 2), float(alpha), device=g.device if g is not None else "cpu")
+    lam = torch._sample_dirichlet(conc, generator=g)[:, 0].to(dev)  # [B]
     cut = (1.0 - lam).sqrt()
     ch, cw = (cut * H).long(), (cut * W).long()
-    cy = (torch.rand(B, device=dev) * H).long()
-    cx = (torch.rand(B, device=dev) * W).long()
+    cy = (torch.rand(B, device=dev, generator=g) * H).long()
+    cx = (torch.rand(B, device=dev, generator=g) * W).long()
     y1, y2 = (cy - ch // 2).clamp(0, H), (cy + ch // 2).clamp(0, H)
     x1, x2 = (cx - cw // 2).clamp(0, W), (cx + cw // 2).clamp(0, W)
     ys = torch.arange(H, device=dev).view(1, H, 1)
@@ -328,24 +346,27 @@ def random_resized_crop_batch(
     scale: tuple[float, float] = (0.08, 1.0),
     ratio: tuple[float, float] = (3 / 4, 4 / 3),
     hflip_p: float = 0.5,
+    generator: Optional[torch.Generator] = None,
 ) -> Tensor:
     """Per-image ``RandomResizedCrop(size=(H, W), scale, ratio)`` + horizontal flip.
 
     Area fraction ``s ~ U(scale)``, aspect ``r ~ logU(ratio)``; box sides are clipped to the
     image (torchvision instead re-draws up to 10 times, then centre-crops); the box is resampled
     to the input size with bilinear interpolation (``grid_sample``, no antialiasing). Works on
-    normalised images directly (resampling is linear).
+    normalised images directly (resampling is linear). Draws from ``generator`` (default: the
+    device's default generator).
     """
     B, _, H, W = x.shape
     dev = x.device
-    s = _uniform(B, scale[0], scale[1], dev)
-    logr = _uniform(B, math.log(ratio[0]), math.log(ratio[1]), dev)
+    g = generator
+    s = _uniform(B, scale[0], scale[1], dev, g)
+    logr = _uniform(B, math.log(ratio[0]), math.log(ratio[1]), dev, g)
     r = logr.exp()
     w = (s * r * H / W).sqrt().clamp(max=1.0)  # fraction of the width
     h = (s / r * W / H).sqrt().clamp(max=1.0)  # fraction of the height
-    cx = w / 2 + torch.rand(B, device=dev) * (1 - w)
-    cy = h / 2 + torch.rand(B, device=dev) * (1 - h)
-    flip = torch.where(torch.rand(B, device=dev) < hflip_p, -1.0, 1.0)
+    cx = w / 2 + torch.rand(B, device=dev, generator=g) * (1 - w)
+    cy = h / 2 + torch.rand(B, device=dev, generator=g) * (1 - h)
+    flip = torch.where(torch.rand(B, device=dev, generator=g) < hflip_p, -1.0, 1.0)
     theta = torch.zeros(B, 2, 3, device=dev)
     theta[:, 0, 0] = w * flip
     theta[:, 0, 2] = 2 * cx - 1

@@ -94,6 +94,22 @@ def run_block(blk: nn.Module, x: torch.Tensor, checkpointing: str) -> torch.Tens
     )
 
 
+def compile_blocks(module: nn.Module, **compile_kw) -> int:
+    """``torch.compile`` every transformer :class:`Block` inside ``module`` in place
+    (``nn.Module.compile``: parameter names and checkpoints unchanged) and return how many.
+
+    The blocks are the compute of every method (encoder, MAE decoder, EMA target encoder);
+    what lies between them (masking gathers, heads, losses) stays eager, so data-dependent
+    parts of a method cannot break the compiled graphs (``run.compile=blocks``;
+    tests/test_compile_ready.py checks that a block traces in one graph)."""
+    n = 0
+    for m in module.modules():
+        if isinstance(m, Block):
+            m.compile(**compile_kw)
+            n += 1
+    return n
+
+
 class ViTEncoder(nn.Module):
     """ViT with fixed 2-D sin-cos position embeddings and a class token.
 

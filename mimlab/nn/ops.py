@@ -67,22 +67,49 @@ def random_masking(
     return ids_keep, mask, ids_restore
 
 
-def mask_to_ids(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_to_ids(
+    mask: torch.Tensor, keep: Optional[int] = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Boolean/float mask [B, N] with the same number of visible tokens per row ->
-    (ids_keep [B, K], ids_restore [B, N]) compatible with :func:`random_masking`."""
+    (ids_keep [B, K], ids_restore [B, N]) compatible with :func:`random_masking`.
+
+    ``keep``: K when the caller knows it (:func:`visible_count`): then nothing is read from
+    the device (no host sync, no graph break under ``torch.compile``) and the rows are trusted
+    to keep exactly K patches. Without it K is read from the mask and every row is checked."""
     m = mask.float()
-    vis = (1 - m).sum(1)
-    if not torch.all(vis == vis[0]):
-        raise ValueError("every sample must keep the same number of patches to drop tokens")
+    if keep is None:
+        vis = (1 - m).sum(1)
+        if not torch.all(vis == vis[0]):
+            raise ValueError("every sample must keep the same number of patches to drop tokens")
+        keep = int(vis[0].item())
     # stable sort: visible (0) first in original order, then removed
     ids_shuffle = torch.argsort(m + torch.linspace(0, 0.5, m.shape[1], device=m.device), dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
-    return ids_shuffle[:, : int(vis[0].item())], ids_restore
+    return ids_shuffle[:, :keep], ids_restore
+
+
+def visible_count(kind: str, num_patches: int, mask_ratio: float) -> int:
+    """Patches every row of a :func:`sample_mask` mask of ``kind`` keeps (a Python int, known
+    before any mask is drawn): ``random`` :func:`num_visible`; ``block`` ``N - round(ratio N)``;
+    ``none`` N."""
+    if kind == "random":
+        return num_visible(num_patches, mask_ratio)
+    if kind == "block":
+        return num_patches - int(round(mask_ratio * num_patches))
+    if kind == "none":
+        return num_patches
+    raise ValueError(f"unknown masking '{kind}' (random | block | none)")
 
 
 def gather_tokens(x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """x [B, N, D], ids [B, K] -> x[b, ids[b]] as [B, K, D]."""
     return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+#: candidate rectangles per sample of :func:`block_masking`. The per-sample loop it replaced
+#: allowed 100 tries and stopped at the count; over 2,000 samples at 14 x 14 it never needed
+#: more than 32 (at 60 %, 13 % of the samples needed more than 16; at 40 %, none).
+BLOCK_TRIES = 32
 
 
 def block_masking(
@@ -93,50 +120,54 @@ def block_masking(
     min_block: int = 4,
     max_aspect: float = 3.0,
     device=None,
+    tries: int = BLOCK_TRIES,
+    exact: bool = True,
 ) -> torch.Tensor:
-    """BEiT-style block-wise masking: rectangles are added until ``round(ratio*N)`` patches
-    are masked (then topped up / trimmed at random so every sample has exactly that count).
+    """BEiT-style block-wise masking (Bao et al. 2022, Alg. 1), every sample at once.
 
-    Returns mask [B, N] float (1 = masked). Used by MaskDistill / SimMIM presets.
+    Each sample tries ``tries`` rectangles in turn: area ``s ~ U(min_block, max(min_block,
+    remaining))`` (``remaining`` = patches still to mask), aspect ratio ``r ~ logU(1 /
+    max_aspect, max_aspect)``, sides ``round(sqrt(s r)) x round(sqrt(s / r))``, position
+    uniform on the grid; a rectangle that does not fit, or comes after the sample reached its
+    count, is skipped. The union is then trimmed (or topped up) at random to exactly
+    ``round(ratio * N)`` patches per sample.
 
-    The random draws (``generator``, else the global torch RNG) are the same calls in the same
-    order as in the original per-sample tensor loop, so a seed gives the same masks bitwise;
-    the per-try bookkeeping (painting, counting) runs on a NumPy grid instead of scalar tensor
-    ops (which dominated the cost), and the batch reaches ``device`` in one copy.
+    Returns mask [B, N] float (1 = masked), on ``device``. The draws are two calls on
+    ``generator`` (the device's default generator when None): ``[B, tries, 4]`` uniforms for
+    the rectangles and ``[B, N]`` for the trim order. A Python loop over the ``tries``
+    rectangles runs batch-wide tensor ops; nothing is read back to the host, so it runs on the
+    device without a sync. Same distribution as the per-sample loop it replaced (which drew
+    scalar tensors one try at a time), not the same masks for a seed. ``exact=False`` returns
+    the union of the rectangles, before the trim (for tests of the rectangles).
     """
     h, w = grid
     N = h * w
     target = int(round(mask_ratio * N))
-    out = np.zeros((batch, N), dtype=np.float32)
-    g = generator
+    u = torch.rand(batch, tries, 4, generator=generator, device=device)  # [B, T, 4]
+    dev = u.device
     log_max = math.log(max_aspect)
-    for b in range(batch):
-        m = np.zeros((h, w), dtype=bool)
-        count, tries = 0, 0
-        while count < target and tries < 100:
-            tries += 1
-            remaining = target - count
-            area = torch.empty(1).uniform_(min_block, max(min_block, remaining), generator=g)
-            log_r = torch.empty(1).uniform_(-log_max, log_max, generator=g)
-            area_f, ar = area.item(), math.exp(log_r.item())
-            bh = int(round(math.sqrt(area_f * ar)))
-            bw = int(round(math.sqrt(area_f / ar)))
-            if bh < 1 or bw < 1 or bh > h or bw > w:
-                continue
-            top = torch.randint(0, h - bh + 1, (1,), generator=g).item()
-            left = torch.randint(0, w - bw + 1, (1,), generator=g).item()
-            m[top : top + bh, left : left + bw] = True
-            count = int(m.sum())
-        flat = m.reshape(-1)
-        if count > target:  # trim at random
-            on = np.flatnonzero(flat)
-            flat[on[torch.randperm(len(on), generator=g)[: count - target].numpy()]] = False
-        elif count < target:  # top up at random
-            off = np.flatnonzero(~flat)
-            flat[off[torch.randperm(len(off), generator=g)[: target - count].numpy()]] = True
-        out[b] = flat
-    t = torch.from_numpy(out)
-    return t.to(device) if device is not None else t
+    sqrt_ar = torch.exp((2.0 * u[..., 1] - 1.0) * log_max).sqrt()  # [B, T]: sqrt(aspect)
+    rows = torch.arange(h, device=dev).view(1, h)
+    cols = torch.arange(w, device=dev).view(1, w)
+    m = torch.zeros(batch, h, w, dtype=torch.bool, device=dev)  # [B, h, w]
+    count = torch.zeros(batch, device=dev)  # [B] masked patches so far
+    for t in range(tries):
+        hi = (target - count).clamp_min(min_block)  # [B] upper bound of the area
+        root = (min_block + u[:, t, 0] * (hi - min_block)).sqrt()  # [B] sqrt(area)
+        bh, bw = torch.round(root * sqrt_ar[:, t]), torch.round(root / sqrt_ar[:, t])  # [B]
+        ok = (bh >= 1) & (bw >= 1) & (bh <= h) & (bw <= w) & (count < target)  # [B]
+        top = torch.floor(u[:, t, 2] * (h - bh + 1)).unsqueeze(1)  # [B, 1]
+        left = torch.floor(u[:, t, 3] * (w - bw + 1)).unsqueeze(1)
+        in_rows = (rows >= top) & (rows < top + bh.unsqueeze(1)) & ok.unsqueeze(1)  # [B, h]
+        in_cols = (cols >= left) & (cols < left + bw.unsqueeze(1))  # [B, w]
+        m = m | (in_rows.unsqueeze(2) & in_cols.unsqueeze(1))  # [B, h, w]
+        count = m.sum((1, 2)).float()
+    if not exact:
+        return m.reshape(batch, N).float()
+    # exactly `target` per sample: the painted patches first, random order within each group
+    prio = m.reshape(batch, N).float() + torch.rand(batch, N, generator=generator, device=dev)
+    top_k = torch.topk(prio, target, dim=1).indices  # [B, target]
+    return torch.zeros(batch, N, device=dev).scatter_(1, top_k, 1.0)
 
 
 # ---------------------------------------------------------------------------- positions
@@ -149,18 +180,20 @@ def sample_mask(
     mask_ratio: float,
     device=None,
     noise: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
 ) -> Optional[torch.Tensor]:
     """The patch mask of every method's T1 (and R-MAE's independent T2): [B, N] float,
     1 = removed. ``kind``: ``random`` (MAE's :func:`random_masking`, from ``noise`` [B, N] when
-    given), ``block`` (:func:`block_masking`) or ``none`` (returns None: nothing removed)."""
+    given), ``block`` (:func:`block_masking`) or ``none`` (returns None: nothing removed).
+    Random draws come from ``generator`` (default: the device's default generator)."""
     if kind == "none":
         return None
     if kind == "random":
         if noise is None:
-            noise = torch.rand(batch, grid[0] * grid[1], device=device)
+            noise = torch.rand(batch, grid[0] * grid[1], device=device, generator=generator)
         return random_masking(noise, mask_ratio)[1]
     if kind == "block":
-        return block_masking(batch, grid, mask_ratio, device=device)
+        return block_masking(batch, grid, mask_ratio, generator, device=device)
     raise ValueError(f"unknown masking '{kind}' (random | block | none)")
 
 

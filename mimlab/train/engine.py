@@ -42,6 +42,7 @@ from ..core.dist import autocast_dtype  # noqa: F401  (re-exported)
 from ..data.datasets import EpochSampler
 from ..io import checkpoint as ckpt_format
 from ..io.tracking import Sink, build_sinks
+from ..nn.models import compile_blocks
 from . import fsdp
 
 log = logging.getLogger("mimlab.engine")
@@ -190,6 +191,19 @@ def rng_state() -> dict:
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
+
+
+def default_generator(device: torch.device) -> Optional[torch.Generator]:
+    """The default generator of ``device`` (the one :func:`rng_state` saves): the CPU's
+    ``torch.default_generator`` or the CUDA device's; None (the device's own default) else."""
+    if device.type == "cpu":
+        return torch.default_generator
+    if device.type == "cuda":
+        torch.cuda.init()
+        return torch.cuda.default_generators[
+            device.index if device.index is not None else torch.cuda.current_device()
+        ]
+    return None
 
 
 def set_rng_state(st: dict) -> None:
@@ -428,8 +442,11 @@ class Engine:
     ``run`` are its sections. ``eval_fn(model, epoch) -> dict`` runs on rank 0 after epochs
     (every ``eval_every`` epochs and at the end; it may return None to skip an epoch).
     ``batch_fn(batch) -> batch`` transforms a :class:`~mimlab.data.batch.Batch` on the device
-    before the forward (mixup/cutmix, the teacher cache's row lookup); the method is called as
-    ``method(images, labels)``.
+    before the forward (mixup/cutmix, the teacher cache's row lookup); then a method with a
+    ``sample_inputs(images, generator)`` (every :class:`~mimlab.methods.base.Method`) draws the
+    step's masks and views from :attr:`generator` under ``torch.no_grad()`` and is called as
+    ``method(labels=labels, **inputs)``, a pure function of its inputs; any other model as
+    ``model(images, labels)``.
     ``evaluators`` run every ``ev.every`` optimizer steps (see :class:`Evaluator`).
     ``total_steps`` caps the run at that many optimizer steps (an iteration budget; the caller
     sets ``optim.epochs`` high enough); ``lr_fn(step, total_steps, peak_lr, min_lr) -> lr``
@@ -531,8 +548,14 @@ class Engine:
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=getattr(method, "ddp_find_unused", False),
             )
-        if run.compile:
+        if run.compile == "blocks":  # per block, in place: the method's Python stays eager
+            log.info("run.compile=blocks: %d transformer blocks compiled", compile_blocks(method))
+        elif run.compile:
             self.model = torch.compile(self.model)
+        #: the generator a method's ``sample_inputs`` draws masks and views from: the
+        #: device's default generator, seeded by ``run.seed`` and saved in every checkpoint
+        #: (:func:`rng_state`), so a resumed run draws what the uninterrupted one would
+        self.generator = default_generator(self.device)
         self.global_step = 0
         self.epoch = 0
         self.micro_in_epoch = 0  # micro-batches consumed in the current epoch (per rank)
@@ -835,6 +858,11 @@ class Engine:
         if self.batch_fn is not None:
             batch = self.batch_fn(batch)
         images, labels = batch.images, batch.labels
+        sample = getattr(self.method, "sample_inputs", None)
+        inputs = None
+        if sample is not None:  # the step's randomness (masks, views), outside forward
+            with torch.no_grad():
+                inputs = sample(images, self.generator)
         sync = (k == accum - 1) or self.world == 1
         ctx = contextlib.nullcontext()
         if self.fsdp:
@@ -845,7 +873,10 @@ class Engine:
             with torch.autocast(
                 self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
             ):
-                out = self.model(images, labels)
+                if inputs is None:
+                    out = self.model(images, labels)
+                else:
+                    out = self.model(labels=labels, **inputs)
             loss = out["loss"]
             bad = ~torch.isfinite(loss.detach())
             self._bad_loss = torch.where(bad, loss.detach().float(), self._bad_loss)

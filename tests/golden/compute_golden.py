@@ -44,7 +44,7 @@ def presets() -> list[str]:
     return list(METHOD_PRESETS)
 
 
-def compute(tmp: Path, methods: list[str] | None = None) -> dict:
+def compute(tmp: Path, methods: list[str] | None = None, losses_only: bool = False) -> dict:
     from mimlab import tasks
     from mimlab.core.config import FinetuneConfig, PretrainConfig, ProbeConfig, resolve
 
@@ -84,6 +84,8 @@ def compute(tmp: Path, methods: list[str] | None = None) -> dict:
         out["losses"][m] = [r["loss"] for r in rows if r.get("kind") == "train"][:5]
         if m == "mae":
             ckpt = res["checkpoint"]
+    if losses_only:
+        return out
     # adopting the checkpoint's model: resolve_run_config now, tasks.finetune/knn/linprobe before
     resolve_eval = getattr(tasks, "resolve_run_config", resolve)
     ft = tasks.finetune(
