@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_imagefolder, micro_pretrain_cfg
+
 from mimlab import tasks
 from mimlab.core.config import DataConfig
 from mimlab.data.datasets import EpochSampler, build_dataset
@@ -87,7 +87,9 @@ def test_pretraining_on_a_resident_set_resumes_exactly(tmp_path):
     tasks.pretrain(micro_pretrain_cfg(data, tmp_path, "split", *ex, "run.resume=auto"))
 
     def losses(name):
-        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().split("\n") if x]
+        rows = [
+            json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().split("\n") if x
+        ]
         return [(r["step"], r["loss"]) for r in rows if r["kind"] == "train"]
 
     a, b = losses("full"), losses("split")
@@ -96,3 +98,36 @@ def test_pretraining_on_a_resident_set_resumes_exactly(tmp_path):
     wa = torch.load(tmp_path / "full/checkpoints/last.pt", weights_only=True)["model"]
     wb = torch.load(tmp_path / "split/checkpoints/last.pt", weights_only=True)["model"]
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_bench_resident_runs_and_reports_a_ratio(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_resident.py"
+    spec = importlib.util.spec_from_file_location("bench_resident", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    data = make_imagefolder(tmp_path / "d", classes=2, per_class=20)
+    out = mod.main(
+        [
+            "--data",
+            str(data),
+            "--images",
+            "40",
+            "--batch",
+            "8",
+            "--batches",
+            "2",
+            "--reps",
+            "1",
+            "--workers",
+            "0",
+            "--json",
+            str(tmp_path / "r.jsonl"),
+        ]
+    )
+    assert out["images"] == 40 and out["ratio"] == pytest.approx(
+        out["resident_img_per_s"] / out["decoding_img_per_s"], rel=0.02
+    )
+    assert json.loads((tmp_path / "r.jsonl").read_text())["bench"] == "resident"

@@ -170,9 +170,7 @@ class ResidentLoader:
         for b in range(self.n_batches):
             pos = order[b * self.batch_size : (b + 1) * self.batch_size]
             item = pos % n  # data.repeat copies share an image (and its index)
-            x = augment(
-                ds.images[item], u[pos], ds.img_size, ds.crop_scale, ds.hflip, *ds._norm
-            )
+            x = augment(ds.images[item], u[pos], ds.img_size, ds.crop_scale, ds.hflip, *ds._norm)
             yield Batch(x, ds.labels_t[item], item, self._skipped)
 
 
