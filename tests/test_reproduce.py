@@ -37,6 +37,7 @@ def _result_files(out: Path) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_smoke_runs_every_stage_into_its_out_folder(smoke):
     data, out, rc = smoke
     assert rc == 0
@@ -67,6 +68,7 @@ def test_smoke_runs_every_stage_into_its_out_folder(smoke):
     assert json.loads((out / "protocol.json").read_text())["profile"] == "smoke"
 
 
+@pytest.mark.slow
 def test_smoke_report_says_it_decides_nothing_with_a_row_per_claim(smoke):
     _, out, _ = smoke
     text = (out / "v2" / "report.md").read_text()
@@ -82,6 +84,7 @@ def test_smoke_report_says_it_decides_nothing_with_a_row_per_claim(smoke):
     assert len(diff["a_units"]) == 2 and len(diff["b_units"]) == 2
 
 
+@pytest.mark.slow
 def test_a_second_call_does_no_new_work(smoke, capsys):
     data, out, _ = smoke
     before = _result_files(out)
@@ -92,6 +95,7 @@ def test_a_second_call_does_no_new_work(smoke, capsys):
     assert report == out / "v2" / "report.md"
 
 
+@pytest.mark.slow
 def test_a_folder_of_other_settings_is_refused(smoke, tmp_path):
     data, out, _ = smoke
     other = tmp_path / "other"
