@@ -35,7 +35,6 @@ from .core.config import (
     ProbeConfig,
     SegmentConfig,
     describe,
-    parse_overrides,
     resolve,
     to_dict,
 )
@@ -61,7 +60,7 @@ SUMMARY = {
     "methods": "list the method families (the fields each reads) and their presets",
     "bench": "benchmark training steps, data pipeline and memory; write a markdown report "
     "(repository tool: needs the checkout's benchmarks/)",
-    "reproduce": "run the papers' experiment suites (quick | standard | full), resumable; "
+    "reproduce": "run the papers' evidence suite (evidence | quick | full), resumable; "
     "writes report.md",
 }
 
@@ -317,51 +316,49 @@ def build_parser() -> argparse.ArgumentParser:
         description=SUMMARY["reproduce"]
         + "\n\n"
         + textwrap.dedent("""\
-        Figure 1 (CKA) and Tables 1-8 of Kong & Zhang plus MaskDistill at the scale of a
-        profile: 'quick' (mini ViT, ~1-1.5 h on 2 CPU cores) or 'full' (tiny ViT, all of
-        CIFAR-10, 100 pretraining epochs: meant for a GPU). Each sub-experiment is a run
-        directory under --out; re-running the same command skips finished ones and resumes an
-        interrupted one from its last checkpoint. Profile fields can be changed with
-        key=value (e.g. pretrain_epochs=1 small_ns=[1,10]); they are part of the suite's
-        identity, so a folder started with other settings is refused."""),
-    )
-    r.add_argument(
-        "overrides",
-        nargs="*",
-        metavar="field=value",
-        help="profile fields to change (see mimlab.experiments.quick.Profile)",
+        One engine (mimlab.experiments.evidence) tests the claims of Kong & Zhang and
+        MaskDistill. 'evidence' is protocol v2, run in stages into docs/results/standard/
+        (governed by the committed protocol.json). 'quick' is the same engine at the smoke
+        profile (micro ViT, 96 images, 2 units per arm: the CI smoke test, decides nothing);
+        'full' is the gpu profile (tiny ViT, all of CIFAR-10, long budgets: meant for a GPU).
+        A profile writes run directories and result files under --out and skips finished
+        sub-runs when run again; a folder started with other settings is refused.
+        Protocol v1 ('standard') is retired."""),
     )
     r.add_argument(
         "--suite",
         default="quick",
-        help="quick (smoke test) | standard (protocol v1, in stages) | evidence (protocol v2, "
-        "in stages) | full (default quick)",
+        help="evidence (protocol v2, in stages) | quick (smoke profile) | full (gpu profile) "
+        "(default quick)",
     )
     r.add_argument(
         "--stage",
         default=None,
-        help="standard suite: core | rmae | contrastive | cmae_variants | smalldata | augment; "
-        "evidence suite: protocol | ftbudget | core | contrastive | smalldata | rmae | augment | "
-        "cmae_variants",
+        help="evidence suite: protocol | ftbudget | core | contrastive | smalldata | rmae | "
+        "augment | cmae_variants | sampling | bench1000 | ftbudget-mae; quick / full: one of "
+        "the arm stages (default all)",
     )
     r.add_argument(
         "--results",
         default=None,
-        help="standard suite: folder of the small result files and report.md "
+        help="evidence suite: folder of protocol.json and the small result files "
         "(default docs/results/standard)",
     )
     r.add_argument(
         "--report-only",
         action="store_true",
-        help="standard suite: regenerate report.md from the result files only",
+        help="evidence suite: regenerate v2/report.md from the result files only",
     )
     r.add_argument(
         "--data",
         help="labelled dataset with train/ and test/ (default: the "
         "CIFAR-10 copy at ../shared/data/cifar10)",
     )
-    r.add_argument("--out", help="suite folder (default runs/reproduce-<suite>)")
-    r.add_argument("--progress", action="store_true", help="progress bars of every sub-run")
+    r.add_argument(
+        "--out",
+        help="run directories (evidence: default runs/standard); quick / full: the whole "
+        "output, result files and report included (default runs/reproduce-<suite>)",
+    )
     add_analysis_parsers(sub)  # analyze cka | psnr, visualize
     return ap
 
@@ -486,6 +483,40 @@ def _resolve_cmd(args, cls):
 
     # adopts a --pretrained source's model
     return resolve_run_config(cls, args.config, _cmd_overrides(args, cls), _recipe_base(args))
+
+
+#: ``mimlab reproduce --suite standard``: protocol v1's one line
+V1_RETIRED = (
+    "protocol v1 (--suite standard) is retired; its results are kept at "
+    "docs/results/standard/report.md; use --suite evidence (protocol v2)"
+)
+
+
+def _reproduce_profile(args) -> int:
+    """``mimlab reproduce --suite quick | full``: the evidence engine at a profile."""
+    if args.suite == "standard":
+        print(f"mimlab: error: {V1_RETIRED}", file=sys.stderr)
+        return 2
+    from .data.datasets import default_data_path  # lazy: CLI start-up speed (torch)
+    from .experiments.evidence.profiles import SUITES  # lazy: CLI start-up speed (torch)
+    from .experiments.evidence.suite import (  # lazy: CLI start-up speed (torch)
+        EvidenceError,
+        reproduce_profile,
+    )
+
+    try:
+        if args.suite not in SUITES:
+            raise EvidenceError(f"unknown suite '{args.suite}'; suites: evidence | quick | full")
+        data = args.data or default_data_path()
+        if not data:
+            raise EvidenceError("no dataset: pass --data PATH (a labelled ImageFolder)")
+        out = args.out or f"runs/reproduce-{args.suite}"
+        path = reproduce_profile(SUITES[args.suite], data, out, args.stage)
+    except EvidenceError as e:
+        print(f"mimlab: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    print(f"report: {path}")
+    return 0
 
 
 def run(argv: Optional[list[str]] = None) -> int:
@@ -619,54 +650,8 @@ def _run_command(argv: Optional[list[str]] = None) -> int:
                 return 2
             print(f"written: {path}")
             return 0
-        if args.command == "reproduce" and args.suite == "standard":
-            from .data.datasets import default_data_path  # lazy: CLI start-up speed (torch)
-            from .experiments.standard import (  # lazy: CLI start-up speed (torch-heavy suite)
-                StandardError,
-                reproduce_standard,
-            )
-
-            try:
-                ov = parse_overrides(list(args.overrides or []))
-                ov = {k: tuple(v) if isinstance(v, list) else v for k, v in ov.items()}
-                data = args.data or default_data_path()
-                if not data:
-                    raise StandardError("no dataset: pass --data PATH (CIFAR-10 ImageFolder)")
-                if args.stage is None and not args.report_only:
-                    raise StandardError(
-                        "--suite standard needs --stage (core | rmae | contrastive | "
-                        "cmae_variants | smalldata | augment) or --report-only"
-                    )
-                path = reproduce_standard(
-                    args.stage,
-                    data,
-                    args.out or "runs/standard",
-                    args.results or "docs/results/standard",
-                    args.progress,
-                    args.report_only,
-                    **ov,
-                )
-            except StandardError as e:
-                print(f"mimlab: error: {_one_line(e)}", file=sys.stderr)
-                return 2
-            print(f"report: {path}")
-            return 0
         if args.command == "reproduce":
-            from .experiments.quick import (  # lazy: CLI start-up speed (torch-heavy suite)
-                ReproduceError,
-                reproduce,
-            )
-
-            try:
-                ov = parse_overrides(list(args.overrides or []))
-                ov = {k: tuple(v) if isinstance(v, list) else v for k, v in ov.items()}
-                path = reproduce(args.suite, args.data, args.out, args.progress, ov)
-            except ReproduceError as e:
-                print(f"mimlab: error: {_one_line(e)}", file=sys.stderr)
-                return 2
-            print(f"report: {path}")
-            bad = json.loads((path.parent / "summary.json").read_text())["subruns"]
-            return 1 if any(v["status"] in ("failed", "blocked") for v in bad.values()) else 0
+            return _reproduce_profile(args)
         if args.command == "flops":
             from .analysis.flops import run_cli as flops_cli  # lazy: CLI start-up speed (torch)
 

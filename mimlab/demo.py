@@ -6,7 +6,7 @@ Data: ``--data PATH`` (ImageFolder or plain folder), else the CIFAR-10 copy at
 
 Budget: the ``mini`` ViT (patch 4, 32 px), batch 128, base lr 1.5e-3, and :data:`DEMO_STEPS`
 optimizer steps (5 epochs of a 10,000-image CIFAR-10 subset). The learning curves of this
-recipe measured by the standard suite's ``core`` stage (``mimlab reproduce --suite standard``)
+recipe measured by protocol v1's ``core`` stage (``docs/results/standard/report.md``)
 put the point where MAE's k-NN accuracy passes a random initialisation's between 156 and 312
 steps, so the demo trains past it; fewer steps can show MAE *below* random
 init, which says nothing about MAE. A labelled data set is evaluated with k-NN for the MAE

@@ -310,6 +310,25 @@ def test_a_margin_needs_mae_and_random_init(tmp_path):
     assert psnr["diff"]["mean"] == pytest.approx(1.0)
 
 
+def test_no_gain_of_mae_leaves_an_approx_claim_not_measured(tmp_path):
+    """MAE level with random init gives an '≈' margin of 0 (a fraction of no gain): the claim
+    is 'not measured', saying why, instead of raising (seen at the smoke profile's epoch 1)."""
+    from mimlab.experiments.evidence.verdicts import judge
+
+    p = _toy_protocol()
+    for arm, stage in (("random", "core"), ("mae", "core"), ("cmae", "contrastive")):
+        for s in (0, 1):
+            f = tmp_path / "v2" / stage / "ft" / f"{arm}-s{s}.json"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps({"top1": 40.0 + s}))
+            f = tmp_path / "v2" / stage / "lp_cls" / f"{arm}-s{s}.json"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps({"top1": 30.0 + s}))
+    j = judge(tmp_path, p, "c")
+    assert j["verdict"] == "not measured"
+    assert j["missing"] == ["the margin of cmae vs mae: MAE's gain over random init is 0"]
+
+
 def test_claim_e_reads_supervised_cka_from_random_inits_fine_tunes(tmp_path):
     """Claim (e)'s 'supervised' units are random init's fine-tunes (their recorded CKA); the
     pretrained arms' units are their CKA files; the effect margin is the protocol's."""

@@ -1,198 +1,152 @@
-"""``mimlab reproduce``: the quick suite runs end to end at micro scale, records failures without
-stopping, resumes (finished sub-runs skipped), refuses a folder of other settings, and its
-ordering checks say what the numbers say."""
+"""``mimlab reproduce --suite quick``: the evidence engine at the smoke profile runs every stage
+end to end into --out (run directories and result files), resumes without new work, writes a
+report with a verdict row per claim, and refuses a folder of other settings; the profiles
+derive from protocol v2 without touching it; ``--suite standard`` is retired in one line."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 
 from mimlab import cli
-from mimlab.experiments.quick import (
-    QUICK,
-    Outcome,
-    ReproduceError,
-    Suite,
-    ordering_checks,
-    reproduce,
-)
+from mimlab.experiments.evidence.arms import ARMS, CLAIMS, STAGES
+from mimlab.experiments.evidence.profiles import PROFILES, SUITES
+from mimlab.experiments.evidence.protocol import PROTOCOL
+from mimlab.experiments.evidence.suite import EvidenceError, reproduce_profile
 from tests.conftest import make_imagefolder
-
-MICRO = dict(
-    preset="micro",
-    methods=("mae", "rmae"),
-    pretrain_images=None,
-    pretrain_epochs=1,
-    batch=8,
-    ft_images=None,
-    ft_epochs=1,
-    fewshot_epochs=1,
-    eval_images=30,
-    lp_epochs=2,
-    psnr_images=8,
-    cka_images=8,
-    small_ns=(1,),
-    small_steps=2,
-    sampling_n=10,
-    teacher_size=None,
-    workers=0,
-)
 
 
 @pytest.fixture(scope="module")
-def ten_classes(tmp_path_factory) -> Path:
-    return make_imagefolder(tmp_path_factory.mktemp("ten"), classes=10, per_class=12)
+def smoke(tmp_path_factory):
+    """One smoke run through the CLI (10 classes, 100 training images) and its files."""
+    root = tmp_path_factory.mktemp("smoke")
+    data = make_imagefolder(root / "data", classes=10, per_class=10)
+    out = root / "out"
+    rc = cli.run(["reproduce", "--suite", "quick", "--data", str(data), "--out", str(out)])
+    return data, out, rc
 
 
-def test_suite_records_failure_then_resumes(ten_classes, tmp_path, monkeypatch, capsys):
-    out = tmp_path / "suite"
-    real = Suite.pretrain
-
-    def broken(self, name, method, extra):
-        if method == "rmae":
-            raise RuntimeError("simulated crash in R-MAE pretraining")
-        return real(self, name, method, extra)
-
-    monkeypatch.setattr(Suite, "pretrain", broken)
-    report = reproduce("quick", str(ten_classes), str(out), overrides=MICRO)
-    runs = json.loads((out / "summary.json").read_text())["subruns"]
-    assert runs["pretrain/rmae"]["status"] == "failed"
-    assert "simulated crash" in (out / "pretrain" / "rmae" / "FAILED.txt").read_text()
-    for dep in ("ft/rmae", "fewshot/rmae", "linprobe/rmae", "knn/rmae", "psnr/rmae"):
-        assert runs[dep]["status"] == "blocked", dep
-    # everything else ran
-    others = {k: v for k, v in runs.items() if "rmae" not in k}
-    assert {v["status"] for v in others.values()} == {"done"}, others
-    text = report.read_text()
-    assert "| MAE |" in text and "failed" in text
-
-    # second invocation: the failure is fixed; finished sub-runs are not redone
-    monkeypatch.setattr(Suite, "pretrain", real)
-    capsys.readouterr()
-    report = reproduce("quick", str(ten_classes), str(out), overrides=MICRO)
-    printed = capsys.readouterr().out
-    runs = json.loads((out / "summary.json").read_text())["subruns"]
-    assert runs["pretrain/rmae"]["status"] == "done"
-    assert runs["ft/rmae"]["status"] == "done" and runs["psnr/rmae"]["status"] == "done"
-    assert runs["pretrain/mae"]["status"] == "skipped"
-    assert "pretrain/mae: already done" in printed
-    assert not (out / "pretrain" / "rmae" / "FAILED.txt").exists()
-
-    # the report carries our numbers, the paper's beside them, and the plots
-    text = report.read_text()
-    mae_row = next(ln for ln in text.splitlines() if ln.startswith("| MAE |"))
-    cells = [c.strip() for c in mae_row.strip("|").split("|")]
-    ft = float(cells[3])
-    assert ft == pytest.approx(runs["ft/mae"]["result"]["top1"], abs=0.01)
-    assert cells[8] == "83.1" and cells[9] == "22.2"  # Table 1: MAE FT, PSNR
-    assert float(cells[7]) == pytest.approx(runs["psnr/mae"]["result"]["psnr"], abs=0.01)
-    for f in (
-        "accuracy.png",
-        "small_data.png",
-        "cka/cka.csv",
-        "psnr/mae/grid.png",
-        "psnr/rmae/grid.png",
-    ):
-        assert (out / f).is_file(), f
-    assert "![accuracy per method](accuracy.png)" in text
-    # CKA last-block table has one row per analysed model with values in [0, 1]
-    cka_rows = [
-        ln
-        for ln in text.split("## Figure 1")[1].split("##")[0].splitlines()
-        if ln.startswith("| ") and not ln.startswith("| model")
-    ]
-    labels = [r.split("|")[1].strip() for r in cka_rows]
-    assert {"MAE", "R-MAE", "supervised", "random init"} <= set(labels)
-    for r in cka_rows:
-        for v in r.strip("|").split("|")[1:]:
-            assert 0.0 <= float(v) <= 1.0 + 1e-6
-    # small-data rows: the sampling strategies of Table 7 and the photo
-    for tag in ("n1-random", "n10-one_class", "n10-one_per_class", "n10-random", "photo-astronaut"):
-        r = runs[f"small/ft-{tag}"]
-        assert r["status"] == "skipped", tag  # finished in the first invocation
-        assert 0.0 <= r["result"]["top1"] <= 100.0
-
-    # a different profile in the same folder is refused, naming the field
-    with pytest.raises(ReproduceError, match="ft_epochs"):
-        reproduce("quick", str(ten_classes), str(out), overrides={**MICRO, "ft_epochs": 2})
-
-
-def test_small_data_subsets_follow_table7(ten_classes, tmp_path):
-    """The one_class run really sees one class, one_per_class all ten (config of the run)."""
-    from mimlab.core.config import DataConfig, from_dict
-    from mimlab.data.datasets import build_dataset
-
-    s = Suite(QUICK, str(ten_classes), tmp_path)
-    runs = dict(s.small_data_runs())
-    assert set(runs) >= {
-        "n1-random",
-        "n10-random",
-        "n10-one_class",
-        "n10-one_per_class",
-        "photo-astronaut",
+def _result_files(out: Path) -> dict:
+    return {
+        str(f.relative_to(out)): (f.read_bytes(), f.stat().st_mtime_ns)
+        for f in sorted((out / "v2").rglob("*.json"))
+        if f.name != "summary.json"  # the report's own summary, rewritten with the report
     }
-    for tag, n_classes in (("n10-one_class", 1), ("n10-one_per_class", 10)):
-        ov = dict(e.split("=", 1) for e in runs[tag])
-        dc = from_dict(
-            DataConfig,
-            {"path": str(ten_classes), "limit": int(ov["data.limit"]), "subset": ov["data.subset"]},
-        )
-        ds = build_dataset(dc, "train", 32, 3, 0, train_aug=False, labelled=True)
-        assert len(ds) == 10
-        assert len({int(ds[i][1]) for i in range(len(ds))}) == n_classes
 
 
-def test_bad_arguments_are_clear(ten_classes, tmp_path, capsys):
-    with pytest.raises(ReproduceError, match="quick | full"):
-        reproduce("medium", str(ten_classes), str(tmp_path / "a"))
-    with pytest.raises(ReproduceError, match="unknown profile field"):
-        reproduce("quick", str(ten_classes), str(tmp_path / "b"), overrides={"epochz": 1})
+@pytest.mark.slow
+def test_smoke_runs_every_stage_into_its_out_folder(smoke):
+    data, out, rc = smoke
+    assert rc == 0
+    files = _result_files(out)
+    # every arm of every stage: its pretraining run(s), fine-tunes and probes, 2 units each
+    for arm in (a for arms, _ in STAGES.values() for a in arms):
+        stage = next(s for s, (arms, _) in STAGES.items() if arm in arms)
+        for kind in ("pretrain", "ft", "lp_cls", "knn"):
+            for seed in (0, 1):
+                assert f"v2/{stage}/{kind}/{arm}-s{seed}.json" in files, (kind, arm, seed)
+    for path in (
+        "v2/core/cka/mae-s1.json",  # CKA with its bootstrap interval
+        "v2/core/psnr/mae-s1.json",  # PSNR
+        "v2/smalldata/earlystop/mae_n10-s1.json",  # early stop of a small-data arm
+        "v2/smalldata/ft/mae_n10-s1-full.json",  # and its full-budget fine-tune beside it
+        "v2/bench1000/pretrain/supervised_n1000-s1.json",  # the supervised arm
+        "v2/bench1000/ft/supervised_n1000-s1-lf0.1.json",  # 10 %-label fine-tune
+        "v2/augment/teacher_targets.json",  # MaskDistill's target diversity
+        "v2/contrastive/lrcheck/mocov3.json",  # pretraining-lr check
+    ):
+        assert path in files, path
+    es = json.loads(files["v2/smalldata/earlystop/mae_n10-s1.json"][0])
+    assert es["budget_steps"] == PROFILES["smoke"]()["pretrain"]["steps"]
+    assert Path(es["checkpoint"]).is_relative_to(out / "runs")
+    # the run directories are under --out too, and nothing was written beside the data
+    assert (out / "runs" / "v2" / "core" / "pretrain" / "mae-s0").is_dir()
+    assert sorted(p.name for p in data.iterdir()) == ["test", "train"]
+    assert json.loads((out / "protocol.json").read_text())["profile"] == "smoke"
+
+
+@pytest.mark.slow
+def test_smoke_report_says_it_decides_nothing_with_a_row_per_claim(smoke):
+    _, out, _ = smoke
+    text = (out / "v2" / "report.md").read_text()
+    assert "smoke profile: decides nothing" in text
+    verdicts = text.split("## Verdicts\n")[1].split("\n## ")[0]
+    for claim in CLAIMS:
+        row = next(ln for ln in verdicts.splitlines() if ln.startswith(f"| ({claim}) "))
+        assert row.rstrip().endswith("** |"), row  # the verdict cell, e.g. **undecided**
+    # claim (a) has every unit at the smoke profile: a verdict from 2 MAE runs vs 2 FT seeds
+    summary = json.loads((out / "v2" / "summary.json").read_text())
+    assert summary["a"]["verdict"] in ("reproduced", "not reproduced", "undecided")
+    diff = summary["a"]["tests"][0]["diff"]
+    assert len(diff["a_units"]) == 2 and len(diff["b_units"]) == 2
+
+
+@pytest.mark.slow
+def test_a_second_call_does_no_new_work(smoke, capsys):
+    data, out, _ = smoke
+    before = _result_files(out)
+    capsys.readouterr()
+    report = reproduce_profile("smoke", str(data), str(out))
+    assert "running" not in capsys.readouterr().out
+    assert _result_files(out) == before  # same files, same bytes, not rewritten
+    assert report == out / "v2" / "report.md"
+
+
+@pytest.mark.slow
+def test_a_folder_of_other_settings_is_refused(smoke, tmp_path):
+    data, out, _ = smoke
+    other = tmp_path / "other"
+    other.mkdir()
+    p = PROFILES["smoke"]()
+    p["ft_epochs"]["value"] = 3
+    (other / "protocol.json").write_text(json.dumps(p))
+    with pytest.raises(EvidenceError, match="ft_epochs"):
+        reproduce_profile("smoke", str(data), str(other))
+
+
+def test_profiles_derive_from_protocol_v2_without_changing_it():
+    before = copy.deepcopy(PROTOCOL)
+    for name, make in PROFILES.items():
+        p = make()
+        assert p["profile"] == name and p["version"] == PROTOCOL["version"]
+        assert set(p["pretrain_runs"]) == set(PROTOCOL["pretrain_runs"])
+        pre = p["pretrain"]
+        assert pre["steps"] == pre["epochs"] * (p["pool"]["images"] // pre["batch"])
+        p["pretrain_runs"]["mae"] = 99  # a fresh copy: nothing leaks into PROTOCOL
+    assert PROTOCOL == before and "profile" not in PROTOCOL
+    assert SUITES == {"quick": "smoke", "full": "gpu"}
+    gpu = PROFILES["gpu"]()
+    assert gpu["model"] == "tiny" and gpu["pool"]["images"] == 50000
+    assert min(gpu["pretrain_runs"].values()) >= 3 and gpu["ft_epochs"]["value"] >= 20
+
+
+def test_the_ema_schedule_follows_the_profiles_run_length():
+    from mimlab.experiments.evidence.runner import Runner
+
+    def m0(p: dict) -> str:
+        ov = Runner(p, "d", Path("r"), Path("s")).pretrain_overrides("contrastive", "cmae", 0)
+        return next(o for o in ov if o.startswith("method.ema_momentum="))
+
+    assert m0(PROTOCOL) == "method.ema_momentum=0.1987"  # 1 - 1 / (0.002 x 624)
+    assert m0(PROFILES["gpu"]()) == "method.ema_momentum=0.9744"  # 19,500 steps
+    assert ARMS["cmae"].ema and not ARMS["mae"].ema
+
+
+def test_bad_arguments_are_one_line(tmp_path, capsys):
     flat = tmp_path / "flat"
     flat.mkdir()
-    with pytest.raises(ReproduceError, match="train/ and test/"):
-        reproduce("quick", str(flat), str(tmp_path / "c"))
-    rc = cli.run(
-        ["reproduce", "--suite", "quick", "--data", str(flat), "--out", str(tmp_path / "d")]
-    )
-    assert rc == 2
+    argv = ["reproduce", "--data", str(flat), "--out", str(tmp_path / "o")]
+    assert cli.run([*argv, "--suite", "quick"]) == 2
     assert "train/ and test/" in capsys.readouterr().err
-
-
-def _suite_with(tmp_path, values: dict) -> Suite:
-    s = Suite(QUICK, "data", tmp_path)
-    for name, top1 in values.items():
-        s.outcomes[name] = Outcome(name, "done", {"top1": top1})
-    return s
-
-
-def _row(rows, start):
-    return next(r for r in rows if r.startswith(f"| {start}"))
-
-
-def test_ordering_checks_follow_the_numbers(tmp_path):
-    s = _suite_with(
-        tmp_path,
-        {
-            "ft/random": 50.0,
-            "ft/mae": 60.0,
-            "ft/rmae": 59.5,
-            "ft/cmae": 55.0,
-            "linprobe/mae": 40.0,
-            "linprobe/cmae": 45.0,
-            "linprobe/mocov3": 30.0,
-            "ft/mocov3": 58.0,
-        },
-    )
-    rows = ordering_checks(s, noise=None)
-    assert "| yes |" in _row(rows, "MAE > random init on FT")
-    assert "| yes |" in _row(rows, "R-MAE ≈ MAE")  # 0.5 apart, tolerance 1
-    assert "| **no** |" in _row(rows, "C-MAE ≈ MAE")  # 5 apart
-    assert "| **no** |" in _row(rows, "MAE > C-MAE on linear probe")
-    assert "| **no** |" in _row(rows, "MoCo v3 > MAE on linear probe")
-    assert "| yes |" in _row(rows, "MAE > MoCo v3 on FT")
-    assert "| n/a |" in _row(rows, "R-MAE† ≈ MAE")  # not run
-    # a larger seed spread widens "approximately equal"
-    rows = ordering_checks(s, noise=3.0)
-    assert "| yes |" in _row(rows, "C-MAE ≈ MAE") and "±6.00" in _row(rows, "C-MAE ≈ MAE")
+    assert cli.run([*argv, "--suite", "medium"]) == 2
+    assert "unknown suite 'medium'" in capsys.readouterr().err
+    assert cli.run([*argv, "--suite", "quick", "--stage", "nope"]) == 2
+    assert "unknown stage 'nope'" in capsys.readouterr().err
+    assert cli.run([*argv, "--suite", "standard"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "protocol v1" in err and "retired" in err
+    assert "docs/results/standard/report.md" in err and "--suite evidence" in err
+    assert not (tmp_path / "o").exists()

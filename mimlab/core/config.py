@@ -51,7 +51,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
         decoder_depth=1,
         decoder_num_heads=2,
     ),
-    # reduced CIFAR ViT for CPU experiment suites (`mimlab reproduce --suite quick`)
+    # reduced CIFAR ViT for the CPU evidence suite (`mimlab reproduce --suite evidence`)
     "mini": dict(
         img_size=32,
         patch_size=4,

@@ -1,9 +1,7 @@
-"""Experiment suites built on mimlab's commands (the commands layer: nothing in the library
-below ``mimlab.cli`` imports this package), each declared as data at the top of its module:
-
-* ``standard``: the papers' claims at a budget that decides them, with seeds and confidence
-  intervals (``mimlab reproduce --suite standard``; arms, stages, claims);
-* ``quick``: Figure 1 and Tables 1-8 of Kong & Zhang plus MaskDistill in one resumable run at
-  the scale of a profile (``mimlab reproduce --suite quick | full``; the papers' numbers,
-  profiles); ``quick`` is a smoke test that decides nothing;
-* ``common``: what both share (reading a sub-run's result file, last-block CKA)."""
+"""The papers' experiment suite (the commands layer: nothing in the library below
+``mimlab.cli`` imports this package): one engine, :mod:`.evidence`, with its arms, stages and
+claims declared as data. ``mimlab reproduce --suite evidence`` runs protocol v2 in stages;
+``--suite quick`` and ``--suite full`` run the same engine at a profile
+(:mod:`.evidence.profiles`: ``smoke``, the CI smoke test that decides nothing, and ``gpu``).
+Protocol v1 (``--suite standard``) is retired; its report is kept at
+``docs/results/standard/report.md``."""

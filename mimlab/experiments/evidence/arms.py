@@ -10,13 +10,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..standard import _NOMASK, _SMALL_AUG, _lr_scale
+from ...core.paper_settings import paper_optim
 from .protocol import PROTOCOL, ema_m0
 
 
-def _ema() -> tuple:
-    s = PROTOCOL["settings"]["ema"]
-    steps = PROTOCOL["pretrain"]["steps"]
+def _lr_scale(method: str) -> float:
+    """The paper's pretraining lr of ``method`` relative to MAE's (the suite's lr is MAE's
+    times this ratio)."""
+    return paper_optim(method)["base_lr"] / paper_optim("mae")["base_lr"]
+
+
+#: small-data pretraining: the stronger augmentation of the paper's few-image runs
+_SMALL_AUG = ("data.crop_scale=[0.08,1.0]",)
+#: Table 5 without patch masking: the strongest remaining composition (cutmix + jitter)
+_NOMASK = ("method.mask=none", "method.cutmix=true", "method.color_jitter=after_mask")
+
+
+def ema_overrides(protocol: dict) -> tuple:
+    """The cosine EMA schedule whose starting time constant is the protocol's fraction of its
+    pretraining run (appended to an arm's overrides when ``Arm.ema``)."""
+    s = protocol["settings"]["ema"]
+    steps = protocol["pretrain"]["steps"]
     return (
         "method.ema_schedule=cosine",
         f"method.ema_momentum={ema_m0(steps, s['fraction_of_run']):.4f}",
@@ -32,7 +46,8 @@ def _teacher() -> tuple:
 class Arm:
     """``method`` preset (``supervised``: a fine-tune of random init on the labelled images),
     ``overrides`` (after the suite's), ``lr_scale`` x MAE's base lr, ``small``: pretrain on N
-    training images at the same step budget, drawn with ``subset`` (``data.subset``)."""
+    training images at the same step budget, drawn with ``subset`` (``data.subset``); ``ema``:
+    the protocol's EMA schedule (:func:`ema_overrides`, after ``overrides``)."""
 
     method: str
     overrides: tuple = ()
@@ -40,11 +55,12 @@ class Arm:
     label: str = ""
     small: int = 0
     subset: str = "random"
+    ema: bool = False
 
 
 ARMS = {
     "mae": Arm("mae", label="MAE"),
-    "cmae": Arm("cmae", _ema(), _lr_scale("cmae"), "C-MAE"),
+    "cmae": Arm("cmae", (), _lr_scale("cmae"), "C-MAE", ema=True),
     "mocov3": Arm("mocov3", ("optim.weight_decay=0.1",), label="MoCo v3"),
     "rmae": Arm("rmae", (), _lr_scale("rmae"), "R-MAE"),
     "rmae_indep": Arm("rmae_indep", (), _lr_scale("rmae_indep"), "R-MAE†"),
@@ -52,11 +68,13 @@ ARMS = {
     "maskdistill": Arm("maskdistill", _teacher(), label="MaskDistill (EfficientNet-Lite0)"),
     "mae_nomask": Arm("mae", _NOMASK, label="MAE w/o masking (cutmix + jitter)"),
     "cmae_nomask_aug": Arm(
-        "cmae", _NOMASK + _ema(), _lr_scale("cmae"), "C-MAE w/o masking (cutmix + jitter)"
+        "cmae", _NOMASK, _lr_scale("cmae"), "C-MAE w/o masking (cutmix + jitter)", ema=True
     ),
-    "cmae_cls": Arm("cmae_cls", _ema(), _lr_scale("cmae"), "C-MAE, loss on the class token"),
-    "cmae_avg": Arm("cmae_avg", _ema(), _lr_scale("cmae"), "C-MAE, loss on the token average"),
-    "cmae_nomask": Arm("cmae_nomask", _ema(), _lr_scale("cmae"), "C-MAE without mask tokens"),
+    "cmae_cls": Arm("cmae_cls", (), _lr_scale("cmae"), "C-MAE, loss on the class token", ema=True),
+    "cmae_avg": Arm(
+        "cmae_avg", (), _lr_scale("cmae"), "C-MAE, loss on the token average", ema=True
+    ),
+    "cmae_nomask": Arm("cmae_nomask", (), _lr_scale("cmae"), "C-MAE without mask tokens", ema=True),
     **{
         f"mae_n{n}": Arm("mae", _SMALL_AUG, label=f"MAE on {n} image{'s' * (n > 1)}", small=n)
         for n in (1, 10, 100, 1000)
@@ -76,12 +94,7 @@ ARMS = {
         "rmae", _SMALL_AUG, _lr_scale("rmae"), "R-MAE on 1000 images", 1000, "one_per_class"
     ),
     "cmae_n1000": Arm(
-        "cmae",
-        _SMALL_AUG + _ema(),
-        _lr_scale("cmae"),
-        "C-MAE on 1000 images",
-        1000,
-        "one_per_class",
+        "cmae", _SMALL_AUG, _lr_scale("cmae"), "C-MAE on 1000 images", 1000, "one_per_class", True
     ),
     "mocov3_n1000": Arm(
         "mocov3",

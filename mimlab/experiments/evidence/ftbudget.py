@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Optional
 
-from ..common import read_result
+from .files import read_result
 from .protocol import PROTOCOL
 from .runner import Runner
 
@@ -38,12 +38,12 @@ def run_ftbudget(runner: Runner, inits: tuple = ("random",)) -> dict:
     for init, epochs in SCHEDULES:
         if init not in inits:
             continue
-        if epochs in (10, 30) and not _twenty_passes(out):
+        if epochs in (10, 30) and not _twenty_passes(out, runner.protocol):
             continue  # 10 can only be chosen when 20 already reaches the plateau
         ck = (lambda: runner.checkpoint("ftbudget", "mae", 0)) if init == "mae" else None
         at = sorted({e for e in (*runner.protocol["ft_eval_at_epochs"], 30, 40, 60) if e < epochs})
         runner.ft_run(f"ftbudget/{init}-e{epochs}", "ftbudget/ft", ck, 0, epochs, at, holdout=True)
-    return choose_budget(out)
+    return choose_budget(out, runner.protocol)
 
 
 def _check(top: dict, b: int, tol: float) -> Optional[dict]:
@@ -62,16 +62,16 @@ def _held_out_top1(out: Path) -> dict:
     return top
 
 
-def _twenty_passes(out: Path) -> bool:
-    c = _check(_held_out_top1(out), 20, PROTOCOL["ft_epochs"]["tolerance_points"])
+def _twenty_passes(out: Path, protocol: dict) -> bool:
+    c = _check(_held_out_top1(out), 20, protocol["ft_epochs"]["tolerance_points"])
     return bool(c and c["ok"])
 
 
-def choose_budget(out: Path) -> dict:
+def choose_budget(out: Path, protocol: dict = PROTOCOL) -> dict:
     """Protocol v2's rule applied to the pilot's result files in ``out``: B = 20 when random init
     at 20 epochs is within the tolerance of 60 epochs, B = 10 when 10 is also within it of 30;
     when 20 is not, B = 20 all the same (the longest affordable) and the gap is reported."""
-    rule = PROTOCOL["ft_epochs"]
+    rule = protocol["ft_epochs"]
     top = _held_out_top1(out)
     c20, c10 = (_check(top, b, rule["tolerance_points"]) for b in (20, 10))
     chosen: Optional[int] = None

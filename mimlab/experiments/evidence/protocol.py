@@ -196,11 +196,15 @@ def protocol_path(results: Path) -> Path:
     return Path(results) / "protocol.json"
 
 
-def write_protocol(results: Path) -> Path:
-    """Write :data:`PROTOCOL` as ``<results>/protocol.json``."""
+def _plain(protocol: dict) -> dict:
+    return json.loads(json.dumps(protocol))
+
+
+def write_protocol(results: Path, protocol: dict = PROTOCOL) -> Path:
+    """Write ``protocol`` (default :data:`PROTOCOL`) as ``<results>/protocol.json``."""
     path = protocol_path(results)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(PROTOCOL, indent=1) + "\n")
+    path.write_text(json.dumps(protocol, indent=1) + "\n")
     return path
 
 
@@ -208,15 +212,32 @@ class ProtocolMismatch(Exception):
     """The committed protocol.json differs from the code's protocol."""
 
 
-def check_committed(results: Path) -> dict:
-    """The committed protocol, which must equal :data:`PROTOCOL`."""
+def check_committed(results: Path, protocol: dict = PROTOCOL) -> dict:
+    """The committed protocol, which must equal ``protocol`` (default :data:`PROTOCOL`)."""
     path = protocol_path(results)
     if not path.is_file():
         raise ProtocolMismatch(f"{path} is missing: write and commit the protocol before its runs")
     committed = json.loads(path.read_text())
-    if committed != json.loads(json.dumps(PROTOCOL)):
+    if committed != _plain(protocol):
         raise ProtocolMismatch(
             f"{path} differs from mimlab/experiments/evidence/protocol.py: a protocol change "
             "needs a new version and reruns of what it governs"
         )
     return committed
+
+
+def claim_folder(results: Path, protocol: dict) -> dict:
+    """A profile's output folder (not the committed v2 results): the first run writes the
+    profile's protocol into it, a later run must find the same one (a folder started with other
+    settings is refused, naming the fields that differ)."""
+    path = protocol_path(results)
+    if not path.is_file():
+        write_protocol(results, protocol)
+    found = json.loads(path.read_text())
+    if found != _plain(protocol):
+        keys = sorted(k for k in {*found, *protocol} if found.get(k) != _plain(protocol).get(k))
+        raise ProtocolMismatch(
+            f"{results} was started with other settings (different: {', '.join(keys)}); "
+            "use another --out"
+        )
+    return found

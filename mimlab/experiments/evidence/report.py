@@ -6,8 +6,8 @@ import json
 import time
 from pathlib import Path
 
-from ..common import read_result
 from .arms import ARMS, CLAIMS, STAGES
+from .files import read_result
 from .ftbudget import choose_budget
 from .verdicts import judge, values
 
@@ -79,18 +79,33 @@ def _wall(results: Path, stage: str) -> float:
     return total
 
 
-def write_report(results: Path, protocol: dict) -> Path:
-    res = Path(results)
-    out = res / "v2" / "report.md"
-    budget = choose_budget(res / "v2" / "ftbudget")
-    b = protocol["ft_epochs"]["value"]
-    lines = [
-        "# Evidence suite, protocol v2",
+def _head(res: Path, protocol: dict) -> list[str]:
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    if "profile" not in protocol:  # protocol v2 itself
+        return [
+            "# Evidence suite, protocol v2",
+            "",
+            f"Generated {when} from the result files under `docs/results/standard/v2/` "
+            "(`mimlab reproduce --suite evidence --report-only`). Protocol: "
+            "[protocol.md](../protocol.md), `protocol.json`.",
+            "",
+        ]
+    name = protocol["profile"]
+    return [
+        f"# Evidence engine, {name} profile",
         "",
-        f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} from the result files "
-        "under `docs/results/standard/v2/` (`mimlab reproduce --suite evidence --report-only`). "
-        "Protocol: [protocol.md](../protocol.md), `protocol.json`.",
+        f"**{protocol['note']}**",
         "",
+        f"Generated {when} from the result files under `{res / 'v2'}`; the profile's protocol "
+        f"(protocol v2 at model `{protocol['model']}`, {protocol['pool']['images']} pool images, "
+        f"{protocol['pretrain']['steps']} pretraining steps, units per arm "
+        f"{max(protocol['pretrain_runs'].values())}) is `{res / 'protocol.json'}`.",
+        "",
+    ]
+
+
+def _pilot(budget: dict) -> list[str]:
+    return [
         "## Pilot P1: fine-tuning budget (held-out split; enters no verdict)",
         "",
         "| schedule | held-out top-1 |",
@@ -105,15 +120,28 @@ def write_report(results: Path, protocol: dict) -> Path:
             else "(not decided yet: schedules still to run)"
         ),
         "",
-        "## Verdicts",
-        "",
-        f"Budget: pretraining {protocol['pretrain']['epochs']} epochs "
-        f"({protocol['pretrain']['steps']} steps), fine-tuning {b or '(not fixed)'} epochs; "
-        "Welch 95 % intervals on per-run values, Holm within a claim.",
-        "",
-        "| claim | paper | ours: difference [95 % CI] per sub-test | verdict |",
-        "|---|---|---|---|",
     ]
+
+
+def write_report(results: Path, protocol: dict) -> Path:
+    res = Path(results)
+    out = res / "v2" / "report.md"
+    budget = choose_budget(res / "v2" / "ftbudget", protocol)
+    b = protocol["ft_epochs"]["value"]
+    lines = (
+        _head(res, protocol)
+        + (_pilot(budget) if "profile" not in protocol else [])
+        + [
+            "## Verdicts",
+            "",
+            f"Budget: pretraining {protocol['pretrain']['epochs']} epochs "
+            f"({protocol['pretrain']['steps']} steps), fine-tuning {b or '(not fixed)'} epochs; "
+            "Welch 95 % intervals on per-run values, Holm within a claim.",
+            "",
+            "| claim | paper | ours: difference [95 % CI] per sub-test | verdict |",
+            "|---|---|---|---|",
+        ]
+    )
     summary = {}
     for c, (text, paper, _) in CLAIMS.items():
         j = judge(res, protocol, c) if b else {"verdict": "not measured", "tests": []}

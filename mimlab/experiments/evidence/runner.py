@@ -7,7 +7,6 @@ machine is retrained when a pending sub-run needs it (pretraining is determinist
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -20,8 +19,8 @@ from ...analysis.cka_interval import occlusion_cka
 from ...analysis.recon import analyze_psnr
 from ...analysis.teacher_targets import teacher_target_diversity
 from ...core.config import FinetuneConfig, PretrainConfig, ProbeConfig, resolve
-from ..common import read_result
-from .arms import ARMS, CKA_ARMS, FT10, PSNR_ARMS, Arm, stage_of
+from .arms import ARMS, CKA_ARMS, FT10, PSNR_ARMS, Arm, ema_overrides, stage_of
+from .files import read_result, write_result
 
 HOLDOUT = 0.2  # the class-balanced part of the pool held out for choices (never test)
 #: small-data arms: the stopping points tried, as fractions of the step budget
@@ -98,11 +97,7 @@ class Runner:
         print(f"[evidence] {name}: running ...", flush=True)
         t0 = time.time()
         res = {**fn(), "wall_seconds": round(time.time() - t0, 1), "protocol": 2}
-        f = self._file(name)
-        f.parent.mkdir(parents=True, exist_ok=True)
-        tmp = f.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(res, indent=1, default=str))
-        tmp.replace(f)
+        write_result(self._file(name), res)
         print(f"[evidence] {name}: done in {time.time() - t0:.0f} s", flush=True)
         return res
 
@@ -136,6 +131,7 @@ class Runner:
             "run.log_every=20",
             "run.save_every_steps=100",
             *arm.overrides,
+            *(ema_overrides(p) if arm.ema else ()),
         ]
 
     def checkpoint(self, stage: str, arm_name: str, seed: int) -> str:

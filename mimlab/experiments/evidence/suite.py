@@ -9,6 +9,10 @@
 
 Every stage but ``protocol`` refuses to run until the committed ``protocol.json`` equals the
 code's; every stage ends by regenerating ``v2/report.md`` (also ``--report-only``).
+
+:func:`reproduce_profile` runs the same engine with a profile (:mod:`.profiles`: ``--suite
+quick`` is ``smoke``, ``--suite full`` is ``gpu``) into its own folder, run directories and
+result files alike.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ from typing import Optional
 
 from .arms import STAGES as ARM_STAGES
 from .ftbudget import run_ftbudget
-from .protocol import PROTOCOL, ProtocolMismatch, check_committed, write_protocol
+from .profiles import PROFILES
+from .protocol import PROTOCOL, ProtocolMismatch, check_committed, claim_folder, write_protocol
 from .report import write_report
 from .runner import EvidenceError, Runner
 
 STAGES = ("protocol", "ftbudget", *ARM_STAGES, "ftbudget-mae")
 
-__all__ = ["EvidenceError", "STAGES", "reproduce_evidence"]
+__all__ = ["EvidenceError", "STAGES", "reproduce_evidence", "reproduce_profile"]
 
 
 def reproduce_evidence(
@@ -53,3 +58,34 @@ def reproduce_evidence(
     elif stage is not None:
         runner.run_stage(stage, ARM_STAGES[stage][0])
     return write_report(res, PROTOCOL)
+
+
+def reproduce_profile(
+    profile: str,
+    data: str,
+    out: str,
+    stage: Optional[str] = None,
+    workers: Optional[int] = None,
+) -> Path:
+    """Run every stage of the engine (or ``stage`` alone) with ``profile``'s protocol: result
+    files under ``<out>/v2/``, run directories under ``<out>/runs/``, the report at
+    ``<out>/v2/report.md`` (returned). Finished sub-runs are skipped, so a second call resumes
+    (and does no new work once everything is done)."""
+    if profile not in PROFILES:
+        raise EvidenceError(f"unknown profile '{profile}'; profiles: {', '.join(PROFILES)}")
+    if stage is not None and stage not in ARM_STAGES:
+        raise EvidenceError(f"unknown stage '{stage}'; stages: {', '.join(ARM_STAGES)}")
+    root = Path(data)
+    if not ((root / "train").is_dir() and (root / "test").is_dir()):
+        raise EvidenceError(f"--data {data}: needs a labelled folder with train/ and test/")
+    p, res = PROFILES[profile](), Path(out)
+    try:
+        claim_folder(res, p)
+    except ProtocolMismatch as e:
+        raise EvidenceError(str(e)) from None
+    n = p.get("workers", 1) if workers is None else workers
+    runner = Runner(p, str(root), res / "runs", res, n)
+    for name, (arms, _) in ARM_STAGES.items():
+        if stage in (None, name):
+            runner.run_stage(name, arms)
+    return write_report(res, p)

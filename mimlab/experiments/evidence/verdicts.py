@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 from ...core.stats import claim_verdict, subtest, welch
-from ..common import read_result
 from .arms import CLAIMS, stage_of
+from .files import read_result
 
 
 def n_units(protocol: dict, arm: str) -> int:
@@ -99,6 +99,9 @@ def judge(results: Path, protocol: dict, claim: str, at: Optional[int] = None) -
                 missing.append(f"the margin of {a} vs {b}: MAE and random init ({metric})")
                 continue
             margin = abs(frac * welch(mae, rnd).mean)
+            if margin <= 0:  # no gain to take a fraction of: the margin is undefined
+                missing.append(f"the margin of {a} vs {b}: MAE's gain over random init is 0")
+                continue
         elif kind == "effect":
             margin = effect_margin(protocol, metric)
         d = welch(va, vb)
