@@ -50,7 +50,9 @@ def values(
     ``at``: FT top-1 after that epoch instead of at the end. Arm ``supervised`` is random init
     fine-tuned (its ``cka`` is recorded by the fine-tune); ``random``'s ``cka`` is random
     weights'."""
-    out = []
+    out: list[float] = []
+    if arm == "supervised" and metric != "cka":
+        return out  # its other values are random init's (the same fine-tunes)
     # shape bias and the supervised model's CKA are recorded by the full-label fine-tune;
     # ft10 is the 10 %-label fine-tune
     src = "random" if arm == "supervised" else arm
