@@ -366,3 +366,23 @@ def test_small_arms_draw_their_images_per_run_and_supervised_is_a_fine_tune(tmp_
     rec = json.loads((tmp_path / "res/v2/bench1000/pretrain/supervised_n1000-s0.json").read_text())
     assert Path(ck).is_file() and rec["train_images"] == 3 * 16  # every image (1,000 > pool)
     assert "top1" in rec
+
+
+def test_wall_time_adds_up_the_attempts_of_an_interrupted_sub_run(tmp_path):
+    """A killed attempt leaves its heartbeat; the next attempt reports both."""
+    import time as _time
+
+    from mimlab.experiments.evidence.wall import timed
+
+    side = tmp_path / ".wall" / "x.txt"
+
+    def killed():
+        _time.sleep(0.25)
+        raise KeyboardInterrupt  # the session ends mid-run
+
+    with pytest.raises(KeyboardInterrupt):
+        timed(side, killed, beat=0.05)
+    first = float(side.read_text())
+    assert 0.1 <= first <= 0.3  # the heartbeat kept (most of) the killed attempt
+    res, now, total = timed(side, lambda: {"ok": 1}, beat=0.05)
+    assert res == {"ok": 1} and total == pytest.approx(first + now) and not side.exists()

@@ -170,7 +170,16 @@ def write_report(results: Path, protocol: dict) -> Path:
         "",
         *_side_results(res),
     ]
-    lines += ["", "## Wall time per stage (sum of sub-runs)", ""]
+    lines += [
+        "",
+        "## Wall time per stage (sum of sub-runs)",
+        "",
+        "Every attempt of a sub-run on one machine counts (a heartbeat keeps the time of an "
+        "attempt killed with its session), except in result files written before that was "
+        "recorded (no `wall_seconds_last_attempt`), which count their last attempt only. The "
+        "machine was shared with other work for most of it: these are not idle timings.",
+        "",
+    ]
     for stage in ("ftbudget", *STAGES):
         lines.append(f"- `{stage}`: {_wall(res, stage) / 60:.1f} min")
     out.parent.mkdir(parents=True, exist_ok=True)

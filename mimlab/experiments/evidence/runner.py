@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -21,6 +20,7 @@ from ...analysis.teacher_targets import teacher_target_diversity
 from ...core.config import FinetuneConfig, PretrainConfig, ProbeConfig, resolve
 from .arms import ARMS, CKA_ARMS, FT10, PSNR_ARMS, Arm, ema_overrides, stage_of
 from .files import read_result, write_result
+from .wall import timed
 
 HOLDOUT = 0.2  # the class-balanced part of the pool held out for choices (never test)
 #: small-data arms: the stopping points tried, as fractions of the step budget
@@ -95,10 +95,15 @@ class Runner:
         if res is not None:
             return res
         print(f"[evidence] {name}: running ...", flush=True)
-        t0 = time.time()
-        res = {**fn(), "wall_seconds": round(time.time() - t0, 1), "protocol": 2}
+        out, now, total = timed(self.runs / "v2" / ".wall" / f"{name}.txt", fn)
+        res = {
+            **out,
+            "wall_seconds": round(total, 1),  # every attempt on this machine
+            "wall_seconds_last_attempt": round(now, 1),
+            "protocol": 2,
+        }
         write_result(self._file(name), res)
-        print(f"[evidence] {name}: done in {time.time() - t0:.0f} s", flush=True)
+        print(f"[evidence] {name}: done in {now:.0f} s ({total:.0f} s in all)", flush=True)
         return res
 
     def _common(self, sub: str, name: str, seed: int) -> list[str]:
