@@ -339,18 +339,21 @@ def _siamese_passes(cfg: PretrainConfig, batch: int) -> list[Pass]:
         passes.append(encoder_pass(mc, tok[q], True, f"online encoder on T{q + 1}"))
         passes.append(encoder_pass(mc, tok[k], False, f"EMA target encoder on T{k + 1}", "target"))
         M = 1.0 if m.tokens in ("cls", "avg") else _queries(cfg, vis, q) + (m.tokens == "patch+cls")
+        # token-wise heads run on every position (fixed shapes, no data-dependent selection:
+        # the loss then keeps the query positions), so they cost N (+ cls) tokens
+        H = 1.0 if m.tokens in ("cls", "avg") else float(N + (m.tokens == "patch+cls"))
         passes.append(
             Pass(
                 "heads",
-                f"projector + predictor on {M:g} tokens",
-                matmul=mlp_head_flops(M, D, hidden, out) + mlp_head_flops(M, out, hidden, out),
+                f"projector + predictor on {H:g} tokens",
+                matmul=mlp_head_flops(H, D, hidden, out) + mlp_head_flops(H, out, hidden, out),
             )
         )
         passes.append(
             Pass(
                 "target",
-                f"EMA target projector on {M:g} tokens",
-                matmul=mlp_head_flops(M, D, hidden, out),
+                f"EMA target projector on {H:g} tokens",
+                matmul=mlp_head_flops(H, D, hidden, out),
                 grad=False,
             )
         )
