@@ -14,7 +14,10 @@ MAE steps at batch 16; data pipeline on CIFAR-10 and a generated 224 px folder; 
 tiny@128, vit_b16@16, vit_b16@64 without and with selective and full activation
 checkpointing, whose step-time cost the vit_b16 training step also measures) takes several
 minutes on a small CPU machine; ``--quick`` is a smoke run with small batches and single
-repetitions whose numbers are not meant to be quoted.
+repetitions whose numbers are not meant to be quoted. The MAE steps are also timed against the
+official facebookresearch/mae code when ``MIMLAB_OFFICIAL_MAE`` names a checkout of it (the
+scripts inherit the environment; see ``bench_train.py --official-mae``); otherwise the report
+says that column was not measured.
 """
 
 from __future__ import annotations
@@ -444,6 +447,56 @@ def target_rows(records: list[dict], targets: Optional[dict] = None) -> list[dic
     return rows
 
 
+def _official_section(records: list[dict]) -> list[str]:
+    """Report lines for the MAE records that name the official MAE code (bench_train.py
+    ``--official-mae`` / ``MIMLAB_OFFICIAL_MAE``): mimlab, HF and the official code timed in one
+    alternation, mimlab's ratio to each and to the faster peer; a record without the official
+    code shows '-' and the reason. None for records of runs that predate the column."""
+    rows = [r for r in records if "official_img_s" in r]
+    if not rows:
+        return []
+    L = [
+        "",
+        "MAE against both peers: HF `ViTMAEForPreTraining` and the official "
+        "facebookresearch/mae `models_mae.MaskedAutoencoderViT` (imported at run time from "
+        "`--official-mae DIR` or `$MIMLAB_OFFICIAL_MAE`, never part of mimlab), same "
+        "configuration, batch and mask ratio, in the same alternation. ratio = peer step time / "
+        "mimlab step time.",
+        "",
+    ]
+    L += _table(
+        [
+            "step",
+            "preset",
+            "batch",
+            "mimlab img/s",
+            "HF img/s",
+            "official img/s",
+            "vs HF",
+            "vs official",
+            "vs faster peer",
+        ],
+        [
+            [
+                r["what"] + (" (compiled)" if r.get("compile") else "") + _where(r),
+                r["preset"],
+                str(r["batch"]),
+                _f(r["mimlab_img_s"]),
+                _f(r["reference_img_s"]),
+                _f(r["official_img_s"]),
+                _f(r["ratio"], 2),
+                _f(r.get("ratio_official"), 2),
+                _f(r["ratio_peer"], 2),
+            ]
+            for r in rows
+        ],
+    )
+    absent = sorted({r["official_absent"] for r in rows if r.get("official_absent")})
+    if absent:
+        L += ["", "; ".join(absent) + " ('-' above)."]
+    return L
+
+
 def _f(x, nd: int = 1, suffix: str = "") -> str:
     if x is None:
         return "-"
@@ -583,6 +636,7 @@ def render(meta: dict, results: list[dict]) -> str:
             ],
             rows,
         )
+        L += _official_section(recs["train"])
         bf = [
             r
             for r in recs["train"]

@@ -384,7 +384,9 @@ def _add_bench_parser(sub) -> None:
         bench_memory.py) one after the other and writes a markdown report with the machine,
         the versions, the commands, the result tables and the speed targets of
         benchmarks/targets.json (+ the raw results as .json). The checkout is the current
-        directory, else the one this mimlab is installed from (pip install -e .)."""),
+        directory, else the one this mimlab is installed from (pip install -e .). The MAE
+        steps are also timed against the official MAE code when MIMLAB_OFFICIAL_MAE names a
+        checkout of github.com/facebookresearch/mae (never part of mimlab)."""),
     )
     b.add_argument(
         "--quick",

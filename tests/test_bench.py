@@ -431,3 +431,167 @@ def test_bench_train_under_autocast(monkeypatch):
     assert seen == [torch.bfloat16] and amps == [torch.bfloat16] * 2  # mimlab and reference
     for k in ("mimlab_img_s", "reference_img_s", "gflops_per_image", "matmul_peak_gflop_s"):
         assert positive(r[k]), k
+
+
+# -------------------------------------------------- the official MAE code as a third peer
+#: written for these tests (CI has no checkout of facebookresearch/mae): the interface of its
+#: models_mae (constructor keywords, forward(imgs, mask_ratio) -> (loss, pred, mask)) and the
+#: two things the benchmark's shims handle: Block(..., qk_scale=None) and numpy's np.float
+STAND_IN_MODELS_MAE = """
+import torch
+import torch.nn as nn
+from timm.models.vision_transformer import Block
+from util.pos_embed import zero_positions
+
+BUILT, FORWARDS = [], []
+
+
+class MaskedAutoencoderViT(nn.Module):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=1024, depth=24,
+                 num_heads=16, decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16,
+                 mlp_ratio=4.0, norm_layer=nn.LayerNorm, norm_pix_loss=False):
+        super().__init__()
+        BUILT.append(dict(img_size=img_size, patch_size=patch_size, embed_dim=embed_dim,
+                          depth=depth, num_heads=num_heads, decoder_depth=decoder_depth,
+                          norm_pix_loss=norm_pix_loss, eps=norm_layer(4).eps))
+        self.p, dim = patch_size, patch_size ** 2 * in_chans
+        self.embed = nn.Linear(dim, embed_dim)
+        self.register_buffer("pos", torch.from_numpy(zero_positions(embed_dim)))
+        self.blocks = nn.ModuleList(
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=True, qk_scale=None,
+                  norm_layer=norm_layer)
+            for _ in range(depth)
+        )
+        self.head = nn.Linear(embed_dim, dim)
+
+    def forward(self, imgs, mask_ratio=0.75):
+        FORWARDS.append(mask_ratio)
+        b, c, _, _ = imgs.shape
+        p = self.p
+        x = imgs.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5)
+        x = x.reshape(b, -1, c * p * p)  # [B, N, C p p]
+        mask = (torch.rand(b, x.shape[1]) < mask_ratio).float()  # [B, N], 1 = removed
+        z = self.embed(x * (1 - mask)[..., None]) + self.pos
+        for blk in self.blocks:
+            z = blk(z)
+        pred = self.head(z)  # [B, N, C p p]
+        loss = (((pred - x) ** 2).mean(-1) * mask).sum() / mask.sum().clamp(min=1)
+        return loss, pred, mask
+"""
+STAND_IN_POS_EMBED = """
+import numpy as np
+
+
+def zero_positions(dim):
+    return np.zeros((1, dim), dtype=np.float).astype(np.float32)  # np.float: numpy < 1.24
+"""
+
+
+def official_stand_in(root: Path) -> Path:
+    (root / "util").mkdir(parents=True)
+    (root / "models_mae.py").write_text(STAND_IN_MODELS_MAE)
+    (root / "util" / "pos_embed.py").write_text(STAND_IN_POS_EMBED)
+    return root
+
+
+@pytest.fixture
+def bench_train(monkeypatch):
+    monkeypatch.syspath_prepend(str(suite.benchmarks_dir()))
+    monkeypatch.delenv("MIMLAB_OFFICIAL_MAE", raising=False)
+    import bench_train
+
+    return bench_train
+
+
+def test_official_mae_path_with_a_stand_in(bench_train, tmp_path, monkeypatch, capsys):
+    """--official-mae DIR: models_mae is imported from DIR (its ``util`` beside it), built
+    through the shims (qk_scale dropped, np.float lent while it builds) with the preset's
+    configuration and MAE's norm_pix_loss, timed in the alternation at the same mask ratio;
+    nothing of it stays on sys.path, in sys.modules or in numpy. The report shows the third
+    peer."""
+    import numpy as np
+
+    root = official_stand_in(tmp_path / "mae")
+    mods = []
+    real = bench_train.load_official_mae
+    monkeypatch.setattr(
+        bench_train, "load_official_mae", lambda d: mods.append(real(d)) or mods[-1]
+    )
+    jl = tmp_path / "r.jsonl"
+    argv = ["bench_train.py", "--preset", "micro", "--batch", "2", "--what", "mae"]
+    argv += ["--reps", "2", "--peak-size", "32", "--official-mae", str(root), "--json", str(jl)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench_train.main()
+    (r,) = [json.loads(ln) for ln in jl.read_text().splitlines()]
+    for k in ("official_img_s", "ratio_official", "peer_img_s", "ratio_peer", "ratio"):
+        assert positive(r[k]), (k, r[k])
+    assert r["official_name"] == bench_train.OFFICIAL_NAME and "official_absent" not in r
+    assert r["official_dir"] == str(root) and r["official_commit"] is None  # not a checkout
+    assert r["peer_img_s"] == max(r["reference_img_s"], r["official_img_s"])
+    assert {k: len(v) for k, v in r["step_seconds"].items()} == dict.fromkeys(
+        ("mimlab", "reference", "official"), 2
+    )
+    assert len(r["load_average_before"]) == len(r["load_average_after"]) == 3
+    assert math.isclose(r["ratio_peer"], min(r["ratio"], r["ratio_official"]))
+    out = capsys.readouterr().out
+    assert "official MAE" in out and "mimlab / faster peer" in out
+    # the import of main()'s early check, then the model's
+    assert len(mods) == 2 and all(m.Block is bench_train._block_without_qk_scale for m in mods)
+    (built,) = mods[1].BUILT
+    assert built == dict(
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        decoder_depth=1,
+        norm_pix_loss=True,
+        eps=1e-6,
+    )
+    assert mods[1].FORWARDS == [0.75] * 3  # warm-up + 2 repetitions, MAE's mask ratio
+    assert str(root) not in sys.path and "util" not in sys.modules
+    assert "float" not in np.__dict__
+    md = render_train_records([r])
+    assert "| mae | micro | 2 |" in md and "MAE against both peers" in md
+    assert "not measured" not in md
+
+
+def test_qk_scale_shim(bench_train):
+    """qk_scale=None (the official code's value: timm's default scale) is dropped; any other
+    value would change the model and is refused."""
+    from timm.models.vision_transformer import Block
+
+    assert isinstance(bench_train._block_without_qk_scale(8, 2, 4.0, qk_scale=None), Block)
+    with pytest.raises(ValueError, match="qk_scale"):
+        bench_train._block_without_qk_scale(8, 2, qk_scale=0.5)
+
+
+def test_without_official_mae_the_column_is_absent(bench_train, tmp_path, monkeypatch, capsys):
+    """No --official-mae and no MIMLAB_OFFICIAL_MAE: the MAE step runs against HF alone, the
+    official column is None with a one-line reason (console, JSON, report), and the faster peer
+    is HF. A directory without models_mae.py stops in one line before any timing."""
+    jl = tmp_path / "r.jsonl"
+    argv = ["bench_train.py", "--preset", "micro", "--batch", "2", "--what", "mae"]
+    argv += ["--reps", "1", "--peak-size", "32", "--json", str(jl)]
+    monkeypatch.setattr(sys, "argv", argv)
+    bench_train.main()
+    (r,) = [json.loads(ln) for ln in jl.read_text().splitlines()]
+    assert r["official_img_s"] is None and r["official_absent"] == bench_train.OFFICIAL_ABSENT
+    assert "\n" not in r["official_absent"] and "ratio_official" not in r
+    assert (r["peer_name"], r["peer_img_s"]) == (r["reference_name"], r["reference_img_s"])
+    assert r["ratio_peer"] == r["ratio"]
+    out = capsys.readouterr().out.splitlines()
+    assert [ln for ln in out if "official" in ln] == [
+        f"mae       micro    batch    2: {bench_train.OFFICIAL_ABSENT}"
+    ]
+    md = render_train_records([r])
+    assert "| mae | micro | 2 |" in md and bench_train.OFFICIAL_ABSENT + " ('-' above)." in md
+    monkeypatch.setattr(sys, "argv", [*argv, "--official-mae", str(tmp_path)])
+    with pytest.raises(SystemExit) as e:
+        bench_train.main()
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.endswith(
+        f"--official-mae {tmp_path}: no models_mae.py there (expected a checkout of "
+        "github.com/facebookresearch/mae)"
+    )
