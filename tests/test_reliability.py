@@ -55,7 +55,7 @@ def _spawn(args):
     )
 
 
-def _wait_for_step(d: Path, step: int, proc, timeout=120):
+def _wait_for_step(d: Path, step: int, proc, timeout=900):  # a hang guard, not a timing
     t0 = time.time()
     while time.time() - t0 < timeout:
         f = d / "metrics.jsonl"
