@@ -1,7 +1,8 @@
 """Worker of tests/test_fsdp.py (run by ``torchrun`` or plain ``python``; not collected by
 pytest): ``mimlab`` with MAE's masking noise (drawn by ``sample_inputs``) made a function of
-each image (the per-patch pixel sums) instead of ``torch.rand``, so a run on 2 processes sees the same masks as a run on
-one process with the same global batch, then ``mimlab.cli.run(argv[1:])``.
+each image (the per-patch pixel sums) instead of ``torch.rand``, so a run on 2 processes sees
+the same masks as a run on one process with the same global batch, then
+``mimlab.cli.run(argv[1:])``.
 
 ``NAN_AT=R:K`` (environment): the K-th forward (1-based) on rank R returns a NaN loss."""
 
