@@ -271,6 +271,13 @@ class Runner:
 
         return self.step(name, fn)
 
+    def _held_out_knn(self, sub: str, name: str, ckpt: str, seed: int) -> float:
+        """k-NN top-1 of ``ckpt``'s features on the held-out 20 % of the pool (choices, never
+        test)."""
+        ov = self._common(sub, name, seed)
+        ov += [f"probe.pretrained={ckpt}", f"data.holdout={HOLDOUT}", "probe.feature=avg"]
+        return float(tasks.knn(tasks.resolve_run_config(ProbeConfig, overrides=ov))["top1"])
+
     def _cka(self, **model) -> dict:
         c = self.protocol["cka"]
         return occlusion_cka(
@@ -339,18 +346,9 @@ class Runner:
                         f"optim.base_lr={1.5e-3 * ARMS[arm].lr_scale * f:g}",
                     ]
                     ck = tasks.pretrain(resolve(PretrainConfig, overrides=ov))["checkpoint"]
-                knn = tasks.knn(
-                    tasks.resolve_run_config(
-                        ProbeConfig,
-                        overrides=self._common(f"{stage}/lrcheck", f"{arm}-knn-lr{f:g}", 0)
-                        + [
-                            f"probe.pretrained={ck}",
-                            f"data.holdout={HOLDOUT}",
-                            "probe.feature=avg",
-                        ],
-                    )
+                scores[f"{f:g}"] = self._held_out_knn(
+                    f"{stage}/lrcheck", f"{arm}-knn-lr{f:g}", ck, 0
                 )
-                scores[f"{f:g}"] = float(knn["top1"])
             best = max(scores, key=lambda k: scores[k])
             return {"held_out_knn": scores, "best_factor": best, "protocol_factor": "1"}
 
@@ -375,18 +373,10 @@ class Runner:
                 src = Path(res["checkpoint"])
                 dst = src.with_name(f"step{k}.pt")
                 shutil.copyfile(src, dst)
-                knn = tasks.knn(
-                    tasks.resolve_run_config(
-                        ProbeConfig,
-                        overrides=self._common(f"{stage}/earlystop", f"{arm}-s{seed}-step{k}", seed)
-                        + [
-                            f"probe.pretrained={dst}",
-                            f"data.holdout={HOLDOUT}",
-                            "probe.feature=avg",
-                        ],
-                    )
+                scores[k] = self._held_out_knn(
+                    f"{stage}/earlystop", f"{arm}-s{seed}-step{k}", str(dst), seed
                 )
-                scores[k], ckpts[k] = float(knn["top1"]), str(dst)
+                ckpts[k] = str(dst)
             best = max(scores, key=lambda k: (scores[k], -k))
             return {
                 "held_out_knn": scores,
