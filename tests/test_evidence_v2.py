@@ -386,3 +386,59 @@ def test_wall_time_adds_up_the_attempts_of_an_interrupted_sub_run(tmp_path):
     assert 0.1 <= first <= 0.3  # the heartbeat kept (most of) the killed attempt
     res, now, total = timed(side, lambda: {"ok": 1}, beat=0.05)
     assert res == {"ok": 1} and total == pytest.approx(first + now) and not side.exists()
+
+
+def test_a_lost_checkpoint_is_remade_and_checked_against_the_recorded_run(tmp_path, monkeypatch):
+    """A pretraining checkpoint lost with its machine is remade; the result file records
+    whether the remade run ends at the recorded final loss (the evidence that results made
+    from the lost checkpoint still stand) and keeps the lost attempt's wall time."""
+    from mimlab.experiments.evidence import runner as runner_mod
+
+    losses = iter([0.61, 0.61, 0.70])
+
+    def fake_pretrain(cfg):
+        ck = Path(cfg.run.out_dir) / cfg.run.name / "last.pt"
+        ck.parent.mkdir(parents=True, exist_ok=True)
+        ck.write_bytes(b"x")
+        return {"final_loss": next(losses), "checkpoint": str(ck)}
+
+    monkeypatch.setattr(runner_mod.tasks, "pretrain", fake_pretrain)
+    r = runner_mod.Runner(_toy_protocol(), str(tmp_path), tmp_path / "runs", tmp_path / "res")
+    f = tmp_path / "res" / "v2" / "core" / "pretrain" / "mae-s0.json"
+    ck = r.checkpoint("core", "mae", 0)
+    first = json.loads(f.read_text())
+    assert "remade" not in first and r.checkpoint("core", "mae", 0) == ck  # kept: not remade
+    Path(ck).unlink()
+    assert Path(r.checkpoint("core", "mae", 0)).is_file()
+    again = json.loads(f.read_text())
+    assert again["remade"] == [
+        {"metric": "final_loss", "recorded": 0.61, "remade": 0.61, "same": True}
+    ]
+    assert again["wall_seconds"] >= first["wall_seconds"] + again["wall_seconds_last_attempt"]
+    Path(ck).unlink()
+    r.checkpoint("core", "mae", 0)
+    third = json.loads(f.read_text())["remade"]
+    assert len(third) == 2 and third[1]["same"] is False and third[1]["remade"] == 0.70
+
+
+def test_report_shows_progress_one_unit_cells_and_the_curves_figure(tmp_path):
+    """Before a claim has all its units the report says which are missing; an arm with one
+    unit shows no spread; the fine-tuning curves are drawn, one panel per stage."""
+    from mimlab.experiments.evidence.figures import ft_curves
+    from mimlab.experiments.evidence.report import write_report
+
+    p = _toy_protocol()
+    for arm, seeds in (("random", (0, 1)), ("mae", (0,))):
+        for s in seeds:
+            f = tmp_path / "v2" / "core" / "ft" / f"{arm}-s{s}.json"
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(json.dumps({"top1": 50.0 + s, "curve": [[1, 40.0 + s], [2, 50.0 + s]]}))
+    assert ft_curves(tmp_path, p) == {
+        "random": [[(1, 40.0), (2, 50.0)], [(1, 41.0), (2, 51.0)]],
+        "mae": [[(1, 40.0), (2, 50.0)]],
+    }
+    text = write_report(tmp_path, p).read_text()
+    assert "waiting for mae vs random (ft: 1/2 and 2/2)" in text
+    assert "| 50.00 (1) |" in text and "50.50 ± 0.71 (2)" in text and "nan" not in text
+    png = tmp_path / "v2" / "ft_curves.png"
+    assert "](ft_curves.png)" in text and png.read_bytes()[:4] == b"\x89PNG"

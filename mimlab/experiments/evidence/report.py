@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from .arms import ARMS, CLAIMS, STAGES
+from .figures import plot_ft_curves
 from .files import read_result
 from .ftbudget import choose_budget
 from .verdicts import judge, values
@@ -27,7 +28,9 @@ def _cell(v: list, nd: int) -> str:
     if not v:
         return "–"
     m = sum(v) / len(v)
-    sd = (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else float("nan")
+    if len(v) == 1:  # one unit has no spread to show
+        return f"{m:.{nd}f} (1)"
+    sd = (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5
     return f"{m:.{nd}f} ± {sd:.{nd}f} ({len(v)})"
 
 
@@ -55,6 +58,18 @@ def _side_results(res: Path) -> list[str]:
         knn = ", ".join(f"x{k}: {v:.2f}" for k, v in r.get("held_out_knn", {}).items())
         out.append(
             f"- pretraining lr of `{f.stem}` (held-out k-NN): {knn}; best x{r.get('best_factor')}"
+        )
+    remade = [
+        (f"{f.parent.parent.name}/{f.stem}", r["remade"])
+        for f in sorted((res / "v2").glob("*/pretrain/*.json"))
+        if (r := read_result(f) or {}).get("remade")
+    ]
+    if remade:
+        ok = {n: all(x["same"] for x in rm) for n, rm in remade}
+        names = ", ".join(f"`{n}`" + ("" if same else " DIFFERS") for n, same in ok.items())
+        out.append(
+            f"- pretraining checkpoints lost with a machine and remade: {len(ok)}; ending "
+            f"where the recorded run ended (bitwise): {sum(ok.values())} ({names})"
         )
     tt = read_result(res / "v2" / "augment" / "teacher_targets.json")
     for k in ("v2", "v1") if tt else ():
@@ -149,6 +164,8 @@ def write_report(results: Path, protocol: dict) -> Path:
         ours = "; ".join(
             f"{t['a']} vs {t['b']} ({t['metric']}) {_fmt(t['diff'])}" for t in j["tests"]
         )
+        if j.get("missing"):  # units still to run: say which, so progress shows
+            ours = "; ".join(filter(None, [ours, "waiting for " + "; ".join(j["missing"])]))
         lines.append(f"| ({c}) {text} | {paper} | {ours or '–'} | **{j['verdict']}** |")
     if b:
         lines += ["", "## Verdicts along the fine-tuning budget", ""]
@@ -158,6 +175,16 @@ def write_report(results: Path, protocol: dict) -> Path:
         for c in CLAIMS:
             row = [judge(res, protocol, c, e if e != int(b) else None)["verdict"] for e in at]
             lines.append(f"| ({c}) | " + " | ".join(row) + " |")
+        fig = plot_ft_curves(res, protocol, res / "v2" / "ft_curves.png")
+        if fig is not None:
+            lines += [
+                "",
+                "Test top-1 along the fine-tuning schedule, one panel per stage: each unit thin, "
+                "the arm's mean thick (units in brackets); random init and MAE dashed for "
+                "reference.",
+                "",
+                f"![test top-1 along the fine-tuning schedule]({fig.name})",
+            ]
     lines += ["", "## Per arm: mean ± sd over units (units)", ""]
     lines += [
         "Units: pretraining runs (random init: FT seeds). FT at the protocol's budget; CKA: last "

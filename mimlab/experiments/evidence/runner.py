@@ -150,9 +150,32 @@ class Runner:
             return tasks.pretrain(resolve(PretrainConfig, overrides=ov))
 
         res = self.step(name, fn)
-        if not Path(res.get("checkpoint", "")).is_file():
-            res = self.step(name, fn, force=True)
+        if not Path(res.get("checkpoint", "")).is_file():  # lost with its machine: remake it
+            res = self._remade(name, res, self.step(name, fn, force=True))
         return res["checkpoint"]
+
+    def _remade(self, name: str, old: dict, new: dict) -> dict:
+        """Record in ``new`` (a remade pretraining run) whether it ends where the recorded run
+        ended, the evidence that results made from the lost checkpoint still stand, and keep
+        the lost attempt's wall time in the stage's sum."""
+        key = "final_loss" if "final_loss" in old else "top1"
+        same = old.get(key) == new.get(key)
+        new = {
+            **new,
+            "wall_seconds": round(new["wall_seconds"] + float(old.get("wall_seconds", 0.0)), 1),
+            "remade": [
+                *old.get("remade", []),
+                {"metric": key, "recorded": old.get(key), "remade": new.get(key), "same": same},
+            ],
+        }
+        write_result(self._file(name), new)
+        if not same:
+            print(
+                f"[evidence] {name}: WARNING the remade checkpoint ends at {key} "
+                f"{new.get(key)}, the recorded run at {old.get(key)}",
+                flush=True,
+            )
+        return new
 
     def _supervised(self, stage: str, arm_name: str, seed: int) -> dict:
         """A supervised "pretraining" run: random init fine-tuned with the protocol's
