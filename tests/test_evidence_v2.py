@@ -438,7 +438,7 @@ def test_report_shows_progress_one_unit_cells_and_the_curves_figure(tmp_path):
         "mae": [[(1, 40.0), (2, 50.0)]],
     }
     text = write_report(tmp_path, p).read_text()
-    assert "waiting for mae vs random (ft: 1/2 and 2/2)" in text
+    assert "units so far: mae 1/2 (ft)" in text
     assert "| 50.00 (1) |" in text and "50.50 ± 0.71 (2)" in text and "nan" not in text
     png = tmp_path / "v2" / "ft_curves.png"
     assert "](ft_curves.png)" in text and png.read_bytes()[:4] == b"\x89PNG"

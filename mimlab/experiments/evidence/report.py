@@ -165,7 +165,12 @@ def write_report(results: Path, protocol: dict) -> Path:
             f"{t['a']} vs {t['b']} ({t['metric']}) {_fmt(t['diff'])}" for t in j["tests"]
         )
         if j.get("missing"):  # units still to run: say which, so progress shows
-            ours = "; ".join(filter(None, [ours, "waiting for " + "; ".join(j["missing"])]))
+            w = j.get("waiting") or {}
+            todo = ", ".join(
+                f"{arm} {x['have']}/{x['need']} ({', '.join(x['metrics'])})" for arm, x in w.items()
+            )
+            ours = "; ".join(filter(None, [ours, f"units so far: {todo}" if w else ""]))
+            ours = ours or "waiting for " + "; ".join(j["missing"])
         lines.append(f"| ({c}) {text} | {paper} | {ours or '–'} | **{j['verdict']}** |")
     if b:
         lines += ["", "## Verdicts along the fine-tuning budget", ""]

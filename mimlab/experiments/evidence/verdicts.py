@@ -84,11 +84,17 @@ def judge(results: Path, protocol: dict, claim: str, at: Optional[int] = None) -
     frac = protocol["margin"]["approx_fraction"]
     alpha = protocol["multiplicity"]["alpha"] / 2  # one-sided: agrees with the 95 % interval
     rows, subs, missing = [], [], []
+    waiting: dict[str, dict] = {}  # arm -> units it has / needs, and of which metrics
     for a, b, metric, kind in tests:
         va, vb = values(results, protocol, a, metric, at), values(results, protocol, b, metric, at)
         full = (n_units(protocol, a), n_units(protocol, b))
         if len(va) < full[0] or len(vb) < full[1]:
             missing.append(f"{a} vs {b} ({metric}: {len(va)}/{full[0]} and {len(vb)}/{full[1]})")
+            for arm, v, n in ((a, va, full[0]), (b, vb, full[1])):
+                if len(v) < n:
+                    w = waiting.setdefault(arm, {"have": len(v), "need": n, "metrics": []})
+                    w["have"] = min(w["have"], len(v))
+                    w["metrics"] += [] if metric in w["metrics"] else [metric]
             continue
         margin = 0.0
         if kind in ("~", ">="):  # a fraction of MAE's gain over random init, same metric/budget
@@ -111,7 +117,13 @@ def judge(results: Path, protocol: dict, claim: str, at: Optional[int] = None) -
         subs.append(t)
         rows.append({"a": a, "b": b, "metric": metric, "kind": kind, **t, "diff": d.to_dict()})
     if missing:
-        return {"claim": claim, "verdict": "not measured", "missing": missing, "tests": rows}
+        return {
+            "claim": claim,
+            "verdict": "not measured",
+            "missing": missing,
+            "waiting": waiting,
+            "tests": rows,
+        }
     v = claim_verdict(subs, alpha)
     for row, refuted in zip(rows, v["refuted"]):
         row["refuted_after_holm"] = refuted
