@@ -199,7 +199,49 @@ def rmae_distance(
     return regression_loss(pred1, pred2.detach() if stopgrad else pred2, region, kind, beta)
 
 
-class RelaxedMAE(Method):
+class TwoViewMethod(Method):
+    """A method on two views T1 x, T2 x made by a :class:`~mimlab.methods.views.ViewMaker`
+    (``self.views``): the batch function draws them (:meth:`sample_inputs`), ``forward`` reads
+    them (:meth:`given_views`)."""
+
+    views: ViewMaker
+
+    @torch.no_grad()
+    def sample_inputs(
+        self,
+        images: Tensor,
+        generator: Optional[torch.Generator] = None,
+        noise: Optional[Tensor] = None,
+        mask1: Optional[Tensor] = None,
+        mask2: Optional[Tensor] = None,
+    ) -> dict:
+        """T1 / T2 (masks, then cutmix, jitter and crops as the ViewMaker is set) ->
+        ``images``, ``x1``, ``x2``, ``mask1``, ``mask2``."""
+        mean, std = self.data_stats(images.shape[1])
+        v = self.views(images, mean, std, self.training, mask1, mask2, noise, generator)
+        return {"images": images, "x1": v.x1, "x2": v.x2, "mask1": v.mask1, "mask2": v.mask2}
+
+    def given_views(
+        self,
+        images: Tensor,
+        x1: Optional[Tensor],
+        x2: Optional[Tensor],
+        mask1: Optional[Tensor],
+        mask2: Optional[Tensor],
+        noise: Optional[Tensor] = None,
+    ) -> tuple[Views, Optional[int], Optional[int]]:
+        """The views ``forward`` works on and the patches each mask keeps per row (None:
+        read from the mask): the batch function's, or drawn here when ``forward`` is called
+        without ``x1`` / ``x2``."""
+        keep1, keep2 = getattr(self.views, "keep1", None), getattr(self.views, "keep2", None)
+        if x1 is None or x2 is None:  # called directly: draw the views here
+            d = self.sample_inputs(images, None, noise, mask1, mask2)
+            x1, x2, mask1, mask2 = d["x1"], d["x2"], d["mask1"], d["mask2"]
+            keep1 = keep2 = None  # masks may be the caller's: read their counts
+        return Views(x1, x2, mask1, mask2), keep1, keep2
+
+
+class RelaxedMAE(TwoViewMethod):
     """R-MAE (Eq. 8), see the module docstring. ``forward(images, labels=None, noise=None,
     mask1=None, mask2=None, x1=None, x2=None)`` (the views ``x1``, ``x2`` and their masks as
     :meth:`sample_inputs` drew them; without ``x1`` forward draws the views itself) returns
@@ -233,21 +275,6 @@ class RelaxedMAE(Method):
         e = encode(self.encoder, x, mask, self.student, keep=keep)
         return self.head(e.tokens, e.ids_restore)
 
-    @torch.no_grad()
-    def sample_inputs(
-        self,
-        images: Tensor,
-        generator: Optional[torch.Generator] = None,
-        noise: Optional[Tensor] = None,
-        mask1: Optional[Tensor] = None,
-        mask2: Optional[Tensor] = None,
-    ) -> dict:
-        """T1 / T2 (:class:`~mimlab.methods.views.ViewMaker`, masks then augmentations) ->
-        ``images``, ``x1``, ``x2``, ``mask1``, ``mask2``."""
-        mean, std = self.data_stats(images.shape[1])
-        v = self.views(images, mean, std, self.training, mask1, mask2, noise, generator)
-        return {"images": images, "x1": v.x1, "x2": v.x2, "mask1": v.mask1, "mask2": v.mask2}
-
     def forward(
         self,
         images: Tensor,
@@ -258,12 +285,7 @@ class RelaxedMAE(Method):
         x1: Optional[Tensor] = None,
         x2: Optional[Tensor] = None,
     ) -> dict:
-        keep1, keep2 = getattr(self.views, "keep1", None), getattr(self.views, "keep2", None)
-        if x1 is None or x2 is None:  # called directly: draw the views here
-            v = self.sample_inputs(images, None, noise, mask1, mask2)
-            x1, x2, mask1, mask2 = v["x1"], v["x2"], v["mask1"], v["mask2"]
-            keep1 = keep2 = None  # masks may be the caller's: read their counts
-        v = Views(x1, x2, mask1, mask2)
+        v, keep1, keep2 = self.given_views(images, x1, x2, mask1, mask2, noise)
         pred1 = self.reconstruct(v.x1, v.mask1, keep1)
         pred2 = self.reconstruct(v.x2, v.mask2, keep2)
         region = rmae_region(v.mask1, v.mask2)
@@ -293,7 +315,7 @@ def _head(head: nn.Module, x: Tensor, valid: Optional[Tensor]) -> Tensor:
     return head(x, valid) if isinstance(head, MLPHead) else head(x)
 
 
-class ContrastiveSiamese(Method):
+class ContrastiveSiamese(TwoViewMethod):
     """Online encoder + projector + predictor against an EMA target encoder + projector
     (C-MAE, MoCo v3); see the module docstring. ``forward(images, labels=None, mask1=None,
     mask2=None, x1=None, x2=None)`` (the views as :meth:`sample_inputs` drew them; without
@@ -436,20 +458,6 @@ class ContrastiveSiamese(Method):
             count = count + B
         return global_mean(total, count), cos
 
-    @torch.no_grad()
-    def sample_inputs(
-        self,
-        images: Tensor,
-        generator: Optional[torch.Generator] = None,
-        mask1: Optional[Tensor] = None,
-        mask2: Optional[Tensor] = None,
-    ) -> dict:
-        """T1 / T2 (:class:`~mimlab.methods.views.ViewMaker`: masks, cutmix, jitter, crops) ->
-        ``images``, ``x1``, ``x2``, ``mask1``, ``mask2``."""
-        mean, std = self.data_stats(images.shape[1])
-        v = self.views(images, mean, std, self.training, mask1, mask2, None, generator)
-        return {"images": images, "x1": v.x1, "x2": v.x2, "mask1": v.mask1, "mask2": v.mask2}
-
     def forward(
         self,
         images: Tensor,
@@ -459,12 +467,7 @@ class ContrastiveSiamese(Method):
         x1: Optional[Tensor] = None,
         x2: Optional[Tensor] = None,
     ) -> dict:
-        k1, k2 = getattr(self.views, "keep1", None), getattr(self.views, "keep2", None)
-        if x1 is None or x2 is None:  # called directly: draw the views here
-            d = self.sample_inputs(images, None, mask1, mask2)
-            x1, x2, mask1, mask2 = d["x1"], d["x2"], d["mask1"], d["mask2"]
-            k1 = k2 = None  # masks may be the caller's: read their counts
-        v = Views(x1, x2, mask1, mask2)
+        v, k1, k2 = self.given_views(images, x1, x2, mask1, mask2)
         on1 = encode(self.encoder, v.x1, v.mask1, self.student, keep=k1)
         with torch.no_grad():
             tg2 = encode(self.target_encoder, v.x2, v.mask2, self.student, keep=k2)
