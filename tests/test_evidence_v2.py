@@ -292,6 +292,7 @@ def test_a_margin_needs_mae_and_random_init(tmp_path):
             f.write_text(json.dumps({"top1": 40.0 + s}))
     j = judge(tmp_path, p, "b")
     assert j["verdict"] == "not measured" and any("margin" in m for m in j["missing"])
+    assert j["waiting"]["mae"] == {"have": 0, "need": 2, "metrics": ["ft", "psnr"]}
     for s in (0, 1):
         f = tmp_path / "v2/core/ft" / f"mae-s{s}.json"
         f.write_text(json.dumps({"top1": 50.0 + s}))
@@ -327,6 +328,7 @@ def test_no_gain_of_mae_leaves_an_approx_claim_not_measured(tmp_path):
     j = judge(tmp_path, p, "c")
     assert j["verdict"] == "not measured"
     assert j["missing"] == ["the margin of cmae vs mae: MAE's gain over random init is 0"]
+    assert j["notes"] == j["missing"] and j["waiting"] == {}
 
 
 def test_claim_e_reads_supervised_cka_from_random_inits_fine_tunes(tmp_path):

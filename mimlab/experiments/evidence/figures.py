@@ -12,20 +12,15 @@ from typing import Optional
 
 from ...io.plots import pyplot
 from .arms import ARMS, stage_of
-from .files import read_result
-from .verdicts import n_units
+from .verdicts import n_units, unit_result
 
 
 def ft_curves(results: Path, protocol: dict) -> dict[str, list[list[tuple[int, float]]]]:
     """Arm -> the curves ([(epoch, test top-1)]) of its finished full-label fine-tunes."""
     out: dict[str, list[list[tuple[int, float]]]] = {}
     for arm in ("random", *ARMS):
-        try:
-            stage = stage_of(arm)
-        except KeyError:  # an arm outside the stages (none today) has no fine-tunes
-            continue
         for seed in range(n_units(protocol, arm)):
-            r = read_result(Path(results) / "v2" / stage / "ft" / f"{arm}-s{seed}.json")
+            r = unit_result(results, arm, seed, "ft")
             if r and r.get("curve"):
                 out.setdefault(arm, []).append([(int(e), float(v)) for e, v in r["curve"]])
     return out
@@ -60,13 +55,14 @@ def plot_ft_curves(results: Path, protocol: dict, out: Path) -> Optional[Path]:
         return None
     panels: dict[str, list[str]] = {}
     for arm in curves:
-        panels.setdefault("core" if arm == "random" else stage_of(arm), []).append(arm)
+        panels.setdefault(stage_of(arm), []).append(arm)
     plt = pyplot()
     n = len(panels)
     cols = min(n, 3)
     rows = -(-n // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.6 * rows), squeeze=False)
     refs = {"random": "0.35", "mae": "0.6"}
+    ticks = sorted({e for units in curves.values() for c in units for e, _ in c})
     for ax, (stage, arms) in zip(axes.flat, panels.items()):
         for arm, color in refs.items():
             if arm in curves and arm not in arms:
@@ -74,7 +70,7 @@ def plot_ft_curves(results: Path, protocol: dict, out: Path) -> Optional[Path]:
         for i, arm in enumerate(arms):
             _draw(ax, curves[arm], f"C{i % 10}", arm)
         ax.set_title(f"stage {stage}", fontsize=10)
-        ax.set_xticks(sorted({e for a in curves for c in curves[a] for e, _ in c}))
+        ax.set_xticks(ticks)
         ax.set_xlabel("fine-tuning epochs")
         ax.set_ylabel("test top-1 (%)")
         ax.grid(alpha=0.3)

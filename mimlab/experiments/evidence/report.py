@@ -164,13 +164,13 @@ def write_report(results: Path, protocol: dict) -> Path:
         ours = "; ".join(
             f"{t['a']} vs {t['b']} ({t['metric']}) {_fmt(t['diff'])}" for t in j["tests"]
         )
-        if j.get("missing"):  # units still to run: say which, so progress shows
-            w = j.get("waiting") or {}
-            todo = ", ".join(
-                f"{arm} {x['have']}/{x['need']} ({', '.join(x['metrics'])})" for arm, x in w.items()
-            )
-            ours = "; ".join(filter(None, [ours, f"units so far: {todo}" if w else ""]))
-            ours = ours or "waiting for " + "; ".join(j["missing"])
+        w = j.get("waiting") or {}  # units still to run: say which, so progress shows
+        todo = ", ".join(
+            f"{arm} {x['have']}/{x['need']} ({', '.join(x['metrics'])})" for arm, x in w.items()
+        )
+        ours = "; ".join(
+            filter(None, [ours, todo and f"units so far: {todo}", *j.get("notes", [])])
+        )
         lines.append(f"| ({c}) {text} | {paper} | {ours or '–'} | **{j['verdict']}** |")
     if b:
         lines += ["", "## Verdicts along the fine-tuning budget", ""]

@@ -42,6 +42,16 @@ def _value(r: dict, metric: str, at: Optional[int]) -> Optional[float]:
     return None if r.get("top1") is None else float(r["top1"])
 
 
+def unit_result(
+    results: Path, arm: str, seed: int, folder: str, suffix: str = ""
+) -> Optional[dict]:
+    """The result file of ``arm``'s unit ``seed`` of kind ``folder`` (``ft``, ``lp_cls``,
+    ...) in the stage that owns the arm; None while it does not exist."""
+    return read_result(
+        Path(results) / "v2" / stage_of(arm) / folder / f"{arm}-s{seed}{suffix}.json"
+    )
+
+
 def values(
     results: Path, protocol: dict, arm: str, metric: str, at: Optional[int] = None
 ) -> list[float]:
@@ -60,8 +70,7 @@ def values(
     folder = "ft" if ft_record else metric
     suffix = "-lf0.1" if metric == "ft10" else ""
     for seed in range(n_units(protocol, arm)):
-        f = Path(results) / "v2" / stage_of(src) / folder / f"{src}-s{seed}{suffix}.json"
-        r = read_result(f)
+        r = unit_result(results, src, seed, folder, suffix)
         v = None if r is None else _value(r, metric, at)
         if v is not None:
             out.append(v)
@@ -83,32 +92,36 @@ def judge(results: Path, protocol: dict, claim: str, at: Optional[int] = None) -
     text, paper, tests = CLAIMS[claim]
     frac = protocol["margin"]["approx_fraction"]
     alpha = protocol["multiplicity"]["alpha"] / 2  # one-sided: agrees with the 95 % interval
-    rows, subs, missing = [], [], []
+    rows, subs, missing, notes = [], [], [], []
     waiting: dict[str, dict] = {}  # arm -> units it has / needs, and of which metrics
+
+    def short(units: dict[str, list], metric: str) -> bool:
+        """Whether an arm of ``units`` ({arm: values}) lacks units; noted in ``waiting``."""
+        lacking = [arm for arm, v in units.items() if len(v) < n_units(protocol, arm)]
+        for arm in lacking:
+            have, need = len(units[arm]), n_units(protocol, arm)
+            w = waiting.setdefault(arm, {"have": have, "need": need, "metrics": []})
+            w["have"] = min(w["have"], have)
+            w["metrics"] += [] if metric in w["metrics"] else [metric]
+        return bool(lacking)
+
     for a, b, metric, kind in tests:
         va, vb = values(results, protocol, a, metric, at), values(results, protocol, b, metric, at)
-        full = (n_units(protocol, a), n_units(protocol, b))
-        if len(va) < full[0] or len(vb) < full[1]:
+        if short({a: va, b: vb}, metric):
+            full = (n_units(protocol, a), n_units(protocol, b))
             missing.append(f"{a} vs {b} ({metric}: {len(va)}/{full[0]} and {len(vb)}/{full[1]})")
-            for arm, v, n in ((a, va, full[0]), (b, vb, full[1])):
-                if len(v) < n:
-                    w = waiting.setdefault(arm, {"have": len(v), "need": n, "metrics": []})
-                    w["have"] = min(w["have"], len(v))
-                    w["metrics"] += [] if metric in w["metrics"] else [metric]
             continue
         margin = 0.0
         if kind in ("~", ">="):  # a fraction of MAE's gain over random init, same metric/budget
             mae = values(results, protocol, "mae", metric, at)
             rnd = values(results, protocol, "random", metric, at)
-            if (
-                len(mae) < protocol["pretrain_runs"]["mae"]
-                or len(rnd) < protocol["random_init_ft_seeds"]
-            ):
+            if short({"mae": mae, "random": rnd}, metric):
                 missing.append(f"the margin of {a} vs {b}: MAE and random init ({metric})")
                 continue
             margin = abs(frac * welch(mae, rnd).mean)
             if margin <= 0:  # no gain to take a fraction of: the margin is undefined
-                missing.append(f"the margin of {a} vs {b}: MAE's gain over random init is 0")
+                notes.append(f"the margin of {a} vs {b}: MAE's gain over random init is 0")
+                missing.append(notes[-1])
                 continue
         elif kind == "effect":
             margin = effect_margin(protocol, metric)
@@ -121,7 +134,8 @@ def judge(results: Path, protocol: dict, claim: str, at: Optional[int] = None) -
             "claim": claim,
             "verdict": "not measured",
             "missing": missing,
-            "waiting": waiting,
+            "waiting": waiting,  # the units still to run
+            "notes": notes,  # what else keeps it unmeasured
             "tests": rows,
         }
     v = claim_verdict(subs, alpha)
