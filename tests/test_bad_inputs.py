@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -179,7 +180,7 @@ CASES = [
         "clean",
         "knn --data {data} --out {out} {K} --pretrained {files}/garbage.pt",
         1,
-        "set run.trust_checkpoints=true only for a file from a source you trust",
+        "the file is corrupt or not a torch checkpoint",
     ),
     Case(
         "text_file_as_checkpoint",
@@ -350,7 +351,7 @@ def world(cifar_dir, tmp_path_factory):
     )
     assert (out / "done/results.json").is_file()
     (files / "zero.pt").write_bytes(b"")
-    (files / "garbage.pt").write_bytes(os.urandom(300))
+    (files / "garbage.pt").write_bytes(random.Random(0).randbytes(300))
     (files / "text.pt").write_text("not a checkpoint\n")
     (files / "other.pt").write_bytes(b"an existing file")
     (files / "dir").mkdir()

@@ -180,15 +180,13 @@ def read(path: str | Path, trust: bool = False) -> Any:
             why = why or next((ln for ln in lines[1:] if "error" not in ln.lower()), "")
             raise CheckpointError(
                 f"could not load checkpoint {p}: safe loading (weights_only) refused it"
-                f"{f' ({why})' if why else ''}: the file is corrupt, not a torch checkpoint, "
-                "or holds pickled code; set run.trust_checkpoints=true only for a file from a "
+                f"{f' ({why})' if why else ''}: the file is corrupt or not a torch checkpoint, "
+                "or it holds pickled code; set run.trust_checkpoints=true only for a file from a "
                 "source you trust"
             ) from None
-        first = text.splitlines()[0] if text else ""
-        raise CheckpointError(
-            f"could not load checkpoint {p}: {type(e).__name__}: {first}"
-            + ("" if trust else " (is it a torch checkpoint?)")
-        ) from None
+        detail = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+        why = detail if trust else f"the file is corrupt or not a torch checkpoint ({detail})"
+        raise CheckpointError(f"could not load checkpoint {p}: {why}") from None
 
 
 def read_sharded(path: str | Path) -> dict:
