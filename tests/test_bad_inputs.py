@@ -5,7 +5,7 @@ tests/test_bad_inputs.py`` prints that table, and a test checks that the two agr
 
 Placeholders in a case's arguments: ``{data}`` labelled images, ``{out}`` the folder of runs
 (holding the finished run ``done``), ``{ckpt}`` its ``last.pt``, ``{files}`` a folder of odd
-files (``zero.pt`` empty, ``garbage.pt`` random bytes, ``text.pt`` text, ``other.pt`` an
+files (``zero.pt`` empty, ``garbage.pt`` seeded random bytes, ``text.pt`` text, ``other.pt`` an
 existing file, ``dir/`` a non-empty folder), ``{C}`` a tiny run's settings, ``{K}`` a tiny
 k-NN's."""
 
