@@ -434,7 +434,11 @@ def test_report_shows_progress_one_unit_cells_and_the_curves_figure(tmp_path):
         for s in seeds:
             f = tmp_path / "v2" / "core" / "ft" / f"{arm}-s{s}.json"
             f.parent.mkdir(parents=True, exist_ok=True)
-            f.write_text(json.dumps({"top1": 50.0 + s, "curve": [[1, 40.0 + s], [2, 50.0 + s]]}))
+            f.write_text(
+                json.dumps(
+                    {"top1": 50.0 + s, "curve": [[1, 40.0 + s], [2, 50.0 + s]], "wall_seconds": 60}
+                )
+            )
     assert ft_curves(tmp_path, p) == {
         "random": [[(1, 40.0), (2, 50.0)], [(1, 41.0), (2, 51.0)]],
         "mae": [[(1, 40.0), (2, 50.0)]],
@@ -442,5 +446,6 @@ def test_report_shows_progress_one_unit_cells_and_the_curves_figure(tmp_path):
     text = write_report(tmp_path, p).read_text()
     assert "units so far: mae 1/2 (ft)" in text
     assert "| 50.00 (1) |" in text and "50.50 ± 0.71 (2)" in text and "nan" not in text
+    assert "- `core`: 3.0 min (3 sub-runs finished)" in text and "- `rmae`: not started" in text
     png = tmp_path / "v2" / "ft_curves.png"
     assert "](ft_curves.png)" in text and png.read_bytes()[:4] == b"\x89PNG"

@@ -86,12 +86,14 @@ def _fmt(d: dict) -> str:
     return f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
 
 
-def _wall(results: Path, stage: str) -> float:
-    total = 0.0
+def _wall(results: Path, stage: str) -> str:
+    """The stage's wall time in minutes and its number of finished sub-runs."""
+    total, n = 0.0, 0
     for f in (Path(results) / "v2" / stage).rglob("*.json"):
         r = read_result(f)
-        total += float((r or {}).get("wall_seconds", 0.0))
-    return total
+        if r is not None:
+            total, n = total + float(r.get("wall_seconds", 0.0)), n + 1
+    return f"{total / 60:.1f} min ({n} sub-runs finished)" if n else "not started"
 
 
 def _head(res: Path, protocol: dict) -> list[str]:
@@ -213,7 +215,7 @@ def write_report(results: Path, protocol: dict) -> Path:
         "",
     ]
     for stage in ("ftbudget", *STAGES):
-        lines.append(f"- `{stage}`: {_wall(res, stage) / 60:.1f} min")
+        lines.append(f"- `{stage}`: {_wall(res, stage)}")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     (res / "v2" / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
