@@ -304,11 +304,19 @@ def test_a_margin_needs_mae_and_random_init(tmp_path):
             f.parent.mkdir(parents=True, exist_ok=True)
             f.write_text(json.dumps({"psnr": db + 0.1 * s}))
     j = judge(tmp_path, p, "b")
-    assert j["verdict"] in ("reproduced", "not reproduced", "undecided")
+    assert j["verdict"] == "not reproduced"  # R-MAE 10 points below MAE, margin 2
     assert j["tests"][0]["margin"] == pytest.approx(0.2 * 10.0)
+    assert j["tests"][0]["outcome"] == "refutes (rmae below mae beyond the margin)"
+    assert j["tests"][3]["outcome"] == "supports"  # PSNR +1.0 dB, effect margin 0.375
     psnr = j["tests"][3]
     assert psnr["metric"] == "psnr" and psnr["margin"] == pytest.approx(0.25 * 1.5)
     assert psnr["diff"]["mean"] == pytest.approx(1.0)
+    from mimlab.experiments.evidence.report import write_report
+
+    text = write_report(tmp_path, p).read_text()
+    assert "rmae vs mae (ft, ≈ ±2) -10.00 [" in text
+    assert "]: refutes (rmae below mae beyond the margin)" in text
+    assert "rmae vs mae (psnr, effect ≥ 0.375) +1.00 [" in text
 
 
 def test_no_gain_of_mae_leaves_an_approx_claim_not_measured(tmp_path):
@@ -449,3 +457,22 @@ def test_report_shows_progress_one_unit_cells_and_the_curves_figure(tmp_path):
     assert "- `core`: 3.0 min (3 sub-runs finished)" in text and "- `rmae`: not started" in text
     png = tmp_path / "v2" / "ft_curves.png"
     assert "](ft_curves.png)" in text and png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize(
+    "kind, mean, refuted, p_support, expected",
+    [
+        (">", -1.0, True, 0.9, "refutes (x below y)"),
+        ("<", 1.0, True, 0.9, "refutes (x above y)"),
+        ("~", 3.0, True, 0.9, "refutes (x above y beyond the margin)"),
+        (">=", -3.0, True, 0.9, "refutes (x below y beyond the margin)"),
+        ("effect", 0.1, True, 0.9, "refutes (an effect smaller than the margin)"),
+        (">", 2.0, False, 0.001, "supports"),
+        (">", 0.5, False, 0.2, "undecided"),
+    ],
+)
+def test_a_judged_sub_test_says_which_way_it_fails(kind, mean, refuted, p_support, expected):
+    from mimlab.experiments.evidence.verdicts import outcome
+
+    row = {"a": "x", "b": "y", "kind": kind, "diff": {"mean": mean}, "p_support": p_support}
+    assert outcome(row, refuted, alpha=0.025) == expected

@@ -86,6 +86,16 @@ def _fmt(d: dict) -> str:
     return f"{d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
 
 
+def _subtest(t: dict) -> str:
+    """One sub-test's cell text: arms, metric, the test with its margin, the difference with
+    its interval and, once the claim is judged, what the sub-test says."""
+    test = {">": ">", "<": "<", "~": "≈ ±{m}", ">=": "≥ −{m}", "effect": "effect ≥ {m}"}
+    m = f"{t['margin']:.3g}" if t.get("margin") else ""
+    head = f"{t['a']} vs {t['b']} ({t['metric']}, {test[t['kind']].format(m=m)})"
+    tail = f": {t['outcome']}" if "outcome" in t else ""
+    return f"{head} {_fmt(t['diff'])}{tail}"
+
+
 def _wall(results: Path, stage: str) -> str:
     """The stage's wall time in minutes and its number of finished sub-runs."""
     total, n = 0.0, 0
@@ -163,9 +173,7 @@ def write_report(results: Path, protocol: dict) -> Path:
     for c, (text, paper, _) in CLAIMS.items():
         j = judge(res, protocol, c) if b else {"verdict": "not measured", "tests": []}
         summary[c] = j
-        ours = "; ".join(
-            f"{t['a']} vs {t['b']} ({t['metric']}) {_fmt(t['diff'])}" for t in j["tests"]
-        )
+        ours = "; ".join(_subtest(t) for t in j["tests"])
         w = j.get("waiting") or {}  # units still to run: say which, so progress shows
         todo = ", ".join(
             f"{arm} {x['have']}/{x['need']} ({', '.join(x['metrics'])})" for arm, x in w.items()

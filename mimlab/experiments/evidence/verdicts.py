@@ -86,6 +86,22 @@ def effect_margin(protocol: dict, metric: str) -> float:
     raise KeyError(f"no effect size is declared for metric {metric!r}")
 
 
+def outcome(row: dict, refuted: bool, alpha: float) -> str:
+    """A judged sub-test in words: ``supports``, ``undecided`` or ``refutes`` with the way it
+    fails (A below B, A above B, outside the "≈" band, or an effect smaller than its margin)."""
+    if refuted:
+        a, b, kind, below = row["a"], row["b"], row["kind"], row["diff"]["mean"] < 0
+        way = {
+            ">": f"{a} below {b}",
+            "<": f"{a} above {b}",
+            "~": f"{a} {'below' if below else 'above'} {b} beyond the margin",
+            ">=": f"{a} below {b} beyond the margin",
+            "effect": "an effect smaller than the margin",
+        }[kind]
+        return f"refutes ({way})"
+    return "supports" if row["p_support"] < alpha else "undecided"
+
+
 def judge(results: Path, protocol: dict, claim: str, at: Optional[int] = None) -> dict:
     """One claim's verdict with its sub-tests; ``not measured`` until every sub-test has all
     the units the protocol asks for."""
@@ -141,4 +157,5 @@ def judge(results: Path, protocol: dict, claim: str, at: Optional[int] = None) -
     v = claim_verdict(subs, alpha)
     for row, refuted in zip(rows, v["refuted"]):
         row["refuted_after_holm"] = refuted
+        row["outcome"] = outcome(row, refuted, alpha)
     return {"claim": claim, "text": text, "paper": paper, "verdict": v["verdict"], "tests": rows}
