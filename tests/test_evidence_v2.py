@@ -460,19 +460,51 @@ def test_report_shows_progress_one_unit_cells_and_the_curves_figure(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "kind, mean, refuted, p_support, expected",
+    "kind, a, refuted, expected",
     [
-        (">", -1.0, True, 0.9, "refutes (x below y)"),
-        ("<", 1.0, True, 0.9, "refutes (x above y)"),
-        ("~", 3.0, True, 0.9, "refutes (x above y beyond the margin)"),
-        (">=", -3.0, True, 0.9, "refutes (x below y beyond the margin)"),
-        ("effect", 0.1, True, 0.9, "refutes (an effect smaller than the margin)"),
-        (">", 2.0, False, 0.001, "supports"),
-        (">", 0.5, False, 0.2, "undecided"),
+        (">", [0.0, 1.0, 2.0], True, "refutes (x below y)"),
+        ("<", [4.0, 5.0, 6.0], True, "refutes (x above y)"),
+        ("~", [5.0, 6.0, 7.0], True, "refutes (x above y beyond the margin)"),
+        (">=", [-3.0, -2.0, -1.0], True, "refutes (x below y beyond the margin)"),
+        ("effect", [2.0, 3.0, 4.0], True, "refutes (an effect smaller than the margin)"),
+        (">", [13.0, 14.0, 15.0], False, "supports"),
+        (">", [3.0, 4.0, 5.0], False, "undecided; about 17 units per arm would decide it"),
+        (">", [2.0, 3.0, 4.0], False, "undecided; more than 100 units per arm would decide it"),
     ],
 )
-def test_a_judged_sub_test_says_which_way_it_fails(kind, mean, refuted, p_support, expected):
+def test_a_judged_sub_test_says_which_way_it_fails(kind, a, refuted, expected):
+    """Refuted sub-tests say which way; undecided ones how many units per arm would decide
+    them (B = 2, 3, 4 against A; margin 1; a difference of 1 at sd 1 needs 17 per arm, about
+    2 (1.96 + 0.84)^2 = 15.7 with the normal approximation, a little more with t)."""
+    from mimlab.core.stats import subtest, welch
     from mimlab.experiments.evidence.verdicts import outcome
 
-    row = {"a": "x", "b": "y", "kind": kind, "diff": {"mean": mean}, "p_support": p_support}
-    assert outcome(row, refuted, alpha=0.025) == expected
+    d = welch(a, [2.0, 3.0, 4.0])
+    row = {"a": "x", "b": "y", "diff": d.to_dict(), **subtest(d, kind, 1.0)}
+    assert outcome(row, refuted, alpha=0.025).startswith(expected)
+
+
+def test_units_for_power_gives_about_the_power_it_promises():
+    """Simulated experiments at the planned number of units per arm, with the observed
+    difference and spreads as the truth, decide their sub-test in about 80 % of cases, and
+    clearly fewer with a third of the units."""
+    import numpy as np
+
+    from mimlab.core.stats import subtest, units_for_power, welch
+
+    rng = np.random.default_rng(0)
+    for kind, delta, sa, sb, margin in ((">", 1.0, 1.0, 1.0, 0.0), ("~", 0.3, 1.0, 1.0, 1.0)):
+        observed = welch([delta - sa, delta, delta + sa], [-sb, 0.0, sb])
+        n = units_for_power(observed, kind, margin)
+        assert n is not None and n > 6
+
+        def rate(k: int) -> float:
+            hits = 0
+            for _ in range(1000):
+                t = subtest(welch(rng.normal(delta, sa, k), rng.normal(0, sb, k)), kind, margin)
+                hits += t["p_support"] < 0.025 or t["p_refute"] < 0.025
+            return hits / 1000
+
+        assert 0.74 <= rate(n) <= 0.88, (kind, n)
+        assert rate(n // 3) < 0.6, (kind, n)
+    assert units_for_power(welch([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]), ">") is None  # on the boundary

@@ -326,3 +326,41 @@ def claim_verdict(tests: Sequence[dict], alpha: float = 0.025) -> dict:
     else:
         word = UNDECIDED
     return {"verdict": word, "refuted": refuted, "alpha_one_sided": alpha}
+
+
+def units_for_power(
+    diff: RunDiff,
+    kind: str,
+    margin: float = 0.0,
+    alpha: float = 0.025,
+    power: float = 0.8,
+    cap: int = 100,
+) -> Optional[int]:
+    """Units per arm at which a sub-test of kind ``kind`` (see :func:`subtest`) would decide, one
+    way or the other, with probability ``power`` at one-sided level ``alpha`` -- if the true
+    difference and the per-arm spreads were the ones observed in ``diff`` (a plan for the next
+    budget, not a result). The distance that has to be resolved is the difference's distance
+    to the sub-test's boundary (0; the "≈" band's edge ``±margin``; ``-margin`` for ``>=``;
+    ``margin`` for ``effect``); with Welch's degrees of freedom at ``n`` units per arm, ``n``
+    is the smallest with ``distance / se_n >= t_{1-alpha} + t_{power}``. None: not within
+    ``cap`` units (the difference sits on the boundary), or no spread to scale."""
+    m = diff.mean
+    boundary = {
+        ">": 0.0,
+        "<": 0.0,
+        "~": math.copysign(margin, m),
+        ">=": -margin,
+        "effect": margin,
+    }[kind]
+    distance = abs(m - boundary)
+    va = float(np.var(diff.a_units, ddof=1))
+    vb = float(np.var(diff.b_units, ddof=1))
+    if va + vb == 0 or distance == 0:
+        return None
+    t = _t()
+    for n in range(2, cap + 1):
+        se = math.sqrt((va + vb) / n)
+        df = (va + vb) ** 2 / ((va**2 + vb**2) / (n - 1))
+        if distance / se >= float(t.ppf(1 - alpha, df)) + float(t.ppf(power, df)):
+            return n
+    return None

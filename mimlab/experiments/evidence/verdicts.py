@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from ...core.stats import claim_verdict, subtest, welch
+from ...core.stats import RunDiff, claim_verdict, subtest, units_for_power, welch
 from .arms import CLAIMS, stage_of
 from .files import read_result
 
@@ -86,9 +86,13 @@ def effect_margin(protocol: dict, metric: str) -> float:
     raise KeyError(f"no effect size is declared for metric {metric!r}")
 
 
+POWER_CAP = 100  # the largest plan outcome() states
+
+
 def outcome(row: dict, refuted: bool, alpha: float) -> str:
     """A judged sub-test in words: ``supports``, ``undecided`` or ``refutes`` with the way it
-    fails (A below B, A above B, outside the "≈" band, or an effect smaller than its margin)."""
+    fails (A below B, A above B, outside the "≈" band, or an effect smaller than its margin);
+    an undecided one with the units per arm that would decide it (:func:`units_for_power`)."""
     if refuted:
         a, b, kind, below = row["a"], row["b"], row["kind"], row["diff"]["mean"] < 0
         way = {
@@ -99,7 +103,11 @@ def outcome(row: dict, refuted: bool, alpha: float) -> str:
             "effect": "an effect smaller than the margin",
         }[kind]
         return f"refutes ({way})"
-    return "supports" if row["p_support"] < alpha else "undecided"
+    if row["p_support"] < alpha:
+        return "supports"
+    n = units_for_power(RunDiff(**row["diff"]), row["kind"], row["margin"], alpha, cap=POWER_CAP)
+    plan = f"about {n}" if n else f"more than {POWER_CAP}"
+    return f"undecided; {plan} units per arm would decide it (80 % power at the observed values)"
 
 
 def judge(results: Path, protocol: dict, claim: str, at: Optional[int] = None) -> dict:
