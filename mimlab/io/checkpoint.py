@@ -39,6 +39,7 @@ import os
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -171,7 +172,9 @@ def read(path: str | Path, trust: bool = False) -> Any:
     if p.stat().st_size == 0:
         raise CheckpointError(f"could not load checkpoint {p}: the file is empty (0 bytes)")
     try:
-        return torch.load(p, map_location="cpu", weights_only=not trust)
+        with warnings.catch_warnings():  # a corrupt file's odd header is reported below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(p, map_location="cpu", weights_only=not trust)
     except Exception as e:  # noqa: BLE001 - unpickling errors of every kind
         text = str(e)
         if "Weights only load failed" in text:  # torch's advice (weights_only=False) is unsafe
