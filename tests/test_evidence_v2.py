@@ -378,24 +378,82 @@ def test_small_arms_draw_their_images_per_run_and_supervised_is_a_fine_tune(tmp_
     assert "top1" in rec
 
 
-def test_wall_time_adds_up_the_attempts_of_an_interrupted_sub_run(tmp_path):
-    """A killed attempt leaves its heartbeat; the next attempt reports both."""
+def _fake_clock(monkeypatch) -> list:
+    """wall.py's clock, advanced by hand: [seconds]."""
+    import types
+
+    from mimlab.experiments.evidence import wall
+
+    clock = [0.0]
+    monkeypatch.setattr(wall, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    return clock
+
+
+def test_wall_time_adds_up_the_attempts_of_an_interrupted_sub_run(tmp_path, monkeypatch):
+    """A killed attempt leaves its heartbeat; the next attempt reports both (a hand-advanced
+    clock: no timing)."""
     import time as _time
 
     from mimlab.experiments.evidence.wall import timed
 
+    clock = _fake_clock(monkeypatch)
     side = tmp_path / ".wall" / "x.txt"
 
     def killed():
-        _time.sleep(0.25)
+        clock[0] += 100.0
+        for _ in range(2000):  # until the heartbeat has written it (a hang guard, no timing)
+            if side.is_file() and side.read_text() == "100.0":
+                break
+            _time.sleep(0.005)
         raise KeyboardInterrupt  # the session ends mid-run
 
     with pytest.raises(KeyboardInterrupt):
-        timed(side, killed, beat=0.05)
-    first = float(side.read_text())
-    assert 0.1 <= first <= 0.3  # the heartbeat kept (most of) the killed attempt
-    res, now, total = timed(side, lambda: {"ok": 1}, beat=0.05)
-    assert res == {"ok": 1} and total == pytest.approx(first + now) and not side.exists()
+        timed(side, killed, beat=0.01)
+    assert float(side.read_text()) == 100.0  # the heartbeat kept the killed attempt
+
+    def second():
+        clock[0] += 30.0
+        return {"ok": 1}
+
+    res, now, total = timed(side, second, beat=0.01)
+    assert res == {"ok": 1} and (now, total) == (30.0, 130.0) and not side.exists()
+
+
+def test_a_sub_run_made_inside_another_counts_once(tmp_path, monkeypatch):
+    """A fine-tune that makes its pretraining run first (a lazy checkpoint) leaves that run's
+    time to the run's own file; the report's stage sum also corrects files written before
+    (no ``wall_exclusive``), once per pretraining run, less its remakes."""
+    from mimlab.experiments.evidence.report import _wall
+    from mimlab.experiments.evidence.runner import Runner
+
+    clock = _fake_clock(monkeypatch)
+    r = Runner(_toy_protocol(), "unused", tmp_path / "runs", tmp_path / "res", workers=0)
+
+    def pretrain():
+        clock[0] += 100.0
+        return {"final_loss": 0.5}
+
+    def finetune():
+        clock[0] += 10.0
+        r.step("core/pretrain/mae-s0", pretrain)
+        clock[0] += 20.0
+        return {"top1": 50.0}
+
+    ft = r.step("core/ft/mae-s0", finetune)
+    pre = json.loads((tmp_path / "res/v2/core/pretrain/mae-s0.json").read_text())
+    assert (ft["wall_seconds"], pre["wall_seconds"]) == (30.0, 100.0)
+    assert ft["wall_exclusive"] and pre["wall_exclusive"]
+    assert _wall(tmp_path / "res", "core") == "2.2 min (2 sub-runs finished)"
+
+    old = tmp_path / "old" / "v2" / "core"  # written before: the fine-tune counts it too
+    for kind, rec in (
+        ("ft", {"top1": 50.0, "wall_seconds": 1000.0}),
+        ("pretrain", {"wall_seconds": 300.0, "wall_seconds_last_attempt": 100.0, "remade": [{}]}),
+    ):
+        (old / kind).mkdir(parents=True)
+        (old / kind / "mae-s0.json").write_text(json.dumps(rec))
+    # made first in 200 s inside the fine-tune, remade later in 100 s: 800 + 300 s
+    assert _wall(tmp_path / "old", "core") == "18.3 min (2 sub-runs finished)"
 
 
 def test_a_lost_checkpoint_is_remade_and_checked_against_the_recorded_run(tmp_path, monkeypatch):
@@ -422,7 +480,13 @@ def test_a_lost_checkpoint_is_remade_and_checked_against_the_recorded_run(tmp_pa
     assert Path(r.checkpoint("core", "mae", 0)).is_file()
     again = json.loads(f.read_text())
     assert again["remade"] == [
-        {"metric": "final_loss", "recorded": 0.61, "remade": 0.61, "same": True}
+        {
+            "metric": "final_loss",
+            "recorded": 0.61,
+            "remade": 0.61,
+            "same": True,
+            "wall_seconds": again["wall_seconds_last_attempt"],  # the remake's own time
+        }
     ]
     assert again["wall_seconds"] >= first["wall_seconds"] + again["wall_seconds_last_attempt"]
     Path(ck).unlink()

@@ -96,13 +96,36 @@ def _subtest(t: dict) -> str:
     return f"{head} {_fmt(t['diff'])}{tail}"
 
 
+def _first_made(pre: dict) -> float:
+    """A pretraining file's wall seconds before any remake (each remake records its own; the
+    one remake recorded before that is its last attempt)."""
+    later = sum(
+        float(x.get("wall_seconds", pre.get("wall_seconds_last_attempt", 0.0)))
+        for x in pre.get("remade", [])
+    )
+    return float(pre.get("wall_seconds", 0.0)) - later
+
+
+def _own_seconds(f: Path, r: dict) -> float:
+    """A sub-run's own wall seconds. Files written before ``wall_exclusive`` count, in a unit's
+    first fine-tune, the pretraining run it made first (a lazy checkpoint) that its own file
+    counts too: that first making is left out here, so the stage's sum counts it once."""
+    wall = float(r.get("wall_seconds", 0.0))
+    if r.get("wall_exclusive") or f.parent.name != "ft" or "-lf" in f.stem or "-full" in f.stem:
+        return wall
+    pre = read_result(f.parent.parent / "pretrain" / f.name)
+    if pre is None or pre.get("wall_exclusive"):  # random init; or made after the change
+        return wall
+    return wall - _first_made(pre)
+
+
 def _wall(results: Path, stage: str) -> str:
     """The stage's wall time in minutes and its number of finished sub-runs."""
     total, n = 0.0, 0
     for f in (Path(results) / "v2" / stage).rglob("*.json"):
         r = read_result(f)
         if r is not None:
-            total, n = total + float(r.get("wall_seconds", 0.0)), n + 1
+            total, n = total + _own_seconds(f, r), n + 1
     return f"{total / 60:.1f} min ({n} sub-runs finished)" if n else "not started"
 
 
@@ -218,7 +241,8 @@ def write_report(results: Path, protocol: dict) -> Path:
         "",
         "Every attempt of a sub-run on one machine counts (a heartbeat keeps the time of an "
         "attempt killed with its session), except in result files written before that was "
-        "recorded (no `wall_seconds_last_attempt`), which count their last attempt only. The "
+        "recorded (no `wall_seconds_last_attempt`), which count their last attempt only. A "
+        "pretraining run made inside a fine-tune counts once, in its own file. The "
         "machine was shared with other work for most of it: these are not idle timings.",
         "",
     ]

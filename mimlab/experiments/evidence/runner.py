@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -82,6 +82,9 @@ class Runner:
     results: Path  # small result files (committed): <results>/v2/...
     workers: int = 1
     stimuli: Optional[str] = None  # cue-conflict folder: every fine-tune records its shape bias
+    # seconds spent in sub-runs nested in each running step (innermost last): a step's own
+    # wall time leaves them out, since their own result files count them
+    _nested: list = field(default_factory=list, repr=False)
 
     def _file(self, name: str) -> Path:
         return self.results / "v2" / f"{name}.json"
@@ -95,11 +98,21 @@ class Runner:
         if res is not None:
             return res
         print(f"[evidence] {name}: running ...", flush=True)
-        out, now, total = timed(self.runs / "v2" / ".wall" / f"{name}.txt", fn)
+        frame = [0.0]  # seconds of the sub-runs this one runs first (a lazy checkpoint)
+        self._nested.append(frame)
+        try:
+            out, now, total = timed(
+                self.runs / "v2" / ".wall" / f"{name}.txt", fn, excluded=lambda: frame[0]
+            )
+        finally:
+            self._nested.pop()
+        if self._nested:  # the enclosing step leaves out all of this one's time
+            self._nested[-1][0] += now + frame[0]
         res = {
             **out,
             "wall_seconds": round(total, 1),  # every attempt on this machine
             "wall_seconds_last_attempt": round(now, 1),
+            "wall_exclusive": True,  # nested sub-runs left out (counted in their own files)
             "protocol": 2,
         }
         write_result(self._file(name), res)
@@ -165,7 +178,13 @@ class Runner:
             "wall_seconds": round(new["wall_seconds"] + float(old.get("wall_seconds", 0.0)), 1),
             "remade": [
                 *old.get("remade", []),
-                {"metric": key, "recorded": old.get(key), "remade": new.get(key), "same": same},
+                {
+                    "metric": key,
+                    "recorded": old.get(key),
+                    "remade": new.get(key),
+                    "same": same,
+                    "wall_seconds": new["wall_seconds"],
+                },
             ],
         }
         write_result(self._file(name), new)

@@ -5,6 +5,8 @@ would otherwise report only its last segment. :func:`timed` keeps the running to
 sidecar file under the run directories, rewritten every ``beat`` seconds from a daemon thread,
 so a resumed sub-run reports the time of every attempt on this machine (at most ``beat``
 seconds of a killed attempt are lost; an attempt on another machine starts from zero).
+``excluded`` leaves out time spent inside ``fn`` that is counted elsewhere (a sub-run that a
+fine-tune runs first, with its own result file), so the stage's sum counts it once.
 """
 
 from __future__ import annotations
@@ -15,9 +17,14 @@ from pathlib import Path
 from typing import Callable
 
 
-def timed(sidecar: Path, fn: Callable[[], dict], beat: float = 60.0) -> tuple[dict, float, float]:
+def timed(
+    sidecar: Path,
+    fn: Callable[[], dict],
+    beat: float = 60.0,
+    excluded: Callable[[], float] = lambda: 0.0,
+) -> tuple[dict, float, float]:
     """``fn()``, its wall seconds in this attempt, and in every attempt recorded in
-    ``sidecar`` (which is removed when ``fn`` returns)."""
+    ``sidecar`` (which is removed when ``fn`` returns), less ``excluded()`` seconds."""
     sidecar = Path(sidecar)
     try:
         before = float(sidecar.read_text())
@@ -30,7 +37,7 @@ def timed(sidecar: Path, fn: Callable[[], dict], beat: float = 60.0) -> tuple[di
         while not stop.wait(beat):
             try:
                 sidecar.parent.mkdir(parents=True, exist_ok=True)
-                sidecar.write_text(f"{before + time.time() - t0:.1f}")
+                sidecar.write_text(f"{before + time.time() - t0 - excluded():.1f}")
             except OSError:
                 pass  # a lost heartbeat costs accuracy, never the sub-run
 
@@ -41,6 +48,6 @@ def timed(sidecar: Path, fn: Callable[[], dict], beat: float = 60.0) -> tuple[di
     finally:
         stop.set()
         th.join()
-    now = time.time() - t0
+    now = time.time() - t0 - excluded()
     sidecar.unlink(missing_ok=True)
     return res, now, before + now
