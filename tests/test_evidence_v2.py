@@ -572,3 +572,21 @@ def test_units_for_power_gives_about_the_power_it_promises():
         assert 0.74 <= rate(n) <= 0.88, (kind, n)
         assert rate(n // 3) < 0.6, (kind, n)
     assert units_for_power(welch([1.0, 2.0, 3.0], [1.0, 2.0, 3.0]), ">") is None  # on the boundary
+
+
+def test_a_second_remake_keeps_the_first_made_time(tmp_path):
+    """A pretraining file remade once before remakes recorded their time (its last attempt was
+    that remake) and remade again: the first making's time stays recoverable."""
+    from mimlab.experiments.evidence.report import _first_made
+    from mimlab.experiments.evidence.runner import Runner
+
+    r = Runner(_toy_protocol(), "unused", tmp_path / "runs", tmp_path / "res", workers=0)
+    old = {
+        "final_loss": 0.6,
+        "wall_seconds": 300.0,
+        "wall_seconds_last_attempt": 100.0,
+        "remade": [{"metric": "final_loss", "recorded": 0.6, "remade": 0.6, "same": True}],
+    }
+    new = r._remade("core/pretrain/mae-s0", old, {"final_loss": 0.6, "wall_seconds": 50.0})
+    assert [x["wall_seconds"] for x in new["remade"]] == [100.0, 50.0]
+    assert new["wall_seconds"] == 350.0 and _first_made(new) == 200.0

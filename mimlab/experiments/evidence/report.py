@@ -97,8 +97,8 @@ def _subtest(t: dict) -> str:
 
 
 def _first_made(pre: dict) -> float:
-    """A pretraining file's wall seconds before any remake (each remake records its own; the
-    one remake recorded before that is its last attempt)."""
+    """A pretraining file's wall seconds before any remake (each remake records its own; a
+    lone remake recorded before that was its last attempt)."""
     later = sum(
         float(x.get("wall_seconds", pre.get("wall_seconds_last_attempt", 0.0)))
         for x in pre.get("remade", [])
@@ -114,9 +114,7 @@ def _own_seconds(f: Path, r: dict) -> float:
     if r.get("wall_exclusive") or f.parent.name != "ft" or "-lf" in f.stem or "-full" in f.stem:
         return wall
     pre = read_result(f.parent.parent / "pretrain" / f.name)
-    if pre is None or pre.get("wall_exclusive"):  # random init; or made after the change
-        return wall
-    return wall - _first_made(pre)
+    return wall if pre is None else wall - _first_made(pre)  # None: random init
 
 
 def _wall(results: Path, stage: str) -> str:

@@ -20,7 +20,7 @@ from ...analysis.teacher_targets import teacher_target_diversity
 from ...core.config import FinetuneConfig, PretrainConfig, ProbeConfig, resolve
 from .arms import ARMS, CKA_ARMS, FT10, PSNR_ARMS, Arm, ema_overrides, stage_of
 from .files import read_result, write_result
-from .wall import timed
+from .wall import now, timed
 
 HOLDOUT = 0.2  # the class-balanced part of the pool held out for choices (never test)
 #: small-data arms: the stopping points tried, as fractions of the step budget
@@ -98,25 +98,33 @@ class Runner:
         if res is not None:
             return res
         print(f"[evidence] {name}: running ...", flush=True)
-        frame = [0.0]  # seconds of the sub-runs this one runs first (a lazy checkpoint)
+        # [seconds of finished nested sub-runs, start of the running one or None]
+        frame: list = [0.0, None]
+
+        def excluded() -> float:
+            return frame[0] + (now() - frame[1] if frame[1] is not None else 0.0)
+
+        if self._nested:  # the enclosing step leaves out all of this one's time
+            self._nested[-1][1] = now()
         self._nested.append(frame)
         try:
-            out, now, total = timed(
-                self.runs / "v2" / ".wall" / f"{name}.txt", fn, excluded=lambda: frame[0]
+            out, took, total = timed(
+                self.runs / "v2" / ".wall" / f"{name}.txt", fn, excluded=excluded
             )
         finally:
             self._nested.pop()
-        if self._nested:  # the enclosing step leaves out all of this one's time
-            self._nested[-1][0] += now + frame[0]
+            if self._nested:
+                parent = self._nested[-1]
+                parent[0], parent[1] = parent[0] + now() - parent[1], None
         res = {
             **out,
             "wall_seconds": round(total, 1),  # every attempt on this machine
-            "wall_seconds_last_attempt": round(now, 1),
+            "wall_seconds_last_attempt": round(took, 1),
             "wall_exclusive": True,  # nested sub-runs left out (counted in their own files)
             "protocol": 2,
         }
         write_result(self._file(name), res)
-        print(f"[evidence] {name}: done in {now:.0f} s ({total:.0f} s in all)", flush=True)
+        print(f"[evidence] {name}: done in {took:.0f} s ({total:.0f} s in all)", flush=True)
         return res
 
     def _common(self, sub: str, name: str, seed: int) -> list[str]:
@@ -173,11 +181,14 @@ class Runner:
         the lost attempt's wall time in the stage's sum."""
         key = "final_loss" if "final_loss" in old else "top1"
         same = old.get(key) == new.get(key)
+        prior = [dict(x) for x in old.get("remade", [])]
+        if len(prior) == 1 and "wall_seconds" not in prior[0]:  # recorded before remakes had it
+            prior[0]["wall_seconds"] = old.get("wall_seconds_last_attempt", 0.0)
         new = {
             **new,
             "wall_seconds": round(new["wall_seconds"] + float(old.get("wall_seconds", 0.0)), 1),
             "remade": [
-                *old.get("remade", []),
+                *prior,
                 {
                     "metric": key,
                     "recorded": old.get(key),

@@ -17,6 +17,11 @@ from pathlib import Path
 from typing import Callable
 
 
+def now() -> float:
+    """The clock of :func:`timed` (one place to replace it in tests)."""
+    return time.time()
+
+
 def timed(
     sidecar: Path,
     fn: Callable[[], dict],
@@ -30,14 +35,14 @@ def timed(
         before = float(sidecar.read_text())
     except (OSError, ValueError):
         before = 0.0
-    t0 = time.time()
+    t0 = now()
     stop = threading.Event()
 
     def heartbeat() -> None:
         while not stop.wait(beat):
             try:
                 sidecar.parent.mkdir(parents=True, exist_ok=True)
-                sidecar.write_text(f"{before + time.time() - t0 - excluded():.1f}")
+                sidecar.write_text(f"{before + now() - t0 - excluded():.1f}")
             except OSError:
                 pass  # a lost heartbeat costs accuracy, never the sub-run
 
@@ -48,6 +53,6 @@ def timed(
     finally:
         stop.set()
         th.join()
-    now = time.time() - t0 - excluded()
+    took = now() - t0 - excluded()
     sidecar.unlink(missing_ok=True)
-    return res, now, before + now
+    return res, took, before + took
