@@ -233,19 +233,24 @@ class RunDiff:
         return float(_t().cdf((self.mean - x) / self.se, self.df))
 
 
+def _welch_se_df(var_a: float, n_a: int, var_b: float, n_b: int) -> tuple[float, float]:
+    """Standard error of a difference of two means (per-unit variances ``var_*`` over ``n_*``
+    units) and its Welch-Satterthwaite degrees of freedom (``inf`` without spread)."""
+    va, vb = var_a / n_a, var_b / n_b
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return 0.0, math.inf
+    return se, (va + vb) ** 2 / (va**2 / (n_a - 1) + vb**2 / (n_b - 1))
+
+
 def welch(a: Sequence[float], b: Sequence[float], alpha: float = 0.05) -> RunDiff:
     """Welch's two-sample t interval for ``mean(a) - mean(b)``; ``a``, ``b``: one value per
     unit (run), at least 2 each."""
     A, B = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     if len(A) < 2 or len(B) < 2:
         raise ValueError(f"Welch's t needs >= 2 units per arm, got {len(A)} and {len(B)}")
-    va, vb = A.var(ddof=1) / len(A), B.var(ddof=1) / len(B)
-    se = math.sqrt(va + vb)
-    if se > 0:
-        df = (va + vb) ** 2 / (va**2 / (len(A) - 1) + vb**2 / (len(B) - 1))
-        half = float(_t().ppf(1 - alpha / 2, df)) * se
-    else:
-        df, half = math.inf, 0.0
+    se, df = _welch_se_df(float(A.var(ddof=1)), len(A), float(B.var(ddof=1)), len(B))
+    half = float(_t().ppf(1 - alpha / 2, df)) * se if se > 0 else 0.0
     m = float(A.mean() - B.mean())
     return RunDiff(
         m,
@@ -359,8 +364,7 @@ def units_for_power(
         return None
     t = _t()
     for n in range(2, cap + 1):
-        se = math.sqrt((va + vb) / n)
-        df = (va + vb) ** 2 / ((va**2 + vb**2) / (n - 1))
+        se, df = _welch_se_df(va, n, vb, n)
         if distance / se >= float(t.ppf(1 - alpha, df)) + float(t.ppf(power, df)):
             return n
     return None
